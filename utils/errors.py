@@ -1,0 +1,53 @@
+"""User-facing errors and the one place that turns them into a single line and a non-zero exit.
+
+Every entry point (the ``train_*.py`` scripts, ``infer.py``, ``scripts/*.py``) runs its ``main`` through
+:func:`run_cli`. A :class:`UserError` (bad flag, missing file, wrong checkpoint kind, NaN loss) is printed
+as one sentence on stderr, never as a traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A problem the user can fix: the message says what was expected, what was found and what to do."""
+
+
+class DataError(UserError):
+    """Missing, empty, unpaired or unreadable data."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, of the wrong kind, or does not fit the model."""
+
+
+def one_line(message: str) -> str:
+    """The last meaningful line of a message.
+
+    DataLoader workers re-raise our exceptions in the main process with the worker's traceback
+    prepended; the user needs only the sentence at the end.
+    """
+    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    last = lines[-1]
+    # "DataError: Cannot read image ..." -> "Cannot read image ..."
+    for cls in (UserError, DataError, CheckpointError):
+        prefix = f"{cls.__name__}: "
+        if last.startswith(prefix):
+            last = last[len(prefix):]
+    return last
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run ``main()``; a UserError becomes ``error: <one line>`` on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -46,8 +46,19 @@ def run_cli(main: Callable[[], object]) -> None:
     try:
         main()
     except UserError as err:
+        _close_progress_bars()
         print(f"error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _close_progress_bars() -> None:
+    """End open tqdm bars so that the error starts on a line of its own."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()

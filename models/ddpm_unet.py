@@ -1,0 +1,94 @@
+"""The DDPM UNet per resolution, as diffusers ``UNet2DModel`` configurations.
+
+Ho, Jain and Abbeel, "Denoising Diffusion Probabilistic Models" (NeurIPS 2020), code
+github.com/hojonathanho/diffusion; the released weights are diffusers' ``google/ddpm-cifar10-32`` and
+``google/ddpm-{church,bedroom,cat,celebahq}-256``, whose configurations the 32 and 256 px presets follow.
+
+=========== ============================ ======================= ============= ======== ===========
+preset      channels per level           attention at            res blocks    dropout  parameters
+=========== ============================ ======================= ============= ======== ===========
+32          128, 256, 256, 256           16 px                   2             0.1      35.7M (paper)
+64          128, 256, 384, 512           16, 8 px                2             0.1      ~88M
+128         128, 128, 256, 384, 512      16, 8 px                2             0.0      ~91M
+256         128, 128, 256, 256, 512, 512 16 px                   2             0.0      ~114M (paper)
+tiny        32, 64                       8 px (lowest level)     1             0.0      tests, demo
+=========== ============================ ======================= ============= ======== ===========
+
+64 and 128 px have no DDPM-paper model; they follow Improved DDPM / ADM (Nichol & Dhariwal 2021): channel
+multipliers 1,2,3,4 (64 px) and 1,1,2,3,4 (128 px), attention at 16 and 8 px. Dropout 0.1 regularises the
+small-data regime (CIFAR-sized sets), as in the paper; the 128/256 px presets use none, as the paper's LSUN models.
+
+Attention uses PyTorch's ``scaled_dot_product_attention`` (diffusers' ``AttnProcessor2_0``). DDPM's
+attention is single-headed: ``attention_head_dim=None`` gives one head as wide as the block.
+"""
+
+from __future__ import annotations
+
+from diffusers import UNet2DModel
+
+from utils.errors import UserError
+
+# Learning rates follow the papers: 2e-4 for CIFAR-10 (DDPM), 1e-4 for 64/128 px (iDDPM), 2e-5 at 256 px (DDPM LSUN).
+DDPM_PRESETS: dict[str, dict] = {
+    "tiny": dict(channels=(32, 64), attention=(False, True), layers=1, dropout=0.0, groups=8, lr=1e-3),
+    "32": dict(channels=(128, 256, 256, 256), attention=(False, True, False, False), layers=2, dropout=0.1, lr=2e-4),
+    "64": dict(channels=(128, 256, 384, 512), attention=(False, False, True, True), layers=2, dropout=0.1, lr=1e-4),
+    "128": dict(
+        channels=(128, 128, 256, 384, 512), attention=(False, False, False, True, True), layers=2, dropout=0.0, lr=1e-4
+    ),
+    "256": dict(
+        channels=(128, 128, 256, 256, 512, 512),
+        attention=(False, False, False, False, True, False),
+        layers=2,
+        dropout=0.0,
+        lr=2e-5,
+    ),
+}
+SUPPORTED_SIZES = (32, 64, 128, 256)
+
+
+def preset_for_size(size: int) -> str:
+    """The preset used at ``--size``: the paper-sized network for 32/64/128/256 px."""
+    if size not in SUPPORTED_SIZES:
+        raise UserError(f"--size {size} has no UNet preset; choose one of {', '.join(map(str, SUPPORTED_SIZES))} (or --model tiny).")
+    return str(size)
+
+
+def ddpm_unet_config(preset: str, sample_size: int) -> dict:
+    """The ``UNet2DModel`` keyword arguments of ``preset`` for images of ``sample_size`` px."""
+    if preset not in DDPM_PRESETS:
+        raise UserError(f"UNet preset '{preset}' is unknown; choose one of {', '.join(DDPM_PRESETS)}.")
+    spec = DDPM_PRESETS[preset]
+    levels = len(spec["channels"])
+    if sample_size % 2 ** (levels - 1):
+        raise UserError(f"The '{preset}' UNet halves the image {levels - 1} times; --size {sample_size} must be a multiple of {2 ** (levels - 1)}.")
+    down = tuple("AttnDownBlock2D" if attn else "DownBlock2D" for attn in spec["attention"])
+    up = tuple("AttnUpBlock2D" if attn else "UpBlock2D" for attn in reversed(spec["attention"]))
+    return dict(
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=spec["layers"],
+        block_out_channels=spec["channels"],
+        down_block_types=down,
+        up_block_types=up,
+        dropout=spec["dropout"],
+        norm_num_groups=spec.get("groups", 32),
+        norm_eps=1e-6,
+        attention_head_dim=None,  # one head, as DDPM
+        # The sinusoidal embedding of the original TF code (what google/ddpm-* checkpoints use).
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        downsample_padding=0,
+        resnet_time_scale_shift="default",
+        time_embedding_type="positional",
+        act_fn="silu",
+    )
+
+
+def build_ddpm_unet(preset: str, sample_size: int) -> UNet2DModel:
+    return UNet2DModel(**ddpm_unet_config(preset, sample_size))
+
+
+def default_learning_rate(preset: str) -> float:
+    return DDPM_PRESETS[preset]["lr"]

@@ -1,0 +1,96 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from utils.checkpoint import (
+    atomic_torch_save,
+    atomic_write,
+    capture_rng_state,
+    find_latest_checkpoint,
+    load_checkpoint,
+    load_state_file,
+    resolve_resume,
+    restore_rng_state,
+    rotate_checkpoints,
+)
+from utils.errors import CheckpointError
+
+
+def test_atomic_save_round_trip(tmp_path):
+    state = {"kind": "ddpm", "model": {"w": torch.arange(6.0).reshape(2, 3)}, "step": 7, "config": {"lr": 1e-4}}
+    atomic_torch_save(state, tmp_path / "a.pt")
+    loaded = load_checkpoint(tmp_path / "a.pt", "ddpm")
+    torch.testing.assert_close(loaded["model"]["w"], state["model"]["w"])
+    assert loaded["step"] == 7 and loaded["config"] == {"lr": 1e-4}
+
+
+def test_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path):
+    target = tmp_path / "ddpm_last.pt"
+    atomic_torch_save({"kind": "ddpm", "step": 1}, target)
+
+    def crashing_writer(tmp):
+        tmp.write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt  # the process is killed mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, crashing_writer)
+    assert load_checkpoint(target, "ddpm")["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddpm_last.pt"]  # no temporary left behind
+
+
+def test_wrong_kind_and_foreign_files_are_one_line_errors(tmp_path):
+    atomic_torch_save({"kind": "phaseformer"}, tmp_path / "p.pt")
+    with pytest.raises(CheckpointError, match="is a 'phaseformer' checkpoint, but infer.py needs a 'ddpm'"):
+        load_checkpoint(tmp_path / "p.pt", "ddpm", "infer.py")
+    torch.save({"weight": torch.zeros(1)}, tmp_path / "bare.pt")
+    with pytest.raises(CheckpointError, match="not a checkpoint written by this repository"):
+        load_checkpoint(tmp_path / "bare.pt", "ddpm")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a torch checkpoint or a .safetensors file"):
+        load_checkpoint(tmp_path / "notes.txt", "ddpm")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt", "ddpm")
+
+
+class Pickled:
+    pass
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    torch.save({"kind": "ddpm", "net": Pickled()}, tmp_path / "pickled.pt")
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        load_state_file(tmp_path / "pickled.pt")
+
+
+def test_rotation_keeps_the_newest_numbers(tmp_path):
+    for epoch in (1, 2, 10, 20, 3):
+        (tmp_path / f"ddpm_epoch_{epoch}.pt").write_bytes(b"x")
+    removed = rotate_checkpoints(tmp_path, "ddpm_epoch_*.pt", keep=2)
+    assert sorted(p.name for p in removed) == ["ddpm_epoch_1.pt", "ddpm_epoch_2.pt", "ddpm_epoch_3.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddpm_epoch_10.pt", "ddpm_epoch_20.pt"]
+    assert rotate_checkpoints(tmp_path, "ddpm_epoch_*.pt", keep=0) == []
+
+
+def test_latest_is_the_newest_written(tmp_path):
+    import os
+
+    assert resolve_resume("latest", tmp_path, ["*.pt"]) is None
+    for index, name in enumerate(["ddpm_epoch_10.pt", "ddpm_last.pt", "ddpm_epoch_5.pt"]):
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, ns=(10**18 + index * 10**9, 10**18 + index * 10**9))
+    assert find_latest_checkpoint(tmp_path, ["ddpm_last.pt", "ddpm_epoch_*.pt"]).name == "ddpm_epoch_5.pt"
+    with pytest.raises(CheckpointError, match="--resume nope.pt"):
+        resolve_resume("nope.pt", tmp_path, ["*.pt"])
+
+
+def test_rng_state_round_trip_through_a_safe_checkpoint(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    atomic_torch_save({"kind": "x", "rng": capture_rng_state()}, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    restore_rng_state(load_checkpoint(tmp_path / "rng.pt", "x")["rng"])
+    assert random.random() == expected[0]
+    assert np.random.rand() == expected[1]
+    torch.testing.assert_close(torch.rand(3), expected[2])

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from utils.ema import EMA
+
+
+def test_warmup_decay_follows_the_power_law():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.9999, warmup=True, power=0.75)
+    for step in range(1, 1001):
+        ema.update(model)
+    # diffusers: step counts from the second update; decay = 1 - (1 + step) ** -power
+    assert ema.current_decay == pytest.approx(1 - (1 + 999) ** -0.75)
+    assert ema.current_decay < 0.9999
+
+
+def test_average_tracks_the_weights_and_swaps_in_for_sampling():
+    model = torch.nn.Linear(3, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.5, warmup=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # first update copies (decay 0 at step 1)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model)  # decay min(0.5, (1+1)/(10+1)) = 0.18...; average = 3 - 0.1818 * 2
+    expected = 3.0 - (2 / 11) * 2.0
+    torch.testing.assert_close(ema.weights()["weight"], torch.full((1, 3), expected))
+    with ema.averaged_weights(model):
+        torch.testing.assert_close(model.weight.detach(), torch.full((1, 3), expected))
+    torch.testing.assert_close(model.weight.detach(), torch.full((1, 3), 3.0))  # live weights restored
+    assert torch.equal(ema.averaged_state_dict(model)["weight"], ema.weights()["weight"])
+
+
+def test_state_round_trip_by_parameter_name():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    ema = EMA(model, decay=0.9)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+    state = ema.state_dict()
+    assert set(state["weights"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    fresh = EMA(model, decay=0.9)
+    fresh.load_state_dict(state)
+    assert fresh.step_count == 5
+    for name, tensor in ema.weights().items():
+        assert torch.equal(fresh.weights()[name], tensor)
+    with pytest.raises(KeyError, match="lacks 1 parameters"):
+        del state["weights"]["2.bias"]
+        fresh.load_state_dict(state)

@@ -1,0 +1,169 @@
+"""train_ddpm_highres.py and infer.py ddpm end to end on a tiny UNet, 16 px images, in temporary folders."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import infer
+import train_ddpm_highres as train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "folder", "--size", "16", "--model", "tiny", "--batch_size", "8", "--effective_batch", "8",
+        "--warmup_steps", "2", "--num_samples", "4", "--sample_steps", "3", "--quick_steps", "2", "--device", "cpu"]
+
+
+def run_training(demo_images, output_dir, *extra):
+    args = train.parse_args(TINY + ["--data_dir", str(demo_images), "--output_dir", str(output_dir), *extra])
+    return train.main(args)
+
+
+@pytest.fixture(scope="module")
+def trained(demo_images, tmp_path_factory):
+    output = tmp_path_factory.mktemp("ddpm_run")
+    result = run_training(demo_images, output, "--epochs", "2", "--save_every", "1", "--sample_every", "2", "--quick_every", "1")
+    return output, result
+
+
+def test_tiny_run_writes_every_file_the_spec_lists(trained):
+    output, result = trained
+    files = {str(p.relative_to(output)) for p in output.rglob("*") if p.is_file()}
+    name = "folder_16x16"
+    assert files == {
+        f"{name}/ddpm_best.pt", f"{name}/ddpm_final.pt", f"{name}/ddpm_last.pt",
+        f"{name}/ddpm_epoch_1.pt", f"{name}/ddpm_epoch_2.pt", f"{name}/args.yaml", f"{name}/train.log",
+        f"samples/{name}/epoch_2_samples.png", f"samples/{name}/loss_curve_epoch_2.png",
+        f"training_progress/{name}/quick_epoch_1.png", f"training_progress/{name}/quick_epoch_2.png",
+    }
+    assert result["step"] == 2 * 3  # 24 images, batches of 8
+    checkpoint = torch.load(output / name / "ddpm_final.pt", weights_only=True)
+    assert checkpoint["kind"] == "ddpm" and checkpoint["epoch"] == 2 and checkpoint["step"] == 6
+    assert checkpoint["config"]["size"] == 16 and checkpoint["config"]["batch_plan"] == [8, 1]
+    assert checkpoint["scheduler_config"]["beta_end"] == 0.02
+    assert set(checkpoint["ema"]["weights"]) == {n for n in checkpoint["model"] if "weight" in n or "bias" in n}
+    assert len(checkpoint["loss_history"]) == 2 and all(np.isfinite(checkpoint["loss_history"]))
+    log = (output / name / "train.log").read_text()
+    assert "batch 8 x accumulation 1 = effective 8 on CPU" in log
+
+
+def test_resume_latest_continues_the_same_run(demo_images, tmp_path):
+    straight = run_training(demo_images, tmp_path / "straight", "--epochs", "3", "--sample_every", "5", "--quick_every", "0")
+    run_training(demo_images, tmp_path / "paused", "--epochs", "2", "--sample_every", "1", "--quick_every", "1")
+    resumed = run_training(demo_images, tmp_path / "paused", "--epochs", "3", "--resume", "latest",
+                           "--sample_every", "5", "--quick_every", "0")
+    assert resumed["step"] == straight["step"] == 9
+    # Same data order, noise and optimiser state: the losses continue exactly.
+    np.testing.assert_allclose(resumed["history"], straight["history"], rtol=1e-6)
+    a = torch.load(tmp_path / "straight/folder_16x16/ddpm_final.pt", weights_only=True)
+    b = torch.load(tmp_path / "paused/folder_16x16/ddpm_final.pt", weights_only=True)
+    for name, tensor in a["ema"]["weights"].items():
+        torch.testing.assert_close(b["ema"]["weights"][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_with_another_size_is_refused(trained, demo_images, tmp_path):
+    output, _ = trained
+    checkpoint = output / "folder_16x16" / "ddpm_final.pt"
+    args = train.parse_args(TINY + ["--data_dir", str(demo_images), "--output_dir", str(tmp_path), "--resume", str(checkpoint)])
+    args.size = 32
+    with pytest.raises(Exception, match="was trained at 16 px"):
+        train.main(args)
+
+
+def test_inference_reproduces_the_training_sample_grid(trained, tmp_path):
+    output, _ = trained
+    out = tmp_path / "samples.png"
+    infer.main(infer.parse_args(["ddpm", "--model", str(output / "folder_16x16/ddpm_final.pt"), "--samples", "4",
+                                 "--steps", "3", "--seed", "42", "--device", "cpu", "--output", str(out)]))
+    training_grid = np.asarray(Image.open(output / "samples/folder_16x16/epoch_2_samples.png"))
+    assert np.array_equal(np.asarray(Image.open(out)), training_grid)
+
+
+def test_interpolation_and_comparison(trained, tmp_path):
+    output, _ = trained
+    run = output / "folder_16x16"
+    strip = infer.main(infer.parse_args(["ddpm", "--model", str(run / "ddpm_best.pt"), "--interpolate", "--frames", "5",
+                                         "--steps", "2", "--device", "cpu", "--output", str(tmp_path / "strip.png")]))
+    image = Image.open(strip)
+    assert image.width == 5 * 18 + 2 and image.height > 18  # five 16 px tiles with padding, captions below
+    grid = infer.main(infer.parse_args(["ddpm", "--compare", str(run / "ddpm_epoch_1.pt"), str(run / "ddpm_epoch_2.pt"),
+                                        "--samples", "3", "--steps", "2", "--device", "cpu", "--output", str(tmp_path / "cmp.png")]))
+    pixels = np.asarray(Image.open(grid))
+    assert pixels.shape[0] == 2 * 18 + 2  # one row per checkpoint
+    assert pixels.shape[1] > 3 * 18 + 2  # row labels to the left
+
+
+@pytest.mark.parametrize("serialization", ["safetensors", "bin"])
+def test_inference_from_a_diffusers_ddpm_folder(tmp_path, serialization):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from models.ddpm_unet import ddpm_unet_config
+
+    # Laid out like google/ddpm-cifar10-32: config.json, weights and scheduler_config.json side by side.
+    folder = tmp_path / "ddpm-tiny-16"
+    UNet2DModel(**ddpm_unet_config("tiny", 16)).save_pretrained(folder, safe_serialization=serialization == "safetensors")
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").save_pretrained(folder)
+    out = infer.main(infer.parse_args(["ddpm", "--model", str(folder), "--samples", "4", "--steps", "2",
+                                       "--sampler", "ddpm", "--device", "cpu", "--output", str(tmp_path / "s.png")]))
+    assert Image.open(out).size == (2 * 18 + 2, 2 * 18 + 2)
+
+
+def run_cli(*args, cwd=ROOT):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:], result.stderr  # one error line, the last (progress bars may precede it)
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for index in range(8):
+        Image.new("RGB", (16, 16)).save(broken / f"{index}.png")
+    (broken / "3.png").write_bytes(b"truncated")
+    result = run_cli("train_ddpm_highres.py", *TINY, "--data_dir", str(broken), "--output_dir", str(tmp_path / "o"),
+                     "--epochs", "1", "--quick_every", "0")
+    assert_one_line_error(result, "Cannot read image", "3.png")
+    result = run_cli("train_ddpm_highres.py", *TINY, "--data_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o"))
+    assert_one_line_error(result, "missing does not exist")
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"kind": "phaseformer", "model": {}}, wrong)
+    result = run_cli("infer.py", "ddpm", "--model", str(wrong), "--device", "cpu")
+    assert_one_line_error(result, "is a 'phaseformer' checkpoint", "'ddpm'")
+
+
+def test_unknown_dataset_and_help():
+    result = run_cli("train_ddpm_highres.py", "--dataset", "mnist")
+    assert result.returncode == 2 and "invalid choice: 'mnist'" in result.stderr
+    help_text = run_cli("train_ddpm_highres.py", "--help").stdout
+    for flag in ("--dataset", "--size", "--no-amp", "--no-compile", "--effective_batch", "--resume", "--quick_every"):
+        assert flag in help_text
+
+
+@pytest.mark.slow
+def test_two_processes_through_torchrun(demo_images, tmp_path):
+    """DDP on two CPU processes (gloo): the same script, no code change."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "train_ddpm_highres.py", *TINY, "--batch_size", "4",
+         "--data_dir", str(demo_images), "--output_dir", str(tmp_path), "--epochs", "1", "--quick_every", "0"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "batch 4 x 2 processes x accumulation 1 = effective 8" in result.stdout
+    checkpoint = torch.load(tmp_path / "folder_16x16/ddpm_final.pt", weights_only=True)
+    assert checkpoint["num_processes"] == 2 and len(checkpoint["rng"]) == 2
+    assert checkpoint["step"] == 3  # 24 images / (4 per process x 2 processes)

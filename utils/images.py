@@ -1,0 +1,139 @@
+"""Image I/O and labelled grids.
+
+* ``load_rgb``: any image file as RGB (grey, palette and RGBA converted); an unreadable file is a
+  :class:`~utils.errors.DataError` naming it.
+* ``to_uint8`` / ``tensor_to_pil``: model outputs in [-1, 1] or [0, 1] to 8-bit images.
+* ``make_grid_image``: torchvision's grid plus optional captions under each tile and labels left of each row,
+  used for sample grids, interpolation strips, checkpoint comparisons and per-user grids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from utils.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """Image files under ``folder`` (common extensions, any case), sorted for a reproducible order."""
+    folder = Path(folder)
+    pattern = "**/*" if recursive else "*"
+    return sorted(
+        p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+    )
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+                # Composite on white instead of letting convert("RGB") expose whatever the hidden pixels hold.
+                image = image.convert("RGBA")
+                background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, image).convert("RGB")
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"Cannot read image {path} ({err}); remove or replace the file.") from err
+
+
+def to_uint8(images: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+    """(B,C,H,W) or (C,H,W) float images in ``value_range`` -> uint8 in [0, 255] on the CPU."""
+    low, high = value_range
+    images = (images.detach().float().cpu() - low) / (high - low)
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def tensor_to_pil(image: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> Image.Image:
+    array = to_uint8(image, value_range).permute(1, 2, 0).numpy()
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def pil_to_tensor(image: Image.Image, value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+    low, high = value_range
+    return array * (high - low) + low
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has no sized default font
+        return ImageFont.load_default()
+
+
+def make_grid_image(
+    images: torch.Tensor | Sequence[torch.Tensor],
+    nrow: int,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    padding: int = 2,
+    captions: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    tile_size: int | None = None,
+) -> Image.Image:
+    """A grid of ``nrow`` tiles per row; ``captions`` go under each tile, ``row_labels`` left of each row.
+
+    Tiles of different sizes (checkpoints of different resolutions) are resized to ``tile_size``, by default the
+    largest side present, so that every row is shown at a common size.
+    """
+    from torchvision.utils import make_grid
+
+    tiles = list(images)
+    if not tiles:
+        raise ValueError("make_grid_image needs at least one image")
+    side = tile_size or max(max(t.shape[-2:]) for t in tiles)
+    tiles = [
+        t if tuple(t.shape[-2:]) == (side, side) else F.interpolate(t[None].float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False)[0]
+        for t in tiles
+    ]
+    batch = to_uint8(torch.stack(tiles), value_range).float() / 255.0
+    if batch.shape[1] == 1:
+        batch = batch.repeat(1, 3, 1, 1)
+    grid = make_grid(batch, nrow=nrow, padding=padding, pad_value=1.0)
+    image = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    if not captions and not row_labels:
+        return image
+
+    font_size = max(10, min(18, side // 5))
+    font = _font(font_size)
+    caption_height = font_size + 6 if captions else 0
+    rows = (len(tiles) + nrow - 1) // nrow
+    label_width = 0
+    if row_labels:
+        probe = ImageDraw.Draw(image)
+        label_width = 8 + max(probe.textlength(str(label), font=font) for label in row_labels)
+        label_width = int(label_width)
+    cell = side + padding
+    canvas = Image.new(
+        "RGB", (image.width + label_width, image.height + rows * caption_height), (255, 255, 255)
+    )
+    draw = ImageDraw.Draw(canvas)
+    for row in range(rows):
+        strip = image.crop((0, row * cell, image.width, row * cell + cell + padding))
+        top = row * (cell + caption_height)
+        canvas.paste(strip, (label_width, top))
+        if row_labels and row < len(row_labels):
+            draw.text((4, top + padding + side // 2), str(row_labels[row]), fill=(0, 0, 0), font=font, anchor="lm")
+        if captions:
+            for col in range(nrow):
+                index = row * nrow + col
+                if index >= len(captions) or index >= len(tiles):
+                    break
+                x = label_width + padding + col * cell + side // 2
+                draw.text((x, top + cell + 2), str(captions[index]), fill=(0, 0, 0), font=font, anchor="mt")
+    return canvas
+
+
+def save_grid(images, path: str | Path, nrow: int, **kwargs) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid_image(images, nrow, **kwargs).save(path)
+    return path

@@ -1,0 +1,496 @@
+"""Objectives and the one sampler for user-conditioned generation on VA-VAE latents (DiT and latent UNet).
+
+References: Liu et al., "Flow Straight and Fast" (rectified flow, 2022); Ma et al., "SiT" (2024) and
+hustvl/LightningDiT ``transport/`` (linear path, velocity target, logit-normal times, cosine loss term,
+timestep shift, Euler on a fixed grid); Esser et al., "Scaling Rectified Flow Transformers" (SD3, logit-normal
+times and shift); Ho & Salimans, "Classifier-Free Diffusion Guidance"; Kynkaanniemi et al., "Applying
+Guidance in a Limited Interval" (2024); Ho et al. (DDPM) and Song et al. (DDIM) through diffusers' schedulers.
+
+Conventions (LightningDiT/SiT's): time ``t`` in [0, 1] with **t = 0 pure noise and t = 1 data**; the path is
+``x_t = t * x1 + (1 - t) * x0`` (x1 data, x0 ~ N(0, I)); the model predicts the velocity ``x1 - x0``;
+sampling integrates dx/dt = v from t = 0 to 1. diffusers' ``FlowMatchEulerDiscreteScheduler`` uses
+``sigma = 1 - t`` and the opposite velocity (``noise - data``). The timestep shift is the reference's
+``t' = s t / (1 + (s - 1) t)`` (``timestep_shift: 0.3`` in LightningDiT's config); it equals diffusers' /
+SD3's ``shift = 1 / s`` on sigma. A "250-step" LightningDiT run is a 250-point grid, i.e. 249 Euler steps
+here (``num_steps`` counts updates, not grid points).
+
+Classifier-free guidance acts on **all** latent channels by default; the reference's first-3-channels
+variant (a leftover from 4-channel SD latents) is available only through ``guidance_channels=3``. Inside
+the guidance interval the conditional and the null-user pass run as one batch; outside it (and whenever
+``guidance_scale == 1``) the null-user pass is skipped. The null user is row ``num_users`` of the label
+table, read from the model's own configuration.
+
+User IDs are 1..num_users (as on the command line and in ``ID_<n>`` folder names); user ``k`` is table row
+``k - 1``. :func:`generate_latents` is the only entry point for sampling: the training previews and
+``infer.py user`` both call it. Each sample's initial noise comes from its own generator seeded by
+(seed, user, index), so a sample does not depend on which other users or how many share its batch.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+from tqdm.auto import tqdm
+
+from utils.errors import UserError
+
+BACKBONES = ("dit", "unet")
+FLOW_SAMPLERS = ("euler", "heun")
+DDPM_SAMPLERS = ("ddim",)
+TIME_SAMPLINGS = ("logit_normal", "uniform")
+
+
+# --------------------------------------------------------------------------------------------------
+# User IDs
+# --------------------------------------------------------------------------------------------------
+
+
+def validate_user_ids(user_ids: Sequence[int], num_users: int) -> list[int]:
+    """Return ``user_ids`` as ints if every one lies in 1..num_users; otherwise a UserError naming the range."""
+    if num_users < 1:
+        raise UserError(f"The model knows {num_users} users; expected at least 1 (check the checkpoint's num_users).")
+    ids = []
+    bad = []
+    for value in user_ids:
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            user = operator.index(value.item() if isinstance(value, torch.Tensor) else value)
+        except (TypeError, ValueError):
+            bad.append(value)
+            continue
+        (ids if 1 <= user <= num_users else bad).append(user)
+    if bad:
+        raise UserError(
+            f"User ID(s) {bad} are outside the valid range 1..{num_users} (IDs count from 1, as in the ID_<n> "
+            f"folders; 0 is not a user); pass --user_ids between 1 and {num_users}."
+        )
+    if not ids:
+        raise UserError(f"No user IDs given; pass --user_ids with values between 1 and {num_users}.")
+    return ids
+
+
+def user_labels(user_ids: Sequence[int], num_users: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Label-table rows for 1-based user IDs: user k -> row k - 1 (row num_users is the null user)."""
+    return torch.tensor([user - 1 for user in validate_user_ids(user_ids, num_users)], dtype=torch.long, device=device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rectified flow: objective
+# --------------------------------------------------------------------------------------------------
+
+
+def _randn(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
+    if generator is None:
+        return torch.randn(shape, device=device, dtype=dtype)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
+def sample_flow_times(batch_size: int, time_sampling: str = "logit_normal", *, generator=None, device=None) -> torch.Tensor:
+    """Training times in (0, 1): ``sigmoid(N(0, 1))`` (logit-normal, LightningDiT's ``use_lognorm``) or uniform."""
+    if time_sampling == "logit_normal":
+        return torch.sigmoid(_randn((batch_size,), generator, device))
+    if time_sampling == "uniform":
+        if generator is None:
+            return torch.rand(batch_size, device=device)
+        return torch.rand(batch_size, generator=generator, device=generator.device).to(device)
+    raise UserError(f"Unknown time sampling {time_sampling!r}; choose one of {', '.join(TIME_SAMPLINGS)}.")
+
+
+def flow_interpolate(x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The linear path and its velocity: ``x_t = t x1 + (1 - t) x0``, ``u = x1 - x0`` (t = 0 noise, 1 data)."""
+    t = t.to(x1.dtype).view(-1, *([1] * (x1.ndim - 1)))
+    return t * x1 + (1 - t) * x0, x1 - x0
+
+
+def flow_matching_loss(
+    model,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    time_sampling: str = "logit_normal",
+    use_cosine_loss: bool = True,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> dict:
+    """Velocity-matching loss of LightningDiT's transport for normalised latents ``latents`` (B,C,H,W).
+
+    ``loss = mean |v - (x1 - x0)|^2`` plus, with ``use_cosine_loss``, the mean of ``1 - cos(v, x1 - x0)``
+    over channels (per pixel), as LightningDiT trains. Pass ``t`` and ``noise`` for validation at fixed
+    times. The model drops labels to the null user itself in training mode. Returns ``loss`` (to back-
+    propagate) and detached ``mse``, ``cos`` (or None), ``mse_per_sample`` and the times ``t``.
+    """
+    if t is None:
+        t = sample_flow_times(latents.shape[0], time_sampling, generator=generator, device=latents.device)
+    if noise is None:
+        noise = _randn(latents.shape, generator, latents.device, latents.dtype)
+    xt, target = flow_interpolate(latents, noise, t)
+    prediction = model(xt, t.to(latents.dtype), labels).float()
+    target = target.float()
+    mse = (prediction - target).pow(2).mean(dim=tuple(range(1, prediction.ndim)))
+    loss = mse.mean()
+    cos = None
+    if use_cosine_loss:
+        cos = (1 - F.cosine_similarity(prediction, target, dim=1)).flatten(1).mean(dim=1)
+        loss = loss + cos.mean()
+    return {
+        "loss": loss,
+        "mse": mse.mean().detach(),
+        "cos": None if cos is None else cos.mean().detach(),
+        "mse_per_sample": mse.detach(),
+        "t": t.detach(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# DDPM (latent UNet): objective
+# --------------------------------------------------------------------------------------------------
+
+
+def build_noise_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear", prediction_type: str = "epsilon") -> DDPMScheduler:
+    """The DDPM noise scheduler for the latent UNet; DDIM sampling is derived from its config.
+
+    ``clip_sample`` is off: normalised latents are not bounded to [-1, 1] like pixels.
+    """
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
+
+
+def ddpm_loss(
+    model,
+    noise_scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    timesteps: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> dict:
+    """DDPM loss: MSE to the noise (or to v / x0, following the scheduler's ``prediction_type``)."""
+    num_train = noise_scheduler.config.num_train_timesteps
+    if noise is None:
+        noise = _randn(latents.shape, generator, latents.device, latents.dtype)
+    if timesteps is None:
+        if generator is None:
+            timesteps = torch.randint(0, num_train, (latents.shape[0],), device=latents.device)
+        else:
+            timesteps = torch.randint(0, num_train, (latents.shape[0],), generator=generator, device=generator.device).to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction = model(noisy, timesteps, labels).float()
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    elif prediction_type == "sample":
+        target = latents
+    else:
+        raise UserError(f"Unsupported prediction_type {prediction_type!r}; use epsilon, v_prediction or sample.")
+    mse = (prediction - target.float()).pow(2).mean(dim=tuple(range(1, prediction.ndim)))
+    return {"loss": mse.mean(), "mse": mse.mean().detach(), "mse_per_sample": mse.detach(), "timesteps": timesteps}
+
+
+def training_loss(backbone: str, model, latents, labels, *, noise_scheduler: DDPMScheduler | None = None, **kwargs) -> dict:
+    """The objective of ``backbone``: :func:`flow_matching_loss` (``dit``) or :func:`ddpm_loss` (``unet``)."""
+    if backbone == "dit":
+        return flow_matching_loss(model, latents, labels, **kwargs)
+    if backbone == "unet":
+        if noise_scheduler is None:
+            raise ValueError("The UNet objective needs its noise_scheduler.")
+        return ddpm_loss(model, noise_scheduler, latents, labels, **kwargs)
+    raise UserError(f"Unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Guidance
+# --------------------------------------------------------------------------------------------------
+
+
+def _model_output(model, x, timestep, labels, autocast_dtype) -> torch.Tensor:
+    with torch.autocast(device_type=x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        return model(x, timestep, labels).float()
+
+
+def guided_prediction(
+    model,
+    x: torch.Tensor,
+    timestep: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    null_label: int | None,
+    guidance_scale: float,
+    guide: bool = True,
+    guidance_channels: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``uncond + scale * (cond - uncond)`` on the first ``guidance_channels`` channels (None = all).
+
+    Unguided channels keep the conditional prediction (as in the reference). When ``guide`` is False or
+    the scale is 1 only the conditional pass runs.
+    """
+    if not guide or guidance_scale == 1.0:
+        return _model_output(model, x, timestep, labels, autocast_dtype)
+    if null_label is None:
+        raise UserError("This model was trained without a null user (label dropout 0), so guidance is impossible; use --guidance_scale 1.")
+    both = _model_output(
+        model,
+        torch.cat([x, x]),
+        torch.cat([timestep, timestep]),
+        torch.cat([labels, torch.full_like(labels, null_label)]),
+        autocast_dtype,
+    )
+    cond, uncond = both.chunk(2)
+    channels = cond.shape[1] if guidance_channels is None else guidance_channels
+    guided = cond.clone()
+    guided[:, :channels] = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
+    return guided
+
+
+def _in_interval(t: float, interval: tuple[float, float]) -> bool:
+    return interval[0] <= t <= interval[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Samplers
+# --------------------------------------------------------------------------------------------------
+
+
+def shift_time(t, shift: float):
+    """LightningDiT's timestep shift ``s t / (1 + (s - 1) t)``; s < 1 spends more steps near the noise."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_time_grid(num_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """``num_steps + 1`` times from 0 (noise) to 1 (data): a uniform grid remapped by :func:`shift_time`."""
+    if num_steps < 1:
+        raise UserError(f"The number of sampling steps must be at least 1, got {num_steps}.")
+    if not shift > 0:
+        raise UserError(f"The timestep shift must be positive (1 = no shift, LightningDiT uses 0.3), got {shift}.")
+    grid = shift_time(torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64), shift)
+    grid[0], grid[-1] = 0.0, 1.0  # exact ends: s / (1 + (s - 1)) rounds off 1 in floating point
+    return grid
+
+
+@torch.no_grad()
+def sample_flow(
+    model,
+    noise: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    null_label: int | None,
+    num_steps: int,
+    sampler: str = "euler",
+    guidance_scale: float = 1.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
+    shift: float = 1.0,
+    guidance_channels: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Integrate the velocity ODE from ``noise`` (t = 0) to data (t = 1) with Euler or Heun steps.
+
+    ``num_steps`` updates on :func:`flow_time_grid`; Heun is the two-stage trapezoidal rule at every step
+    (torchdiffeq's ``heun2``), two model calls per step. Guidance applies where the evaluation time lies in
+    ``guidance_interval`` (LightningDiT's ``cfg_interval_start: 0.11`` is ``(0.11, 1.0)``).
+    """
+    if sampler not in FLOW_SAMPLERS:
+        raise UserError(f"Unknown flow sampler {sampler!r}; choose one of {', '.join(FLOW_SAMPLERS)}.")
+    grid = flow_time_grid(num_steps, shift).tolist()  # Python floats: no device sync inside the loop
+    x = noise.float()
+    batch = x.shape[0]
+
+    def velocity(state: torch.Tensor, t: float) -> torch.Tensor:
+        timestep = torch.full((batch,), t, device=state.device, dtype=torch.float32)
+        return guided_prediction(
+            model, state, timestep, labels,
+            null_label=null_label, guidance_scale=guidance_scale, guide=_in_interval(t, guidance_interval),
+            guidance_channels=guidance_channels, autocast_dtype=autocast_dtype,
+        )
+
+    for step in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
+        t, t_next = grid[step], grid[step + 1]
+        dt = t_next - t
+        v = velocity(x, t)
+        if sampler == "euler":
+            x = x + dt * v
+        else:
+            v_next = velocity(x + dt * v, t_next)
+            x = x + 0.5 * dt * (v + v_next)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(
+    model,
+    noise_scheduler: DDPMScheduler,
+    noise: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    null_label: int | None,
+    num_steps: int,
+    guidance_scale: float = 1.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
+    guidance_channels: int | None = None,
+    eta: float = 0.0,
+    generators: list[torch.Generator] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DDIM sampling with ``DDIMScheduler.from_config(noise_scheduler.config)`` and the same guidance rules.
+
+    The guidance interval is read on the flow time scale ``t = 1 - timestep / num_train_timesteps``
+    (0 = noise, 1 = data). ``eta > 0`` draws its per-step noise from ``generators`` (one per sample).
+    """
+    if num_steps < 1:
+        raise UserError(f"The number of sampling steps must be at least 1, got {num_steps}.")
+    scheduler = DDIMScheduler.from_config(noise_scheduler.config)
+    scheduler.set_timesteps(num_steps)
+    timesteps = scheduler.timesteps.tolist()  # on the CPU: no device sync inside the loop
+    num_train = scheduler.config.num_train_timesteps
+    x = noise.float() * scheduler.init_noise_sigma
+    batch = x.shape[0]
+    for timestep in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
+        t_flow = 1.0 - timestep / num_train
+        step_timesteps = torch.full((batch,), timestep, device=x.device, dtype=torch.long)
+        prediction = guided_prediction(
+            model, x, step_timesteps, labels,
+            null_label=null_label, guidance_scale=guidance_scale, guide=_in_interval(t_flow, guidance_interval),
+            guidance_channels=guidance_channels, autocast_dtype=autocast_dtype,
+        )
+        x = scheduler.step(prediction, timestep, x, eta=eta, generator=generators).prev_sample
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
+# The one generation function
+# --------------------------------------------------------------------------------------------------
+
+
+def sample_seed(seed: int, user_id: int, index: int) -> int:
+    """A well-mixed 63-bit seed for sample ``index`` of ``user_id`` under run seed ``seed``."""
+    if seed < 0 or index < 0:
+        raise UserError(f"Seeds and sample indices must be non-negative, got seed {seed} and index {index}.")
+    return int(np.random.SeedSequence([seed, user_id, index]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def initial_noise(seed: int, user_ids: Sequence[int], indices: Sequence[int], shape: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Per-sample N(0, I) noise drawn on the CPU (identical on every device) and the generators that drew it."""
+    generators = [torch.Generator().manual_seed(sample_seed(seed, user, index)) for user, index in zip(user_ids, indices)]
+    noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
+    return noise, generators
+
+
+def _unwrap(model):
+    """Strip DistributedDataParallel (``module``) and torch.compile (``_orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "module", None)
+        if inner is None:
+            inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def backbone_num_users(model, backbone: str) -> int:
+    """The number of users the model was built for (its own configuration, never a command-line guess)."""
+    model = _unwrap(model)
+    return model.config.num_classes if backbone == "dit" else model.num_users
+
+
+def backbone_latent_shape(model, backbone: str) -> tuple[int, int, int]:
+    model = _unwrap(model)
+    if backbone == "dit":
+        return (model.config.in_channels, model.config.input_size, model.config.input_size)
+    size = model.unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return (model.unet.config.in_channels, height, width)
+
+
+def generate_latents(
+    model,
+    backbone: str,
+    user_ids: Sequence[int],
+    num_per_user: int,
+    *,
+    seed: int,
+    num_steps: int,
+    sampler: str | None = None,
+    guidance_scale: float = 1.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
+    shift: float = 1.0,
+    guidance_channels: int | None = None,
+    noise_scheduler: DDPMScheduler | None = None,
+    eta: float = 0.0,
+    batch_size: int = 64,
+    first_index: int = 0,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Generate normalised latents for 1-based ``user_ids``: the only sampling entry point.
+
+    Returns a float32 CPU tensor (len(user_ids) * num_per_user, C, H, W), user-major: all samples of the
+    first user (indices ``first_index ...``), then the next. Sample (seed, user, index) starts from the
+    same noise whatever the batch, so a preview and ``infer.py`` agree; with the same batch layout they
+    agree bit for bit, across layouts up to float rounding of batched matrix products. Denormalise with
+    the latent statistics (``data/latents.py``) and decode with the VA-VAE to get images.
+
+    ``backbone`` is ``dit`` (rectified flow, ``sampler`` euler | heun, ``shift``) or ``unet`` (DDPM
+    noise prediction, ``sampler`` ddim, ``noise_scheduler`` required, ``eta``). The model runs in eval
+    mode (its mode is restored afterwards); pass the EMA model.
+    """
+    if backbone not in BACKBONES:
+        raise UserError(f"Unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}.")
+    sampler = sampler or ("euler" if backbone == "dit" else "ddim")
+    allowed = FLOW_SAMPLERS if backbone == "dit" else DDPM_SAMPLERS
+    if sampler not in allowed:
+        raise UserError(f"The {backbone} backbone samples with {', '.join(allowed)}, not {sampler!r}.")
+    if backbone == "unet" and noise_scheduler is None:
+        raise ValueError("The UNet backbone needs the noise_scheduler it was trained with.")
+    if num_per_user < 1 or batch_size < 1:
+        raise UserError(f"num_per_user and batch_size must be at least 1, got {num_per_user} and {batch_size}.")
+    if guidance_scale < 0:
+        raise UserError(f"The guidance scale must be >= 0 (1 = no guidance), got {guidance_scale}.")
+    if guidance_channels is not None and guidance_channels < 1:
+        raise UserError(f"guidance_channels must be a positive channel count or None (all), got {guidance_channels}.")
+    inner = _unwrap(model)
+    num_users = backbone_num_users(inner, backbone)
+    users = validate_user_ids(user_ids, num_users)
+    null_label = inner.null_label
+    shape = backbone_latent_shape(inner, backbone)
+    device = torch.device(device) if device is not None else next(inner.parameters()).device
+    items = [(user, first_index + i) for user in users for i in range(num_per_user)]
+
+    was_training = model.training
+    model.eval()
+    outputs = []
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            chunk_users = [user for user, _ in chunk]
+            noise, generators = initial_noise(seed, chunk_users, [index for _, index in chunk], shape)
+            noise = noise.to(device)
+            labels = torch.tensor([user - 1 for user in chunk_users], dtype=torch.long, device=device)
+            common = dict(
+                null_label=null_label, num_steps=num_steps, guidance_scale=guidance_scale,
+                guidance_interval=guidance_interval, guidance_channels=guidance_channels,
+                autocast_dtype=autocast_dtype, progress=progress,
+            )
+            if backbone == "dit":
+                latents = sample_flow(model, noise, labels, sampler=sampler, shift=shift, **common)
+            else:
+                latents = sample_ddim(model, noise_scheduler, noise, labels, eta=eta, generators=generators, **common)
+            outputs.append(latents.float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(outputs)

@@ -1,0 +1,87 @@
+"""Latent UNet + UserConditionEncoder: shapes, null user, gradients, save/load, strict encoder loading."""
+
+import pytest
+import torch
+
+from models.user_unet import UNET_SIZES, UserConditionEncoder, UserConditionedUNet, build_user_unet, load_condition_encoder
+from utils.errors import CheckpointError, UserError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_unet(num_users=4):
+    torch.manual_seed(0)
+    return build_user_unet("tiny", num_users=num_users, in_channels=4, sample_size=8)
+
+
+def test_condition_encoder_tokens_and_null_user():
+    encoder = UserConditionEncoder(num_users=31, cross_attention_dim=16, dropout_prob=1.0)
+    assert encoder.embedding.weight.shape == (32, 16) and encoder.null_label == 31
+    labels = torch.tensor([0, 30, 31])
+    encoder.eval()
+    tokens = encoder(labels)
+    assert tokens.shape == (3, 1, 16)
+    torch.testing.assert_close(tokens[:, 0], encoder.embedding.weight[[0, 30, 31]])
+    encoder.train()  # label dropout to the null row happens only in training mode
+    torch.testing.assert_close(encoder(labels)[:, 0], encoder.embedding.weight[[31, 31, 31]])
+
+
+def test_forward_backward_every_parameter_gets_a_gradient():
+    model = tiny_unet().train()
+    x = torch.randn(3, 4, 8, 8)
+    out = model(x, torch.tensor([1, 500, 999]), torch.tensor([0, 3, 4]))
+    assert out.shape == x.shape
+    out.pow(2).mean().backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, name
+        # With a single condition token the cross-attention softmax is identically 1, so its query and key
+        # projections cannot influence the output: their gradient is zero by construction.
+        if ".attn2.to_q." in name or ".attn2.to_k." in name:
+            assert parameter.grad.abs().max() < 1e-10, name  # zero up to rounding
+        else:
+            assert parameter.grad.abs().sum() > 0, name
+
+
+def test_user_changes_the_output():
+    model = tiny_unet().eval()
+    x, t = torch.randn(1, 4, 8, 8).expand(2, -1, -1, -1), torch.tensor([300, 300])
+    out = model(x, t, torch.tensor([0, 1]))
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model = tiny_unet().eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "unet" / "config.json").is_file() and (tmp_path / "condition_encoder" / "config.json").is_file()
+    again = UserConditionedUNet.from_pretrained(tmp_path).eval()
+    assert again.num_users == 4 and again.null_label == 4
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), torch.tensor([0, 4])
+    torch.testing.assert_close(again(x, t, y), model(x, t, y), atol=0, rtol=0)
+
+
+def test_condition_encoder_loading_is_strict(tmp_path):
+    encoder = tiny_unet(num_users=31).condition_encoder
+    path = tmp_path / "condition_encoder.pt"
+    torch.save(encoder.state_dict(), path)
+    loaded = load_condition_encoder(path, num_users=31, cross_attention_dim=32)
+    assert torch.equal(loaded.embedding.weight, encoder.embedding.weight)
+    with pytest.raises(CheckpointError, match=r"32 rows of width 32, but 30 users"):
+        load_condition_encoder(path, num_users=30, cross_attention_dim=32)
+    torch.save({"weight": encoder.embedding.weight}, path)
+    with pytest.raises(CheckpointError, match="no 'embedding.weight'"):
+        load_condition_encoder(path, num_users=31, cross_attention_dim=32)
+    wrong_width = UserConditionEncoder(num_users=4, cross_attention_dim=8)
+    with pytest.raises(CheckpointError, match="8-wide tokens but the UNet cross-attends to 32"):
+        UserConditionedUNet(tiny_unet().unet, wrong_width)
+
+
+def test_sizes():
+    assert set(UNET_SIZES) == {"default", "tiny"}
+    with pytest.raises(UserError, match="default, tiny"):
+        build_user_unet("huge", num_users=3)

@@ -1,0 +1,146 @@
+"""The Phaseformer training objective: four weighted terms per output, then the two outputs weighted.
+
+From the users' "Phaseformer training guide" and the official Phaseformer ``train.py``::
+
+    loss_L = W4(Charbonnier(fake_L, tar),   Perceptual(fake_L, tar),   Gradient(fake_L, tar),   1 - MS_SSIM(fake_L, tar))
+    loss_H = W4(Charbonnier(fake_H, tar_H), Perceptual(fake_H, tar_H), Gradient(fake_H, tar_H), 1 - MS_SSIM(fake_H, tar_H))
+    loss   = W2(loss_L, loss_H)
+
+One ``W4`` is shared by both outputs, as in the reference. ``tar_H`` is the 2x target from the data
+(``h_target``) or, when not given, a bilinear x2 upsample of ``tar``.
+
+Every behaviour of the reference code that changes results is a flag (defaults are what the paper means):
+
+==========================  ===============================  ==========================================
+flag                        default                          reference ``train.py``
+==========================  ===============================  ==========================================
+``pixel_loss``              ``"charbonnier"`` (eps 1e-3)     ``"smoothl1"`` (``nn.SmoothL1Loss``)
+``msssim_as_similarity``    ``False`` (``1 - MS-SSIM``)      ``True`` (adds MS-SSIM)
+``value_range``             ``"unit"`` (images in [0, 1])    ``"signed_reference"`` ([-1, 1] fed as is)
+``vgg_resize_224``          ``False``                        ``True``
+``weighting``               ``"softmax"`` (the note)         ``"softmax_frozen"`` (never optimised)
+==========================  ===============================  ==========================================
+
+``value_range="signed"`` accepts [-1, 1] images and maps them to [0, 1] before every term (correct use of
+the reference's normalisation).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from losses.charbonnier import CharbonnierLoss
+from losses.gradient import LaplacianGradientLoss
+from losses.msssim import MSSSIMLoss
+from losses.perceptual import VGGPerceptualLoss
+from losses.weighted import WeightedLoss, loss_weight_parameters
+
+PIXEL_LOSSES = ("charbonnier", "smoothl1")
+VALUE_RANGES = ("unit", "signed", "signed_reference")
+BRANCHES = ("L", "H")
+
+
+class PhaseformerLoss(nn.Module):
+    """Total loss and detached per-term values for logging; see the module docstring for the flags."""
+
+    def __init__(
+        self,
+        weighting: str = "softmax",
+        *,
+        use_perceptual: bool = True,
+        vgg_weights: str | Path | None = None,
+        pixel_loss: str = "charbonnier",
+        charbonnier_eps: float = 1e-3,
+        msssim_as_similarity: bool = False,
+        value_range: str = "unit",
+        vgg_resize_224: bool = False,
+        term_init: Sequence[float] | None = None,
+        branch_init: Sequence[float] | None = None,
+        seed: int | None = None,
+    ):
+        super().__init__()
+        if pixel_loss not in PIXEL_LOSSES:
+            raise ValueError(f"pixel_loss must be one of {PIXEL_LOSSES}, got {pixel_loss!r}")
+        if value_range not in VALUE_RANGES:
+            raise ValueError(f"value_range must be one of {VALUE_RANGES}, got {value_range!r}")
+        self.value_range = value_range
+        self.pixel = CharbonnierLoss(charbonnier_eps) if pixel_loss == "charbonnier" else nn.SmoothL1Loss()
+        self.perceptual = VGGPerceptualLoss(vgg_weights, resize_to_224=vgg_resize_224) if use_perceptual else None
+        self.gradient = LaplacianGradientLoss()
+        self.msssim = MSSSIMLoss(data_range=1.0, as_similarity=msssim_as_similarity)
+        self.term_names = ["pixel", "gradient", "msssim"]
+        if use_perceptual:
+            self.term_names.insert(1, "perceptual")
+        branch_seed = None if seed is None else seed + 1
+        self.term_weights = WeightedLoss(len(self.term_names), weighting, term_init, seed, self.term_names)
+        self.branch_weights = WeightedLoss(2, weighting, branch_init, branch_seed, list(BRANCHES))
+
+    def _to_loss_range(self, image: torch.Tensor) -> torch.Tensor:
+        return (image + 1.0) * 0.5 if self.value_range == "signed" else image
+
+    def branch_terms(self, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The unweighted terms for one output, by name."""
+        prediction, target = self._to_loss_range(prediction), self._to_loss_range(target)
+        terms = {"pixel": self.pixel(prediction.float(), target.float())}
+        if self.perceptual is not None:
+            terms["perceptual"] = self.perceptual(prediction, target)
+        terms["gradient"] = self.gradient(prediction, target)
+        terms["msssim"] = self.msssim(prediction, target)
+        return terms
+
+    def forward(
+        self,
+        fake_b_L: torch.Tensor,
+        fake_b_H: torch.Tensor | None,
+        target: torch.Tensor,
+        target_2x: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(total, logs)``; ``logs`` holds detached tensors (no host sync): ``pixel_L`` ... ``loss_L``, ``loss_H``, ``loss``.
+
+        ``fake_b_H=None`` trains the 1x output alone (the branch weights are then unused).
+        """
+        logs: dict[str, torch.Tensor] = {}
+        branch_losses = []
+        pairs = [("L", fake_b_L, target)]
+        if fake_b_H is not None:
+            if target_2x is None:
+                target_2x = F.interpolate(target, scale_factor=2, mode="bilinear", align_corners=False)
+            pairs.append(("H", fake_b_H, target_2x))
+        for branch, prediction, branch_target in pairs:
+            terms = self.branch_terms(prediction, branch_target)
+            branch_loss = self.term_weights(*terms.values())
+            logs.update({f"{name}_{branch}": value.detach() for name, value in terms.items()})
+            logs[f"loss_{branch}"] = branch_loss.detach()
+            branch_losses.append(branch_loss)
+        total = self.branch_weights(*branch_losses) if len(branch_losses) == 2 else branch_losses[0]
+        logs["loss"] = total.detach()
+        return total, logs
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """The trainable loss weights (an optimiser group of their own, no weight decay); empty when frozen/fixed."""
+        return loss_weight_parameters(self)
+
+    def weights_dict(self) -> dict[str, float]:
+        """Current normalised weights for logging: ``w_pixel``... for the terms, ``w_L``, ``w_H`` for the outputs."""
+        return {**self.term_weights.weights_dict(), **self.branch_weights.weights_dict()}
+
+    def collapse_warnings(self, threshold: float = 0.9) -> list[str]:
+        """Sentences for each learned weighting that has collapsed onto one term (see WeightedLoss)."""
+        warnings = [self.term_weights.collapse_warning(threshold), self.branch_weights.collapse_warning(threshold)]
+        return [warning for warning in warnings if warning]
+
+    def weighting_state_dict(self) -> dict[str, torch.Tensor]:
+        """The loss weights only (what a checkpoint needs; the frozen VGG is not saved)."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(("term_weights.", "branch_weights."))}
+
+    def load_weighting_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`weighting_state_dict` strictly (same weighting mode and terms)."""
+        own = self.weighting_state_dict()
+        if set(state) != set(own):
+            raise ValueError(f"loss weights in the checkpoint ({sorted(state)}) do not match this loss ({sorted(own)})")
+        self.load_state_dict({**self.state_dict(), **state}, strict=True)

@@ -1,0 +1,604 @@
+"""SeeSR-style real-world super-resolution on Stable Diffusion 2 base, on current diffusers.
+
+SeeSR (Wu et al., "SeeSR: Towards Semantics-Aware Real-World Image Super-Resolution", CVPR 2024,
+https://github.com/cswry/SeeSR): a ControlNet initialised from the frozen SD2 UNet reads the bicubic-upsampled
+low-resolution (LR) image in [0, 1] and adds its 12 down + 1 mid residuals to the UNet; only the ControlNet is
+trained, with the epsilon-MSE objective at uniform timesteps (``train_seesr.py``). Sampling (``test_seesr.py``,
+``pipelines/pipeline_seesr.py``) uses SD2-base's DDPM scheduler ("leading" spacing: 50 steps visit
+t = 981, 961, ..., 1), classifier-free guidance with prompt + ``added_prompt`` against ``negative_prompt``,
+optionally starts from the noised latent of the LR image ("LR embedding", ``start_point="lr"``), processes large
+images in Gaussian-weighted overlapping latent tiles averaged at every step, tiles the VAE, and fixes colours
+(AdaIN or wavelet, :mod:`utils.color_fix`).
+
+What this file adds or changes:
+
+* the :class:`~models.timestep_adaptive.MultiScaleInjector` between ControlNet and UNet, applied after every
+  ControlNet call (:func:`controlnet_residuals`: training, untiled and tiled sampling); ``injector=None`` is
+  the plain SeeSR path. Both residual lists always reach the UNet (diffusers treats "down without mid" as a
+  T2I-Adapter);
+* ``start_point="lr"`` noises the LR latent to the schedule's first timestep (SeeSR noises to t=999 while its
+  first step is t=981; ``lr_start_timestep=999`` reproduces that);
+* tiles are placed by size (a tile side is used whenever a latent side exceeds it; SeeSR tiles by area) with
+  a symmetric Gaussian window (SeeSR's is off by half a pixel vertically);
+* the VAE is tiled by diffusers' ``AutoencoderKL`` tiling with separate encoder (pixels) and decoder
+  (latents) tile sizes; unlike SeeSR's VAEHook it normalises each tile on its own statistics;
+* the LR latent for ``start_point="lr"`` is sampled with the caller's generator (SeeSR's is unseeded);
+* SeeSR's RAM/DAPE tagger and its image cross-attention are not here yet: prompts can be given as embeddings
+  (``prompt_embeds``) so a tagger can plug in without touching the sampler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+from data.degradations import bicubic_upsample
+from models.timestep_adaptive import (
+    MultiScaleInjector,
+    load_injector,
+    residual_levels_of,
+    save_injector,
+)
+from utils.color_fix import apply_color_fix
+from utils.errors import CheckpointError, UserError
+
+DEFAULT_ADDED_PROMPT = "clean, high-resolution, 8k"
+DEFAULT_NEGATIVE_PROMPT = "dotted, noise, blur, lowres, smooth"
+CONTROLNET_FOLDER = "controlnet"
+
+# What a diffusers Stable Diffusion 2 (base) folder must hold: subfolder -> files of which one must exist.
+SD2_REQUIRED_FILES = {
+    "unet": ("config.json",),
+    "vae": ("config.json",),
+    "text_encoder": ("config.json",),
+    "tokenizer": ("vocab.json", "tokenizer.json"),
+    "scheduler": ("scheduler_config.json",),
+}
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+@dataclass
+class SD2Components:
+    """The frozen Stable Diffusion 2 parts SeeSR builds on."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: nn.Module
+    tokenizer: object
+    noise_scheduler: DDPMScheduler
+
+
+def check_sd2_folder(pretrained_model_path: str | Path) -> Path:
+    """Raise a UserError naming what is missing unless ``pretrained_model_path`` is a diffusers SD2 folder."""
+    path = Path(pretrained_model_path)
+    expected = (
+        "a diffusers Stable Diffusion 2 base folder with unet/, vae/, text_encoder/, tokenizer/ and scheduler/ "
+        "(e.g. a local copy of stabilityai/stable-diffusion-2-base)"
+    )
+    if not path.is_dir():
+        raise UserError(f"--pretrained_model_path {path} does not exist; expected {expected}.")
+    missing = [
+        f"{sub}/{files[0]}"
+        for sub, files in SD2_REQUIRED_FILES.items()
+        if not any((path / sub / name).is_file() for name in files)
+    ]
+    if missing:
+        raise UserError(f"--pretrained_model_path {path} lacks {', '.join(missing)}; expected {expected}.")
+    return path
+
+
+def load_sd2_components(
+    pretrained_model_path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> SD2Components:
+    """Load SD2's UNet, VAE, CLIP text encoder, tokenizer and DDPM scheduler, frozen and in eval mode."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = check_sd2_folder(pretrained_model_path)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
+        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+        # SD2-base ships a PNDM config; SeeSR trains and samples with DDPM on the same betas ("leading" spacing).
+        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise CheckpointError(f"Cannot load Stable Diffusion 2 from {path}: {str(error).splitlines()[0]}") from None
+    for model in (unet, vae, text_encoder):
+        model.requires_grad_(False)
+        model.eval()
+        if device is not None or dtype is not None:
+            model.to(device=device, dtype=dtype)
+    return SD2Components(unet, vae, text_encoder, tokenizer, noise_scheduler)
+
+
+def build_controlnet(unet: UNet2DConditionModel, conditioning_embedding_out_channels=None) -> ControlNetModel:
+    """A ControlNet copying the UNet's encoder weights, reading a 3-channel image in [0, 1] (SeeSR, diffusers)."""
+    kwargs = {}
+    if conditioning_embedding_out_channels is not None:
+        kwargs["conditioning_embedding_out_channels"] = tuple(conditioning_embedding_out_channels)
+    return ControlNetModel.from_unet(unet, conditioning_channels=3, **kwargs)
+
+
+def load_controlnet(checkpoint_dir: str | Path) -> ControlNetModel:
+    """The ControlNet saved in ``checkpoint_dir/controlnet/`` (diffusers format)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    folder = checkpoint_dir / CONTROLNET_FOLDER
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(
+            f"Expected a ControlNet at {folder}/ (config.json + diffusion_pytorch_model.safetensors, as "
+            "train_seesr_timestep.py writes into checkpoint-<step>/), found none; pass a checkpoint-<step> folder."
+        )
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("use_image_cross_attention"):
+        raise CheckpointError(
+            f"{folder} is a ControlNet from SeeSR's original release (RAM image cross-attention), which this "
+            "repository does not support yet; use a checkpoint trained with train_seesr_timestep.py."
+        )
+    try:
+        return ControlNetModel.from_pretrained(folder)
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise CheckpointError(f"Cannot load the ControlNet in {folder}: {str(error).splitlines()[0]}") from None
+
+
+def save_seesr_weights(checkpoint_dir: str | Path, controlnet: ControlNetModel, injector: nn.Module | None) -> None:
+    """Write ``checkpoint_dir/controlnet/`` and, when there is an injector, ``checkpoint_dir/multi_scale_injector/``.
+
+    Pass unwrapped models (``accelerator.unwrap_model``).
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    controlnet.save_pretrained(checkpoint_dir / CONTROLNET_FOLDER, safe_serialization=True)
+    if injector is not None:
+        save_injector(injector, checkpoint_dir)
+
+
+def load_seesr_weights(checkpoint_dir: str | Path) -> tuple[ControlNetModel, MultiScaleInjector | None, list[str]]:
+    """ControlNet and injector (or None) from a ``checkpoint-<step>/`` folder, with the log lines to print."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise CheckpointError(
+            f"Checkpoint folder {checkpoint_dir} does not exist; pass --seesr_model_path checkpoint-<step>."
+        )
+    controlnet = load_controlnet(checkpoint_dir)
+    injector, messages = load_injector(checkpoint_dir, residual_levels=residual_levels_of(controlnet))
+    return controlnet, injector, [f"✓ ControlNet loaded from {checkpoint_dir / CONTROLNET_FOLDER}"] + messages
+
+
+def set_gradient_checkpointing(enabled: bool, *models: nn.Module) -> None:
+    """Turn diffusers' gradient checkpointing on or off for each model (ControlNet and the frozen UNet it feeds)."""
+    for model in models:
+        if enabled:
+            model.enable_gradient_checkpointing()
+        else:
+            model.disable_gradient_checkpointing()
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+
+def compose_prompt(*parts: str) -> str:
+    """Join the non-empty parts with ", " (tags, user prompt, added prompt)."""
+    return ", ".join(part.strip().strip(",").strip() for part in parts if part and part.strip().strip(","))
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: list[str] | str, device=None) -> torch.Tensor:
+    """CLIP text embeddings ``[B, 77, D]`` (SD2 reads the encoder's last hidden state, padded to max length)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    device = device or text_encoder.device
+    tokens = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    return text_encoder(tokens.input_ids.to(device))[0]
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def controlnet_residuals(
+    controlnet: nn.Module,
+    injector: nn.Module | None,
+    noisy_latents: torch.Tensor,
+    timesteps,
+    prompt_embeds: torch.Tensor,
+    lr_upsampled: torch.Tensor,
+    conditioning_scale: float = 1.0,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """ControlNet residuals for the UNet, scaled by the injector (if any) for ``timesteps`` (scalar or ``[B]``)."""
+    dtype = _model_dtype(controlnet)
+    down, mid = controlnet(
+        noisy_latents.to(dtype),
+        timesteps,
+        encoder_hidden_states=prompt_embeds.to(dtype),
+        controlnet_cond=lr_upsampled.to(dtype),
+        conditioning_scale=conditioning_scale,
+        return_dict=False,
+    )
+    if injector is not None:
+        down, mid = injector(down, mid, timesteps)
+    return list(down), mid
+
+
+def predict_noise(
+    unet: UNet2DConditionModel,
+    controlnet: nn.Module,
+    injector: nn.Module | None,
+    noisy_latents: torch.Tensor,
+    timesteps,
+    prompt_embeds: torch.Tensor,
+    lr_upsampled: torch.Tensor,
+    conditioning_scale: float = 1.0,
+) -> torch.Tensor:
+    """The UNet's output with ControlNet (+ injector) residuals; both down and mid residuals are always passed."""
+    down, mid = controlnet_residuals(
+        controlnet, injector, noisy_latents, timesteps, prompt_embeds, lr_upsampled, conditioning_scale
+    )
+    dtype = unet.dtype
+    return unet(
+        noisy_latents.to(dtype),
+        timesteps,
+        encoder_hidden_states=prompt_embeds.to(dtype),
+        down_block_additional_residuals=[residual.to(dtype) for residual in down],
+        mid_block_additional_residual=mid.to(dtype),
+        return_dict=False,
+    )[0]
+
+
+def seesr_training_loss(
+    batch: dict,
+    *,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: nn.Module,
+    tokenizer,
+    controlnet: nn.Module,
+    injector: nn.Module | None,
+    noise_scheduler: DDPMScheduler,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """SeeSR's objective: MSE between the UNet's prediction and the noise (or velocity) at uniform timesteps.
+
+    ``batch``: ``hr`` ``[B, 3, H, W]`` in [-1, 1], ``lr_upsampled`` ``[B, 3, H, W]`` in [0, 1], and ``prompt``
+    (list of str) or ``prompt_embeds`` ``[B, 77, D]``. VAE and text encoder run without gradients in the UNet's
+    dtype; the loss is computed in fp32.
+    """
+    device = unet.device
+    dtype = unet.dtype
+    hr = batch["hr"].to(device, dtype)
+    with torch.no_grad():
+        latents = vae.encode(hr.to(vae.dtype)).latent_dist.sample(generator) * vae.config.scaling_factor
+        prompt_embeds = batch.get("prompt_embeds")
+        if prompt_embeds is None:
+            prompt_embeds = encode_prompts(tokenizer, text_encoder, batch["prompt"], device)
+    latents = latents.float()
+    noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    timestep_device = generator.device if generator is not None else device
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=timestep_device
+    ).to(device)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction = predict_noise(
+        unet, controlnet, injector, noisy_latents, timesteps, prompt_embeds, batch["lr_upsampled"].to(device)
+    )
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise UserError(f"Expected an epsilon or v_prediction scheduler, found prediction_type {prediction_type!r}.")
+    return F.mse_loss(prediction.float(), target.float())
+
+
+# ------------------------------------------------------------------------------------------------ tiling
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of side ``tile`` covering ``length`` with at least ``overlap`` shared cells."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    if stride <= 0:
+        raise UserError(f"Expected --latent_tiled_overlap ({overlap}) smaller than --latent_tiled_size ({tile}).")
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+def gaussian_tile_weights(height: int, width: int, variance: float = 0.01) -> torch.Tensor:
+    """SeeSR's tile window: a separable Gaussian over the tile, peak in the middle (``[height, width]``)."""
+
+    def profile(size: int) -> torch.Tensor:
+        x = torch.arange(size, dtype=torch.float64)
+        midpoint = (size - 1) / 2
+        return torch.exp(-((x - midpoint) ** 2) / (size * size) / (2 * variance)) / math.sqrt(2 * math.pi * variance)
+
+    return torch.outer(profile(height), profile(width)).float()
+
+
+def tiled_prediction(
+    predict: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+    latents: torch.Tensor,
+    condition_image: torch.Tensor,
+    tile_size: int,
+    tile_overlap: int,
+    tile_batch_size: int = 1,
+) -> torch.Tensor:
+    """Run ``predict`` on overlapping latent tiles and blend them with Gaussian weights.
+
+    ``predict(latent_tiles, image_tiles, num_tiles)`` gets ``num_tiles`` tiles stacked tile-major along the
+    batch (``num_tiles * B``) with their image tiles (8x the latent size); ``latents`` no larger than one tile
+    go through in one call.
+    """
+    batch, _, height, width = latents.shape
+    if height <= tile_size and width <= tile_size:
+        return predict(latents, condition_image, 1)
+    scale = condition_image.shape[-1] // width
+    tile_h, tile_w = min(tile_size, height), min(tile_size, width)
+    rows, columns = tile_starts(height, tile_h, tile_overlap), tile_starts(width, tile_w, tile_overlap)
+    positions = [(y, x) for y in rows for x in columns]
+    window = gaussian_tile_weights(tile_h, tile_w).to(latents.device)
+    output = None
+    total_weight = torch.zeros(height, width, device=latents.device)
+    for first in range(0, len(positions), tile_batch_size):
+        chunk = positions[first : first + tile_batch_size]
+        latent_tiles = torch.cat([latents[..., y : y + tile_h, x : x + tile_w] for y, x in chunk])
+        image_tiles = torch.cat(
+            [condition_image[..., y * scale : (y + tile_h) * scale, x * scale : (x + tile_w) * scale] for y, x in chunk]
+        )
+        prediction = predict(latent_tiles, image_tiles, len(chunk)).float()
+        if output is None:
+            output = torch.zeros(batch, prediction.shape[1], height, width, device=latents.device)
+        for index, (y, x) in enumerate(chunk):
+            output[..., y : y + tile_h, x : x + tile_w] += prediction[index * batch : (index + 1) * batch] * window
+            total_weight[y : y + tile_h, x : x + tile_w] += window
+    return output / total_weight
+
+
+@contextlib.contextmanager
+def vae_tiling(vae: AutoencoderKL, tile_pixels: int | None):
+    """Temporarily tile ``vae`` with tiles of ``tile_pixels`` image pixels (``None``: no tiling).
+
+    diffusers' AutoencoderKL describes one tile twice (pixels for the image side, latents for the latent
+    side); both are set so that encoding and decoding can use different tile sizes.
+    """
+    if not tile_pixels or not hasattr(vae, "use_tiling"):
+        yield
+        return
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    saved = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size)
+    vae.use_tiling = True
+    vae.tile_sample_min_size = int(tile_pixels)
+    vae.tile_latent_min_size = int(tile_pixels) // factor
+    try:
+        yield
+    finally:
+        vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = saved
+
+
+# ------------------------------------------------------------------------------------------------ inference
+
+
+class SeeSRPipeline:
+    """SeeSR sampling with the optional injector: the one inference path (infer.py, training previews, tests)."""
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoder: nn.Module,
+        tokenizer,
+        scheduler: DDPMScheduler,
+        controlnet: ControlNetModel,
+        injector: MultiScaleInjector | None = None,
+    ):
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        # A private copy: set_timesteps mutates the scheduler, and training shares its noise scheduler.
+        self.scheduler = DDPMScheduler.from_config(scheduler.config)
+        self.controlnet = controlnet
+        self.injector = injector
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_path: str | Path,
+        seesr_model_path: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> tuple["SeeSRPipeline", list[str]]:
+        """SD2 from ``pretrained_model_path`` + ControlNet/injector from ``checkpoint-<step>/``; returns log lines."""
+        components = load_sd2_components(pretrained_model_path)
+        controlnet, injector, messages = load_seesr_weights(seesr_model_path)
+        messages = [f"Loading checkpoint from {seesr_model_path}"] + messages
+        pipeline = cls(
+            components.unet, components.vae, components.text_encoder, components.tokenizer,
+            components.noise_scheduler, controlnet, injector,
+        )
+        return pipeline.to(device, dtype), messages
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SeeSRPipeline":
+        """Move the networks; ``dtype`` (e.g. fp16 on CUDA) applies to all but the injector, which stays fp32."""
+        for model in (self.unet, self.vae, self.text_encoder, self.controlnet):
+            # Only what changes: diffusers warns on every .to(dtype=...) call, even a no-op one.
+            if device is not None and torch.device(device) != model.device:
+                model.to(device=device)
+            if dtype is not None and dtype != model.dtype:
+                model.to(dtype=dtype)
+            model.eval()
+        if self.injector is not None:
+            self.injector.to(device=device)
+            self.injector.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _prompt_embeddings(self, prompts, embeds, batch: int) -> torch.Tensor:
+        if embeds is not None:
+            return embeds.to(self.device)
+        prompts = [prompts] * batch if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != batch:
+            raise UserError(f"Expected one prompt or {batch} (one per image), found {len(prompts)}.")
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts, self.device)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        lr_upsampled: torch.Tensor,
+        prompt: str | list[str] = "",
+        added_prompt: str = DEFAULT_ADDED_PROMPT,
+        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.5,
+        conditioning_scale: float = 1.0,
+        start_point: str = "lr",
+        lr_start_timestep: int | None = None,
+        latent_tiled_size: int = 96,
+        latent_tiled_overlap: int = 4,
+        tile_batch_size: int = 1,
+        vae_encoder_tiled_size: int | None = 1024,
+        vae_decoder_tiled_size: int | None = 224,
+        align_method: str = "adain",
+        generator: torch.Generator | None = None,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        progress_bar: bool = False,
+    ) -> torch.Tensor:
+        """Super-resolve ``lr_upsampled`` (``[B, 3, H, W]`` in [0, 1], H and W multiples of 8, already at the
+        output size) and return ``[B, 3, H, W]`` in [0, 1] (float32, on the pipeline's device).
+
+        Prompts: ``prompt`` (one or one per image) joined with ``added_prompt``, guided against
+        ``negative_prompt`` when ``guidance_scale > 1``; ``prompt_embeds``/``negative_prompt_embeds`` replace the
+        text (a tagger's output, say). ``start_point``: ``"lr"`` (the LR latent noised to the first timestep,
+        or ``lr_start_timestep``) or ``"noise"``. Latent tiles (``latent_tiled_size``/``overlap``, latent px)
+        and VAE tiles (encoder: image px, decoder: latent px; ``None`` disables) bound the memory.
+        ``callback(step_index, timestep, latents)`` runs after every step.
+        """
+        if start_point not in ("lr", "noise"):
+            raise UserError(f"Expected --start_point lr or noise, found {start_point!r}.")
+        if lr_upsampled.ndim == 3:
+            lr_upsampled = lr_upsampled[None]
+        factor = self.vae_scale_factor
+        batch, _, height, width = lr_upsampled.shape
+        if height % factor or width % factor:
+            raise UserError(
+                f"Expected an image size divisible by {factor}, found {height}x{width}; see prepare_lr_image."
+            )
+        device = self.device
+        model_dtype = self.unet.dtype
+        image = lr_upsampled.to(device=device, dtype=torch.float32).clamp(0, 1)
+
+        do_guidance = guidance_scale > 1.0
+        if prompt_embeds is None:
+            prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
+            prompts = [compose_prompt(text, added_prompt) for text in prompts]
+        else:
+            prompts = None
+        embeds = self._prompt_embeddings(prompts, prompt_embeds, batch)
+        if do_guidance:
+            negative = self._prompt_embeddings(negative_prompt, negative_prompt_embeds, batch)
+            embeds = torch.cat([negative, embeds])  # unconditional half first, as SeeSR
+        embeds = embeds.to(model_dtype)
+        guidance_image = torch.cat([image, image]) if do_guidance else image
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        latent_shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
+        noise = randn_tensor(latent_shape, generator=generator, device=device, dtype=torch.float32)
+        if start_point == "lr":
+            with vae_tiling(self.vae, vae_encoder_tiled_size):
+                posterior = self.vae.encode((image * 2 - 1).to(self.vae.dtype)).latent_dist
+            lr_latents = posterior.sample(generator).float() * self.vae.config.scaling_factor
+            start = int(timesteps[0]) if lr_start_timestep is None else int(lr_start_timestep)
+            start_timesteps = torch.full((batch,), start, device=device, dtype=torch.long)
+            latents = self.scheduler.add_noise(lr_latents, noise, start_timesteps)
+        else:
+            latents = noise * self.scheduler.init_noise_sigma
+
+        def predict(latent_tiles, image_tiles, num_tiles, t):
+            tile_embeds = embeds.repeat(num_tiles, 1, 1) if num_tiles > 1 else embeds
+            return predict_noise(
+                self.unet, self.controlnet, self.injector, latent_tiles, t, tile_embeds, image_tiles, conditioning_scale
+            )
+
+        steps = timesteps
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(timesteps, desc="SeeSR sampling", leave=False)
+        for index, t in enumerate(steps):
+            model_input = torch.cat([latents, latents]) if do_guidance else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            noise_prediction = tiled_prediction(
+                lambda tiles, image_tiles, count: predict(tiles, image_tiles, count, t),
+                model_input,
+                guidance_image,
+                latent_tiled_size,
+                latent_tiled_overlap,
+                tile_batch_size,
+            ).float()
+            if do_guidance:
+                unconditional, conditional = noise_prediction.chunk(2)
+                noise_prediction = unconditional + guidance_scale * (conditional - unconditional)
+            latents = self.scheduler.step(noise_prediction, t, latents, generator=generator, return_dict=False)[0]
+            if callback is not None:
+                callback(index, int(t), latents)
+
+        with vae_tiling(self.vae, vae_decoder_tiled_size * factor if vae_decoder_tiled_size else None):
+            decoded = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+        result = (decoded.float() / 2 + 0.5).clamp(0, 1)
+        return apply_color_fix(result, image, align_method)
+
+
+def prepare_lr_image(
+    lr: torch.Tensor, upscale: int = 4, process_size: int = 512
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """SeeSR's input preparation: ``lr`` ``[3, h, w]`` in [0, 1] -> ``([1, 3, H, W], (h * upscale, w * upscale))``.
+
+    Images whose short side is below ``process_size / upscale`` are first enlarged to it (SeeSR's rule), then
+    everything is bicubic-upsampled by ``upscale`` to a size rounded down to a multiple of 8. The second value
+    is the output size to resize the result back to (:func:`super_resolve_image` does).
+    """
+    if lr.ndim != 3 or lr.shape[0] != 3:
+        raise UserError(f"Expected an RGB image tensor [3, h, w], found shape {tuple(lr.shape)}.")
+    height, width = lr.shape[-2:]
+    enlarge = max(1.0, (process_size // upscale) / min(height, width))
+    target = (int(height * enlarge) * upscale // 8 * 8, int(width * enlarge) * upscale // 8 * 8)
+    if min(target) < 8:
+        raise UserError(f"The image is too small ({width}x{height} px) to super-resolve.")
+    return bicubic_upsample(lr.float(), target)[None], (height * upscale, width * upscale)
+
+
+def super_resolve_image(
+    pipeline: SeeSRPipeline, lr: torch.Tensor, upscale: int = 4, process_size: int = 512, **call_kwargs
+) -> torch.Tensor:
+    """One LR image ``[3, h, w]`` in [0, 1] -> its SR image ``[3, h * upscale, w * upscale]`` in [0, 1] (CPU).
+
+    ``call_kwargs`` go to :meth:`SeeSRPipeline.__call__` (prompt, steps, guidance, tiles, generator, ...).
+    """
+    lr_upsampled, output_size = prepare_lr_image(lr, upscale, process_size)
+    result = pipeline(lr_upsampled, **call_kwargs)[0].float().cpu()
+    if tuple(result.shape[-2:]) != tuple(output_size):
+        result = bicubic_upsample(result, output_size)
+    return result

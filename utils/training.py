@@ -98,9 +98,9 @@ def restore_training_checkpoint(checkpoint: dict, accelerator, model, optimizer,
     try:
         bare.load_state_dict(checkpoint["model"])
     except RuntimeError as err:
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
         raise CheckpointError(
-            f"The checkpoint's weights do not fit this model ({str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}); "
-            "resume with the same model flags the run was started with."
+            f"The checkpoint's weights do not fit this model ({detail}); resume with the model flags the run started with."
         ) from err
     optimizer.load_state_dict(checkpoint["optimizer"])
     if lr_scheduler is not None and "lr_scheduler" in checkpoint:

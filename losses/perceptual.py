@@ -93,9 +93,10 @@ def load_vgg16_features(weights_path: str | Path | None = None) -> nn.Sequential
 class VGGPerceptualLoss(nn.Module):
     """Sum over relu1_2, relu2_2, relu3_3, relu4_3 of L1(VGG(prediction), VGG(target)); images in [0, 1]."""
 
-    def __init__(self, weights_path: str | Path | None = None, resize_to_224: bool = False):
+    def __init__(self, weights_path: str | Path | None = None, resize_to_224: bool = False, random_weights: bool = False):
         super().__init__()
-        features = load_vgg16_features(weights_path)
+        # random_weights: same cost, meaningless loss; only for benchmarks where no ImageNet weights are at hand.
+        features = build_vgg16_features() if random_weights else load_vgg16_features(weights_path)
         starts = (0,) + VGG16_SLICE_ENDS[:-1]
         self.blocks = nn.ModuleList(features[start:end] for start, end in zip(starts, VGG16_SLICE_ENDS))
         self.blocks.requires_grad_(False)

@@ -23,6 +23,11 @@ flag                        default                          reference ``train.p
 
 ``value_range="signed"`` accepts [-1, 1] images and maps them to [0, 1] before every term (correct use of
 the reference's normalisation).
+
+``weighting="uncertainty"`` (Kendall et al. 2018) is not nested the same way: ``W2(W4(L), W4(H))`` with
+uncertainty weights is unbounded below (see :meth:`PhaseformerLoss._uncertainty_total`), so each (output, term)
+pair gets Kendall's form with the log-variance ``s_term + t_output``; ``loss_L``/``loss_H`` in the logs are
+still ``W4`` of each output.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class PhaseformerLoss(nn.Module):
         term_init: Sequence[float] | None = None,
         branch_init: Sequence[float] | None = None,
         seed: int | None = None,
+        perceptual_random_weights: bool = False,
     ):
         super().__init__()
         if pixel_loss not in PIXEL_LOSSES:
@@ -70,7 +76,11 @@ class PhaseformerLoss(nn.Module):
             raise ValueError(f"value_range must be one of {VALUE_RANGES}, got {value_range!r}")
         self.value_range = value_range
         self.pixel = CharbonnierLoss(charbonnier_eps) if pixel_loss == "charbonnier" else nn.SmoothL1Loss()
-        self.perceptual = VGGPerceptualLoss(vgg_weights, resize_to_224=vgg_resize_224) if use_perceptual else None
+        self.perceptual = (
+            VGGPerceptualLoss(vgg_weights, resize_to_224=vgg_resize_224, random_weights=perceptual_random_weights)
+            if use_perceptual
+            else None
+        )
         self.gradient = LaplacianGradientLoss()
         self.msssim = MSSSIMLoss(data_range=1.0, as_similarity=msssim_as_similarity)
         self.term_names = ["pixel", "gradient", "msssim"]
@@ -111,15 +121,39 @@ class PhaseformerLoss(nn.Module):
             if target_2x is None:
                 target_2x = F.interpolate(target, scale_factor=2, mode="bilinear", align_corners=False)
             pairs.append(("H", fake_b_H, target_2x))
+        branch_terms = []
         for branch, prediction, branch_target in pairs:
             terms = self.branch_terms(prediction, branch_target)
             branch_loss = self.term_weights(*terms.values())
             logs.update({f"{name}_{branch}": value.detach() for name, value in terms.items()})
             logs[f"loss_{branch}"] = branch_loss.detach()
             branch_losses.append(branch_loss)
-        total = self.branch_weights(*branch_losses) if len(branch_losses) == 2 else branch_losses[0]
+            branch_terms.append(list(terms.values()))
+        if len(branch_losses) == 1:
+            total = branch_losses[0]
+        elif self.term_weights.mode == "uncertainty":
+            total = self._uncertainty_total(branch_terms)
+        else:
+            total = self.branch_weights(*branch_losses)
         logs["loss"] = total.detach()
         return total, logs
+
+    def _uncertainty_total(self, branch_terms: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Kendall et al. over every (output b, term i) with log-variance ``s_i + t_b``.
+
+        Nesting the uncertainty weighting (``W2(W4(L), W4(H))``) is unbounded below: a branch loss contains the
+        regulariser ``0.5 * s_i``, which is negative once a term is below 1, and the outer weight ``exp(-t_b)``
+        then multiplies a negative number, so the loss falls without limit as ``t_b`` decreases. Here every term
+        keeps Kendall's ``0.5 * exp(-u) * L + 0.5 * u``, bounded below, with ``u = s_i + t_b``: the term weights
+        ``s`` are shared by both outputs and ``t`` weighs the outputs, as in the nested form.
+        """
+        term_log_variances = self.term_weights.log_variances[0]
+        total = term_log_variances.new_zeros(())
+        for branch_log_variance, terms in zip(self.branch_weights.log_variances[0], branch_terms):
+            log_variances = term_log_variances + branch_log_variance
+            stacked = torch.stack([term.float().reshape(()) for term in terms])
+            total = total + (0.5 * torch.exp(-log_variances) * stacked + 0.5 * log_variances).sum()
+        return total
 
     def weight_parameters(self) -> list[nn.Parameter]:
         """The trainable loss weights (an optimiser group of their own, no weight decay); empty when frozen/fixed."""

@@ -467,8 +467,16 @@ def read_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
                 return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
         except Exception as err:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"Cannot read {path} as safetensors ({err}); the file is damaged or not safetensors.") from None
+    return extract_state_dict(load_torch_weights_file(path), str(path)), {}
+
+
+def load_torch_weights_file(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; a pickled module or unreadable file is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist; pass the path of a .safetensors or .pth file.")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"{path} is a pickled Python object (the official Phaseformer releases save whole modules), which is "
@@ -477,7 +485,6 @@ def read_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         ) from None
     except Exception as err:
         raise CheckpointError(f"Cannot read {path} ({type(err).__name__}: {err}); is it a PyTorch checkpoint?") from None
-    return extract_state_dict(checkpoint, str(path)), {}
 
 
 def phaseformer_from_weights_file(path: str | Path, eca: str | None = None) -> Phaseformer:

@@ -8,9 +8,11 @@ the parameters. Plain state dicts (possibly nested under ``state_dict``/``model`
 ``torch.load(weights_only=True)`` and need no flag.
 
 The output holds the Phaseformer state dict (official unused ``ups2.*``/``attention.3.*`` dropped) and, in
-its metadata, the model configuration with ``eca="phase"`` (the official gate; override with ``--eca``), so
-``models.phaseformer.phaseformer_from_weights_file`` rebuilds the model without flags. Checkpoints of other
-models (AGSSF/Spectroformer, Restormer...) are refused with a sentence saying what they are.
+its metadata, the model configuration with ``eca="phase"`` (the official gate; override with ``--eca``) and
+``value_range="signed"`` (the official code feeds and returns images in [-1, 1]; override with ``--value_range``),
+so ``models.phaseformer.phaseformer_from_weights_file`` and ``infer.py phaseformer`` rebuild the model without
+flags. Checkpoints of other models (AGSSF/Spectroformer, Restormer...) are refused with a sentence saying what
+they are.
 
 Usage (from the repository root)::
 
@@ -90,7 +92,7 @@ def read_release_file(path: Path, trust_pickle: bool) -> object:
         raise CheckpointError(f"Cannot unpickle {path} ({type(err).__name__}: {err}); it is damaged or not a PyTorch file.") from None
 
 
-def convert(in_path: Path, out_path: Path, trust_pickle: bool = False, eca: str = "phase") -> dict:
+def convert(in_path: Path, out_path: Path, trust_pickle: bool = False, eca: str = "phase", value_range: str = "signed") -> dict:
     """Convert ``in_path`` to ``out_path``; returns the model configuration written to the metadata."""
     if out_path.suffix != ".safetensors":
         raise UserError(f"The output {out_path} must end in .safetensors.")
@@ -101,7 +103,8 @@ def convert(in_path: Path, out_path: Path, trust_pickle: bool = False, eca: str 
     load_phaseformer_state_dict(model, state_dict, str(in_path))  # strict: proves the file is complete
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_path), metadata={"format": "pt", "phaseformer_config": json.dumps(config), "source": in_path.name})
+    metadata = {"format": "pt", "phaseformer_config": json.dumps(config), "value_range": value_range, "source": in_path.name}
+    save_file(tensors, str(out_path), metadata=metadata)
     return config
 
 
@@ -118,11 +121,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--eca", choices=ECA_GATES, default="phase",
         help="ECA gate recorded in the metadata; official weights were trained with 'phase' (default phase)",
     )
+    parser.add_argument(
+        "--value_range", choices=("unit", "signed"), default="signed",
+        help="range of the images the weights expect, recorded in the metadata: the official train.py/test.py "
+        "normalise to [-1, 1] ('signed', default); 'unit' for weights trained on [0, 1] images",
+    )
     return parser.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> None:
-    config = convert(args.input, args.output, args.trust_pickle, args.eca)
+    config = convert(args.input, args.output, args.trust_pickle, args.eca, args.value_range)
     print(f"wrote {args.output}: Phaseformer channels {config['channels']}, blocks {config['num_blocks']}, eca {config['eca']}")
 
 

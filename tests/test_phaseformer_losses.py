@@ -229,3 +229,26 @@ def test_loss_weights_state_round_trip_excludes_vgg(vgg_file):
     torch.testing.assert_close(other.term_weights.weights(), loss.term_weights.weights())
     with pytest.raises(ValueError, match="do not match"):
         PhaseformerLoss("uncertainty", use_perceptual=False).load_weighting_state_dict(state)
+
+
+def test_uncertainty_weighting_of_both_outputs_is_bounded_below():
+    """Kendall's weighting per (output, term) with log-variance s_term + t_output: minimising over the weights alone
+    reaches sum(0.5 + 0.5 log L) when the terms factorise, instead of falling without limit as nesting
+    W2(W4(L), W4(H)) does once a term is below 1."""
+    loss = PhaseformerLoss("uncertainty", use_perceptual=False)
+    term_scale, branch_scale = torch.tensor([0.05, 0.02, 0.3]), torch.tensor([1.0, 0.5])
+    fixed_terms = [list(term_scale * b) for b in branch_scale]
+    optimizer = torch.optim.Adam(loss.weight_parameters(), lr=0.05)
+    for _ in range(1500):
+        optimizer.zero_grad()
+        total = loss._uncertainty_total(fixed_terms)
+        total.backward()
+        optimizer.step()
+    products = torch.outer(branch_scale, term_scale)
+    assert total.item() == pytest.approx((0.5 + 0.5 * products.log()).sum().item(), abs=1e-3)
+    # By hand: s = (0.2, 0, -0.1), t = (0.3, -0.4); only pixel_L = 0.5 is non-zero, so the data part is
+    # 0.5 * exp(-(0.2 + 0.3)) * 0.5 and the regulariser 0.5 * sum(s_i + t_b) = 0.5 * (1.0 - 1.1).
+    fresh = PhaseformerLoss("uncertainty", use_perceptual=False, term_init=[0.2, 0.0, -0.1], branch_init=[0.3, -0.4])
+    zero = torch.zeros(())
+    value = fresh._uncertainty_total([[torch.tensor(0.5), zero, zero], [zero, zero, zero]])
+    assert value.item() == pytest.approx(0.25 * math.exp(-0.5) + 0.5 * (1.0 - 1.1), abs=1e-6)

@@ -1,0 +1,592 @@
+"""Train Phaseformer (WACV 2025) for underwater image enhancement on paired data (the users' ``trains.py``).
+
+The model (models/phaseformer.py) gives an enhanced image at the input resolution (L) and at twice it (H); the
+loss (losses/phaseformer_loss.py) weighs Charbonnier, VGG perceptual, Laplacian gradient and 1 - MS-SSIM per
+output with learnable weights, then the two outputs. Adam with betas (0.5, 0.999) as the reference; ``--niter``
+epochs at the initial LR, then ``--niter_decay`` epochs of linear (or cosine) decay to zero, stepped per
+optimiser step; PSNR/SSIM on the test split every ``--eval_every`` epochs (BasicSR-equivalent, protocol logged).
+
+    python train_phaseformer.py --dataset_path /data/LSUI --batch_size 8 --niter 50 --niter_decay 500 --lr 0.001
+    python train_phaseformer.py --resume checkpoint/LSUI/netG_model_epoch_100.pth --dataset_path /data/LSUI
+    python train_phaseformer.py --dataset_path /data/LSUI /data/UIEB --resume latest       # union of two sets
+    accelerate launch --multi_gpu train_phaseformer.py --dataset_path /data/LSUI --batch_size 4
+    python train_phaseformer.py --dataset_path /data/LSUI --reference_behaviour            # the official train.py
+    python train_phaseformer.py --dataset_path /data/LSUI --stop_epoch 40                 # a 12-hour session, then --resume latest
+
+Writes into ``<output_dir>/checkpoint/<dataset name>/`` (``--output_dir .`` by default, as the note)::
+
+    netG_model_epoch_N.pth  netG_model_best.pth (by test PSNR)  netG_model_latest.pth (resumable)
+    args.yaml  train.log  history.csv  loss_curves.png  loss_weights.png  psnr.png  ssim.png  samples/epoch_N.png
+    split_<i>_<folder>.txt (only for a single folder of pairs: the saved train/test split of dataset path i)
+
+Each .pth is a plain dict (torch.load(weights_only=True)): kind "phaseformer", the resolved config, the model's
+state dict and configuration, the loss weights, optimiser, LR schedule, loss scaler, epoch, step and RNG states.
+
+What the reference code really does differs from what the paper means; each difference is a flag, and
+``--reference_behaviour`` sets all of them at once (any of them can still be given to override it):
+
+    flag                        default (this repository)      --reference_behaviour (official train.py)
+    --pixel_loss                charbonnier (eps 1e-3)         smoothl1 (nn.SmoothL1Loss named "Charbonnier")
+    --msssim_as_similarity      off: 1 - MS-SSIM               on: + MS-SSIM (training lowers MS-SSIM)
+    --value_range               unit: images in [0, 1]         signed_reference: [-1, 1] fed to [0, 1] losses
+    --vgg_resize_224            off                            on: everything resized to 224 before VGG
+    --loss_weighting            softmax (learned, the note)    softmax_frozen (weights never optimised)
+    --h_target                  upsample (bilinear x2 target)  resize_gt (original ground truth resized to 2x)
+    --eca                       feature (standard ECA)         phase (the official gate, a constant ~0.5)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from data.paired import FLIP_MODES, H_TARGETS, RESIZE_MODES, PairedImageFolder
+from losses import PhaseformerLoss, loss_weight_parameters, optimizer_param_groups
+from losses.weighted import WEIGHTING_MODES
+from models.phaseformer import ECA_GATES, PHASEFORMER_PRESETS, build_phaseformer, load_phaseformer_state_dict
+from models.phaseformer_enhance import (
+    VALUE_RANGES,
+    enhance,
+    load_phaseformer_for_inference,
+    plain_model_config,
+    to_model_range,
+)
+from utils.accelerator import PRECISION_CHOICES, create_accelerator, log_run_header, reset_accelerate_state
+from utils.checkpoint import atomic_torch_save, atomic_write, load_checkpoint, resolve_resume, rotate_checkpoints
+from utils.config import _yaml_defaults, add_config_argument, load_config, parse_with_config, save_config
+from utils.errors import CheckpointError, UserError, run_cli
+from utils.images import save_grid
+from utils.log import TrainingProgress, setup_logger
+from utils.metrics import SSIM_SIGMA, SSIM_WINDOW_SIZE, batch_psnr, batch_ssim
+from utils.plots import plot_curves
+from utils.training import check_finite, make_loader, out_of_memory_message, restore_rng, restore_training_checkpoint, training_checkpoint, unwrap
+
+CHECKPOINT_KIND = "phaseformer"
+RESUME_PATTERNS = ["netG_model_latest.pth", "netG_model_epoch_*.pth"]
+
+# What the official train.py does (--reference_behaviour) and what the paper means (the defaults).
+REFERENCE_BEHAVIOUR = {
+    "pixel_loss": "smoothl1", "msssim_as_similarity": True, "value_range": "signed_reference", "vgg_resize_224": True,
+    "loss_weighting": "softmax_frozen", "h_target": "resize_gt", "eca": "phase",
+}
+CORRECT_BEHAVIOUR = {
+    "pixel_loss": "charbonnier", "msssim_as_similarity": False, "value_range": "unit", "vgg_resize_224": False,
+    "loss_weighting": "softmax", "h_target": "upsample", "eca": "feature",
+}
+# A resumed run cannot change these: they change the network or the shape of the loss weights.
+FIXED_ON_RESUME = ("model", "eca", "loss_weighting", "no_perceptual", "value_range")
+# Never taken from a resumed checkpoint: they describe this session or this machine, not the run.
+NOT_INHERITED = {"resume", "config", "given_flags", "threads", "device", "mixed_precision", "stop_epoch", "init_weights", "reference_behaviour"}
+
+
+def eval_size_type(value: str) -> int | str:
+    if str(value).lower() == "full":
+        return "full"
+    try:
+        size = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a side in pixels (e.g. 256) or 'full', got {value!r}") from None
+    if size < 16:
+        raise argparse.ArgumentTypeError(f"--eval_size must be at least 16 px, got {size}")
+    return size
+
+
+def test_split_type(value: str) -> int | float:
+    number = float(value)
+    return int(number) if number >= 1 and number == int(number) else number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    add_config_argument(parser)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_path", nargs="+", default=None,
+                      help="one or more dataset folders in the LSUI layout (train/input, train/gt, test/input, test/gt) or "
+                      "with input/ and gt/ only (split by --test_split); several folders train on their union")
+    data.add_argument("--name", default=None, help="run name under checkpoint/ (default: the dataset folder names joined by '+')")
+    data.add_argument("--crop_size", type=int, default=256, help="training image side in pixels (default 256 as the reference)")
+    data.add_argument("--resize_mode", choices=RESIZE_MODES, default="resize",
+                      help="resize whole images to --crop_size (the reference) or take random crops of that size (default resize)")
+    data.add_argument("--flips", choices=FLIP_MODES, default="horizontal", help="flip augmentation (default horizontal)")
+    data.add_argument("--h_target", choices=H_TARGETS, default=None,
+                      help="2x target of the H output: upsample (bilinear x2 of the target, the users' note; default) or "
+                      "resize_gt (the original ground truth resized to 2x, the reference code)")
+    data.add_argument("--test_split", type=test_split_type, default=400,
+                      help="for a folder of input/ and gt/ without train/test: test pairs held out, a count or a fraction "
+                      "(default 400, the LSUI convention 3879/400); the split is saved in the run folder")
+    data.add_argument("--split_seed", type=int, default=0, help="seed of that split, apart from --seed so the test set stays put (default 0)")
+    data.add_argument("--threads", type=int, default=None,
+                      help="data-loader worker processes (default: up to 8 on CUDA, 0 on CPU); raise it when the log says loading is slow")
+
+    model = parser.add_argument_group("model and optimisation")
+    model.add_argument("--model", choices=list(PHASEFORMER_PRESETS), default="phaseformer",
+                       help="preset: phaseformer (official, 1.78M parameters), phaseformer_wide (Restormer widths), "
+                       "phaseformer_tiny (tests, CPU demos); default phaseformer")
+    model.add_argument("--eca", choices=ECA_GATES, default=None,
+                       help="ECA gate on the skips: feature (standard ECA, default for new training) or phase (the official "
+                       "gate, a constant of about 0.5)")
+    model.add_argument("--init_weights", default=None,
+                       help="start from these weights (our .pth or a converted official .safetensors) with a fresh schedule")
+    model.add_argument("--batch_size", type=int, default=8, help="images per device and forward pass (default 8)")
+    model.add_argument("--grad_accum", type=int, default=1,
+                       help="gradient accumulation steps: batch_size x processes x grad_accum images per optimiser step (default 1)")
+    model.add_argument("--niter", type=int, default=50, help="epochs at the initial learning rate (default 50)")
+    model.add_argument("--niter_decay", type=int, default=500, help="epochs of decay to zero after --niter (default 500)")
+    model.add_argument("--lr", type=float, default=3e-4,
+                       help="initial learning rate (default 3e-4 as the official train.py; the note suggests 1e-4..1e-3 with --warmup)")
+    model.add_argument("--lr_schedule", choices=("linear", "cosine"), default="linear",
+                       help="shape of the decay over --niter_decay epochs (default linear, as the reference)")
+    model.add_argument("--warmup", type=float, default=0.0,
+                       help="linear LR warm-up in epochs, may be fractional (default 0 as the reference; 1-5 helps at lr 1e-3)")
+    model.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (default 0.5 as the reference; beta2 is 0.999)")
+    model.add_argument("--clip_grad", type=float, default=1.0,
+                       help="clip the model's gradient norm to this value; 0 turns clipping off (default 1.0)")
+    model.add_argument("--mixed_precision", choices=PRECISION_CHOICES, default="auto",
+                       help="auto: bf16 where supported, else fp16 with loss scaling on CUDA, fp32 on CPU (default auto)")
+    model.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto (the GPU when there is one)")
+    model.add_argument("--seed", type=int, default=123, help="seed of initialisation, loss weights, data order and crops (default 123 as the reference)")
+
+    loss = parser.add_argument_group("loss (see the table above for the reference behaviours)")
+    loss.add_argument("--loss_weighting", choices=WEIGHTING_MODES, default=None,
+                      help="softmax (learned, the note; default), softmax_frozen (the reference: random weights never "
+                      "optimised), uncertainty (Kendall et al. 2018) or fixed (equal weights)")
+    loss.add_argument("--loss_weights_lr", type=float, default=None, help="learning rate of the loss weights (default: --lr)")
+    loss.add_argument("--no_perceptual", action="store_true", help="drop the VGG perceptual term (no VGG weights needed)")
+    loss.add_argument("--vgg_weights", default=None,
+                      help="torchvision's vgg16-397923af.pth (default: torch's hub cache, <TORCH_HOME>/hub/checkpoints/)")
+    loss.add_argument("--pixel_loss", choices=("charbonnier", "smoothl1"), default=None,
+                      help="pixel term: charbonnier (default) or smoothl1 (what the reference trains with)")
+    loss.add_argument("--msssim_as_similarity", action=argparse.BooleanOptionalAction, default=None,
+                      help="add MS-SSIM to the loss instead of 1 - MS-SSIM (the reference's sign error; default off)")
+    loss.add_argument("--value_range", choices=VALUE_RANGES, default=None,
+                      help="unit: images in [0, 1] (default); signed: [-1, 1] for the network, mapped back for the losses; "
+                      "signed_reference: [-1, 1] fed to the losses as is (the reference)")
+    loss.add_argument("--vgg_resize_224", action=argparse.BooleanOptionalAction, default=None,
+                      help="resize both images to 224x224 before VGG (the reference; default off)")
+    loss.add_argument("--reference_behaviour", action="store_true",
+                      help="reproduce the official train.py: every flag of the table above at its reference value "
+                      "unless given explicitly")
+
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval_every", type=int, default=1, help="PSNR/SSIM on the test split every N epochs and at the end (default 1)")
+    evaluation.add_argument("--eval_size", type=eval_size_type, default=256,
+                            help="test images resized to NxN (default 256, as the reference) or 'full' for full resolution (batch 1)")
+    evaluation.add_argument("--test_y_channel", action="store_true", help="score the BT.601 Y channel instead of RGB (default RGB)")
+    evaluation.add_argument("--crop_border", type=int, default=0, help="pixels cropped from each border before scoring (default 0)")
+    evaluation.add_argument("--num_preview", type=int, default=4, help="test images in each samples/epoch_N.png grid, 0 for none (default 4)")
+
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--output_dir", default=".", help="root of the outputs; checkpoints go to <output_dir>/checkpoint/<name>/ (default .)")
+    out.add_argument("--resume", default=None,
+                     help="a netG_model_*.pth to continue from (model, loss weights, optimiser, schedule, scaler, epoch), "
+                     "or 'latest' for this run's newest")
+    out.add_argument("--save_every", type=int, default=1, help="write netG_model_epoch_N.pth every N epochs (default 1)")
+    out.add_argument("--keep_last", type=int, default=5, help="keep the newest K netG_model_epoch_N.pth, 0 keeps all (default 5)")
+    out.add_argument("--stop_epoch", type=int, default=None,
+                     help="stop after this epoch, the schedule still planned for niter + niter_decay (e.g. Kaggle's session "
+                     "limit; continue with --resume latest)")
+    return parser
+
+
+def given_flags(argv: list[str] | None, config_path: str | None) -> set[str]:
+    """Destinations set on the command line or in the --config file (what a resumed run must not take from its checkpoint)."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(probe.parse_args(argv)))
+    if config_path:
+        given |= set(_yaml_defaults(probe, load_config(config_path), config_path))
+    return given - {"config"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parse_with_config(parser, argv)
+    given = given_flags(argv, args.config)
+    for key, correct in CORRECT_BEHAVIOUR.items():
+        if getattr(args, key) is None:
+            setattr(args, key, REFERENCE_BEHAVIOUR[key] if args.reference_behaviour else correct)
+            if args.reference_behaviour:
+                given.add(key)
+    args.given_flags = sorted(given)
+
+    for flag in ("batch_size", "grad_accum", "eval_every", "save_every"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
+    if args.niter < 0 or args.niter_decay < 0 or args.niter + args.niter_decay < 1:
+        parser.error("--niter and --niter_decay must be >= 0 with at least one epoch in total")
+    if args.crop_size < 16:
+        parser.error("--crop_size must be at least 16 (MS-SSIM's window is 11 px)")
+    if args.lr <= 0 or args.clip_grad < 0 or args.warmup < 0 or args.keep_last < 0 or args.crop_border < 0:
+        parser.error("--lr must be positive; --clip_grad, --warmup, --keep_last and --crop_border must not be negative")
+    if args.stop_epoch is not None and args.stop_epoch < 1:
+        parser.error("--stop_epoch must be at least 1")
+    if not args.dataset_path and not (args.resume and args.resume != "latest"):
+        parser.error("--dataset_path is required: one or more folders in the LSUI layout (train/input, train/gt, test/input, test/gt)")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def run_name(args) -> str:
+    return args.name or "+".join(Path(path).resolve().name or "dataset" for path in args.dataset_path)
+
+
+def lr_factor(step: int, steps_per_epoch: int, args) -> float:
+    """LR multiplier for optimiser step ``step``: warm-up, ``niter`` epochs flat, ``niter_decay`` epochs down to zero."""
+    factor = 1.0
+    warmup_steps = args.warmup * steps_per_epoch
+    if warmup_steps > 0 and step < warmup_steps:
+        factor = (step + 1) / warmup_steps
+    decay_start, decay_steps = args.niter * steps_per_epoch, args.niter_decay * steps_per_epoch
+    if decay_steps and step >= decay_start:
+        progress = min(1.0, (step - decay_start) / decay_steps)
+        factor *= 1.0 - progress if args.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def merge_resumed_config(args, checkpoint: dict, path: Path) -> None:
+    """Take every setting not given now from the checkpoint's config; refuse changes that break the run."""
+    saved = checkpoint["config"]
+    given = set(args.given_flags)
+    for key in FIXED_ON_RESUME:
+        if key in given and key in saved and getattr(args, key) != saved[key]:
+            raise UserError(
+                f"{path} was trained with --{key} {saved[key]}, not {getattr(args, key)}; resume without --{key} "
+                "(it cannot change within a run) or start a new run."
+            )
+    for key, value in saved.items():
+        if key not in NOT_INHERITED and key not in given and hasattr(args, key):
+            setattr(args, key, value)
+
+
+class NonFiniteGuard:
+    """Remembers on the device the first step whose loss was NaN or infinite: no host sync per step."""
+
+    def __init__(self, device: torch.device):
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_value = torch.zeros((), device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        newly_bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(newly_bad, step, self.first_bad_step)
+        self.bad_value = torch.where(newly_bad, loss.detach().float(), self.bad_value)
+
+    def check(self, accelerator) -> None:
+        """One small collective on every process together; raises on all of them if any saw a bad loss."""
+        steps = accelerator.gather(self.first_bad_step[None])
+        values = accelerator.gather(self.bad_value[None])
+        bad = (steps >= 0).nonzero()
+        if len(bad):
+            index = int(bad[0, 0])
+            check_finite(float(values[index]), int(steps[index]),
+                         ", or train in bf16/fp32 instead of fp16; a learned loss weighting whose term reaches zero can "
+                         "also diverge (try --loss_weighting fixed)")
+
+
+def all_reduce_loss_weight_grads(accelerator, parameters: list[torch.nn.Parameter]) -> None:
+    """Average the loss weights' gradients over processes: they live outside the DDP-wrapped model."""
+    if accelerator.num_processes == 1 or not parameters:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    offset = 0
+    for parameter in parameters:
+        count = parameter.numel()
+        parameter.grad = flat[offset : offset + count].view_as(parameter).clone()
+        offset += count
+
+
+def build_datasets(args, run_dir: Path):
+    """(train set, test set, protocol lines): one PairedImageFolder per --dataset_path, their union when several."""
+    from torch.utils.data import ConcatDataset
+
+    train_sets, test_sets, sources = [], [], []
+    eval_size = None if args.eval_size == "full" else int(args.eval_size)
+    for index, root in enumerate(args.dataset_path):
+        split_file = run_dir / f"split_{index}_{Path(root).resolve().name}.txt"
+        common = dict(test_split=args.test_split, split_seed=args.split_seed, split_file=split_file)
+        train = PairedImageFolder(root, "train", crop_size=args.crop_size, resize_mode=args.resize_mode, flips=args.flips,
+                                  h_target=args.h_target, **common)
+        test = PairedImageFolder(root, "test", eval_size=eval_size, **common)
+        train_sets.append(train)
+        test_sets.append(test)
+        where = f"split file {test.split_file}" if test.split_file else f"{Path(root) / 'test'}"
+        sources.append(f"{where} ({len(test)} pairs; {len(train)} training pairs)")
+    union = lambda sets: sets[0] if len(sets) == 1 else ConcatDataset(sets)  # noqa: E731
+    return union(train_sets), union(test_sets), sources
+
+
+def describe_protocol(args, sources: list[str]) -> str:
+    resolution = "full resolution" if args.eval_size == "full" else f"resized to {args.eval_size}x{args.eval_size} (bilinear)"
+    channel = "Y channel (BT.601 of RGB)" if args.test_y_channel else "RGB"
+    return (
+        f"evaluation protocol: test split {'; '.join(sources)} | {resolution} | {channel} | border crop {args.crop_border} px | "
+        f"8-bit | SSIM Gaussian window {SSIM_WINDOW_SIZE} px, sigma {SSIM_SIGMA}, valid region (BasicSR) | "
+        f"output L (1x head) | test loader not shuffled"
+    )
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, loader, args, preview_path: Path | None) -> dict[str, float]:
+    """Mean PSNR/SSIM of the L output and of the inputs over the test split, sharded over processes."""
+    bare = unwrap(accelerator, model)
+    bare.eval()
+    sums: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], "input_psnr": [], "input_ssim": []}
+    for index, batch in enumerate(loader):
+        try:
+            output = enhance(bare, batch["input"], value_range=args.value_range, return_high=False).fake_b_L
+        except torch.OutOfMemoryError:
+            raise UserError("Out of memory evaluating the test split; use --eval_size 256 instead of full resolution.") from None
+        scores = (
+            batch_psnr(output, batch["target"], args.crop_border, args.test_y_channel),
+            batch_ssim(output, batch["target"], args.crop_border, args.test_y_channel),
+            batch_psnr(batch["input"], batch["target"], args.crop_border, args.test_y_channel),
+            batch_ssim(batch["input"], batch["target"], args.crop_border, args.test_y_channel),
+        )
+        for key, values in zip(sums, accelerator.gather_for_metrics(scores)):
+            sums[key].append(values.float())
+        if index == 0 and preview_path is not None and accelerator.is_main_process:
+            count = min(args.num_preview, output.shape[0])
+            tiles = [image for i in range(count) for image in (batch["input"][i], output[i], batch["target"][i])]
+            save_grid(tiles, preview_path, nrow=3, value_range=(0.0, 1.0), captions=["input", "output", "target"] * count)
+    bare.train()
+    return {key: float(torch.cat(values).mean()) for key, values in sums.items()}
+
+
+def write_history_csv(history: list[dict], path: Path) -> None:
+    columns = list(dict.fromkeys(key for row in history for key in row))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(history)
+
+    atomic_write(path, write)
+
+
+def plot_history(history: list[dict], run_dir: Path, args) -> None:
+    losses = {key: [row[key] for row in history] for key in ("loss", "loss_L", "loss_H")}
+    plot_curves(losses, run_dir / "loss_curves.png", title=f"{run_dir.name}: training loss", log_y=all(v > 0 for v in losses["loss"]))
+    weights = {key[2:]: [row[key] for row in history] for key in history[-1] if key.startswith("w_")}
+    plot_curves(weights, run_dir / "loss_weights.png", title=f"loss weights ({args.loss_weighting})", ylabel="weight")
+    evaluated = [row for row in history if "psnr" in row and row["psnr"] != ""]
+    if evaluated:
+        xlabel = f"evaluation (every {args.eval_every} epochs)" if args.eval_every > 1 else "epoch"
+        plot_curves({"PSNR (dB)": [row["psnr"] for row in evaluated]}, run_dir / "psnr.png", title="test PSNR", xlabel=xlabel, ylabel="dB")
+        plot_curves({"SSIM": [row["ssim"] for row in evaluated]}, run_dir / "ssim.png", title="test SSIM", xlabel=xlabel, ylabel="SSIM")
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+def main(args: argparse.Namespace) -> dict:
+    reset_accelerate_state()
+    checkpoint, resume_path = None, None
+    if args.resume and args.resume != "latest":
+        resume_path = resolve_resume(args.resume, ".", RESUME_PATTERNS)
+        checkpoint = load_checkpoint(resume_path, CHECKPOINT_KIND, "train_phaseformer.py --resume")
+        merge_resumed_config(args, checkpoint, resume_path)
+    run_dir = Path(args.output_dir) / "checkpoint" / run_name(args)
+    if args.resume == "latest":
+        resume_path = resolve_resume("latest", run_dir, RESUME_PATTERNS)
+        if resume_path is not None:
+            checkpoint = load_checkpoint(resume_path, CHECKPOINT_KIND, "train_phaseformer.py --resume")
+            merge_resumed_config(args, checkpoint, resume_path)
+
+    accelerator = create_accelerator(
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum, cpu=args.device == "cpu", seed=args.seed
+    )
+    if args.device == "cuda" and accelerator.device.type != "cuda":
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto.")
+    device, is_main = accelerator.device, accelerator.is_main_process
+    logger = setup_logger(run_dir, is_main)
+    logger.info("run %s: %s", run_dir, f"resuming from {resume_path}" if resume_path else "new run")
+    if args.resume == "latest" and resume_path is None:
+        logger.info("--resume latest: no checkpoint in %s yet, starting a new run", run_dir)
+
+    # The loss first: missing VGG weights should stop the run before any data is read.
+    loss_fn = PhaseformerLoss(
+        args.loss_weighting, use_perceptual=not args.no_perceptual, vgg_weights=args.vgg_weights, pixel_loss=args.pixel_loss,
+        msssim_as_similarity=args.msssim_as_similarity, value_range=args.value_range, vgg_resize_224=args.vgg_resize_224,
+        seed=args.seed,
+    ).to(device)
+    with accelerator.main_process_first():  # the main process writes the split files, the others read them
+        train_set, test_set, sources = build_datasets(args, run_dir)
+
+    model = build_phaseformer(args.model, eca=args.eca)
+    if args.init_weights and checkpoint is None:
+        initial, info = load_phaseformer_for_inference(args.init_weights)
+        load_phaseformer_state_dict(model, initial.state_dict(), args.init_weights)
+        logger.info("initial weights: %s", info["description"])
+        if info["value_range"] != args.value_range:
+            logger.warning("the initial weights expect --value_range %s, this run trains with %s", info["value_range"], args.value_range)
+    model.to(device)
+    logger.info("Phaseformer '%s' (eca %s): %.3fM parameters", args.model, args.eca, sum(p.numel() for p in model.parameters()) / 1e6)
+
+    weight_parameters = loss_weight_parameters(loss_fn)
+    optimizer = torch.optim.Adam(
+        optimizer_param_groups(model, loss_fn, loss_weights_lr=args.loss_weights_lr), lr=args.lr, betas=(args.beta1, 0.999)
+    )
+    eval_batch = 1 if args.eval_size == "full" else args.batch_size
+    train_loader = make_loader(train_set, args.batch_size, shuffle=True, workers=args.threads, device_type=device.type)
+    test_loader = make_loader(test_set, eval_batch, shuffle=False, workers=args.threads, drop_last=False, device_type=device.type)
+    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
+    total_epochs = args.niter + args.niter_decay
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, args))
+
+    step, start_epoch, history, best_psnr, best_epoch, input_scores = 0, 0, [], -math.inf, 0, None
+    if checkpoint is not None:
+        try:
+            loss_fn.load_weighting_state_dict(checkpoint["loss_weighting"]["state"])
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"{resume_path} holds loss weights that do not fit this loss ({err}).") from None
+        try:
+            restore_training_checkpoint(checkpoint, accelerator, model, optimizer, lr_scheduler)
+        except ValueError as err:  # the optimiser's parameter groups differ
+            raise CheckpointError(f"{resume_path}: the optimiser state does not fit this run ({err}).") from None
+        step, start_epoch = checkpoint["step"], checkpoint["epoch"]
+        history, best_psnr, best_epoch = list(checkpoint["history"]), checkpoint["best_psnr"], checkpoint["best_epoch"]
+        input_scores = checkpoint.get("input_scores")
+        if checkpoint.get("steps_per_epoch") != steps_per_epoch:
+            logger.warning("%s had %s optimiser steps per epoch, this run has %d (another batch size or data): the LR "
+                           "schedule is followed by step count, so its epochs shift", resume_path, checkpoint.get("steps_per_epoch"), steps_per_epoch)
+        restore_rng(checkpoint, accelerator)
+        logger.info("resumed at epoch %d, optimiser step %d, lr %.3e", start_epoch, step, lr_scheduler.get_last_lr()[0])
+        del checkpoint
+    if is_main:
+        save_config({k: v for k, v in vars(args).items() if k != "given_flags"}, run_dir / "args.yaml")
+    log_run_header(logger, accelerator, args.batch_size,
+                   f"{steps_per_epoch} optimiser steps per epoch, {total_epochs} epochs ({args.niter} + {args.niter_decay} "
+                   f"{args.lr_schedule} decay), lr {args.lr:g}, Adam betas ({args.beta1}, 0.999)")
+    logger.info("training data: %d pairs, %s, crop %d px, flips %s, 2x target %s", len(train_set), args.resize_mode,
+                args.crop_size, args.flips, args.h_target)
+    logger.info("loss: %s | weighting %s | pixel %s | MS-SSIM as %s | value range %s | VGG resize 224 %s",
+                ", ".join(loss_fn.term_names), args.loss_weighting, args.pixel_loss,
+                "similarity (reference)" if args.msssim_as_similarity else "1 - MS-SSIM", args.value_range, args.vgg_resize_224)
+    logger.info(describe_protocol(args, sources))
+
+    def save(epoch: int, is_best: bool, is_final: bool) -> None:
+        bare = unwrap(accelerator, model)
+        state = training_checkpoint(
+            CHECKPOINT_KIND, accelerator, model, optimizer, {k: v for k, v in vars(args).items() if k != "given_flags"},
+            step, epoch, lr_scheduler,
+            model_config=plain_model_config(bare),
+            loss_weighting={"mode": args.loss_weighting, "state": {k: v.detach().cpu() for k, v in loss_fn.weighting_state_dict().items()},
+                            "weights": loss_fn.weights_dict()},
+            history=history, best_psnr=best_psnr, best_epoch=best_epoch, input_scores=input_scores,
+            steps_per_epoch=steps_per_epoch, dataset_name=run_dir.name,
+        )
+        if not is_main:
+            return
+        latest = atomic_torch_save(state, run_dir / "netG_model_latest.pth")
+        copies = [run_dir / f"netG_model_epoch_{epoch}.pth"] if epoch % args.save_every == 0 or is_final else []
+        if is_best:
+            copies.append(run_dir / "netG_model_best.pth")
+        for target in copies:
+            atomic_write(target, lambda tmp: shutil.copyfile(latest, tmp))
+        rotate_checkpoints(run_dir, "netG_model_epoch_*.pth", args.keep_last)
+
+    last_epoch = min(total_epochs, args.stop_epoch or total_epochs)
+    guard = NonFiniteGuard(device)
+    lr_per_step: list[float] = []
+    for epoch in range(start_epoch, last_epoch):
+        model.train()
+        loss_fn.train()
+        train_loader.set_epoch(epoch)
+        progress = TrainingProgress(len(train_loader), f"epoch {epoch + 1}/{total_epochs}", enabled=is_main)
+        log_sums: dict[str, torch.Tensor] = {}
+        started, data_wait = time.perf_counter(), 0.0
+        requested = time.perf_counter()
+        for batch in train_loader:
+            data_wait += time.perf_counter() - requested
+            inputs = to_model_range(batch["input"], args.value_range)
+            target = to_model_range(batch["target"], args.value_range)
+            target_2x = to_model_range(batch["target_2x"], args.value_range)
+            try:
+                with accelerator.accumulate(model):
+                    fake_b_L, fake_b_H = model(inputs)
+                    with accelerator.autocast():
+                        total, logs = loss_fn(fake_b_L.float(), fake_b_H.float(), target, target_2x)
+                    accelerator.backward(total)
+                    if accelerator.sync_gradients:
+                        all_reduce_loss_weight_grads(accelerator, weight_parameters)
+                        if args.clip_grad > 0:
+                            accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            except torch.OutOfMemoryError as err:
+                raise UserError(out_of_memory_message(
+                    args.batch_size, " (--grad_accum), or train on smaller images with --crop_size (the 2x head works at twice that side)"
+                )) from err
+            guard.update(total, step + 1)
+            lr = lr_scheduler.get_last_lr()[0]
+            if accelerator.sync_gradients:
+                lr_per_step.append(lr)
+                lr_scheduler.step()
+                step += 1
+            for key, value in logs.items():
+                log_sums[key] = log_sums[key] + value if key in log_sums else value.clone()
+            progress.update(total, lr)
+            if progress.steps % progress.refresh_every == 0:
+                guard.check(accelerator)
+            requested = time.perf_counter()
+        progress.close()
+        guard.check(accelerator)
+
+        done = epoch + 1
+        seconds = time.perf_counter() - started
+        keys = list(log_sums)
+        means = accelerator.reduce(torch.stack([log_sums[k] for k in keys]) / progress.steps, reduction="mean").tolist()
+        row: dict = {"epoch": done, "lr": lr_scheduler.get_last_lr()[0], **dict(zip(keys, means)), **loss_fn.weights_dict()}
+        weights_text = " ".join(f"{k[2:]} {v:.3f}" for k, v in row.items() if k.startswith("w_"))
+        logger.info("epoch %d/%d | loss %.4f (L %.4f, H %.4f) | lr %.3e | step %d | weights %s | %.1f s, %.1f img/s",
+                    done, total_epochs, row["loss"], row["loss_L"], row["loss_H"], row["lr"], step, weights_text, seconds,
+                    len(train_loader) * args.batch_size * accelerator.num_processes / seconds)
+        for warning in loss_fn.collapse_warnings():
+            logger.warning("epoch %d: %s", done, warning)
+        if device.type == "cuda" and data_wait > 0.3 * seconds:
+            logger.warning("data loading took %.0f%% of epoch %d; raise --threads (now %s) or store the images smaller",
+                           100 * data_wait / seconds, done, args.threads)
+
+        is_final = done == total_epochs
+        is_best = False
+        if done % args.eval_every == 0 or is_final or done == last_epoch:
+            preview = run_dir / "samples" / f"epoch_{done}.png" if args.num_preview else None
+            scores = evaluate(accelerator, model, test_loader, args, preview)
+            if input_scores is None:
+                input_scores = {"psnr": scores["input_psnr"], "ssim": scores["input_ssim"]}
+                logger.info("test inputs as they are: PSNR %.3f dB, SSIM %.4f", input_scores["psnr"], input_scores["ssim"])
+            row.update(psnr=scores["psnr"], ssim=scores["ssim"])
+            is_best = scores["psnr"] > best_psnr
+            if is_best:
+                best_psnr, best_epoch = scores["psnr"], done
+            logger.info("epoch %d: test PSNR %.3f dB, SSIM %.4f (best %.3f dB at epoch %d)", done, scores["psnr"], scores["ssim"], best_psnr, best_epoch)
+        history.append(row)
+        save(done, is_best, is_final)
+        if is_main:
+            write_history_csv(history, run_dir / "history.csv")
+            plot_history(history, run_dir, args)
+        accelerator.wait_for_everyone()
+
+    if accelerator.num_processes > 1 and weight_parameters:  # they are outside DDP: prove the all-reduce kept them in step
+        gathered = accelerator.gather(torch.cat([p.detach().reshape(-1) for p in weight_parameters])[None])
+        if bool((gathered == gathered[0]).all()):
+            logger.info("loss weights identical on all %d processes", accelerator.num_processes)
+        else:
+            logger.warning("loss weights differ between processes: %s", gathered.tolist())
+    logger.info("done: %s (best test PSNR %.3f dB at epoch %d)", run_dir, best_psnr, best_epoch)
+    accelerator.end_training()
+    return {"history": history, "lr_per_step": lr_per_step, "run_dir": run_dir, "step": step, "best_psnr": best_psnr,
+            "input_scores": input_scores, "final_weights": loss_fn.weights_dict()}
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_args()))

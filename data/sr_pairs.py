@@ -21,7 +21,10 @@ trains the unconditional branch for classifier-free guidance. Shuffling is the D
 
 Randomness: with ``seed=None`` every item draws a fresh seed from torch's global generator (which the
 DataLoader seeds per worker and per epoch, and ``accelerate.utils.set_seed`` makes reproducible), so crops and
-degradations change every epoch. With an integer ``seed`` item ``i`` is always the same (validation, tests).
+degradations change every epoch. With an integer ``seed`` item ``i`` is always the same (validation, tests),
+unless ``set_epoch(epoch)`` was called: then item ``i`` of epoch ``e`` is a function of ``(seed, e, i)`` only,
+different every epoch yet independent of worker count, batch order and of batches skipped when a run resumes
+mid-epoch (the trainer's exact resume relies on it).
 """
 
 from __future__ import annotations
@@ -100,11 +103,18 @@ class _SRDataset(Dataset):
         self.null_prompt_ratio = null_prompt_ratio
         self.seed = seed
         self.random_flip = random_flip
+        self.epoch: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw epoch ``epoch``'s crops and degradations (with an integer seed; accelerate calls this too)."""
+        self.epoch = int(epoch)
 
     def _rng(self, index: int) -> np.random.Generator:
         if self.seed is None:
             return np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
-        return np.random.default_rng([self.seed, index])
+        if self.epoch is None:
+            return np.random.default_rng([self.seed, index])
+        return np.random.default_rng([self.seed, self.epoch, index])
 
     def _prompt(self, rng: np.random.Generator, *image_paths) -> str:
         prompt = read_tag_prompt(*image_paths)

@@ -24,7 +24,9 @@ What this file adds or changes:
   (latents) tile sizes; unlike SeeSR's VAEHook it normalises each tile on its own statistics;
 * the LR latent for ``start_point="lr"`` is sampled with the caller's generator (SeeSR's is unseeded);
 * SeeSR's RAM/DAPE tagger and its image cross-attention are not here yet: prompts can be given as embeddings
-  (``prompt_embeds``) so a tagger can plug in without touching the sampler.
+  (``prompt_embeds``) so a tagger can plug in without touching the sampler;
+* hand-set ControlNet schedules to compare the learned w(t) with (:func:`control_scale_schedule`): diffusers'
+  ``control_guidance_start/end`` window and SUPIR's control scale linear in the noise level.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from torch import nn
 
 from data.degradations import bicubic_upsample
 from models.timestep_adaptive import (
+    INJECTOR_FOLDER,
     MultiScaleInjector,
     load_injector,
     residual_levels_of,
@@ -117,8 +120,11 @@ def load_sd2_components(
     for model in (unet, vae, text_encoder):
         model.requires_grad_(False)
         model.eval()
-        if device is not None or dtype is not None:
-            model.to(device=device, dtype=dtype)
+        # Only what changes: diffusers warns on every .to(dtype=...) call, even a no-op one.
+        if device is not None:
+            model.to(device=device)
+        if dtype is not None and dtype != model.dtype:
+            model.to(dtype=dtype)
     return SD2Components(unet, vae, text_encoder, tokenizer, noise_scheduler)
 
 
@@ -130,15 +136,23 @@ def build_controlnet(unet: UNet2DConditionModel, conditioning_embedding_out_chan
     return ControlNetModel.from_unet(unet, conditioning_channels=3, **kwargs)
 
 
-def load_controlnet(checkpoint_dir: str | Path) -> ControlNetModel:
-    """The ControlNet saved in ``checkpoint_dir/controlnet/`` (diffusers format)."""
+def controlnet_folder(checkpoint_dir: str | Path) -> Path:
+    """The diffusers ControlNet folder of ``checkpoint-<step>/`` (its ``controlnet/``), or the folder itself."""
     checkpoint_dir = Path(checkpoint_dir)
     folder = checkpoint_dir / CONTROLNET_FOLDER
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(
-            f"Expected a ControlNet at {folder}/ (config.json + diffusion_pytorch_model.safetensors, as "
-            "train_seesr_timestep.py writes into checkpoint-<step>/), found none; pass a checkpoint-<step> folder."
-        )
+    if (folder / "config.json").is_file():
+        return folder
+    if (checkpoint_dir / "config.json").is_file() and checkpoint_dir.name != INJECTOR_FOLDER:
+        return checkpoint_dir  # a bare diffusers ControlNet folder (save_pretrained output)
+    raise CheckpointError(
+        f"Expected a ControlNet at {folder}/ (config.json + diffusion_pytorch_model.safetensors, as "
+        "train_seesr_timestep.py writes into checkpoint-<step>/), found none; pass a checkpoint-<step> folder."
+    )
+
+
+def load_controlnet(checkpoint_dir: str | Path) -> ControlNetModel:
+    """The ControlNet saved in ``checkpoint_dir/controlnet/`` (diffusers format) or in ``checkpoint_dir`` itself."""
+    folder = controlnet_folder(checkpoint_dir)
     import json
 
     config = json.loads((folder / "config.json").read_text())
@@ -173,7 +187,8 @@ def load_seesr_weights(checkpoint_dir: str | Path) -> tuple[ControlNetModel, Mul
         )
     controlnet = load_controlnet(checkpoint_dir)
     injector, messages = load_injector(checkpoint_dir, residual_levels=residual_levels_of(controlnet))
-    return controlnet, injector, [f"✓ ControlNet loaded from {checkpoint_dir / CONTROLNET_FOLDER}"] + messages
+    # The injector's lines first: the note's log shows them right under "Loading checkpoint from ...".
+    return controlnet, injector, messages + [f"✓ ControlNet loaded from {controlnet_folder(checkpoint_dir)}"]
 
 
 def set_gradient_checkpointing(enabled: bool, *models: nn.Module) -> None:
@@ -390,6 +405,50 @@ def vae_tiling(vae: AutoencoderKL, tile_pixels: int | None):
 
 # ------------------------------------------------------------------------------------------------ inference
 
+CONTROL_SCHEDULES = ("constant", "window", "linear")
+
+
+def control_scale_schedule(
+    scheduler: DDPMScheduler,
+    timesteps: torch.Tensor,
+    conditioning_scale: float = 1.0,
+    schedule: str = "constant",
+    guidance_start: float = 0.0,
+    guidance_end: float = 1.0,
+    scale_start: float = 0.0,
+) -> list[float]:
+    """The ControlNet scale at every sampling step: the hand-set schedules the injector is compared against.
+
+    * ``constant``: ``conditioning_scale`` at every step (SeeSR);
+    * ``window``: diffusers' ``control_guidance_start/end``: ``conditioning_scale`` for the steps ``i`` of ``N``
+      with ``i / N >= guidance_start`` and ``(i + 1) / N <= guidance_end``, 0 elsewhere;
+    * ``linear``: SUPIR's linear control scale, ``scale_start`` at the highest noise level and
+      ``conditioning_scale`` at none, linear in the noise level ``sigma_t = sqrt((1 - abar_t) / abar_t)``
+      relative to that of the last training timestep (SUPIR: ``sigma / sigma_max``).
+    """
+    if schedule not in CONTROL_SCHEDULES:
+        raise UserError(f"Expected --control_schedule {', '.join(CONTROL_SCHEDULES)}, found {schedule!r}.")
+    count = len(timesteps)
+    if schedule == "constant":
+        return [float(conditioning_scale)] * count
+    if schedule == "window":
+        if not 0.0 <= guidance_start < guidance_end <= 1.0:
+            raise UserError(
+                f"Expected 0 <= --control_guidance_start < --control_guidance_end <= 1, found {guidance_start} "
+                f"and {guidance_end}."
+            )
+        return [
+            0.0 if (i / count < guidance_start or (i + 1) / count > guidance_end) else float(conditioning_scale)
+            for i in range(count)
+        ]
+    alphas_cumprod = scheduler.alphas_cumprod.double()
+    sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+    sigma_max = float(sigmas[-1])
+    return [
+        float(conditioning_scale + (scale_start - conditioning_scale) * float(sigmas[t]) / sigma_max)
+        for t in timesteps.tolist()  # one device-to-host copy, before sampling starts
+    ]
+
 
 class SeeSRPipeline:
     """SeeSR sampling with the optional injector: the one inference path (infer.py, training previews, tests)."""
@@ -484,6 +543,10 @@ class SeeSRPipeline:
         generator: torch.Generator | None = None,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         progress_bar: bool = False,
+        control_schedule: str = "constant",
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
+        control_scale_start: float = 0.0,
     ) -> torch.Tensor:
         """Super-resolve ``lr_upsampled`` (``[B, 3, H, W]`` in [0, 1], H and W multiples of 8, already at the
         output size) and return ``[B, 3, H, W]`` in [0, 1] (float32, on the pipeline's device).
@@ -493,7 +556,9 @@ class SeeSRPipeline:
         text (a tagger's output, say). ``start_point``: ``"lr"`` (the LR latent noised to the first timestep,
         or ``lr_start_timestep``) or ``"noise"``. Latent tiles (``latent_tiled_size``/``overlap``, latent px)
         and VAE tiles (encoder: image px, decoder: latent px; ``None`` disables) bound the memory.
-        ``callback(step_index, timestep, latents)`` runs after every step.
+        ``callback(step_index, timestep, latents)`` runs after every step. ``control_schedule`` (with
+        ``control_guidance_start/end`` or ``control_scale_start``) varies the ControlNet scale over the steps
+        (:func:`control_scale_schedule`; the default keeps ``conditioning_scale`` throughout).
         """
         if start_point not in ("lr", "noise"):
             raise UserError(f"Expected --start_point lr or noise, found {start_point!r}.")
@@ -524,6 +589,10 @@ class SeeSRPipeline:
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
+        control_scales = control_scale_schedule(
+            self.scheduler, timesteps, conditioning_scale, control_schedule, control_guidance_start,
+            control_guidance_end, control_scale_start,
+        )
         latent_shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
         noise = randn_tensor(latent_shape, generator=generator, device=device, dtype=torch.float32)
         if start_point == "lr":
@@ -536,10 +605,10 @@ class SeeSRPipeline:
         else:
             latents = noise * self.scheduler.init_noise_sigma
 
-        def predict(latent_tiles, image_tiles, num_tiles, t):
+        def predict(latent_tiles, image_tiles, num_tiles, t, scale):
             tile_embeds = embeds.repeat(num_tiles, 1, 1) if num_tiles > 1 else embeds
             return predict_noise(
-                self.unet, self.controlnet, self.injector, latent_tiles, t, tile_embeds, image_tiles, conditioning_scale
+                self.unet, self.controlnet, self.injector, latent_tiles, t, tile_embeds, image_tiles, scale
             )
 
         steps = timesteps
@@ -551,7 +620,7 @@ class SeeSRPipeline:
             model_input = torch.cat([latents, latents]) if do_guidance else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
             noise_prediction = tiled_prediction(
-                lambda tiles, image_tiles, count: predict(tiles, image_tiles, count, t),
+                lambda tiles, image_tiles, count: predict(tiles, image_tiles, count, t, control_scales[index]),
                 model_input,
                 guidance_image,
                 latent_tiled_size,

@@ -60,7 +60,9 @@ GROUPINGS = ("tensor", "level")
 
 # The log lines the users' note promises; load_injector returns them as messages.
 MESSAGE_INJECTOR_LOADED = "✓ Multi-scale injector loaded"
-MESSAGE_TIMESTEP_WEIGHTS_LOADED = "✓ Timestep adaptive weights loaded"
+# Word for word as the note's log shows them (users compare logs), "(if applicable)" included; printed only when the
+# checkpoint has timestep weights.
+MESSAGE_TIMESTEP_WEIGHTS_LOADED = "✓ Timestep adaptive weights loaded (if applicable)"
 
 
 def controlnet_residual_levels(num_down_blocks: int = 4, layers_per_block: int = 2) -> list[int]:

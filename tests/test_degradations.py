@@ -146,6 +146,16 @@ def test_hr_folder_dataset(tmp_path):
     again = dataset[1]
     assert all(torch.equal(sample[key], again[key]) for key in ("lr_upsampled", "hr", "lr"))
 
+    # set_epoch: new crops and degradations every epoch, each a function of (seed, epoch, index) only.
+    dataset.set_epoch(3)
+    epoch_three = dataset[1]
+    assert not torch.equal(epoch_three["lr"], sample["lr"])
+    dataset.set_epoch(4)
+    dataset[0]
+    dataset.set_epoch(3)
+    assert torch.equal(dataset[1]["lr"], epoch_three["lr"])
+    dataset.epoch = None
+
     silent = HRFolderDegradedDataset(tmp_path / "hr", resolution=32, seed=5, null_prompt_ratio=1.0)
     assert silent[1]["prompt"] == ""
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=2, shuffle=True)))

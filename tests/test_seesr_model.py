@@ -9,6 +9,7 @@ from models.seesr import (
     build_controlnet,
     check_sd2_folder,
     compose_prompt,
+    control_scale_schedule,
     encode_prompts,
     gaussian_tile_weights,
     load_sd2_components,
@@ -390,6 +391,44 @@ def test_checkpoint_round_trip_and_old_checkpoint(stack, sd2_path, tmp_path):
 
     with pytest.raises(CheckpointError, match="Expected a ControlNet at"):
         load_seesr_weights(tmp_path)
+    # A bare diffusers ControlNet folder (save_pretrained output) loads too, without an injector.
+    bare, bare_injector, bare_messages = load_seesr_weights(new / "controlnet")
+    assert bare_injector is None and bare_messages[-1] == f"✓ ControlNet loaded from {new / 'controlnet'}"
+    assert torch.equal(bare.controlnet_mid_block.weight, controlnet.controlnet_mid_block.weight)
+
+
+def test_control_scale_schedules(stack):
+    components, _ = stack
+    scheduler = components.noise_scheduler
+    scheduler.set_timesteps(10)
+    timesteps = scheduler.timesteps  # 901, 801, ..., 1
+    assert control_scale_schedule(scheduler, timesteps, 0.8) == [0.8] * 10
+    # diffusers' control_guidance_start/end: a 0/1 window over the steps.
+    window = control_scale_schedule(scheduler, timesteps, 1.0, "window", 0.2, 0.7)
+    assert window == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    # SUPIR: scale_start at sigma_max, the full scale at sigma 0, linear in sigma_t = sqrt((1 - abar) / abar).
+    linear = control_scale_schedule(scheduler, timesteps, 1.0, "linear", scale_start=0.0)
+    abar = scheduler.alphas_cumprod.double()
+    sigma = lambda t: float(((1 - abar[t]) / abar[t]).sqrt())  # noqa: E731
+    assert linear[0] == pytest.approx(1.0 - sigma(901) / sigma(999))
+    assert linear[-1] == pytest.approx(1.0 - sigma(1) / sigma(999)) and linear[-1] > 0.99
+    assert all(a < b for a, b in zip(linear, linear[1:]))
+    with pytest.raises(UserError, match="control_guidance_start"):
+        control_scale_schedule(scheduler, timesteps, 1.0, "window", 0.5, 0.5)
+    with pytest.raises(UserError, match="control_schedule"):
+        control_scale_schedule(scheduler, timesteps, 1.0, "cosine")
+
+
+def test_window_schedule_off_is_the_plain_unet(stack):
+    components, _ = stack
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    kwargs = dict(num_inference_steps=2, guidance_scale=1.0, align_method="nofix", start_point="noise")
+    # A window that shuts the ControlNet off at every step gives the same result as a zero conditioning scale.
+    off = make_pipeline(stack)(image, control_schedule="window", control_guidance_start=0.0,
+                               control_guidance_end=0.1, generator=torch.Generator().manual_seed(0), **kwargs)
+    zero = make_pipeline(stack)(image, conditioning_scale=0.0, generator=torch.Generator().manual_seed(0), **kwargs)
+    on = make_pipeline(stack)(image, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert torch.equal(off, zero) and not torch.equal(off, on)
 
 
 def test_prepare_and_super_resolve_image(stack):

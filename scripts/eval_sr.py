@@ -1,0 +1,225 @@
+"""Score super-resolved images against ground truth: PSNR and SSIM on the Y channel, LPIPS when its weights exist.
+
+    python scripts/eval_sr.py --results results/timestep_multiscale --gt preset/datasets/test_datasets/DIV2K/HR
+    python scripts/eval_sr.py --results results/baseline --gt GT --crop_border 4 --lpips_weights weights/v0.1/alex.pth
+
+Files are matched by name stem (``results/x/0801.png`` with ``GT/0801.png``); a result without a ground truth is an
+error, ground truths without a result are listed and skipped. Writes one row per image to ``--csv`` (default
+``<results>/metrics.csv``) and prints the means.
+
+* PSNR / SSIM: BasicSR's definitions (``utils/metrics.py``): 8-bit, BT.601 Y channel (``--rgb`` for RGB),
+  ``--crop_border`` pixels removed on each side (default 4, the usual x4 setting).
+* LPIPS (Zhang et al., CVPR 2018, https://github.com/richzhang/PerceptualSimilarity, version 0.1 with AlexNet, the
+  setting SeeSR reports, as pyiqa computes it): RGB in [-1, 1], whole image, no border crop. Implemented here on
+  torchvision's AlexNet, so the ``lpips`` package is not needed; its two weight files must be on disk (nothing is
+  downloaded): ``--lpips_weights`` the linear heads (``lpips/weights/v0.1/alex.pth`` from the lpips package or
+  repository; found automatically when ``pip install lpips`` is installed) and ``--lpips_backbone`` torchvision's
+  ImageNet AlexNet (default: torch hub's cache, ``alexnet-owt-7be5be79.pth``). Without them LPIPS is skipped with
+  a note.
+
+Results are only comparable with published numbers when the data set, the crop and these settings are the same;
+say which in any table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from utils.errors import CheckpointError, DataError, UserError, run_cli  # noqa: E402
+
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+LPIPS_CHANNELS = (64, 192, 384, 256, 256)
+MAX_SIZE_MISMATCH = 8  # px: SR of an LR whose side was floored by the scale can miss a few GT pixels
+
+
+class LPIPSAlex(nn.Module):
+    """LPIPS v0.1 with AlexNet: unit-normalised features of 5 ReLU layers, squared differences, 1x1 linear heads,
+    spatial mean, summed over layers (Zhang et al. 2018, ``lpips/lpips.py``)."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models import alexnet
+
+        self.backbone = alexnet(weights=None)
+        features = self.backbone.features
+        # conv-relu (64) | pool-conv-relu (192) | pool-conv-relu (384) | conv-relu (256) | conv-relu (256)
+        self.slices = [features[0:2], features[2:5], features[5:8], features[8:10], features[10:12]]
+        self.lins = nn.ModuleList(nn.Conv2d(channels, 1, 1, bias=False) for channels in LPIPS_CHANNELS)
+        # The "ScalingLayer" of LPIPS v0.1: inputs in [-1, 1] to ImageNet-normalised ones.
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+        self.eval().requires_grad_(False)
+
+    def load_weights(self, heads: dict[str, torch.Tensor], backbone: dict[str, torch.Tensor]) -> None:
+        """``heads``: lpips' ``alex.pth`` (``lin<k>.model.<i>.weight``); ``backbone``: torchvision's AlexNet."""
+        self.backbone.load_state_dict(backbone)
+        for index, lin in enumerate(self.lins):
+            keys = [key for key in heads if key.startswith(f"lin{index}.") and key.endswith(".weight")]
+            if len(keys) != 1 or heads[keys[0]].shape != lin.weight.shape:
+                raise CheckpointError(
+                    f"Expected one lin{index}.model.*.weight of shape {list(lin.weight.shape)} in the LPIPS weights "
+                    f"(lpips/weights/v0.1/alex.pth), found {keys or 'none'}."
+                )
+            lin.weight.data.copy_(heads[keys[0]])
+
+    @torch.no_grad()
+    def forward(self, image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """LPIPS distance per image of two ``[B, 3, H, W]`` batches in [-1, 1]."""
+        x, y = (image - self.shift) / self.scale, (reference - self.shift) / self.scale
+        total = torch.zeros(image.shape[0], device=image.device)
+        for layer, lin in zip(self.slices, self.lins):
+            x, y = layer(x), layer(y)
+            x_unit = x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            y_unit = y / (y.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            total += lin((x_unit - y_unit) ** 2).mean(dim=(1, 2, 3))
+        return total
+
+
+def default_lpips_paths() -> tuple[Path | None, Path]:
+    """Where the LPIPS heads (an installed lpips package) and torchvision's AlexNet (torch hub cache) would be."""
+    heads = None
+    spec = importlib.util.find_spec("lpips")
+    if spec is not None and spec.origin:
+        heads = Path(spec.origin).parent / "weights" / "v0.1" / "alex.pth"
+    return heads, Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
+
+
+def load_lpips(weights: str | None, backbone: str | None, device: torch.device) -> tuple[LPIPSAlex | None, str]:
+    """The LPIPS network, or None and the reason it is skipped. Explicitly named files must exist."""
+    from utils.checkpoint import load_state_file
+
+    default_heads, default_backbone = default_lpips_paths()
+    for flag, given in (("--lpips_weights", weights), ("--lpips_backbone", backbone)):
+        if given and not Path(given).is_file():
+            raise UserError(f"{flag} {given} does not exist; pass the file or leave the flag out to skip LPIPS.")
+    heads_path = Path(weights) if weights else default_heads
+    backbone_path = Path(backbone) if backbone else default_backbone
+    if heads_path is None or not heads_path.is_file():
+        return None, ("LPIPS skipped: no linear-head weights (pass --lpips_weights lpips/weights/v0.1/alex.pth, or "
+                      "install the lpips package)")
+    if not backbone_path.is_file():
+        return None, (f"LPIPS skipped: no AlexNet weights at {backbone_path} (pass --lpips_backbone "
+                      f"{ALEXNET_FILE})")
+    model = LPIPSAlex()
+    model.load_weights(load_state_file(heads_path), load_state_file(backbone_path))
+    return model.to(device), f"LPIPS (v0.1, AlexNet): heads {heads_path}, backbone {backbone_path}"
+
+
+def match_by_stem(results_dir: Path, gt_dir: Path) -> tuple[list[tuple[str, Path, Path]], list[str]]:
+    """``[(stem, result, gt)]`` sorted by stem, and the stems of ground truths without a result."""
+    from utils.images import list_images
+
+    found = {}
+    for what, folder in (("--results", results_dir), ("--gt", gt_dir)):
+        if not folder.is_dir():
+            raise DataError(f"{what} {folder} does not exist; pass a folder of images.")
+        files = list_images(folder, recursive=False)
+        if not files:
+            raise DataError(f"{what} {folder} holds no images.")
+        by_stem = {}
+        for path in files:
+            if path.stem in by_stem:
+                raise DataError(f"Two images in {folder} share the stem {path.stem!r}: {by_stem[path.stem].name}, {path.name}.")
+            by_stem[path.stem] = path
+        found[what] = by_stem
+    results, gts = found["--results"], found["--gt"]
+    orphans = sorted(set(results) - set(gts))
+    if orphans:
+        raise DataError(
+            f"No ground truth in {gt_dir} for {len(orphans)} result(s): {', '.join(orphans[:5])}"
+            f"{' ...' if len(orphans) > 5 else ''}; files are matched by name stem."
+        )
+    return [(stem, results[stem], gts[stem]) for stem in sorted(results)], sorted(set(gts) - set(results))
+
+
+def evaluate(pairs, crop_border: int, test_y_channel: bool, lpips_model, device) -> list[dict]:
+    from utils.images import load_rgb, pil_to_tensor
+    from utils.metrics import calculate_psnr, calculate_ssim
+
+    rows = []
+    for stem, result_path, gt_path in pairs:
+        result = pil_to_tensor(load_rgb(result_path), (0.0, 1.0))
+        gt = pil_to_tensor(load_rgb(gt_path), (0.0, 1.0))
+        note = ""
+        if result.shape != gt.shape:
+            (rh, rw), (gh, gw) = result.shape[-2:], gt.shape[-2:]
+            if abs(rh - gh) > MAX_SIZE_MISMATCH or abs(rw - gw) > MAX_SIZE_MISMATCH:
+                raise DataError(
+                    f"{result_path} is {rw}x{rh} px but its ground truth {gt_path} is {gw}x{gh} px; super-resolve "
+                    "with the --upscale that produced the LR images."
+                )
+            height, width = min(rh, gh), min(rw, gw)
+            result, gt = result[:, :height, :width], gt[:, :height, :width]
+            note = f"cropped to {width}x{height}"
+        row = {
+            "image": stem,
+            "psnr": calculate_psnr(result, gt, crop_border, test_y_channel),
+            "ssim": calculate_ssim(result, gt, crop_border, test_y_channel),
+        }
+        if lpips_model is not None:
+            row["lpips"] = float(lpips_model(result[None].to(device) * 2 - 1, gt[None].to(device) * 2 - 1)[0])
+        row["note"] = note
+        rows.append(row)
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", required=True, help="folder of super-resolved images")
+    parser.add_argument("--gt", required=True, help="folder of ground-truth HR images (matched by name stem)")
+    parser.add_argument("--crop_border", type=int, default=4,
+                        help="pixels removed from each side before PSNR/SSIM (default 4, the usual x4 setting)")
+    parser.add_argument("--rgb", action="store_true", help="PSNR/SSIM on RGB instead of the Y channel")
+    parser.add_argument("--lpips_weights", default=None,
+                        help="LPIPS linear heads, lpips/weights/v0.1/alex.pth (default: from an installed lpips package)")
+    parser.add_argument("--lpips_backbone", default=None,
+                        help=f"torchvision ImageNet AlexNet weights (default: torch hub cache, {ALEXNET_FILE})")
+    parser.add_argument("--csv", default=None, help="per-image metrics file (default <results>/metrics.csv)")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="for LPIPS (default auto)")
+    args = parser.parse_args(argv)
+    if args.crop_border < 0:
+        parser.error("--crop_border cannot be negative")
+    return args
+
+
+def main(args: argparse.Namespace) -> dict:
+    from utils.accelerator import resolve_device
+
+    device = resolve_device(args.device)
+    pairs, unscored = match_by_stem(Path(args.results), Path(args.gt))
+    lpips_model, lpips_note = load_lpips(args.lpips_weights, args.lpips_backbone, device)
+    print(lpips_note)
+    if unscored:
+        print(f"{len(unscored)} ground truth(s) without a result, not scored: {', '.join(unscored[:5])}"
+              f"{' ...' if len(unscored) > 5 else ''}")
+    rows = evaluate(pairs, args.crop_border, not args.rgb, lpips_model, device)
+    metrics = ["psnr", "ssim"] + (["lpips"] if lpips_model is not None else [])
+    means = {name: sum(row[name] for row in rows) / len(rows) for name in metrics}
+    csv_path = Path(args.csv) if args.csv else Path(args.results) / "metrics.csv"
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image"] + metrics + ["note"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: (f"{value:.6f}" if isinstance(value, float) else value) for key, value in row.items()})
+        writer.writerow({"image": "mean", **{name: f"{means[name]:.6f}" for name in metrics}, "note": ""})
+    channel = "RGB" if args.rgb else "Y"
+    summary = f"{len(rows)} images ({channel}, border {args.crop_border} px): PSNR {means['psnr']:.3f} dB, SSIM {means['ssim']:.4f}"
+    if lpips_model is not None:
+        summary += f", LPIPS {means['lpips']:.4f}"
+    print(summary)
+    print(f"per image: {csv_path}")
+    return {"rows": rows, "means": means, "csv": csv_path, "lpips": lpips_model is not None}
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_args()))

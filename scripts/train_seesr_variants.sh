@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Train the three SeeSR variants the users compare, one after the other, on a GPU server:
+#   baseline             plain SeeSR ControlNet
+#   timestep_only        ControlNet residuals * w(t)
+#   timestep_multiscale  ControlNet residuals * s[level] * w(t)
+# into experience/<variant>/checkpoint-<step>/. Re-running the script resumes every variant from its newest checkpoint.
+#
+#   bash scripts/train_seesr_variants.sh
+#   GPUS=0,1,2,3 DATA=datasets/DIV2K_HR bash scripts/train_seesr_variants.sh
+#   VARIANTS="timestep_multiscale" EXTRA="--timestep_weights mlp --max_train_steps 20000" bash scripts/train_seesr_variants.sh
+#   LR_DIR=datasets/pairs/LR DATA=datasets/pairs/HR bash scripts/train_seesr_variants.sh     # prepared LR/HR pairs
+#
+# Environment: SD2 (the SD2 base diffusers folder), DATA (HR images, degraded on the fly; or the HR half of prepared
+# pairs with LR_DIR), VARIANTS, GPUS (comma-separated ids, default all visible), CONFIG (shared settings, default
+# configs/seesr_sd2_base.yaml), EXPERIENCE (root of the run folders), EXTRA (more flags for every variant).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SD2=${SD2:-preset/models/stable-diffusion-2-base}
+DATA=${DATA:-preset/datasets/train_datasets/HR}
+LR_DIR=${LR_DIR:-}
+VARIANTS=${VARIANTS:-"baseline timestep_only timestep_multiscale"}
+CONFIG=${CONFIG:-configs/seesr_sd2_base.yaml}
+EXPERIENCE=${EXPERIENCE:-experience}
+EXTRA=${EXTRA:-}
+PYTHON=${PYTHON:-python}
+
+if [ -n "${GPUS:-}" ]; then
+    export CUDA_VISIBLE_DEVICES=$GPUS
+fi
+NUM_GPUS=$($PYTHON -c "import torch; print(max(1, torch.cuda.device_count()))")
+LAUNCH=(accelerate launch --num_processes "$NUM_GPUS" --num_machines 1 --dynamo_backend no)
+if [ "$NUM_GPUS" -gt 1 ]; then
+    LAUNCH+=(--multi_gpu)
+fi
+if [ -n "$LR_DIR" ]; then
+    DATA_FLAGS=(--lr_dir "$LR_DIR" --hr_dir "$DATA")
+else
+    DATA_FLAGS=(--train_data_dir "$DATA")
+fi
+
+for variant in $VARIANTS; do
+    echo "=== $variant: $NUM_GPUS process(es) -> $EXPERIENCE/$variant"
+    # shellcheck disable=SC2086  # EXTRA is a list of flags
+    "${LAUNCH[@]}" train_seesr_timestep.py --config "$CONFIG" --pretrained_model_path "$SD2" "${DATA_FLAGS[@]}" \
+        --injector "$variant" --output_dir "$EXPERIENCE/$variant" --resume_from_checkpoint latest $EXTRA
+done

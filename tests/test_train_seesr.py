@@ -1,0 +1,423 @@
+"""train_seesr_timestep.py, infer.py seesr and the SeeSR tools end to end on a tiny SD2-layout folder."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import infer
+import train_seesr_timestep as train
+from tests.sd2_tiny import build_tiny_sd2
+from utils.errors import CheckpointError, UserError, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # The test machine's 2 cores are shared; oversubscribed intra-op threads make tiny ops 10-100x slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny SD2 folder (light attention: 512 px sampling in seconds), 8 HR images, 2 LR test images."""
+    from data.demo_data import build_demo_image_folder
+
+    root = tmp_path_factory.mktemp("seesr")
+    sd2 = build_tiny_sd2(root / "preset/models/stable-diffusion-2-base", light_attention=True)
+    hr = build_demo_image_folder(root / "HR", size=64, count=8, seed=0)
+    first = sorted(hr.rglob("*.png"))[0]
+    first.with_suffix(".txt").write_text("cat, grass")
+    lr = root / "LR"
+    lr.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(lr / "image_001.png")
+    Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(lr / "image_002.png")
+    (lr / "image_001.txt").write_text("a red wall")
+    return {"root": root, "sd2": sd2, "hr": hr, "lr": lr}
+
+
+def tiny_args(workspace, output_dir, *extra):
+    return train.parse_args([
+        "--pretrained_model_path", str(workspace["sd2"]), "--train_data_dir", str(workspace["hr"]),
+        "--output_dir", str(output_dir), "--resolution", "64", "--train_batch_size", "2",
+        "--conditioning_embedding_channels", "4", "8", "8", "8", "--lr_warmup_steps", "0", "--logging_steps", "1",
+        "--num_validation_images", "1", "--validation_num_inference_steps", "2", "--device", "cpu", *extra,
+    ])
+
+
+VARIANTS = {
+    "baseline": ["--injector", "baseline"],
+    "timestep_only": ["--injector", "timestep_only", "--timestep_weights", "mlp"],
+    "timestep_multiscale": ["--injector", "timestep_multiscale", "--timestep_weights", "table"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(workspace):
+    """Two steps of each variant, a checkpoint every step, only the newest kept."""
+    results = {}
+    for name, flags in VARIANTS.items():
+        output = workspace["root"] / "experience" / name
+        results[name] = train.main(tiny_args(
+            workspace, output, *flags, "--max_train_steps", "2", "--checkpointing_steps", "1",
+            "--checkpoints_total_limit", "1", "--validation_steps", "2",
+        ))
+    return results
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+ACCELERATE_STATE = {"optimizer.bin", "scheduler.bin", "random_states_0.pkl", "training_state.json"}
+CONTROLNET_FILES = {"controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors"}
+INJECTOR_FILES = {f"multi_scale_injector/{name}" for name in ("config.json", "model.safetensors", "pytorch_model.bin")}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_checkpoint_layout_keys_and_limit(runs, workspace, name):
+    result = runs[name]
+    run = workspace["root"] / "experience" / name
+    assert result["step"] == 2 and [p.name for p in result["checkpoints"]] == ["checkpoint-2"]  # limit 1 honoured
+    assert not (run / "checkpoint-1").exists() and not list(run.glob(".checkpoint-*"))  # no temporary folders left
+    assert {"args.yaml", "train.log", "loss_curve.png", "validation/step_000002.png"} <= files_under(run)
+    checkpoint = run / "checkpoint-2"
+    expected = CONTROLNET_FILES | ACCELERATE_STATE | (set() if name == "baseline" else INJECTOR_FILES)
+    assert files_under(checkpoint) == expected  # nothing of the frozen SD2 UNet, VAE or text encoder
+
+    controlnet = load_file(checkpoint / "controlnet/diffusion_pytorch_model.safetensors")
+    assert any(key.startswith("controlnet_cond_embedding.") for key in controlnet)
+    assert "controlnet_mid_block.weight" in controlnet and not any(key.startswith("up_blocks.") for key in controlnet)
+    initial_zero_conv = controlnet["controlnet_mid_block.weight"]
+    assert initial_zero_conv.abs().sum() > 0  # trained away from the zero initialisation
+
+    if name == "baseline":
+        assert (run / "validation").is_dir() and not list((run / "validation").glob("timestep_weights_*"))
+        return
+    safetensors_state = load_file(checkpoint / "multi_scale_injector/model.safetensors")
+    bin_state = torch.load(checkpoint / "multi_scale_injector/pytorch_model.bin", weights_only=True)
+    assert set(bin_state) == set(safetensors_state)
+    assert all(torch.equal(bin_state[key], safetensors_state[key]) for key in bin_state)
+    if name == "timestep_only":
+        assert set(bin_state) == {f"timestep_weights.mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+        assert bin_state["timestep_weights.mlp.2.weight"].abs().sum() > 0  # left its zero initialisation
+    else:
+        assert set(bin_state) == {"scale_weights.weights", "timestep_weights.table"}
+        assert bin_state["scale_weights.weights"].shape == (5,)  # 4 levels + mid
+        assert bin_state["timestep_weights.table"].shape == (1000, 1)
+        assert not torch.equal(bin_state["scale_weights.weights"], torch.ones(5))
+        assert (run / "validation/timestep_weights_step_000002.png").is_file()
+    log = (run / "train.log").read_text()
+    assert "step 2: saved" in log and "removed" in log and "checkpoints_total_limit 1" in log
+    assert ("injector s = [" in log) == (name == "timestep_multiscale")  # the w(t) and s summary at validation
+
+
+def test_injector_only_training_keeps_the_controlnet(runs, workspace):
+    baseline = workspace["root"] / "experience/baseline/checkpoint-2"
+    output = workspace["root"] / "experience/injector_only"
+    result = train.main(tiny_args(
+        workspace, output, "--injector", "timestep_multiscale", "--train_injector_only", "--controlnet_model_path",
+        str(baseline), "--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_steps", "0",
+        "--gradient_accumulation_steps", "2",
+    ))
+    checkpoint = result["checkpoints"][-1]
+    assert files_under(checkpoint) == CONTROLNET_FILES | ACCELERATE_STATE | INJECTOR_FILES
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    assert (state["step"], state["micro_step"], state["batches_in_epoch"]) == (2, 4, 4)  # 2 steps of 2 batches
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):  # the frozen ControlNet, byte for byte
+        assert (checkpoint / "controlnet" / name).read_bytes() == (baseline / "controlnet" / name).read_bytes()
+    injector = load_file(checkpoint / "multi_scale_injector/model.safetensors")
+    assert not torch.equal(injector["scale_weights.weights"], torch.ones(5))
+    with pytest.raises(SystemExit):  # refused at parse time: nothing to freeze
+        tiny_args(workspace, output, "--train_injector_only")
+
+
+def test_resume_latest_continues_exactly(workspace):
+    root = workspace["root"] / "resume"
+    flags = ["--injector", "timestep_multiscale", "--checkpointing_steps", "2", "--validation_steps", "0"]
+    straight = train.main(tiny_args(workspace, root / "straight", *flags, "--max_train_steps", "5"))
+    first = train.main(tiny_args(workspace, root / "paused", *flags, "--max_train_steps", "2"))
+    assert first["step"] == 2 and first["resumed_from"] is None
+    resumed = train.main(tiny_args(workspace, root / "paused", *flags, "--max_train_steps", "5",
+                                   "--resume_from_checkpoint", "latest"))
+    assert resumed["resumed_from"].name == "checkpoint-2" and resumed["step"] == 5
+    # 8 images in batches of 2: the pause fell mid-epoch; same data, noise and optimiser state afterwards.
+    assert [p.name for p in resumed["checkpoints"]] == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
+    np.testing.assert_allclose([loss for _, loss in resumed["history"]],
+                               [loss for _, loss in straight["history"]], rtol=1e-5)
+    for folder in ("controlnet/diffusion_pytorch_model.safetensors", "multi_scale_injector/model.safetensors"):
+        a = load_file(root / "straight/checkpoint-5" / folder)
+        b = load_file(root / "paused/checkpoint-5" / folder)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7)
+    with pytest.raises(CheckpointError, match="was trained with --injector timestep_multiscale, not timestep_only"):
+        train.main(tiny_args(workspace, root / "paused", "--injector", "timestep_only", "--max_train_steps", "6",
+                             "--resume_from_checkpoint", "latest", "--validation_steps", "0"))
+
+
+def spec_command(workspace, checkpoint, output_dir, *overrides):
+    """The spec's inference command line, with the paths of this test."""
+    return infer.parse_args([
+        "seesr",
+        "--pretrained_model_path", str(workspace["sd2"]),
+        "--prompt", "",
+        "--seesr_model_path", str(checkpoint),
+        "--image_path", str(workspace["lr"]),
+        "--output_dir", str(output_dir),
+        "--start_point", "lr",
+        "--num_inference_steps", "50",
+        "--guidance_scale", "5.5",
+        "--process_size", "512",
+        *overrides,
+    ])
+
+
+def test_spec_command_as_written(runs, workspace, capsys):
+    checkpoint = workspace["root"] / "experience/timestep_multiscale/checkpoint-2"
+    single = workspace["root"] / "LR_single"
+    single.mkdir()
+    (single / "image_001.png").write_bytes((workspace["lr"] / "image_001.png").read_bytes())
+    args = spec_command(workspace, checkpoint, workspace["root"] / "results_spec/timestep_multiscale")
+    args.image_path = str(single)  # one image: 50 steps at 512 px
+    result = infer.main(args)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == [  # the note's log, word for word
+        f"Loading checkpoint from {checkpoint}",
+        "✓ Multi-scale injector loaded",
+        "✓ Timestep adaptive weights loaded (if applicable)",
+    ]
+    assert f"✓ ControlNet loaded from {checkpoint / 'controlnet'}" in lines[3:5]
+    [output] = result["written"]
+    assert output.name == "image_001.png" and Image.open(output).size == (40, 48)  # 4x the 10x12 input
+
+
+@pytest.fixture(scope="module")
+def inferred(runs, workspace):
+    """The spec's command from each variant's checkpoint (2 steps at a 64 px process size)."""
+    outputs = {}
+    for name in VARIANTS:
+        checkpoint = workspace["root"] / "experience" / name / "checkpoint-2"
+        args = spec_command(workspace, checkpoint, workspace["root"] / "results" / name,
+                            "--num_inference_steps", "2", "--process_size", "64")
+        outputs[name] = infer.main(args)
+    return outputs
+
+
+def test_inference_from_each_checkpoint(inferred, workspace):
+    for name, result in inferred.items():
+        assert [p.name for p in result["written"]] == ["image_001.png", "image_002.png"]
+        sizes = [Image.open(p).size for p in result["written"]]
+        assert sizes == [(40, 48), (36, 36)]
+        messages = result["messages"]
+        if name == "baseline":  # a checkpoint without the injector: standard SeeSR inference
+            assert messages[1].startswith("No multi_scale_injector/ in") and "identity" in messages[1]
+            assert not any(m.startswith("✓ Multi-scale") for m in messages)
+        else:
+            assert messages[1:3] == ["✓ Multi-scale injector loaded", "✓ Timestep adaptive weights loaded (if applicable)"]
+    baseline = np.asarray(Image.open(inferred["baseline"]["written"][0]))
+    multiscale = np.asarray(Image.open(inferred["timestep_multiscale"]["written"][0]))
+    assert not np.array_equal(baseline, multiscale)
+
+
+def test_run_folder_picks_its_newest_checkpoint_and_tags_are_prompts(runs, workspace, capsys):
+    run = workspace["root"] / "experience/timestep_only"
+    args = spec_command(workspace, run, workspace["root"] / "results_run", "--num_inference_steps", "2",
+                        "--process_size", "64", "--seed", "3")
+    result = infer.main(args)
+    assert result["checkpoint"] == run / "checkpoint-2"
+    assert "is a run folder: using its newest checkpoint checkpoint-2" in capsys.readouterr().out
+    # The tag file beside image_001.png is its prompt: without it the result changes.
+    (workspace["lr"] / "image_001.txt").rename(workspace["lr"] / "image_001.tags")
+    try:
+        untagged = infer.main(spec_command(workspace, run, workspace["root"] / "results_untagged",
+                                           "--num_inference_steps", "2", "--process_size", "64", "--seed", "3"))
+    finally:
+        (workspace["lr"] / "image_001.tags").rename(workspace["lr"] / "image_001.txt")
+    tagged_pixels = np.asarray(Image.open(result["written"][0]))
+    assert not np.array_equal(tagged_pixels, np.asarray(Image.open(untagged["written"][0])))
+    assert np.array_equal(np.asarray(Image.open(result["written"][1])), np.asarray(Image.open(untagged["written"][1])))
+
+
+def test_plot_and_inspect_tools(runs, workspace, tmp_path, capsys):
+    from scripts import inspect_checkpoint, plot_timestep_weights
+
+    checkpoint = workspace["root"] / "experience/timestep_multiscale/checkpoint-2"
+    png = plot_timestep_weights.main(plot_timestep_weights.parse_args(
+        ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "timestep_weights_visualization.png")]))
+    assert Image.open(png).size[0] > 1000  # two panels: w(t) and s * w(t)
+    report = inspect_checkpoint.main(inspect_checkpoint.parse_args([str(checkpoint)]))
+    assert report["controlnet"] and report["variant"] == "timestep_multiscale"
+    assert report["injector_keys"] == ["scale_weights.weights", "timestep_weights.table"]
+    out = capsys.readouterr().out
+    assert "scale_weights.weights" in out and "[1000, 1]" in out and "Training state: step 2" in out
+
+    baseline = workspace["root"] / "experience/baseline/checkpoint-2"
+    report = inspect_checkpoint.main(inspect_checkpoint.parse_args([str(baseline)]))
+    assert report["controlnet"] and report["injector_keys"] == [] and report["variant"] is None
+    assert "Injector: none" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="no multi_scale_injector"):
+        plot_timestep_weights.main(plot_timestep_weights.parse_args(["--checkpoint", str(baseline)]))
+    bin_file = checkpoint / "multi_scale_injector/pytorch_model.bin"
+    report = inspect_checkpoint.main(inspect_checkpoint.parse_args([str(bin_file)]))
+    assert report["injector_keys"] == ["scale_weights.weights", "timestep_weights.table"]
+
+
+def test_comparison_grid_labels_runs(inferred, workspace, tmp_path, monkeypatch):
+    from utils import create_comparison_grid as grid_tool
+
+    monkeypatch.chdir(workspace["root"])
+    output = tmp_path / "comparison.png"
+    grid_tool.main(grid_tool.parse_args(["--inputs", "results/*/image_001.png", "--output", str(output)]))
+    image = Image.open(output)
+    # Three tiles (the 40x48 outputs letterboxed, widened to fit the longest label) with 2 px padding, captions below.
+    side = grid_tool.label_width(["baseline", "timestep_multiscale", "timestep_only"])
+    assert side > 48 and image.width == 3 * (side + 2) + 2 and image.height > side + 4
+    paths = grid_tool.expand_inputs(["results/*/image_001.png"])
+    assert [p.parent.name for p in paths] == ["baseline", "timestep_multiscale", "timestep_only"]
+    with pytest.raises(UserError, match="2 labels for 3 images"):
+        grid_tool.create_comparison_grid(paths, output, labels=["a", "b"])
+    tile = grid_tool.letterbox(torch.zeros(3, 10, 20), 40)  # wide image: white bars above and below
+    assert tile.shape == (3, 40, 40) and tile[:, :10].min() == 1.0 and tile[:, 15:25].max() == 0.0
+
+
+def test_eval_sr_metrics_csv_and_lpips(tmp_path, capsys, monkeypatch):
+    from scripts import eval_sr
+    from utils.metrics import calculate_psnr, calculate_ssim
+
+    # Whatever this machine has installed or cached: no LPIPS weights unless named.
+    monkeypatch.setattr(eval_sr, "default_lpips_paths", lambda: (None, tmp_path / "no-alexnet.pth"))
+
+    rng = np.random.default_rng(1)
+    gt_dir, sr_dir = tmp_path / "gt", tmp_path / "sr"
+    gt_dir.mkdir()
+    sr_dir.mkdir()
+    for index in range(2):
+        gt = rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)
+        sr = np.clip(gt.astype(int) + rng.integers(-20, 21, gt.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(gt).save(gt_dir / f"{index:04d}.png")
+        Image.fromarray(sr).save(sr_dir / f"{index:04d}.png")
+    Image.fromarray(gt).save(gt_dir / "unscored.png")
+    report = eval_sr.main(eval_sr.parse_args(["--results", str(sr_dir), "--gt", str(gt_dir), "--device", "cpu"]))
+    out = capsys.readouterr().out
+    assert not report["lpips"] and "LPIPS skipped" in out and "unscored" in out
+    expected = calculate_psnr(np.asarray(Image.open(sr_dir / "0001.png")), np.asarray(Image.open(gt_dir / "0001.png")),
+                              crop_border=4, test_y_channel=True)
+    assert report["rows"][1]["psnr"] == pytest.approx(expected)
+    rows = list(csv.DictReader(open(report["csv"])))
+    assert [row["image"] for row in rows] == ["0000", "0001", "mean"]
+    assert float(rows[-1]["ssim"]) == pytest.approx(np.mean([r["ssim"] for r in report["rows"]]), abs=1e-6)
+    assert report["rows"][0]["ssim"] == pytest.approx(calculate_ssim(
+        np.asarray(Image.open(sr_dir / "0000.png")), np.asarray(Image.open(gt_dir / "0000.png")), 4, True))
+
+    # LPIPS from weight files in the lpips / torchvision formats (random values: structure, not calibration).
+    from torchvision.models import alexnet
+
+    torch.save(alexnet(weights=None).state_dict(), tmp_path / "alexnet-owt-7be5be79.pth")
+    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(eval_sr.LPIPS_CHANNELS)}
+    torch.save(heads, tmp_path / "alex.pth")
+    report = eval_sr.main(eval_sr.parse_args([
+        "--results", str(sr_dir), "--gt", str(gt_dir), "--device", "cpu", "--csv", str(tmp_path / "m.csv"),
+        "--lpips_weights", str(tmp_path / "alex.pth"), "--lpips_backbone", str(tmp_path / "alexnet-owt-7be5be79.pth"),
+    ]))
+    assert report["lpips"] and all(row["lpips"] > 0 for row in report["rows"])
+    model, _ = eval_sr.load_lpips(str(tmp_path / "alex.pth"), str(tmp_path / "alexnet-owt-7be5be79.pth"), "cpu")
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert model(image, image).item() == 0.0
+
+    (sr_dir / "orphan.png").write_bytes((sr_dir / "0000.png").read_bytes())
+    with pytest.raises(UserError, match="No ground truth .* for 1 result"):
+        eval_sr.main(eval_sr.parse_args(["--results", str(sr_dir), "--gt", str(gt_dir)]))
+
+
+def test_user_errors_are_one_line(workspace, tmp_path, capsys):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "train_seesr_timestep.py", "--pretrained_model_path", str(tmp_path / "missing-sd2"),
+         "--train_data_dir", str(workspace["hr"]), "--output_dir", str(tmp_path / "run")],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --pretrained_model_path")
+    assert "missing-sd2 does not exist; expected a diffusers Stable Diffusion 2 base folder" in lines[0]
+
+    for argv, fragment in (
+        (["--image_path", str(tmp_path / "nothing")], "--image_path"),
+        (["--seesr_model_path", str(tmp_path / "no-checkpoint")], "does not exist"),
+    ):
+        args = spec_command(workspace, workspace["root"] / "experience/baseline/checkpoint-2", tmp_path / "out")
+        for flag, value in zip(argv[::2], argv[1::2]):
+            setattr(args, flag.lstrip("-"), value)
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(lambda: infer.main(args))
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and error[0].startswith("error: ") and fragment in error[0]
+
+
+def test_presets_and_scripts_parse():
+    args = train.parse_args(["--config", str(ROOT / "configs/seesr_sd2_base.yaml"), "--train_data_dir", "HR",
+                             "--injector", "baseline"])
+    assert args.learning_rate == 5e-5 and args.gradient_checkpointing and args.injector == "baseline"
+    assert args.pretrained_model_path == "preset/models/stable-diffusion-2-base" and args.max_train_steps == 100000
+    tiny = train.parse_args(["--config", str(ROOT / "configs/seesr_tiny.yaml")])
+    assert tiny.conditioning_embedding_channels == [4, 8, 8, 8] and tiny.injector == "timestep_multiscale"
+    for script in ("train_seesr_variants.sh", "compare_seesr_variants.sh"):
+        assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)]).returncode == 0
+
+
+@pytest.mark.slow
+def test_two_processes_through_torchrun(workspace, tmp_path):
+    """DDP on two CPU processes (gloo): ControlNet and injector wrapped, one checkpoint folder, RNG per rank."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "train_seesr_timestep.py", "--pretrained_model_path",
+         str(workspace["sd2"]), "--train_data_dir", str(workspace["hr"]), "--output_dir", str(tmp_path / "ddp"),
+         "--resolution", "64", "--train_batch_size", "2", "--conditioning_embedding_channels", "4", "8", "8", "8",
+         "--max_train_steps", "3", "--checkpointing_steps", "2", "--validation_steps", "0", "--device", "cpu",
+         "--lr_warmup_steps", "0", "--logging_steps", "1"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "batch 2 per device x 2 process(es) x accumulation 1 = 4 per optimiser step" in result.stdout
+    assert "8 images, 2 steps per epoch" in result.stdout
+    checkpoint = tmp_path / "ddp/checkpoint-3"
+    assert files_under(checkpoint) == CONTROLNET_FILES | ACCELERATE_STATE | INJECTOR_FILES | {"random_states_1.pkl"}
+    assert (tmp_path / "ddp/checkpoint-2").is_dir()
+    state = load_file(checkpoint / "multi_scale_injector/model.safetensors")
+    assert set(state) == {"scale_weights.weights", "timestep_weights.table"}  # no "module." prefix from DDP
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_training_and_fp16_inference_on_cuda(workspace, tmp_path, precision):
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    args = tiny_args(workspace, tmp_path / "run", "--max_train_steps", "3", "--checkpointing_steps", "3",
+                     "--validation_steps", "3", "--mixed_precision", precision, "--gradient_checkpointing")
+    args.device = "cuda"
+    result = train.main(args)
+    checkpoint = result["checkpoints"][-1]
+    # Trainable weights are kept and saved in fp32; the losses stayed finite under half precision.
+    assert all(v.dtype == torch.float32 for v in load_file(checkpoint / "controlnet/diffusion_pytorch_model.safetensors").values())
+    assert all(v.dtype == torch.float32 for v in load_file(checkpoint / "multi_scale_injector/model.safetensors").values())
+    assert all(np.isfinite(loss) for _, loss in result["history"])
+    output = infer.main(spec_command(workspace, checkpoint, tmp_path / "results", "--num_inference_steps", "3",
+                                     "--process_size", "64", "--device", "cuda"))
+    pixels = np.asarray(Image.open(output["written"][0]))
+    assert pixels.shape == (48, 40, 3) and pixels.std() > 0

@@ -473,6 +473,11 @@ def generate_latents(
 
     was_training = model.training
     model.eval()
+    # Sample with gradients off on every parameter: PyTorch's CPU kernels can round differently when a weight
+    # requires grad (even under no_grad), and a training preview must match infer.py bit for bit.
+    grad_flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    for parameter, _ in grad_flags:
+        parameter.requires_grad_(False)
     outputs = []
     try:
         for start in range(0, len(items), batch_size):
@@ -493,4 +498,6 @@ def generate_latents(
             outputs.append(latents.float().cpu())
     finally:
         model.train(was_training)
+        for parameter, flag in grad_flags:
+            parameter.requires_grad_(flag)
     return torch.cat(outputs)

@@ -1,0 +1,304 @@
+"""What the user-generation trainer's previews and ``infer.py user`` share: checkpoints, images and grids.
+
+The users' notes record an inference script that drifted from the training-time sampler (it guessed configs
+from files and patched dimension mismatches) and a fallback to random condition-encoder weights. Here a
+``user_generation`` checkpoint (written by ``train_dit_user.py``) carries everything generation needs: the
+backbone and its constructor arguments, raw and EMA weights, the number of users, the latent statistics with
+the VA-VAE fingerprint, the DDPM noise-scheduler config (UNet) and the sampling defaults. The model is rebuilt
+from that configuration and loaded strictly; anything that does not fit is a one-line CheckpointError.
+
+:func:`generate_user_images` is the one path from a model to images (``generate_latents`` in
+``models/user_generation.py``, denormalise with the checkpoint's statistics, decode with the VA-VAE), and
+:func:`save_user_grid` the one grid layout (a labelled row per user), so a preview and ``infer.py user`` with
+the same seed, users and settings write identical pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from torch import nn
+
+from data.latents import STATS_FILENAME, LatentStats
+from models.dit import LightningDiT
+from models.user_generation import backbone_num_users, build_noise_scheduler, generate_latents
+from models.user_unet import UserConditionedUNet, UserConditionEncoder, load_condition_encoder
+from utils.checkpoint import load_checkpoint
+from utils.config import config_to_dict
+from utils.errors import CheckpointError, DataError, UserError
+from utils.images import save_grid
+
+CHECKPOINT_KIND = "user_generation"
+
+# Sampling defaults per backbone. DiT: LightningDiT's release settings (Euler on a 250-point grid shifted by 0.3,
+# guidance from t = 0.11 on) with the users' guidance 4.0; num_steps counts updates, so 250 here is one more
+# update than the reference's "250 steps". UNet: DDIM as in the users' note (20 steps there, 50 here).
+SAMPLING_DEFAULTS = {
+    "dit": {"sampler": "euler", "num_steps": 250, "guidance_scale": 4.0, "guidance_interval": [0.11, 1.0], "shift": 0.3,
+            "guidance_channels": None, "eta": 0.0},
+    "unet": {"sampler": "ddim", "num_steps": 50, "guidance_scale": 4.0, "guidance_interval": [0.0, 1.0], "shift": 1.0,
+             "guidance_channels": None, "eta": 0.0},
+}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------------
+# Model configuration <-> module
+# --------------------------------------------------------------------------------------------------
+
+
+def plain_config(config) -> dict:
+    """A diffusers config as plain data (no private ``_`` keys, lists for tuples): checkpoint- and YAML-safe."""
+    return config_to_dict({k: v for k, v in dict(config).items() if not str(k).startswith("_")})
+
+
+def model_config_of(model: nn.Module, backbone: str) -> dict:
+    """The constructor arguments that rebuild ``model`` (stored in checkpoints as ``model_config``)."""
+    if backbone == "dit":
+        return plain_config(model.config)
+    if backbone == "unet":
+        return {"unet": plain_config(model.unet.config), "condition_encoder": plain_config(model.condition_encoder.config)}
+    raise UserError(f"Unknown backbone {backbone!r}; choose dit or unet.")
+
+
+def build_backbone(backbone: str, model_config: dict) -> nn.Module:
+    """A freshly initialised model from :func:`model_config_of`'s output."""
+    try:
+        if backbone == "dit":
+            return LightningDiT(**model_config)
+        if backbone == "unet":
+            unet = UNet2DConditionModel(**model_config["unet"])
+            return UserConditionedUNet(unet, UserConditionEncoder(**model_config["condition_encoder"]))
+    except (TypeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"The checkpoint's {backbone} configuration does not build a model ({err}); it was written by another version.") from err
+    raise CheckpointError(f"The checkpoint names an unknown backbone {backbone!r}; expected dit or unet.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UserModel:
+    """A generation-ready model with what it was trained with."""
+
+    model: nn.Module
+    backbone: str
+    num_users: int
+    stats: LatentStats
+    noise_scheduler: DDPMScheduler | None
+    sampling: dict
+    source: str
+    weights: str  # "ema", "raw" or "folder"
+    checkpoint: dict = field(default_factory=dict, repr=False)  # the other entries (config, history, preview)
+
+    @property
+    def vae_fingerprint(self) -> str | None:
+        return self.stats.vae_fingerprint
+
+
+def load_user_checkpoint(path: str | Path, *, use_ema: bool = True, command: str = "infer.py user") -> UserModel:
+    """Rebuild the model of a ``user_generation`` checkpoint and load its EMA (or raw) weights strictly."""
+    checkpoint = load_checkpoint(path, CHECKPOINT_KIND, command)
+    missing = [key for key in ("backbone", "model_config", "model", "latent_stats", "num_users") if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; it was not written by train_dit_user.py.")
+    backbone = checkpoint["backbone"]
+    model = build_backbone(backbone, checkpoint["model_config"])
+    try:
+        model.load_state_dict(checkpoint["model"], strict=True)
+    except RuntimeError as err:
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise CheckpointError(f"The weights in {path} do not fit the model its own configuration describes ({detail}).") from err
+    weights = "raw"
+    if use_ema and checkpoint.get("ema"):
+        averaged = checkpoint["ema"]["weights"]
+        names = [name for name, _ in model.named_parameters()]
+        absent = [name for name in names if name not in averaged]
+        if absent:
+            raise CheckpointError(f"The EMA weights in {path} lack {len(absent)} parameters (e.g. {absent[0]}); use --no_ema for the raw weights.")
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                parameter.copy_(averaged[name])
+        weights = "ema"
+    model.eval().requires_grad_(False)
+    num_users = int(checkpoint["num_users"])
+    if backbone_num_users(model, backbone) != num_users:
+        raise CheckpointError(f"{path} says {num_users} users but its model was built for {backbone_num_users(model, backbone)}.")
+    scheduler = None
+    if backbone == "unet":
+        scheduler = DDPMScheduler.from_config(checkpoint.get("noise_scheduler_config") or dict(build_noise_scheduler().config))
+    sampling = dict(SAMPLING_DEFAULTS[backbone], **(checkpoint.get("sampling") or {}))
+    rest = {k: v for k, v in checkpoint.items() if k not in ("model", "ema", "optimizer", "rng", "lr_scheduler", "scaler")}
+    return UserModel(model, backbone, num_users, LatentStats.from_dict(checkpoint["latent_stats"]), scheduler, sampling,
+                     str(path), weights, rest)
+
+
+def load_user_unet_folder(
+    unet_path: str | Path,
+    *,
+    num_users: int | None,
+    condition_encoder_path: str | Path | None = None,
+    latent_stats_path: str | Path | None = None,
+) -> UserModel:
+    """The users' second note's layout: a diffusers UNet folder + ``condition_encoder.pt`` (+ latent statistics).
+
+    ``unet_path`` is a ``UNet2DConditionModel`` folder (or holds one as ``unet/``); the encoder defaults to
+    ``condition_encoder.pt`` or ``condition_encoder/`` inside it, the statistics to ``latents_stats.safetensors``
+    inside it, the DDPM schedule to its ``scheduler_config.json`` (diffusers' default DDPM otherwise). The
+    encoder must have ``num_users + 1`` rows of the UNet's cross-attention width, or it is an error.
+    """
+    root = Path(unet_path)
+    if num_users is None:
+        raise UserError("--num_users is required with a UNet folder (--unet_path DIR): the folder does not record how many users it knows.")
+    unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    if not (unet_dir / "config.json").is_file():
+        raise CheckpointError(f"--unet_path {root} is neither a train_dit_user.py checkpoint nor a diffusers UNet folder (no config.json).")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(str(unet_dir), local_files_only=True)
+    except Exception as err:
+        raise CheckpointError(f"Cannot load the diffusers UNet2DConditionModel in {unet_dir} ({type(err).__name__}: {err}).") from err
+    if condition_encoder_path is None:
+        candidates = [root / "condition_encoder", root / "condition_encoder.pt", root / "condition_encoder.safetensors"]
+        condition_encoder_path = next((c for c in candidates if c.exists()), None)
+        if condition_encoder_path is None:
+            raise CheckpointError(f"No condition encoder beside {root}; pass --condition_encoder_path (e.g. {root / 'condition_encoder.pt'}).")
+    encoder = load_condition_encoder(condition_encoder_path, num_users, unet.config.cross_attention_dim)
+    stats_path = Path(latent_stats_path) if latent_stats_path else root / STATS_FILENAME
+    if not stats_path.exists():
+        raise DataError(f"Latent statistics {stats_path} do not exist; pass --latent_stats with the {STATS_FILENAME} the UNet was trained with.")
+    stats = LatentStats.load(stats_path)
+    scheduler_file = next((p for p in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json") if p.is_file()), None)
+    scheduler = DDPMScheduler.from_pretrained(str(scheduler_file.parent)) if scheduler_file else build_noise_scheduler()
+    model = UserConditionedUNet(unet, encoder).eval().requires_grad_(False)
+    return UserModel(model, "unet", num_users, stats, scheduler, dict(SAMPLING_DEFAULTS["unet"]), str(root), "folder")
+
+
+# --------------------------------------------------------------------------------------------------
+# Latents -> images
+# --------------------------------------------------------------------------------------------------
+
+
+def sampling_kwargs(settings: dict) -> dict:
+    """Sampling settings (as stored in checkpoints) -> keyword arguments of ``generate_latents``."""
+    interval = settings.get("guidance_interval") or [0.0, 1.0]
+    return {
+        "sampler": settings.get("sampler"),
+        "num_steps": int(settings["num_steps"]),
+        "guidance_scale": float(settings.get("guidance_scale", 1.0)),
+        "guidance_interval": (float(interval[0]), float(interval[1])),
+        "shift": float(settings.get("shift", 1.0)),
+        "guidance_channels": settings.get("guidance_channels"),
+        "eta": float(settings.get("eta", 0.0)),
+    }
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor, batch_size: int = 64, device: torch.device | str | None = None) -> torch.Tensor:
+    """VA-VAE latents (VAE scale, not normalised) -> images in [-1, 1], float32 on the CPU, in ``batch_size`` chunks."""
+    device = torch.device(device) if device is not None else next(vae.parameters()).device
+    images = [vae.decode(latents[start:start + batch_size].to(device)).float().clamp(-1, 1).cpu()
+              for start in range(0, latents.shape[0], batch_size)]
+    return torch.cat(images)
+
+
+def latent_channel_images(latents: torch.Tensor, min_side: int = 64) -> torch.Tensor:
+    """What previews show without a VA-VAE: latent channels 0-2 as RGB, each stretched to [-1, 1] over the batch.
+
+    Not images: a way to watch training (structure per user, collapse, NaNs) when no decoder is at hand.
+    """
+    channels = latents[:, :3].float()
+    if channels.shape[1] < 3:
+        channels = torch.cat([channels, channels[:, -1:].expand(-1, 3 - channels.shape[1], -1, -1)], dim=1)
+    low = channels.amin(dim=(0, 2, 3), keepdim=True)
+    high = channels.amax(dim=(0, 2, 3), keepdim=True)
+    channels = (channels - low) / (high - low).clamp_min(1e-8) * 2 - 1
+    if channels.shape[-1] < min_side:
+        channels = F.interpolate(channels, scale_factor=min_side // channels.shape[-1] or 1, mode="nearest")
+    return channels
+
+
+def generate_user_images(
+    model: nn.Module,
+    backbone: str,
+    user_ids,
+    num_per_user: int,
+    *,
+    stats: LatentStats,
+    vae=None,
+    seed: int,
+    batch_size: int = 64,
+    first_index: int = 0,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    noise_scheduler: DDPMScheduler | None = None,
+    progress: bool = False,
+    **sampling,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (user-major, in [-1, 1]) and their VAE-scale latents for 1-based ``user_ids``.
+
+    ``sampling`` are :func:`sampling_kwargs`. Without ``vae`` the images are :func:`latent_channel_images`.
+    """
+    latents = generate_latents(
+        model, backbone, user_ids, num_per_user, seed=seed, batch_size=batch_size, first_index=first_index, device=device,
+        autocast_dtype=autocast_dtype, noise_scheduler=noise_scheduler, progress=progress, **sampling,
+    )
+    vae_latents = stats.denormalize(latents)
+    if vae is None:
+        return latent_channel_images(vae_latents), vae_latents
+    return decode_latents(vae, vae_latents, batch_size, device), vae_latents
+
+
+def save_user_grid(images: torch.Tensor, user_ids, num_per_user: int, path: str | Path) -> Path:
+    """A grid with one row per user, labelled ``user 01`` etc."""
+    labels = [f"user {user:02d}" for user in user_ids]
+    return save_grid(list(images), path, nrow=num_per_user, row_labels=labels)
+
+
+def check_vae_matches(stats: LatentStats, vae_path: str | Path, what: str = "--vavae_path") -> str:
+    """Fingerprint of ``vae_path``; a UserError if the latent statistics were computed with another VA-VAE file."""
+    from models.vavae import file_fingerprint
+
+    fingerprint = file_fingerprint(vae_path)
+    stats.check_fingerprint(fingerprint, f"{what} {vae_path}")
+    return fingerprint
+
+
+OUTPUT_LAYOUTS = ("both", "flat", "folders")
+
+
+def write_user_images(images: torch.Tensor, user_ids, num_per_user: int, output_dir: str | Path, *, first_index: int = 0,
+                      layout: str = "both") -> list[dict]:
+    """Write ``micro_doppler_userXX_NNN.png`` (flat, NNN from 001) and/or ``user_XX/generated_NNN.png`` (from 000).
+
+    ``images`` are user-major as :func:`generate_user_images` returns them; NNN comes from the sample index, so
+    a later run with ``first_index`` continues the numbering instead of overwriting. Returns one record per image.
+    """
+    from utils.images import tensor_to_pil
+
+    if layout not in OUTPUT_LAYOUTS:
+        raise UserError(f"Unknown output layout {layout!r}; choose one of {', '.join(OUTPUT_LAYOUTS)}.")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for position, image in enumerate(images):
+        user = list(user_ids)[position // num_per_user]
+        index = first_index + position % num_per_user
+        record = {"user_id": int(user), "index": int(index)}
+        picture = tensor_to_pil(image)
+        if layout in ("both", "flat"):
+            name = f"micro_doppler_user{user:02d}_{index + 1:03d}.png"
+            picture.save(output_dir / name)
+            record["file"] = name
+        if layout in ("both", "folders"):
+            name = f"user_{user:02d}/generated_{index:03d}.png"
+            (output_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            picture.save(output_dir / name)
+            record["folder_file"] = name
+        records.append(record)
+    return records

@@ -1,0 +1,118 @@
+"""All three stages of user-conditioned generation in one command (the users' ``run_complete_pipeline.py``).
+
+1. ``scripts/extract_features.py``: user folders ``ID_<n>`` -> VA-VAE latents in OUTPUT_DIR/latent_features;
+2. ``train_dit_user.py``: the DiT (or latent UNet) on those latents -> OUTPUT_DIR/trained_models;
+3. ``infer.py user``: images for ``--generate_user_ids`` from checkpoints/best.ckpt -> OUTPUT_DIR/generated_images.
+
+    python scripts/run_user_pipeline.py --data_dir /kaggle/working/data_split \\
+        --vavae_path /kaggle/working/pretrained/vavae-imagenet256-f16d32-dinov2.pt --output_dir /kaggle/working/pipeline \\
+        --batch_size 32 --max_epochs 50 --devices 2 --generate_user_ids 1 2 3 4 5 --num_samples_per_user 4
+
+Each stage is the stage's own script (same flags, same checks); flags not listed here reach training through
+``--train_extra "..."`` (e.g. ``--train_extra "--cfg_dropout 0.15 --preview_every 10"``). ``--skip_extraction``
+reuses OUTPUT_DIR/latent_features; ``--resume`` continues the training stage from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from the repository root or anywhere
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import shlex  # noqa: E402
+
+from utils.errors import UserError, run_cli  # noqa: E402
+
+
+def _load_script(name: str):
+    """Import scripts/<name>.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_user_pipeline_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--data_dir", required=True, help="user folders ID_1, ID_2, ... (or train/ and val/ holding them)")
+    parser.add_argument("--vavae_path", required=True, help="vavae-imagenet256-f16d32-dinov2.pt (or a diffusers AutoencoderKL folder)")
+    parser.add_argument("--vavae_config", default="f16d32", help="architecture of a .pt VA-VAE: f16d32 (default) or tiny (tests)")
+    parser.add_argument("--output_dir", required=True, help="gets latent_features/, trained_models/ and generated_images/")
+    parser.add_argument("--image_size", type=int, default=256, help="extraction image size (default 256)")
+    parser.add_argument("--val_fraction", type=float, default=0.1, help="per-user validation share without a val/ folder (default 0.1)")
+    parser.add_argument("--extract_batch_size", type=int, default=32, help="images encoded at once (default 32)")
+    parser.add_argument("--skip_extraction", action="store_true", help="reuse OUTPUT_DIR/latent_features from an earlier run")
+    parser.add_argument("--backbone", choices=("dit", "unet"), default="dit", help="dit (default) or unet")
+    parser.add_argument("--model_size", default=None, help="DiT tiny|S|B|L|XL (default B) or UNet tiny|default")
+    parser.add_argument("--batch_size", type=int, default=32, help="training batch per device (default 32)")
+    parser.add_argument("--max_epochs", type=int, default=50, help="training epochs (default 50)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    parser.add_argument("--devices", type=int, default=1, help="training processes/GPUs (default 1)")
+    parser.add_argument("--precision", default="auto", help="32 | 16-mixed | bf16-mixed | no | fp16 | bf16 | auto (default auto)")
+    parser.add_argument("--resume", action="store_true", help="continue training from OUTPUT_DIR/trained_models/checkpoints/last.ckpt")
+    parser.add_argument("--train_extra", default="", help="more train_dit_user.py flags, one quoted string")
+    parser.add_argument("--generate_user_ids", type=int, nargs="+", default=None, help="users to generate (default: all)")
+    parser.add_argument("--num_samples_per_user", type=int, default=4, help="images per user (default 4)")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="guidance for generation (default: the checkpoint's, 4.0)")
+    parser.add_argument("--num_steps", type=int, default=None, help="sampling steps for generation (default: the checkpoint's)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the split, training and generation (default 42)")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto (GPU if present)")
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> dict:
+    import infer
+    import train_dit_user
+
+    output = Path(args.output_dir)
+    latents, trained, generated = output / "latent_features", output / "trained_models", output / "generated_images"
+    vae = ["--vavae_path", str(args.vavae_path), "--vavae_config", args.vavae_config]
+
+    print("== stage 1/3: feature extraction ==", flush=True)
+    if args.skip_extraction:
+        if not (latents / "train.safetensors").is_file():
+            raise UserError(f"--skip_extraction: {latents / 'train.safetensors'} does not exist; run without the flag first.")
+    else:
+        extract = _load_script("extract_features")
+        extract.main(extract.parse_args([
+            "--data_dir", str(args.data_dir), "--output_path", str(latents), *vae, "--image_size", str(args.image_size),
+            "--val_fraction", str(args.val_fraction), "--batch_size", str(args.extract_batch_size), "--seed", str(args.seed),
+            "--device", args.device,
+        ]))
+
+    print("== stage 2/3: training ==", flush=True)
+    train_argv = [
+        "--latent_dir", str(latents), "--output_dir", str(trained), "--backbone", args.backbone, "--batch_size", str(args.batch_size),
+        "--max_epochs", str(args.max_epochs), "--lr", str(args.lr), "--devices", str(args.devices), "--precision", args.precision,
+        "--seed", str(args.seed), "--device", args.device, *vae,
+        *(["--model_size", args.model_size] if args.model_size else []),
+        *(["--resume", "latest"] if args.resume else []),
+        *shlex.split(args.train_extra),
+    ]
+    if args.devices > 1:
+        code = train_dit_user.launch(train_argv)  # N processes through torch.distributed.run
+        if code:
+            raise UserError(f"training stopped with exit status {code} (its message is above); fix it and rerun with --skip_extraction --resume.")
+    else:
+        train_dit_user.main(train_dit_user.parse_args(train_argv))
+
+    print("== stage 3/3: generation ==", flush=True)
+    checkpoint = trained / "checkpoints" / "best.ckpt"
+    infer_argv = [
+        "user", "--dit_checkpoint", str(checkpoint), *vae, "--output_dir", str(generated),
+        "--num_samples_per_user", str(args.num_samples_per_user), "--seed", str(args.seed), "--device", args.device,
+        *(["--user_ids", *map(str, args.generate_user_ids)] if args.generate_user_ids else []),
+        *(["--guidance_scale", str(args.guidance_scale)] if args.guidance_scale is not None else []),
+        *(["--num_steps", str(args.num_steps)] if args.num_steps is not None else []),
+    ]
+    result = infer.main(infer.parse_args(infer_argv))
+    print(f"pipeline done: latents in {latents}, checkpoints in {trained / 'checkpoints'}, images in {generated}")
+    return {"latents": latents, "trained": trained, "generated": generated, "generation": result}
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_args()))

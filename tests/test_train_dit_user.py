@@ -1,0 +1,271 @@
+"""train_dit_user.py, infer.py user and the pipeline end to end: tiny VA-VAE (LDM layout), tiny DiT and UNet.
+
+Stage 1 runs once per module on three users' 32 px images (2x2 latents); both backbones train for an epoch or
+two, generation from the checkpoint must reproduce the training preview pixel for pixel, resuming must continue
+the same losses, and user errors must be one sentence.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import infer
+import train_dit_user as train
+from models.dit import build_dit
+from models.user_pipeline import load_user_checkpoint
+from models.vavae import file_fingerprint
+from tests.user_pipeline_data import write_tiny_vavae, write_user_folders
+from utils.errors import CheckpointError, UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model_size", "tiny", "--batch_size", "6", "--device", "cpu", "--preview_samples", "2", "--preview_steps", "3"]
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """ID_1..ID_3 folders, a tiny VA-VAE file and the extracted latents."""
+    root = tmp_path_factory.mktemp("user_pipeline")
+    vavae = write_tiny_vavae(root / "vavae-tiny.pt")
+    data = write_user_folders(root / "data", [1, 2, 3], 6, pattern="ramp")
+    extract = load_script("extract_features")
+    extract.main(extract.parse_args(["--data_dir", str(data), "--vavae_path", str(vavae), "--vavae_config", "tiny",
+                                     "--output_path", str(root / "latents"), "--image_size", "32", "--val_fraction", "0.2",
+                                     "--device", "cpu"]))
+    return {"root": root, "vavae": vavae, "latents": root / "latents", "data": data}
+
+
+def train_run(stage1, output, *extra):
+    args = train.parse_args(["--latent_dir", str(stage1["latents"]), "--output_dir", str(output), *TINY, *extra])
+    return train.main(args)
+
+
+def vae_flags(stage1):
+    return ["--vavae_path", str(stage1["vavae"]), "--vavae_config", "tiny"]
+
+
+@pytest.fixture(scope="module")
+def dit_run(stage1):
+    output = stage1["root"] / "dit_run"
+    result = train_run(stage1, output, "--max_epochs", "2", "--preview_every", "2", "--preview_users", "1", "3", *vae_flags(stage1))
+    return output, result
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def test_dit_run_writes_the_run_folder_and_a_self_contained_checkpoint(dit_run, stage1):
+    output, result = dit_run
+    files = {str(p.relative_to(output)) for p in output.rglob("*") if p.is_file()}
+    assert files == {"args.yaml", "train.log", "loss_curves.png", "previews/epoch_0002.png", "checkpoints/best.ckpt", "checkpoints/last.ckpt"}
+    assert result["step"] == 2 * 2  # 15 training latents (3 users x 5), batches of 6, drop_last
+    assert len(result["history"]["train"]) == 2 and all(np.isfinite(result["history"]["val"]))
+    checkpoint = torch.load(output / "checkpoints/last.ckpt", weights_only=True)
+    assert checkpoint["kind"] == "user_generation" and checkpoint["backbone"] == "dit" and checkpoint["num_users"] == 3
+    assert checkpoint["model_config"]["num_classes"] == 3 and checkpoint["model_config"]["in_channels"] == 8
+    assert checkpoint["model"]["y_embedder.embedding_table.weight"].shape[0] == 4  # 3 users + the null user
+    assert checkpoint["latent_stats"]["vae_fingerprint"] == file_fingerprint(stage1["vavae"])
+    assert checkpoint["latent_stats"]["mean"].shape == (1, 8, 1, 1) and checkpoint["latent_shape"] == [8, 2, 2]
+    assert checkpoint["sampling"]["num_steps"] == 250 and checkpoint["sampling"]["shift"] == 0.3
+    assert checkpoint["preview"]["users"] == [1, 3] and checkpoint["config"]["backbone"] == "dit"
+    assert set(checkpoint["ema"]["weights"]) == {n for n, _ in build_dit("tiny", num_users=3, input_size=2, in_channels=8, use_qknorm=True).named_parameters()}
+    assert checkpoint["best"]["on"] == "val" and {"optimizer", "rng", "lr_scheduler", "step", "epoch"} <= set(checkpoint)
+    log = (output / "train.log").read_text()
+    assert "batch 6 per device x 1 process(es)" in log and "| val " in log
+
+
+def test_inference_reproduces_the_training_preview_exactly(dit_run, stage1, tmp_path):
+    output, _ = dit_run
+    out = tmp_path / "generated"
+    result = infer.main(infer.parse_args([
+        "user", "--dit_checkpoint", str(output / "checkpoints/last.ckpt"), *vae_flags(stage1), "--output_dir", str(out),
+        "--user_ids", "1", "3", "--num_samples_per_user", "2", "--num_steps", "3", "--device", "cpu", "--save_latents",
+    ]))
+    assert np.array_equal(pixels(out / "micro_doppler_grid.png"), pixels(output / "previews/epoch_0002.png"))
+    names = {str(p.relative_to(out)) for p in out.rglob("*.png")}
+    assert names == {"micro_doppler_grid.png", "micro_doppler_user01_001.png", "micro_doppler_user01_002.png",
+                     "micro_doppler_user03_001.png", "micro_doppler_user03_002.png", "user_01/generated_000.png",
+                     "user_01/generated_001.png", "user_03/generated_000.png", "user_03/generated_001.png"}
+    assert np.array_equal(pixels(out / "micro_doppler_user03_002.png"), pixels(out / "user_03/generated_001.png"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == 42 and manifest["sampling"]["sampler"] == "euler" and manifest["sampling"]["num_steps"] == 3
+    assert manifest["vae"]["fingerprint"] == file_fingerprint(stage1["vavae"])
+    assert manifest["model"]["fingerprint"] == file_fingerprint(output / "checkpoints/last.ckpt") and manifest["model"]["weights"] == "ema"
+    assert manifest["files"][3] == {"user_id": 3, "index": 1, "file": "micro_doppler_user03_002.png", "folder_file": "user_03/generated_001.png"}
+    # A later batch continues the numbering and reproduces the same sample for the same (seed, user, index).
+    later = infer.main(infer.parse_args([
+        "user", "--dit_checkpoint", str(output / "checkpoints/last.ckpt"), *vae_flags(stage1), "--output_dir", str(tmp_path / "later"),
+        "--user_ids", "3", "--num_samples_per_user", "1", "--start_index", "1", "--num_steps", "3", "--device", "cpu", "--layout", "flat",
+    ]))
+    assert later["files"] == [{"user_id": 3, "index": 1, "file": "micro_doppler_user03_002.png"}]
+    torch.testing.assert_close(later["latents"][0], result["latents"][3], atol=1e-5, rtol=1e-5)
+
+
+def test_resume_latest_continues_the_same_run(stage1, tmp_path):
+    common = ["--preview_every", "0", "--val_every", "1"]
+    straight = train_run(stage1, tmp_path / "straight", "--max_epochs", "3", *common)
+    train_run(stage1, tmp_path / "paused", "--max_epochs", "2", *common)
+    resumed = train_run(stage1, tmp_path / "paused", "--max_epochs", "3", "--resume", "latest", *common)
+    assert resumed["step"] == straight["step"] == 6
+    np.testing.assert_allclose(resumed["history"]["train"], straight["history"]["train"], rtol=1e-6)
+    np.testing.assert_allclose(resumed["history"]["val"], straight["history"]["val"], rtol=1e-6)
+    a = torch.load(tmp_path / "straight/checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "paused/checkpoints/last.ckpt", weights_only=True)
+    for name, tensor in a["ema"]["weights"].items():
+        torch.testing.assert_close(b["ema"]["weights"][name], tensor, rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserError, match="trained --backbone dit, not unet"):
+        train_run(stage1, tmp_path / "paused", "--max_epochs", "4", "--resume", "latest", "--backbone", "unet")
+
+
+def test_unet_backbone_end_to_end_and_the_folder_layout(stage1, tmp_path):
+    output = tmp_path / "unet_run"
+    train_run(stage1, output, "--backbone", "unet", "--max_epochs", "1", "--preview_every", "1", "--preview_users", "2", *vae_flags(stage1))
+    checkpoint = output / "checkpoints/best.ckpt"
+    out = tmp_path / "generated"
+    infer.main(infer.parse_args(["user", "--unet_path", str(checkpoint), "--vae_path", str(stage1["vavae"]), "--vavae_config", "tiny",
+                                 "--user_ids", "2", "--num_images_per_user", "2", "--num_inference_steps", "3",
+                                 "--output_dir", str(out), "--device", "cpu"]))
+    assert np.array_equal(pixels(out / "micro_doppler_grid.png"), pixels(output / "previews/epoch_0001.png"))
+    assert json.loads((out / "manifest.json").read_text())["sampling"]["sampler"] == "ddim"
+
+    # The users' note's layout: a diffusers UNet folder + condition_encoder.pt (+ the latent statistics).
+    bundle = load_user_checkpoint(checkpoint)
+    folder = tmp_path / "diffusion-final-model"
+    bundle.model.unet.save_pretrained(folder)
+    torch.save(bundle.model.condition_encoder.state_dict(), folder / "condition_encoder.pt")
+    bundle.stats.save(folder / "latents_stats.safetensors")
+    from_folder = infer.main(infer.parse_args(["user", "--unet_path", str(folder), "--num_users", "3", *vae_flags(stage1),
+                                               "--user_ids", "2", "--num_images_per_user", "2", "--num_inference_steps", "3",
+                                               "--seed", "42", "--output_dir", str(tmp_path / "folder_out"), "--device", "cpu"]))
+    assert from_folder["manifest"]["model"]["weights"] == "folder"
+    assert np.array_equal(pixels(tmp_path / "folder_out/micro_doppler_grid.png"), pixels(out / "micro_doppler_grid.png"))
+    with pytest.raises(CheckpointError, match=r"has 4 rows of width 32, but 5 users \(\+1 null row\)"):
+        infer.main(infer.parse_args(["user", "--unet_path", str(folder), "--num_users", "5", *vae_flags(stage1), "--device", "cpu"]))
+    with pytest.raises(UserError, match="--num_users is required"):
+        infer.main(infer.parse_args(["user", "--unet_path", str(folder), *vae_flags(stage1), "--device", "cpu"]))
+
+
+def test_mismatches_are_errors_not_fallbacks(dit_run, stage1, tmp_path):
+    output, _ = dit_run
+    checkpoint = str(output / "checkpoints/last.ckpt")
+    other_vae = write_tiny_vavae(tmp_path / "other-vavae.pt", seed=1)
+    with pytest.raises(UserError, match="latent statistics belong to the VA-VAE with fingerprint .* --vavae_path .*other-vavae.pt"):
+        infer.main(infer.parse_args(["user", "--dit_checkpoint", checkpoint, "--vavae_path", str(other_vae), "--vavae_config", "tiny", "--device", "cpu"]))
+    with pytest.raises(UserError, match="latent statistics belong to the VA-VAE"):
+        train_run(stage1, tmp_path / "run", "--vavae_path", str(other_vae), "--vavae_config", "tiny")
+    with pytest.raises(UserError, match="--num_users 31 disagrees with the 3 users"):
+        infer.main(infer.parse_args(["user", "--dit_checkpoint", checkpoint, "--num_users", "31", *vae_flags(stage1)]))
+    with pytest.raises(UserError, match="--num_users 4 disagrees with the 3 users recorded"):
+        train_run(stage1, tmp_path / "run", "--num_users", "4")
+    with pytest.raises(UserError, match="--cfg_dropout 0 trains no null user"):
+        train_run(stage1, tmp_path / "run", "--cfg_dropout", "0")
+    with pytest.raises(UserError, match="--init_from loads LightningDiT weights and works with --backbone dit only"):
+        train_run(stage1, tmp_path / "run", "--backbone", "unet", "--init_from", checkpoint)
+    wrong = tmp_path / "ddpm.pt"
+    torch.save({"kind": "ddpm", "model": {}}, wrong)
+    with pytest.raises(CheckpointError, match="is a 'ddpm' checkpoint, but infer.py user needs a 'user_generation' checkpoint"):
+        infer.main(infer.parse_args(["user", "--dit_checkpoint", str(wrong), *vae_flags(stage1)]))
+
+
+def test_init_from_a_lightningdit_release(stage1, tmp_path):
+    release = build_dit("tiny", num_users=1000, input_size=2, in_channels=8)  # LightningDiT layout, 1000 ImageNet classes
+    torch.save({"model": release.state_dict(), "ema": release.state_dict()}, tmp_path / "lightningdit-tiny.pt")
+    output = tmp_path / "run"
+    train_run(stage1, output, "--max_epochs", "1", "--preview_every", "0", "--init_from", str(tmp_path / "lightningdit-tiny.pt"),
+              "--slim_best")
+    log = (output / "train.log").read_text()
+    assert "1 new (y_embedder.embedding_table.weight (4 rows))" in log and "1 skipped (y_embedder.embedding_table.weight (1001, 64))" in log
+    assert torch.load(output / "checkpoints/last.ckpt", weights_only=True)["config"]["qk_norm"] is False  # matches the release
+    best = torch.load(output / "checkpoints/best.ckpt", weights_only=True)  # --slim_best: inference only
+    assert "optimizer" not in best and "rng" not in best and load_user_checkpoint(output / "checkpoints/best.ckpt").weights == "ema"
+    with pytest.raises(UserError, match="written with --slim_best"):
+        train_run(stage1, output, "--max_epochs", "2", "--resume", str(output / "checkpoints/best.ckpt"))
+
+
+def test_pipeline_runs_all_three_stages(stage1, tmp_path):
+    pipeline = load_script("run_user_pipeline")
+    result = pipeline.main(pipeline.parse_args([
+        "--data_dir", str(stage1["data"]), *vae_flags(stage1), "--output_dir", str(tmp_path), "--image_size", "32",
+        "--model_size", "tiny", "--batch_size", "6", "--max_epochs", "1", "--generate_user_ids", "1", "2",
+        "--num_samples_per_user", "1", "--num_steps", "2", "--device", "cpu", "--train_extra", "--preview_every 0",
+    ]))
+    assert (tmp_path / "latent_features/train.safetensors").is_file() and (tmp_path / "trained_models/checkpoints/best.ckpt").is_file()
+    assert sorted(p.name for p in (tmp_path / "generated_images").glob("*.png")) == [
+        "micro_doppler_grid.png", "micro_doppler_user01_001.png", "micro_doppler_user02_001.png"]
+    assert result["generation"]["manifest"]["user_ids"] == [1, 2]
+
+
+def test_evidence_recipe_smoke(tmp_path):
+    evidence = load_script("user_conditioning_evidence")
+    report = evidence.main(evidence.parse_args([
+        "--out_dir", str(tmp_path), "--num_users", "3", "--train_per_user", "6", "--test_per_user", "2", "--epochs", "1",
+        "--batch_size", "6", "--samples_per_user", "2", "--num_steps", "2", "--classifier_epochs", "1", "--guidance_scales", "1", "3",
+    ]))
+    assert report["chance"] == pytest.approx(1 / 3) and len(report["generated"]) == 2
+    assert all(0.0 <= row["accuracy"] <= 1.0 for row in report["generated"])
+    assert "| chance (1/3 users) | 0.333 |" in (tmp_path / "results.md").read_text()
+
+
+def run_cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_user_id_outside_the_range_is_one_line(dit_run, stage1):
+    output, _ = dit_run
+    result = run_cli("infer.py", "user", "--dit_checkpoint", str(output / "checkpoints/last.ckpt"), *vae_flags(stage1),
+                     "--user_ids", "0", "1", "4", "--device", "cpu")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["error: User ID(s) [0, 4] are outside the valid range 1..3 (IDs count from 1, as in the ID_<n> folders; "
+                     "0 is not a user); pass --user_ids between 1 and 3."]
+
+
+def test_help_explains_the_flags(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--latent_dir", "--devices", "--precision", "16-mixed", "--backbone", "--cfg_dropout", "--init_from", "--resume",
+                 "--ema_decay", "--preview_every", "--val_time_bins", "--gradient_checkpointing"):
+        assert flag in text
+    assert train.parse_args(["--latent_dir", "x", "--precision", "16-mixed"]).mixed_precision == "fp16"
+    assert train.parse_args(["--latent_dir", "x", "--precision", "32"]).mixed_precision == "no"
+    assert train.parse_args(["--latent_dir", "x", "--precision", "bf16-mixed"]).mixed_precision == "bf16"
+    with pytest.raises(UserError, match="--devices 2 starts 2 processes from the command line"):
+        train.main(train.parse_args(["--latent_dir", "x", "--devices", "2"]))
+
+
+@pytest.mark.slow
+def test_devices_2_means_two_processes(stage1, tmp_path):
+    """--devices 2 re-launches through torch.distributed.run: DDP over two CPU processes (gloo)."""
+    result = run_cli("train_dit_user.py", "--latent_dir", str(stage1["latents"]), "--output_dir", str(tmp_path), *TINY,
+                     "--batch_size", "3", "--max_epochs", "1", "--preview_every", "0", "--devices", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "starting 2 CPU processes (gloo) with torch.distributed.run" in result.stdout
+    assert "batch 3 per device x 2 process(es) x accumulation 1 = 6 per optimiser step" in result.stdout
+    checkpoint = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)
+    assert checkpoint["num_processes"] == 2 and len(checkpoint["rng"]) == 2 and checkpoint["step"] == 2

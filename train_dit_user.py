@@ -1,0 +1,589 @@
+"""Stage 2 of user-conditioned generation: train a diffusion model on pre-extracted VA-VAE latents.
+
+The user ID is a class label with a null user for classifier-free guidance (hustvl/LightningDiT ``train.py``, with
+the user as the class). Two backbones: ``dit`` (LightningDiT, rectified flow with velocity prediction,
+logit-normal times and the cosine term, as the reference trains) and ``unet`` (the users' second note: diffusers
+``UNet2DConditionModel`` + ``UserConditionEncoder``, DDPM noise prediction). Objectives and the sampler live in
+``models/user_generation.py``; the previews here and ``infer.py user`` call the same generation function.
+
+    python train_dit_user.py --latent_dir /kaggle/working/latent_features --output_dir /kaggle/working/trained_models \\
+        --batch_size 32 --max_epochs 100 --lr 1e-4 --devices 2 --precision 16-mixed
+    python train_dit_user.py --latent_dir latents --output_dir runs/user --backbone unet --resume latest
+    python train_dit_user.py --config configs/user_dit_tiny.yaml --latent_dir latents --output_dir runs/tiny
+
+``--devices N`` (N > 1) re-launches this script as N processes through ``torch.distributed.run`` (DDP through
+accelerate, one process per GPU, each with ``--batch_size`` latents); ``torchrun`` and ``accelerate launch`` work
+directly too. Latents are normalised with ``LATENT_DIR/latents_stats.safetensors`` (the VA-VAE fingerprint of the
+latents, the statistics and ``--vavae_path`` must agree). Every epoch: the validation loss at fixed times with
+seeded noise and the EMA weights (``val.safetensors``), ``checkpoints/last.ckpt`` and, when the validation loss
+improves, ``checkpoints/best.ckpt``. Every ``--preview_every`` epochs: a grid with a row per user in
+``previews/`` (decoded with ``--vavae_path``; without it the grid shows latent channels 0-2, not images).
+
+Writes: OUTPUT_DIR/args.yaml, train.log, loss_curves.png, previews/epoch_NNNN.png,
+checkpoints/{last,best}.ckpt (and epoch_NNNN.ckpt with --save_every).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.latents import STATS_FILENAME, LatentDataset, LatentStats, load_latent_file
+from models.dit import DIT_SIZES, build_dit, load_lightningdit_init
+from models.user_generation import (
+    DDPM_SAMPLERS,
+    FLOW_SAMPLERS,
+    TIME_SAMPLINGS,
+    build_noise_scheduler,
+    ddpm_loss,
+    flow_matching_loss,
+    training_loss,
+    validate_user_ids,
+)
+from models.user_pipeline import (
+    CHECKPOINT_KIND,
+    SAMPLING_DEFAULTS,
+    build_backbone,
+    check_vae_matches,
+    generate_user_images,
+    model_config_of,
+    plain_config,
+    sampling_kwargs,
+    save_user_grid,
+)
+from models.user_unet import UNET_SIZES, build_user_unet
+from models.vavae import VAVAE_CONFIGS
+from utils.accelerator import create_accelerator, log_run_header, reset_accelerate_state
+from utils.checkpoint import atomic_torch_save, atomic_write, load_checkpoint, resolve_resume, rotate_checkpoints
+from utils.config import add_config_argument, parse_with_config, save_config
+from utils.ema import EMA
+from utils.errors import UserError, run_cli
+from utils.log import TrainingProgress, setup_logger
+from utils.plots import plot_curves
+from utils.training import (
+    check_finite,
+    make_loader,
+    out_of_memory_message,
+    restore_rng,
+    restore_training_checkpoint,
+    training_checkpoint,
+    unwrap,
+)
+
+RESUME_PATTERNS = ["last.ckpt", "epoch_*.ckpt"]
+# Lightning-style values (the users' scripts) and accelerate's names -> accelerate's mixed_precision.
+PRECISION_ALIASES = {
+    "auto": "auto", "32": "no", "32-true": "no", "fp32": "no", "no": "no",
+    "16-mixed": "fp16", "16": "fp16", "fp16": "fp16", "bf16-mixed": "bf16", "bf16": "bf16",
+}
+DEFAULT_SIZES = {"dit": "B", "unet": "default"}
+DEFAULT_VAL_BINS = [0.1, 0.3, 0.5, 0.7, 0.9]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    add_config_argument(parser)
+    data = parser.add_argument_group("data")
+    data.add_argument("--latent_dir", default=None,
+                      help="output of scripts/extract_features.py: train.safetensors, latents_stats.safetensors and, for the "
+                      "validation loss, val.safetensors")
+    data.add_argument("--use_flip", action="store_true",
+                      help="train on the stored flipped copies half of the time (needs extraction with --flip; off by default: "
+                      "time reversal is not label-safe for gait)")
+    data.add_argument("--num_workers", type=int, default=0,
+                      help="data-loader workers (default 0: the latents are in memory, workers only add start-up time)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", choices=("dit", "unet"), default=None,
+                       help="dit: LightningDiT with rectified flow (default); unet: UNet2DConditionModel + UserConditionEncoder "
+                       "with DDPM (default: dit, or the resumed run's)")
+    model.add_argument("--model_size", default=None,
+                       help=f"DiT: {', '.join(DIT_SIZES)} (default B); UNet: {', '.join(UNET_SIZES)} (default default); "
+                       "XL is the released LightningDiT-XL/1 (use it with --init_from)")
+    model.add_argument("--patch_size", type=int, default=1, help="DiT patch size on the latent grid (default 1, as LightningDiT on 16x16 latents)")
+    model.add_argument("--num_users", type=int, default=None,
+                       help="users the model knows, IDs 1..N (default: recorded in the latent files; must agree with them)")
+    model.add_argument("--cfg_dropout", type=float, default=0.1,
+                       help="probability of replacing a user by the null user in training, for classifier-free guidance "
+                       "(default 0.1, as DiT/LightningDiT; 0 makes guidance impossible)")
+    model.add_argument("--qk_norm", action=argparse.BooleanOptionalAction, default=None,
+                       help="DiT QK-norm, recommended for fp16 (default: on, off with --init_from to match the release)")
+    model.add_argument("--gradient_checkpointing", action="store_true",
+                       help="recompute activations in the backward pass: less memory, about 30%% slower")
+    model.add_argument("--init_from", default=None,
+                       help="DiT only: start from a released LightningDiT checkpoint (every tensor but the class table, which "
+                       "gets num_users + 1 rows); pick the matching --model_size (XL for lightningdit-xl-imagenet256-*.pt)")
+
+    objective = parser.add_argument_group("objective")
+    objective.add_argument("--time_sampling", choices=TIME_SAMPLINGS, default="logit_normal",
+                           help="DiT training times: logit_normal (LightningDiT's use_lognorm, default) or uniform")
+    objective.add_argument("--no-cosine_loss", dest="cosine_loss", action="store_false",
+                           help="DiT: drop the cosine-similarity term LightningDiT adds to the velocity MSE")
+    objective.add_argument("--prediction_type", choices=("epsilon", "v_prediction", "sample"), default="epsilon",
+                           help="UNet: what the network predicts (default epsilon, as the users' note)")
+    objective.add_argument("--num_train_timesteps", type=int, default=1000, help="UNet: DDPM timesteps (default 1000)")
+    objective.add_argument("--beta_schedule", choices=("linear", "scaled_linear", "squaredcos_cap_v2"), default="linear",
+                           help="UNet: DDPM beta schedule (default linear, diffusers' DDPMScheduler default)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--batch_size", type=int, default=32, help="latents per device and step (default 32)")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                       help="batches per optimiser step (default 1); effective batch = batch x devices x this")
+    optim.add_argument("--max_epochs", type=int, default=100, help="epochs in total (default 100)")
+    optim.add_argument("--lr", type=float, default=1e-4,
+                       help="AdamW learning rate (default 1e-4; the note suggests 5e-5 if the loss does not converge)")
+    optim.add_argument("--adam_beta2", type=float, default=0.999,
+                       help="AdamW beta2 (default 0.999; LightningDiT uses 0.95 at batch 1024)")
+    optim.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default 0, as DiT/LightningDiT)")
+    optim.add_argument("--lr_warmup_steps", type=int, default=0, help="linear LR warm-up in optimiser steps (default 0)")
+    optim.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clipping, 0 turns it off (default 1.0)")
+    optim.add_argument("--ema_decay", type=float, default=0.9999,
+                       help="EMA decay of the weights used for validation, previews and inference (default 0.9999, reached "
+                       "through a warm-up so small data sets do not sample from an average stuck near initialisation)")
+    optim.add_argument("--no-ema_warmup", dest="ema_warmup", action="store_false",
+                       help="use the EMA decay from the first step (not advised for short runs)")
+    optim.add_argument("--precision", type=str, default="auto",
+                       help="mixed precision: 32 | 16-mixed | bf16-mixed (Lightning names) or no | fp16 | bf16 | auto (default "
+                       "auto: bf16 where supported, fp16 with loss scaling on older GPUs such as the T4, fp32 on CPU)")
+    optim.add_argument("--devices", type=int, default=1,
+                       help="processes (GPUs) to train on with DDP; N > 1 re-launches this script through torch.distributed.run "
+                       "(default 1)")
+    optim.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto uses the GPUs when present (default)")
+    optim.add_argument("--compile", action="store_true", help="torch.compile the model on CUDA (default off)")
+    optim.add_argument("--seed", type=int, default=42, help="seed of initialisation, data order, noise and previews (default 42)")
+
+    check = parser.add_argument_group("validation and previews")
+    check.add_argument("--val_every", type=int, default=1, help="validation loss every N epochs and at the end (default 1)")
+    check.add_argument("--val_time_bins", type=float, nargs="+", default=DEFAULT_VAL_BINS,
+                       help="flow times (0 noise, 1 data) at which the validation loss is measured with seeded noise "
+                       "(default 0.1 0.3 0.5 0.7 0.9; for the UNet, timestep = (1 - t) x num_train_timesteps)")
+    check.add_argument("--preview_every", type=int, default=5, help="preview grid every N epochs and at the end; 0 turns it off (default 5)")
+    check.add_argument("--preview_users", type=int, nargs="+", default=None, help="user IDs in the preview grid (default the first 8)")
+    check.add_argument("--preview_samples", type=int, default=4, help="samples per user in the preview grid (default 4)")
+    check.add_argument("--preview_steps", type=int, default=50, help="sampling steps of the previews (default 50)")
+    check.add_argument("--preview_batch_size", type=int, default=64,
+                       help="samples generated at once in previews (default 64, infer.py user's default, so inference "
+                       "reproduces a preview bit for bit)")
+    check.add_argument("--vavae_path", default=None,
+                       help="VA-VAE used for extraction, to decode previews (its fingerprint must match the latents); "
+                       "without it previews show latent channels")
+    check.add_argument("--vavae_config", choices=sorted(VAVAE_CONFIGS), default="f16d32", help="architecture of a .pt VA-VAE (default f16d32)")
+
+    sample = parser.add_argument_group("sampling defaults (stored in checkpoints, used by previews and infer.py user)")
+    sample.add_argument("--sampler", choices=FLOW_SAMPLERS + DDPM_SAMPLERS, default=None,
+                        help="DiT: euler (default) or heun; UNet: ddim")
+    sample.add_argument("--sample_steps", type=int, default=None, help="inference steps (default 250 for the DiT, 50 for the UNet)")
+    sample.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance scale, 1 = none (default 4.0)")
+    sample.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("START", "END"),
+                        help="flow-time interval where guidance acts (default 0.11 1.0 for the DiT as LightningDiT, 0 1 for the UNet)")
+    sample.add_argument("--shift", type=float, default=None, help="DiT timestep shift, LightningDiT's convention (default 0.3)")
+    sample.add_argument("--guidance_channels", type=int, default=None,
+                        help="guide only the first N latent channels (the reference's 3-channel bug; default: all)")
+
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--output_dir", default="trained_models", help="run folder (default ./trained_models)")
+    out.add_argument("--resume", default=None, help="checkpoint to continue from, or 'latest' (OUTPUT_DIR/checkpoints/last.ckpt)")
+    out.add_argument("--save_every", type=int, default=0, help="also keep checkpoints/epoch_NNNN.ckpt every N epochs (default 0: off)")
+    out.add_argument("--keep_last", type=int, default=3, help="epoch_NNNN.ckpt files kept, 0 keeps all (default 3)")
+    out.add_argument("--slim_best", action="store_true",
+                     help="write best.ckpt without the optimiser and RNG state: half the size, enough for inference "
+                     "(resume from last.ckpt); useful for XL on a small disk")
+    args = parse_with_config(parser, argv)
+
+    if args.latent_dir is None:
+        parser.error("--latent_dir is required (the output folder of scripts/extract_features.py)")
+    for flag in ("batch_size", "max_epochs", "gradient_accumulation_steps", "devices", "val_every", "preview_samples",
+                 "preview_steps", "preview_batch_size", "patch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
+    if not 0.0 <= args.cfg_dropout < 1.0:
+        parser.error("--cfg_dropout must be in [0, 1)")
+    if any(not 0.0 <= t <= 1.0 for t in args.val_time_bins):
+        parser.error("--val_time_bins must lie in [0, 1]")
+    args.precision = str(args.precision)  # a YAML preset may say `precision: 32`
+    if args.precision not in PRECISION_ALIASES:
+        parser.error(f"--precision {args.precision} is not one of {', '.join(PRECISION_ALIASES)}")
+    args.mixed_precision = PRECISION_ALIASES[args.precision]
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-process launch
+# --------------------------------------------------------------------------------------------------
+
+
+def under_launcher() -> bool:
+    """True inside torchrun / accelerate launch (they set LOCAL_RANK and WORLD_SIZE)."""
+    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launch_command(argv: list[str], devices: int) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc_per_node N train_dit_user.py ARGV``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+            str(Path(__file__).resolve()), *argv]
+
+
+def launch(argv: list[str] | None = None) -> int:
+    """Command-line entry: one process, or ``--devices N`` processes through torch.distributed.run."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.devices > 1 and not under_launcher():
+        use_cuda = args.device != "cpu" and torch.cuda.is_available()
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto.")
+        if use_cuda and args.devices > torch.cuda.device_count():
+            raise UserError(f"--devices {args.devices} asks for more GPUs than the {torch.cuda.device_count()} visible; lower --devices.")
+        where = "GPUs" if use_cuda else "CPU processes (gloo)"
+        print(f"starting {args.devices} {where} with torch.distributed.run", flush=True)
+        return subprocess.run(launch_command(argv, args.devices), env=dict(os.environ)).returncode
+    main(args)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_sampling(args, backbone: str) -> dict:
+    """Sampling defaults of the backbone, overridden by the flags given."""
+    settings = dict(SAMPLING_DEFAULTS[backbone])
+    if args.sampler is not None:
+        allowed = FLOW_SAMPLERS if backbone == "dit" else DDPM_SAMPLERS
+        if args.sampler not in allowed:
+            raise UserError(f"--sampler {args.sampler} does not sample the {backbone} backbone; use {' or '.join(allowed)}.")
+        settings["sampler"] = args.sampler
+    for flag, key in (("sample_steps", "num_steps"), ("guidance_scale", "guidance_scale"), ("shift", "shift"),
+                      ("guidance_channels", "guidance_channels")):
+        if getattr(args, flag) is not None:
+            settings[key] = getattr(args, flag)
+    if args.guidance_interval is not None:
+        settings["guidance_interval"] = list(args.guidance_interval)
+    # Checked here, not at the first preview an epoch later.
+    if settings["num_steps"] < 1 or settings["guidance_scale"] < 0 or settings["shift"] <= 0:
+        raise UserError("--sample_steps must be at least 1, --guidance_scale at least 0 and --shift positive.")
+    if settings["guidance_channels"] is not None and settings["guidance_channels"] < 1:
+        raise UserError("--guidance_channels must be a positive channel count (leave it out to guide all channels).")
+    if args.cfg_dropout == 0 and settings["guidance_scale"] != 1.0:
+        raise UserError(f"--cfg_dropout 0 trains no null user, so guidance is impossible; pass --guidance_scale 1 or a --cfg_dropout above 0.")
+    return settings
+
+
+def build_new_model(args, num_users: int, channels: int, size: int, logger):
+    if args.backbone == "dit":
+        model = build_dit(
+            args.model_size, num_users=num_users, input_size=size, in_channels=channels, patch_size=args.patch_size,
+            class_dropout_prob=args.cfg_dropout, use_qknorm=args.qk_norm, use_checkpoint=args.gradient_checkpointing,
+        )
+        if args.init_from:
+            report = load_lightningdit_init(model, args.init_from, num_users=num_users)
+            logger.info("--init_from %s: %s", args.init_from, report.summary())
+        return model
+    if args.init_from:
+        raise UserError("--init_from loads LightningDiT weights and works with --backbone dit only.")
+    return build_user_unet(args.model_size, num_users=num_users, in_channels=channels, sample_size=size, dropout_prob=args.cfg_dropout)
+
+
+def val_noise(seed: int, time_bin: int, indices: list[int], shape) -> torch.Tensor:
+    """The same N(0, I) noise for validation sample ``index`` at ``time_bin`` in every epoch and process."""
+    noise = []
+    for index in indices:
+        state = np.random.SeedSequence([seed, 104729, time_bin, index]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)
+        noise.append(torch.randn(shape, generator=torch.Generator().manual_seed(int(state))))
+    return torch.stack(noise)
+
+
+@torch.no_grad()
+def validation_loss(model, args, val_set: LatentDataset, accelerator, noise_scheduler=None) -> tuple[float, list[float]]:
+    """The training objective at fixed times with seeded noise, averaged over the validation set (all processes)."""
+    device = accelerator.device
+    indices = list(range(accelerator.process_index, len(val_set), accelerator.num_processes))
+    shape = tuple(val_set.latents.shape[1:])
+    totals = torch.zeros(len(args.val_time_bins), device=device, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        for bin_index, t_value in enumerate(args.val_time_bins):
+            for start in range(0, len(indices), args.batch_size):
+                chunk = indices[start:start + args.batch_size]
+                latents = val_set.latents[chunk].to(device)
+                labels = val_set.labels[chunk].to(device)
+                noise = val_noise(args.seed, bin_index, chunk, shape).to(device)
+                with accelerator.autocast():
+                    if args.backbone == "dit":
+                        t = torch.full((len(chunk),), float(t_value), device=device)
+                        terms = flow_matching_loss(model, latents, labels, t=t, noise=noise, use_cosine_loss=args.cosine_loss)
+                    else:
+                        num_train = noise_scheduler.config.num_train_timesteps
+                        timestep = min(num_train - 1, int(round((1.0 - t_value) * num_train)))
+                        timesteps = torch.full((len(chunk),), timestep, device=device, dtype=torch.long)
+                        terms = ddpm_loss(model, noise_scheduler, latents, labels, timesteps=timesteps, noise=noise)
+                totals[bin_index] += terms["loss"].double() * len(chunk)
+    finally:
+        model.train(was_training)
+    totals = accelerator.reduce(totals, reduction="sum") if accelerator.num_processes > 1 else totals
+    per_bin = (totals / max(len(val_set), 1)).tolist()
+    return float(np.mean(per_bin)), per_bin
+
+
+def _connect_gaps(values: list[float]) -> list[float]:
+    """For the plot only: draw the validation curve straight through epochs that --val_every skipped (NaN)."""
+    values = np.asarray(values, dtype=float)
+    known = np.flatnonzero(np.isfinite(values))
+    if len(known) == 0:
+        return values.tolist()
+    filled = np.interp(np.arange(len(values)), known, values[known])
+    filled[: known[0]] = np.nan  # nothing before the first validation
+    return filled.tolist()
+
+
+def _autocast_dtype(accelerator) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+
+
+def load_latents(args, logger) -> tuple[LatentStats, LatentDataset, LatentDataset | None, int]:
+    latent_dir = Path(args.latent_dir)
+    if not latent_dir.is_dir():
+        raise UserError(f"--latent_dir {latent_dir} does not exist; run scripts/extract_features.py first.")
+    stats = LatentStats.load(latent_dir / STATS_FILENAME)
+    train_file = load_latent_file(latent_dir / "train.safetensors")
+    train_set = LatentDataset(train_file, stats, use_flip=args.use_flip)
+    val_path = latent_dir / "val.safetensors"
+    val_set = LatentDataset(val_path, stats) if val_path.is_file() else None
+    recorded = train_file.num_users
+    if recorded is None:  # a LightningDiT latent file without our metadata
+        recorded = args.num_users or int(train_file.labels.max()) + 1
+    if args.num_users is not None and args.num_users != recorded:
+        raise UserError(f"--num_users {args.num_users} disagrees with the {recorded} users recorded in {latent_dir / 'train.safetensors'}; "
+                        f"drop the flag or re-extract with --num_users {args.num_users}.")
+    if val_set is not None and val_set.num_users not in (None, recorded):
+        raise UserError(f"{val_path} records {val_set.num_users} users but train.safetensors {recorded}; re-extract both together.")
+    if val_set is None:
+        logger.warning("no %s: no validation loss; best.ckpt follows the training loss", val_path)
+    return stats, train_set, val_set, recorded
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> dict:
+    if args.devices > 1 and not under_launcher():
+        raise UserError(f"--devices {args.devices} starts {args.devices} processes from the command line "
+                        "(python train_dit_user.py ... --devices N); from Python call train_dit_user.launch(argv) or use torchrun.")
+    reset_accelerate_state()
+    output = Path(args.output_dir)
+    checkpoint_dir = output / "checkpoints"
+    checkpoint, resume_path = None, None
+    if args.resume:
+        resume_path = resolve_resume(args.resume, checkpoint_dir, RESUME_PATTERNS)
+        if resume_path is not None:
+            checkpoint = load_checkpoint(resume_path, CHECKPOINT_KIND, "train_dit_user.py --resume")
+            if "optimizer" not in checkpoint:
+                raise UserError(f"{resume_path} was written with --slim_best and holds no optimiser state; resume from last.ckpt.")
+            trained = checkpoint["config"]
+            for flag in ("backbone", "model_size"):
+                given = getattr(args, flag)
+                if given is not None and str(given).lower() != str(trained[flag]).lower():
+                    raise UserError(f"{resume_path} trained --{flag} {trained[flag]}, not {given}; resume with --{flag} {trained[flag]} or start a new --output_dir.")
+                setattr(args, flag, trained[flag])
+    args.backbone = args.backbone or "dit"
+    args.model_size = args.model_size or DEFAULT_SIZES[args.backbone]
+    sizes = DIT_SIZES if args.backbone == "dit" else UNET_SIZES
+    if args.model_size.lower() not in {name.lower() for name in sizes}:
+        raise UserError(f"--model_size {args.model_size} is not a {args.backbone} size; choose one of {', '.join(sizes)}.")
+    if args.qk_norm is None:
+        args.qk_norm = args.init_from is None
+    sampling = resolve_sampling(args, args.backbone)
+
+    cpu = args.device == "cpu" or not torch.cuda.is_available()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto.")
+    accelerator = create_accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                      cpu=cpu, seed=args.seed, compile_model=args.compile)
+    is_main = accelerator.is_main_process
+    logger = setup_logger(output, is_main)
+    if under_launcher() and args.devices not in (1, accelerator.num_processes):
+        logger.warning("--devices %d, but the launcher started %d processes; training on %d", args.devices,
+                       accelerator.num_processes, accelerator.num_processes)
+    logger.info("run %s: %s", output, f"resuming from {resume_path}" if resume_path else "new run")
+
+    stats, train_set, val_set, num_users = load_latents(args, logger)
+    args.num_users = num_users
+    channels, height, width = train_set.latents.shape[1:]
+    if height != width:
+        raise UserError(f"The latents are {height}x{width}; the DiT and UNet here need square latents (extract with a square --image_size).")
+    preview_users = validate_user_ids(args.preview_users or list(range(1, min(num_users, 8) + 1)), num_users)
+    if args.vavae_path:
+        check_vae_matches(stats, args.vavae_path)  # previews decode with it: it must be the extraction's VA-VAE
+    if checkpoint is not None:
+        old = LatentStats.from_dict(checkpoint["latent_stats"])
+        if old.vae_fingerprint != stats.vae_fingerprint or not torch.allclose(old.mean, stats.mean) or not torch.allclose(old.std, stats.std):
+            raise UserError(f"The latents in {args.latent_dir} are not the ones {resume_path} was trained on (other statistics or VA-VAE); "
+                            "resume with the same --latent_dir or start a new --output_dir.")
+        if int(checkpoint["num_users"]) != num_users:
+            raise UserError(f"{resume_path} was trained for {checkpoint['num_users']} users, the latents have {num_users}.")
+
+    # Model, objective, optimiser.
+    if checkpoint is not None:
+        model = build_backbone(args.backbone, checkpoint["model_config"])  # weights restored below
+        if args.gradient_checkpointing and args.backbone == "dit":
+            model.gradient_checkpointing = True
+    else:
+        model = build_new_model(args, num_users, channels, height, logger)
+    if args.gradient_checkpointing and args.backbone == "unet":
+        model.unet.enable_gradient_checkpointing()
+    noise_scheduler = None
+    if args.backbone == "unet":
+        if checkpoint is not None and checkpoint.get("noise_scheduler_config"):
+            from diffusers import DDPMScheduler
+
+            noise_scheduler = DDPMScheduler.from_config(checkpoint["noise_scheduler_config"])
+        else:
+            noise_scheduler = build_noise_scheduler(args.num_train_timesteps, args.beta_schedule, args.prediction_type)
+    model_config = model_config_of(model, args.backbone)
+    model = model.to(accelerator.device)
+    logger.info("%s %s: %.2fM parameters, %d users (+ null user), latents %dx%dx%d", args.backbone, args.model_size,
+                sum(p.numel() for p in model.parameters()) / 1e6, num_users, channels, height, width)
+
+    vae = None
+    if args.vavae_path and is_main and args.preview_every:
+        from models.vavae import load_vavae
+
+        vae = load_vavae(args.vavae_path, device=accelerator.device, config=args.vavae_config)
+
+    loader = make_loader(train_set, args.batch_size, workers=args.num_workers, device_type=accelerator.device.type)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.adam_beta2), weight_decay=args.weight_decay)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    warmup = args.lr_warmup_steps
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0)
+    bare = unwrap(accelerator, model)
+    ema = EMA(bare, decay=args.ema_decay, warmup=args.ema_warmup)
+    objective = {"time_sampling": args.time_sampling, "use_cosine_loss": args.cosine_loss} if args.backbone == "dit" else {}
+    steps_per_epoch = max(1, len(loader) // args.gradient_accumulation_steps)
+
+    step, start_epoch = 0, 0
+    history = {"train": [], "val": [], "val_per_bin": []}
+    best = {"metric": math.inf, "epoch": 0, "on": "val" if val_set is not None else "train"}
+    if checkpoint is not None:
+        restore_training_checkpoint(checkpoint, accelerator, model, optimizer, lr_scheduler, ema)
+        step, start_epoch = checkpoint["step"], checkpoint["epoch"]
+        history = {k: list(v) for k, v in checkpoint["history"].items()}
+        best = dict(checkpoint["best"])
+        logger.info("resumed at epoch %d, optimiser step %d", start_epoch, step)
+    if is_main:
+        save_config(args, output / "args.yaml")
+    log_run_header(logger, accelerator, args.batch_size,
+                   f"{len(train_set)} training latents, {len(val_set) if val_set else 0} validation, {steps_per_epoch} steps per epoch, lr {args.lr:g}")
+    autocast_dtype = _autocast_dtype(accelerator)
+    preview = {"users": preview_users, "samples_per_user": args.preview_samples, "seed": args.seed,
+               "batch_size": args.preview_batch_size, "autocast": accelerator.mixed_precision if autocast_dtype else None,
+               "settings": dict(sampling, num_steps=args.preview_steps)}
+
+    def save(epoch: int, is_best: bool) -> None:
+        state = training_checkpoint(
+            CHECKPOINT_KIND, accelerator, model, optimizer, args, step, epoch, lr_scheduler, ema,
+            backbone=args.backbone, model_config=model_config, num_users=num_users, latent_stats=stats.to_dict(),
+            latent_shape=[int(channels), int(height), int(width)],
+            noise_scheduler_config=plain_config(noise_scheduler.config) if noise_scheduler is not None else None,
+            sampling=sampling, preview=preview, history=history, best=best,
+        )
+        if not is_main:
+            return
+        last = atomic_torch_save(state, checkpoint_dir / "last.ckpt")
+        copies = [checkpoint_dir / "best.ckpt"] if is_best and not args.slim_best else []
+        if is_best and args.slim_best:
+            resume_only = ("optimizer", "rng", "lr_scheduler", "scaler")
+            atomic_torch_save({k: v for k, v in state.items() if k not in resume_only}, checkpoint_dir / "best.ckpt")
+        if args.save_every and epoch % args.save_every == 0:
+            copies.append(checkpoint_dir / f"epoch_{epoch:04d}.ckpt")
+        for target in copies:
+            atomic_write(target, lambda tmp: shutil.copyfile(last, tmp))
+        rotate_checkpoints(checkpoint_dir, "epoch_*.ckpt", args.keep_last)
+
+    def write_preview(epoch: int) -> Path:
+        with ema.averaged_weights(bare):
+            images, _ = generate_user_images(
+                bare, args.backbone, preview_users, args.preview_samples, stats=stats, vae=vae, seed=args.seed,
+                batch_size=args.preview_batch_size, device=accelerator.device, autocast_dtype=autocast_dtype,
+                noise_scheduler=noise_scheduler, **sampling_kwargs(preview["settings"]),
+            )
+        path = save_user_grid(images, preview_users, args.preview_samples, output / "previews" / f"epoch_{epoch:04d}.png")
+        logger.info("epoch %d: preview %s%s", epoch, path, "" if vae is not None else " (latent channels 0-2: no --vavae_path)")
+        return path
+
+    if checkpoint is not None:
+        restore_rng(checkpoint, accelerator)  # last thing before the loop: nothing after it may draw random numbers
+        del checkpoint
+    for epoch in range(start_epoch, args.max_epochs):
+        model.train()
+        loader.set_epoch(epoch)
+        progress = TrainingProgress(len(loader), f"epoch {epoch + 1}/{args.max_epochs}", enabled=is_main)
+        started = time.perf_counter()
+        for latents, labels in loader:
+            try:
+                with accelerator.accumulate(model):
+                    terms = training_loss(args.backbone, model, latents, labels, noise_scheduler=noise_scheduler, **objective)
+                    loss = terms["loss"]
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.grad_clip > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            except torch.OutOfMemoryError as err:
+                raise UserError(out_of_memory_message(args.batch_size, " (--gradient_accumulation_steps), or add --gradient_checkpointing")) from err
+            if accelerator.sync_gradients:
+                lr_scheduler.step()
+                ema.update(bare)
+                step += 1
+            progress.update(loss, lr_scheduler.get_last_lr()[0])
+        progress.close()
+        seconds = time.perf_counter() - started
+
+        epoch_loss = float(accelerator.gather(progress.epoch_meter.total[None] / progress.epoch_meter.count).mean())
+        check_finite(epoch_loss, step, ", or train with bf16 or fp32 (or --qk_norm) instead of fp16")
+        history["train"].append(epoch_loss)
+        done = epoch + 1
+        is_final = done == args.max_epochs
+        val_loss = None
+        if val_set is not None and (done % args.val_every == 0 or is_final):
+            with ema.averaged_weights(bare):
+                val_loss, per_bin = validation_loss(bare, args, val_set, accelerator, noise_scheduler)
+            check_finite(val_loss, step)
+            history["val_per_bin"].append(per_bin)
+        history["val"].append(val_loss if val_loss is not None else float("nan"))
+        metric = val_loss if best["on"] == "val" else epoch_loss
+        is_best = metric is not None and metric < best["metric"]
+        if is_best:
+            best.update(metric=metric, epoch=done)
+        val_text = f" | val {val_loss:.4f}" if val_loss is not None else ""
+        logger.info("epoch %d/%d | train %.4f%s | best %s %.4f (epoch %d) | step %d | lr %.2e | %.1f s, %.0f latents/s",
+                    done, args.max_epochs, epoch_loss, val_text, best["on"], best["metric"], best["epoch"], step,
+                    lr_scheduler.get_last_lr()[0], seconds, len(loader) * args.batch_size * accelerator.num_processes / max(seconds, 1e-9))
+        save(done, is_best)
+        if is_main:
+            curves = {"train": history["train"]}
+            if val_set is not None:
+                curves["validation (EMA, fixed times)"] = _connect_gaps(history["val"])
+            plot_curves(curves, output / "loss_curves.png", title=f"{args.backbone} {args.model_size}: training objective", log_y=True)
+            if args.preview_every and (done % args.preview_every == 0 or is_final):
+                write_preview(done)
+        accelerator.wait_for_everyone()
+
+    logger.info("done: %s (best %s loss %.4f at epoch %d)", checkpoint_dir, best["on"], best["metric"], best["epoch"])
+    accelerator.end_training()
+    return {"history": history, "step": step, "best": best, "output_dir": output, "checkpoints": checkpoint_dir}
+
+
+if __name__ == "__main__":
+    run_cli(lambda: sys.exit(launch()))

@@ -7,6 +7,12 @@ same sampling or enhancement function the training loop uses for its previews.
     python infer.py ddpm --model checkpoints/cifar10_64x64/ddpm_best.pt --interpolate
     python infer.py ddpm --compare checkpoints/cifar10_32x32/ddpm_best.pt checkpoints/cifar10_64x64/ddpm_best.pt
     python infer.py ddpm --model path/to/ddpm-cifar10-32        # a diffusers folder (UNet2DModel + scheduler)
+    python infer.py phaseformer --checkpoint checkpoint/LSUI/netG_model_best.pth --input LSUI/test/input \
+        --output_dir enhanced --gt_dir LSUI/test/gt
+    python infer.py user --dit_checkpoint trained_models/checkpoints/best.ckpt --vavae_path vavae-imagenet256-f16d32-dinov2.pt \
+        --output_dir generated_images --user_ids 1 2 3 4 5 --num_samples_per_user 4 --guidance_scale 4.0 --num_steps 250
+    python infer.py seesr --pretrained_model_path preset/models/stable-diffusion-2-base --prompt '' \
+        --seesr_model_path experience/timestep_multiscale/checkpoint-100000 --image_path LR --output_dir results/x
 
 Run ``python infer.py <subcommand> --help`` for the flags of one family.
 """
@@ -109,9 +115,331 @@ def _checkpoint_label(path: str, size: int) -> str:
     return f"{name} ({size} px)"
 
 
+# ------------------------------------------------------------------------------------------------ phaseformer
+def add_phaseformer_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "phaseformer",
+        help="enhance underwater images with a Phaseformer checkpoint; PSNR/SSIM against ground truth",
+        description="Enhance an image or a folder with a train_phaseformer.py checkpoint or official weights converted by "
+        "scripts/convert_phaseformer.py; writes OUTPUT_DIR/L/<name>.png (input size) and OUTPUT_DIR/H/<name>.png (2x), "
+        "and with --gt_dir a per-image metrics.csv and the mean PSNR/SSIM of L (BasicSR-equivalent).",
+    )
+    parser.add_argument("--checkpoint", required=True,
+                        help="netG_model_*.pth from train_phaseformer.py, or a .safetensors from scripts/convert_phaseformer.py")
+    parser.add_argument("--input", required=True, help="an image or a folder of images (any size)")
+    parser.add_argument("--output_dir", required=True, help="where to write L/ and H/ (created)")
+    parser.add_argument("--gt_dir", default=None, help="ground-truth folder, paired by file stem: score L and write metrics.csv")
+    parser.add_argument("--outputs", choices=("L", "H", "both"), default="both",
+                        help="L: input resolution, H: twice it, both (default both)")
+    parser.add_argument("--tile", type=int, default=0,
+                        help="enhance images larger than N px in overlapping NxN tiles to save memory (default 0: whole image)")
+    parser.add_argument("--tile_overlap", type=int, default=32, help="pixels shared by neighbouring tiles (default 32)")
+    parser.add_argument("--resize", type=int, default=None,
+                        help="resize inputs (and ground truth) to NxN first, e.g. 256 for the training evaluation protocol")
+    parser.add_argument("--eca", choices=("feature", "phase"), default=None,
+                        help="override the ECA gate recorded in the checkpoint (default: the checkpoint's)")
+    parser.add_argument("--value_range", choices=("unit", "signed", "signed_reference"), default=None,
+                        help="override the input range recorded in the checkpoint (default: the checkpoint's; [-1, 1] for official weights)")
+    parser.add_argument("--test_y_channel", action="store_true", help="score the BT.601 Y channel instead of RGB")
+    parser.add_argument("--crop_border", type=int, default=0, help="pixels cropped from each border before scoring (default 0)")
+    parser.add_argument("--split_file", default=None,
+                        help="enhance only the 'test' images of this split list (split_*.txt in a training run folder)")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto (GPU if present)")
+    parser.add_argument("--amp", action="store_true",
+                        help="bf16/fp16 autocast on the GPU (default fp32, the precision of the training evaluation)")
+
+
+def run_phaseformer(args: argparse.Namespace) -> dict:
+    from models.phaseformer_enhance import enhance_folder, load_phaseformer_for_inference
+    from utils.accelerator import resolve_device
+
+    if args.tile < 0 or (args.resize is not None and args.resize < 16):
+        raise UserError("--tile must be 0 (off) or a side in pixels, and --resize at least 16.")
+    device = resolve_device(args.device)
+    model, info = load_phaseformer_for_inference(args.checkpoint, eca=args.eca, value_range=args.value_range)
+    print(f"loaded {info['description']}")
+    autocast = None
+    if device.type == "cuda" and args.amp:
+        autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    report = enhance_folder(
+        model.to(device), args.input, args.output_dir, value_range=info["value_range"], outputs=args.outputs,
+        gt_dir=args.gt_dir, resize=args.resize, tile=args.tile, tile_overlap=args.tile_overlap, autocast_dtype=autocast,
+        crop_border=args.crop_border, test_y_channel=args.test_y_channel, split_file=args.split_file,
+    )
+    print(f"wrote {len(report['written'])} images to {args.output_dir}")
+    if report["metrics"]:
+        channel = "Y" if args.test_y_channel else "RGB"
+        print(f"mean over {len(report['metrics'])} images ({channel}, border {args.crop_border} px): "
+              f"PSNR {report['mean_psnr']:.3f} dB, SSIM {report['mean_ssim']:.4f}; per image: {report['csv']}")
+    return report
+
+
+# ------------------------------------------------------------------------------------------------------ seesr
+def add_seesr_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "seesr",
+        help="super-resolve images with a SeeSR ControlNet (+ timestep-adaptive injector) checkpoint",
+        description="Super-resolve an image or a folder with a train_seesr_timestep.py checkpoint on Stable Diffusion 2 "
+        "base (the users' test_seesr.py). The injector and its timestep weights load from the checkpoint when present; "
+        "a checkpoint without them runs standard SeeSR inference. Writes OUTPUT_DIR/<name>.png at --upscale times the "
+        "input size. A <name>.txt beside an image holds its tags, used as its prompt.",
+    )
+    parser.add_argument("--pretrained_model_path", required=True,
+                        help="local diffusers Stable Diffusion 2 base folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)")
+    parser.add_argument("--seesr_model_path", required=True,
+                        help="a checkpoint-<step>/ folder (controlnet/ [+ multi_scale_injector/]); a run folder picks its newest")
+    parser.add_argument("--image_path", required=True, help="an LR image or a folder of LR images")
+    parser.add_argument("--output_dir", default="results/seesr", help="where the SR images go (default results/seesr)")
+    parser.add_argument("--prompt", default="", help="text added to every image's prompt (default none)")
+    parser.add_argument("--added_prompt", default="clean, high-resolution, 8k",
+                        help="appended to every prompt (default SeeSR's 'clean, high-resolution, 8k')")
+    parser.add_argument("--negative_prompt", default="dotted, noise, blur, lowres, smooth",
+                        help="classifier-free guidance's negative prompt (default SeeSR's)")
+    parser.add_argument("--start_point", choices=("lr", "noise"), default="lr",
+                        help="lr: start from the VAE latent of the upscaled LR noised to the first timestep (SeeSR's "
+                        "'LR embedding', default); noise: from pure noise")
+    parser.add_argument("--lr_start_timestep", type=int, default=None,
+                        help="timestep the LR latent is noised to (default: the first sampling step, 981 at 50 steps; "
+                        "999 reproduces SeeSR's start_steps)")
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="DDPM sampling steps: 20, 50 or 100 (default 50)")
+    parser.add_argument("--guidance_scale", type=float, default=5.5,
+                        help="classifier-free guidance, 3.0-8.0 (default 5.5; 5.0-6.0 suggested with the injector)")
+    parser.add_argument("--conditioning_scale", type=float, default=1.0, help="ControlNet residual scale (default 1.0)")
+    parser.add_argument("--control_schedule", choices=("constant", "window", "linear"), default="constant",
+                        help="hand-set ControlNet scale over the steps, to compare with the learned w(t): constant "
+                        "(default), window (diffusers' control_guidance_start/end), linear (SUPIR: linear in the noise level)")
+    parser.add_argument("--control_guidance_start", type=float, default=0.0,
+                        help="window: fraction of the steps after which the ControlNet starts acting (default 0.0)")
+    parser.add_argument("--control_guidance_end", type=float, default=1.0,
+                        help="window: fraction of the steps after which it stops (default 1.0)")
+    parser.add_argument("--control_scale_start", type=float, default=0.0,
+                        help="linear: ControlNet scale at the highest noise level, reaching --conditioning_scale at "
+                        "none (default 0.0, SUPIR's)")
+    parser.add_argument("--process_size", type=int, default=512,
+                        help="images whose short side times --upscale is below this are enlarged to it first (SeeSR's "
+                        "rule, default 512); 256 halves the memory")
+    parser.add_argument("--upscale", type=int, default=4, help="super-resolution factor (default 4)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of each image's noise (default 42)")
+    parser.add_argument("--align_method", choices=("adain", "wavelet", "nofix"), default="adain",
+                        help="colour fix against the upscaled LR after decoding (default adain, SeeSR's)")
+    parser.add_argument("--latent_tiled_size", type=int, default=96,
+                        help="latent tile side (latent px = image px / 8): larger latents are denoised in overlapping "
+                        "Gaussian-weighted tiles (default 96; try 64 on 12 GB GPUs)")
+    parser.add_argument("--latent_tiled_overlap", type=int, default=4, help="latent pixels shared by tiles (default 4)")
+    parser.add_argument("--vae_encoder_tiled_size", type=int, default=1024,
+                        help="VAE encoder tile in image px, 0 turns tiling off (default 1024)")
+    parser.add_argument("--vae_decoder_tiled_size", type=int, default=224,
+                        help="VAE decoder tile in latent px, 0 turns tiling off (default 224; try 128 on 12 GB GPUs)")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto (GPU if present)")
+    parser.add_argument("--mixed_precision", choices=("auto", "fp16", "bf16", "no"), default="auto",
+                        help="network weights' precision: auto is fp16 on CUDA (as SeeSR) and fp32 on CPU")
+
+
+def run_seesr(args: argparse.Namespace) -> dict:
+    from tqdm.auto import tqdm
+
+    from data.sr_pairs import load_image_tensor, read_tag_prompt
+    from models.seesr import SeeSRPipeline, check_sd2_folder, compose_prompt, super_resolve_image
+    from utils.accelerator import resolve_device
+    from utils.errors import CheckpointError, DataError
+    from utils.images import list_images, tensor_to_pil
+
+    image_path, checkpoint = Path(args.image_path), Path(args.seesr_model_path)
+    if image_path.is_dir():
+        images = list_images(image_path, recursive=False)
+        if not images:
+            raise DataError(f"--image_path {image_path} holds no images.")
+    elif image_path.is_file():
+        images = [image_path]
+    else:
+        raise DataError(f"--image_path {image_path} does not exist; pass an LR image or a folder of them.")
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"--seesr_model_path {checkpoint} does not exist; pass a checkpoint-<step> folder.")
+    if not (checkpoint / "controlnet").is_dir():
+        numbered = [p for p in checkpoint.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+        if numbered:  # a run folder: take its newest checkpoint
+            checkpoint = max(numbered, key=lambda p: int(p.name[11:]))
+            print(f"{args.seesr_model_path} is a run folder: using its newest checkpoint {checkpoint.name}")
+    check_sd2_folder(args.pretrained_model_path)  # before anything loads
+    device = resolve_device(args.device)
+    if args.mixed_precision in ("fp16", "bf16") and device.type != "cuda":
+        raise UserError(f"--mixed_precision {args.mixed_precision} needs a CUDA GPU; use auto or no on the CPU.")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}.get(
+        args.mixed_precision, torch.float16 if device.type == "cuda" else torch.float32)
+    pipeline, messages = SeeSRPipeline.from_pretrained(args.pretrained_model_path, checkpoint, device, dtype)
+    for message in messages:
+        print(message)
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in tqdm(images, desc=f"SeeSR x{args.upscale}", disable=len(images) == 1):
+        lr = load_image_tensor(path)
+        result = super_resolve_image(
+            pipeline, lr, upscale=args.upscale, process_size=args.process_size,
+            prompt=compose_prompt(read_tag_prompt(path), args.prompt), added_prompt=args.added_prompt,
+            negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale, conditioning_scale=args.conditioning_scale,
+            start_point=args.start_point, lr_start_timestep=args.lr_start_timestep,
+            latent_tiled_size=args.latent_tiled_size, latent_tiled_overlap=args.latent_tiled_overlap,
+            vae_encoder_tiled_size=args.vae_encoder_tiled_size or None,
+            vae_decoder_tiled_size=args.vae_decoder_tiled_size or None, align_method=args.align_method,
+            control_schedule=args.control_schedule, control_guidance_start=args.control_guidance_start,
+            control_guidance_end=args.control_guidance_end, control_scale_start=args.control_scale_start,
+            generator=torch.Generator().manual_seed(args.seed), progress_bar=True,
+        )
+        target = output_dir / f"{path.stem}.png"
+        tensor_to_pil(result, (0.0, 1.0)).save(target)
+        written.append(target)
+    print(f"wrote {len(written)} image(s) to {output_dir}")
+    return {"written": written, "messages": messages, "checkpoint": checkpoint}
+
+
+# ------------------------------------------------------------------------------------------------------- user
+def add_user_parser(subparsers) -> None:
+    # Choices written out (models.user_generation.FLOW_SAMPLERS/DDPM_SAMPLERS, models.vavae.VAVAE_CONFIGS,
+    # models.user_pipeline.OUTPUT_LAYOUTS) so that building the parser imports no model code.
+    parser = subparsers.add_parser(
+        "user",
+        help="generate spectrograms for chosen users from a train_dit_user.py checkpoint (DiT or latent UNet)",
+        description="Generate images for user IDs 1..num_users with the training-time sampler: the checkpoint carries its "
+        "backbone, configuration, EMA weights, latent statistics and sampling defaults; flags override the defaults. "
+        "Writes micro_doppler_userXX_NNN.png, user_XX/generated_NNN.png, micro_doppler_grid.png (a row per user) and "
+        "manifest.json. The UNet note's flags are aliases: --unet_path (a checkpoint, or a diffusers UNet folder with "
+        "--condition_encoder_path and --num_users), --vae_path, --num_images_per_user, --num_inference_steps.",
+    )
+    parser.add_argument("--dit_checkpoint", "--checkpoint", dest="checkpoint", default=None,
+                        help="checkpoints/best.ckpt or last.ckpt of train_dit_user.py (either backbone)")
+    parser.add_argument("--unet_path", default=None,
+                        help="a train_dit_user.py checkpoint of the UNet backbone, or a diffusers UNet2DConditionModel folder "
+                        "(then also --num_users, and --condition_encoder_path / --latent_stats unless inside the folder)")
+    parser.add_argument("--condition_encoder_path", default=None,
+                        help="with a UNet folder: condition_encoder.pt (a UserConditionEncoder state dict with num_users + 1 rows)")
+    parser.add_argument("--latent_stats", default=None, help="with a UNet folder: the latents_stats.safetensors it was trained with")
+    parser.add_argument("--num_users", type=int, default=None,
+                        help="users the model knows; read from a checkpoint (a different value is an error), required with a UNet folder")
+    parser.add_argument("--vavae_path", "--vae_path", dest="vavae_path", default=None,
+                        help="the VA-VAE the latents were extracted with (its fingerprint must match the checkpoint's statistics)")
+    parser.add_argument("--vavae_config", choices=("f16d32", "tiny"), default="f16d32", help="architecture of a .pt VA-VAE (default f16d32)")
+    parser.add_argument("--output_dir", default="generated_images", help="where images, grid and manifest go (default ./generated_images)")
+    parser.add_argument("--user_ids", type=int, nargs="+", default=None, help="user IDs 1..num_users to generate (default: all)")
+    parser.add_argument("--num_samples_per_user", "--num_images_per_user", dest="num_samples_per_user", type=int, default=4,
+                        help="images per user (default 4)")
+    parser.add_argument("--start_index", type=int, default=0,
+                        help="index of each user's first sample: continue a set without repeating it (default 0)")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance, 1 = none (default: the checkpoint's, 4.0)")
+    parser.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("START", "END"),
+                        help="flow times where guidance acts, 0 noise .. 1 data (default: the checkpoint's; DiT 0.11 1.0)")
+    parser.add_argument("--guidance_channels", type=int, default=None,
+                        help="guide only the first N latent channels (the reference's 3-channel behaviour; default all)")
+    parser.add_argument("--num_steps", "--num_inference_steps", dest="num_steps", type=int, default=None,
+                        help="sampler updates (default: the checkpoint's, 250 for the DiT, 50 for the UNet)")
+    parser.add_argument("--sampler", choices=("euler", "heun", "ddim"), default=None,
+                        help="DiT: euler or heun; UNet: ddim (default: the checkpoint's)")
+    parser.add_argument("--shift", type=float, default=None, help="DiT timestep shift, LightningDiT's convention (default: the checkpoint's, 0.3)")
+    parser.add_argument("--eta", type=float, default=None, help="UNet DDIM eta, 0 = deterministic (default 0)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="run seed; sample (seed, user, index) is the same whatever else is generated (default: the "
+                        "training seed, so the training previews are reproduced)")
+    parser.add_argument("--batch_size", type=int, default=64, help="samples generated and decoded at once (default 64, as the previews)")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto (GPU if present)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="autocast while sampling (default auto: on a GPU the previews' precision, fp32 on the CPU)")
+    parser.add_argument("--no_ema", action="store_true", help="sample with the raw weights instead of the EMA weights")
+    parser.add_argument("--layout", choices=("both", "flat", "folders"), default="both",
+                        help="both (default): micro_doppler_userXX_NNN.png and user_XX/generated_NNN.png; flat or folders: one of them")
+    parser.add_argument("--save_latents", action="store_true",
+                        help="also write generated_latents.safetensors (VA-VAE scale, LightningDiT tensor names)")
+
+
+def run_user(args: argparse.Namespace) -> dict:
+    import json
+
+    from models.user_generation import validate_user_ids
+    from models.user_pipeline import (
+        AUTOCAST_DTYPES,
+        check_vae_matches,
+        generate_user_images,
+        load_user_checkpoint,
+        load_user_unet_folder,
+        sampling_kwargs,
+        save_user_grid,
+        write_user_images,
+    )
+    from models.vavae import file_fingerprint, load_vavae
+    from utils.accelerator import resolve_device
+    from utils.checkpoint import atomic_save_safetensors, atomic_write_text
+
+    if bool(args.checkpoint) == bool(args.unet_path):
+        raise UserError("infer.py user needs one model: --dit_checkpoint CKPT (either backbone) or --unet_path (checkpoint or UNet folder).")
+    source = Path(args.checkpoint or args.unet_path)
+    if args.num_samples_per_user < 1 or args.batch_size < 1 or args.start_index < 0:
+        raise UserError("--num_samples_per_user and --batch_size must be at least 1 and --start_index at least 0.")
+    if source.is_dir():
+        bundle = load_user_unet_folder(source, num_users=args.num_users, condition_encoder_path=args.condition_encoder_path,
+                                       latent_stats_path=args.latent_stats)
+    else:
+        if args.condition_encoder_path or args.latent_stats:
+            raise UserError(f"{source} is a checkpoint that carries its own condition encoder and latent statistics; drop "
+                            "--condition_encoder_path/--latent_stats (they go with a diffusers UNet folder).")
+        bundle = load_user_checkpoint(source, use_ema=not args.no_ema)
+        if args.num_users is not None and args.num_users != bundle.num_users:
+            raise UserError(f"--num_users {args.num_users} disagrees with the {bundle.num_users} users {source} was trained for; drop the flag.")
+    users = validate_user_ids(args.user_ids if args.user_ids is not None else range(1, bundle.num_users + 1), bundle.num_users)
+    settings = dict(bundle.sampling)
+    for flag in ("sampler", "num_steps", "guidance_scale", "shift", "guidance_channels", "eta"):
+        if getattr(args, flag) is not None:
+            settings[flag] = getattr(args, flag)
+    if args.guidance_interval is not None:
+        settings["guidance_interval"] = list(args.guidance_interval)
+    seed = args.seed if args.seed is not None else int(bundle.checkpoint.get("preview", {}).get("seed", 0))
+    if not args.vavae_path:
+        raise UserError("--vavae_path is required: the model generates VA-VAE latents; pass the VA-VAE file the latents were extracted with.")
+    vae_fingerprint = check_vae_matches(bundle.stats, args.vavae_path)  # before the (large) VA-VAE is loaded
+    device = resolve_device(args.device)
+    precision = args.precision
+    if precision == "auto":
+        precision = (bundle.checkpoint.get("preview", {}).get("autocast") or "fp32") if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA GPU; use fp32 (or bf16) on the CPU.")
+    vae = load_vavae(args.vavae_path, device=device, config=args.vavae_config)
+    channels = bundle.stats.mean.shape[1]
+    if vae.latent_channels != channels:
+        raise UserError(f"The VA-VAE {args.vavae_path} has {vae.latent_channels} latent channels, the model {channels}; check --vavae_config.")
+    print(f"loaded {bundle.backbone} model from {source} ({bundle.weights} weights, {bundle.num_users} users); "
+          f"users {users}, {args.num_samples_per_user} each, {settings['sampler']} {settings['num_steps']} steps, "
+          f"guidance {settings['guidance_scale']}, seed {seed}, {device}")
+    images, latents = generate_user_images(
+        bundle.model.to(device), bundle.backbone, users, args.num_samples_per_user, stats=bundle.stats, vae=vae, seed=seed,
+        batch_size=args.batch_size, first_index=args.start_index, device=device, autocast_dtype=AUTOCAST_DTYPES.get(precision),
+        noise_scheduler=bundle.noise_scheduler, progress=True, **sampling_kwargs(settings),
+    )
+    output_dir = Path(args.output_dir)
+    records = write_user_images(images, users, args.num_samples_per_user, output_dir, first_index=args.start_index, layout=args.layout)
+    grid = save_user_grid(images, users, args.num_samples_per_user, output_dir / "micro_doppler_grid.png")
+    if args.save_latents:
+        labels = torch.tensor([record["user_id"] - 1 for record in records])
+        atomic_save_safetensors({"latents": latents, "labels": labels}, output_dir / "generated_latents.safetensors",
+                                {"vae_fingerprint": vae_fingerprint, "labels": "user_id - 1", "seed": str(seed)})
+    manifest = {
+        "model": {"path": str(source), "fingerprint": file_fingerprint(source), "backbone": bundle.backbone, "weights": bundle.weights,
+                  "num_users": bundle.num_users, "epoch": bundle.checkpoint.get("epoch"), "step": bundle.checkpoint.get("step")},
+        "vae": {"path": str(args.vavae_path), "fingerprint": vae_fingerprint, "config": args.vavae_config},
+        "seed": seed, "sampling": settings, "precision": precision, "device": str(device), "batch_size": args.batch_size,
+        "user_ids": users, "num_samples_per_user": args.num_samples_per_user, "start_index": args.start_index,
+        "grid": grid.name, "files": records,
+    }
+    atomic_write_text(json.dumps(manifest, indent=2) + "\n", output_dir / "manifest.json")
+    print(f"wrote {len(records)} images, {grid} and manifest.json to {output_dir}")
+    return {"output_dir": output_dir, "grid": grid, "files": records, "manifest": manifest, "latents": latents}
+
+
 # ------------------------------------------------------------------------------------------------ entry point
 COMMANDS = {
     "ddpm": (add_ddpm_parser, run_ddpm),
+    "phaseformer": (add_phaseformer_parser, run_phaseformer),
+    "seesr": (add_seesr_parser, run_seesr),
+    "user": (add_user_parser, run_user),
 }
 
 

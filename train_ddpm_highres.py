@@ -39,6 +39,7 @@ from utils.images import save_grid
 from utils.log import TrainingProgress, setup_logger
 from utils.plots import plot_curves
 from utils.training import (
+    backward_and_step,
     check_finite,
     make_loader,
     out_of_memory_message,
@@ -283,11 +284,7 @@ def main(args: argparse.Namespace) -> dict:
             try:
                 with accelerator.accumulate(unet):
                     loss = ddpm_loss(unet, scheduler, images)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.grad_clip > 0:
-                        accelerator.clip_grad_norm_(unet.parameters(), args.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    backward_and_step(accelerator, loss, optimizer, unet.parameters(), args.grad_clip)
             except torch.OutOfMemoryError as err:
                 raise UserError(out_of_memory_message(plan.batch_size, " (--effective_batch)")) from err
             if accelerator.sync_gradients:

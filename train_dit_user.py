@@ -70,6 +70,7 @@ from utils.errors import UserError, run_cli
 from utils.log import TrainingProgress, setup_logger
 from utils.plots import plot_curves
 from utils.training import (
+    backward_and_step,
     check_finite,
     make_loader,
     out_of_memory_message,
@@ -274,7 +275,7 @@ def resolve_sampling(args, backbone: str) -> dict:
     if settings["guidance_channels"] is not None and settings["guidance_channels"] < 1:
         raise UserError("--guidance_channels must be a positive channel count (leave it out to guide all channels).")
     if args.cfg_dropout == 0 and settings["guidance_scale"] != 1.0:
-        raise UserError(f"--cfg_dropout 0 trains no null user, so guidance is impossible; pass --guidance_scale 1 or a --cfg_dropout above 0.")
+        raise UserError("--cfg_dropout 0 trains no null user, so guidance is impossible; pass --guidance_scale 1 or a --cfg_dropout above 0.")
     return settings
 
 
@@ -535,11 +536,7 @@ def main(args: argparse.Namespace) -> dict:
                 with accelerator.accumulate(model):
                     terms = training_loss(args.backbone, model, latents, labels, noise_scheduler=noise_scheduler, **objective)
                     loss = terms["loss"]
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.grad_clip > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    backward_and_step(accelerator, loss, optimizer, model.parameters(), args.grad_clip)
             except torch.OutOfMemoryError as err:
                 raise UserError(out_of_memory_message(args.batch_size, " (--gradient_accumulation_steps), or add --gradient_checkpointing")) from err
             if accelerator.sync_gradients:

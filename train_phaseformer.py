@@ -59,13 +59,22 @@ from models.phaseformer_enhance import (
 )
 from utils.accelerator import PRECISION_CHOICES, create_accelerator, log_run_header, reset_accelerate_state
 from utils.checkpoint import atomic_torch_save, atomic_write, load_checkpoint, resolve_resume, rotate_checkpoints
-from utils.config import _yaml_defaults, add_config_argument, load_config, parse_with_config, save_config
+from utils.config import add_config_argument, explicitly_given, parse_with_config, save_config
 from utils.errors import CheckpointError, UserError, run_cli
 from utils.images import save_grid
 from utils.log import TrainingProgress, setup_logger
 from utils.metrics import SSIM_SIGMA, SSIM_WINDOW_SIZE, batch_psnr, batch_ssim
 from utils.plots import plot_curves
-from utils.training import check_finite, make_loader, out_of_memory_message, restore_rng, restore_training_checkpoint, training_checkpoint, unwrap
+from utils.training import (
+    backward_and_step,
+    check_finite,
+    make_loader,
+    out_of_memory_message,
+    restore_rng,
+    restore_training_checkpoint,
+    training_checkpoint,
+    unwrap,
+)
 
 CHECKPOINT_KIND = "phaseformer"
 RESUME_PATTERNS = ["netG_model_latest.pth", "netG_model_epoch_*.pth"]
@@ -194,21 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def given_flags(argv: list[str] | None, config_path: str | None) -> set[str]:
-    """Destinations set on the command line or in the --config file (what a resumed run must not take from its checkpoint)."""
-    probe = build_parser()
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    given = set(vars(probe.parse_args(argv)))
-    if config_path:
-        given |= set(_yaml_defaults(probe, load_config(config_path), config_path))
-    return given - {"config"}
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parse_with_config(parser, argv)
-    given = given_flags(argv, args.config)
+    given = explicitly_given(parser, argv, args.config)
     for key, correct in CORRECT_BEHAVIOUR.items():
         if getattr(args, key) is None:
             setattr(args, key, REFERENCE_BEHAVIOUR[key] if args.reference_behaviour else correct)
@@ -515,13 +513,10 @@ def main(args: argparse.Namespace) -> dict:
                     fake_b_L, fake_b_H = model(inputs)
                     with accelerator.autocast():
                         total, logs = loss_fn(fake_b_L.float(), fake_b_H.float(), target, target_2x)
-                    accelerator.backward(total)
-                    if accelerator.sync_gradients:
-                        all_reduce_loss_weight_grads(accelerator, weight_parameters)
-                        if args.clip_grad > 0:
-                            accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    backward_and_step(
+                        accelerator, total, optimizer, model.parameters(), args.clip_grad,
+                        before_clip=lambda: all_reduce_loss_weight_grads(accelerator, weight_parameters),
+                    )
             except torch.OutOfMemoryError as err:
                 raise UserError(out_of_memory_message(
                     args.batch_size, " (--grad_accum), or train on smaller images with --crop_size (the 2x head works at twice that side)"

@@ -55,7 +55,7 @@ from utils.checkpoint import atomic_write_text
 from utils.config import add_config_argument, config_to_dict, parse_with_config, save_config
 from utils.errors import CheckpointError, UserError, run_cli
 from utils.log import LossMeter, TrainingProgress, setup_logger
-from utils.training import check_finite, out_of_memory_message, unwrap
+from utils.training import backward_and_step, check_finite, out_of_memory_message, unwrap
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_NAME = "training_state.json"
@@ -681,11 +681,7 @@ def main(args: argparse.Namespace) -> dict:
                         controlnet=controlnet, injector=injector, noise_scheduler=sd2.noise_scheduler,
                         generator=loss_generator(args.seed, micro_step, accelerator),
                     )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(trained_parameters, args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    backward_and_step(accelerator, loss, optimizer, trained_parameters, args.max_grad_norm)
             except torch.OutOfMemoryError as error:
                 raise UserError(out_of_memory_message(
                     args.train_batch_size,

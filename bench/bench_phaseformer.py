@@ -122,7 +122,6 @@ def bench_training(model, device, size: int, batch: int, steps: int, warmup: int
     synchronize(device)
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    del optimizer, loss_fn
     return {"img_s": batch * steps / seconds, "peak_gib": peak}
 
 

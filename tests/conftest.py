@@ -1,4 +1,8 @@
-"""Shared fixtures: small offline data built once per session, and a fixed seed for every test."""
+"""Shared fixtures: small offline data built once per session, and a fixed seed for every test.
+
+On a machine whose cores are busy with other jobs, run the suite with ``OMP_NUM_THREADS=1``: intra-op threads that
+wait for each other make the tiny ops of these tests 10-100x slower there.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,6 @@ import random
 import numpy as np
 import pytest
 import torch
-
-torch.set_num_threads(2)
 
 
 @pytest.fixture(autouse=True)

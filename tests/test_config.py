@@ -77,3 +77,14 @@ def test_resolved_config_round_trip(tmp_path):
     # The saved file is itself a valid preset for the same parser (extra keys aside).
     reloaded = parse_with_config(make_parser(), ["--config", write(tmp_path, yaml.safe_dump({"lr": plain["lr"], "name": "run"}))])
     assert reloaded.name == "run"
+
+
+def test_explicitly_given_separates_flags_and_preset_keys_from_defaults(tmp_path):
+    from utils.config import explicitly_given
+
+    parser = make_parser()
+    preset = write(tmp_path, "lr: 0.002\n")
+    args = parse_with_config(parser, ["--config", preset, "--no-amp"])
+    assert explicitly_given(parser, ["--config", preset, "--no-amp"], args.config) == {"lr", "amp"}
+    assert explicitly_given(parser, [], None) == set()
+    assert args.batch_size == 8  # the probe does not disturb the real parser's defaults

@@ -22,14 +22,6 @@ from data.sr_pairs import HRFolderDegradedDataset, PairedSRFolderDataset, pair_b
 from utils.errors import DataError, UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # The test machine's 2 cores are shared; oversubscribed intra-op threads make tiny ops 10-100x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def smooth_image(size=64, seed=0):
     generator = torch.Generator().manual_seed(seed)

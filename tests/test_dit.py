@@ -7,13 +7,6 @@ from models.dit import DIT_SIZES, LightningDiT, build_dit, dit_config, load_ligh
 from utils.errors import CheckpointError, UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def tiny(**overrides):
     torch.manual_seed(0)

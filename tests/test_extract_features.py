@@ -26,13 +26,6 @@ def load_extract():
 extract = load_extract()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def vavae(tmp_path_factory):

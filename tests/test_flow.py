@@ -20,13 +20,6 @@ from models.user_generation import (
 from utils.errors import UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 class VelocityField(torch.nn.Module):
     """A smooth, label-dependent, non-linear velocity field standing in for a trained model."""

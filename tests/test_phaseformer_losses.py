@@ -24,14 +24,6 @@ from losses.msssim import MS_SSIM_SCALE_WEIGHTS, msssim_levels
 from utils.errors import UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors gain nothing from threads; on a shared 2-core machine waiting threads slow every op."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def test_charbonnier_by_hand():
     prediction = torch.tensor([0.0, 0.004, -0.5, 0.2]).view(1, 1, 2, 2)

@@ -29,15 +29,6 @@ from utils.errors import CheckpointError, UserError, run_cli
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP threads that wait
-    for each other make every op tens of milliseconds slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def tiny(**overrides) -> Phaseformer:
     torch.manual_seed(0)

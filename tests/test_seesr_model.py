@@ -34,14 +34,6 @@ from tests.sd2_tiny import build_tiny_sd2
 from utils.errors import CheckpointError, UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # The test machine's 2 cores are shared; oversubscribed intra-op threads make tiny ops 10-100x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def sd2_path(tmp_path_factory):

@@ -25,14 +25,6 @@ from models.timestep_adaptive import (
 from utils.errors import CheckpointError, UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # The test machine's 2 cores are shared; oversubscribed intra-op threads make tiny ops 10-100x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def sd2_like_residuals(batch=2, dtype=torch.float32, seed=0):
     """12 down residuals at 4 resolutions (3 each) + mid, like SD2's ControlNet at 64 px latents / 8."""

@@ -158,7 +158,7 @@ def test_two_processes_through_torchrun(demo_images, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "train_ddpm_highres.py", *TINY, "--batch_size", "4",
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "train_ddpm_highres.py", *TINY, "--batch_size", "4",
          "--data_dir", str(demo_images), "--output_dir", str(tmp_path), "--epochs", "1", "--quick_every", "0"],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
     )

@@ -28,14 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", str(ROOT / "configs" / "phaseformer_tiny.yaml"), "--crop_size", "16", "--eval_size", "16", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors gain nothing from threads; on a shared 2-core machine waiting threads slow every op."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def lsui(tmp_path_factory) -> Path:

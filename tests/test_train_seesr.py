@@ -21,14 +21,6 @@ from utils.errors import CheckpointError, UserError, run_cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # The test machine's 2 cores are shared; oversubscribed intra-op threads make tiny ops 10-100x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
@@ -385,7 +377,7 @@ def test_two_processes_through_torchrun(workspace, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "train_seesr_timestep.py", "--pretrained_model_path",
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "train_seesr_timestep.py", "--pretrained_model_path",
          str(workspace["sd2"]), "--train_data_dir", str(workspace["hr"]), "--output_dir", str(tmp_path / "ddp"),
          "--resolution", "64", "--train_batch_size", "2", "--conditioning_embedding_channels", "4", "8", "8", "8",
          "--max_train_steps", "3", "--checkpointing_steps", "2", "--validation_steps", "0", "--device", "cpu",

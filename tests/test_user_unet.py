@@ -7,13 +7,6 @@ from models.user_unet import UNET_SIZES, UserConditionEncoder, UserConditionedUN
 from utils.errors import CheckpointError, UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def tiny_unet(num_users=4):
     torch.manual_seed(0)

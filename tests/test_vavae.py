@@ -27,13 +27,6 @@ TINY = dict(ch=32, ch_mult=(1, 1, 1, 1, 2), num_res_blocks=1, z_channels=8)  # =
 RELEASED = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def ldm_vae_state(ch, ch_mult, num_res_blocks, z_channels, seed=0, device="cpu"):
     """An LDM AutoencoderKL state dict (attention in the last level and the mid blocks), random values."""

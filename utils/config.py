@@ -12,6 +12,7 @@ outputs and stored inside every checkpoint, where ``torch.load(weights_only=True
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -94,6 +95,21 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     if known.config:
         parser.set_defaults(**_yaml_defaults(parser, _load_yaml(known.config), known.config))
     return parser.parse_args(argv)
+
+
+def explicitly_given(parser: argparse.ArgumentParser, argv: Sequence[str] | None, config_path: str | None = None) -> set[str]:
+    """Destinations set on the command line or in the ``--config`` file rather than left at their defaults.
+
+    A resumed run takes every other setting from its checkpoint.
+    """
+    probe = copy.deepcopy(parser)
+    probe._defaults.clear()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(probe.parse_args(argv)))
+    if config_path:
+        given |= set(_yaml_defaults(probe, _load_yaml(config_path), config_path))
+    return given - {"config"}
 
 
 def _plain(value: Any) -> Any:

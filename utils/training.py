@@ -129,6 +129,23 @@ def restore_rng(checkpoint: dict, accelerator) -> None:
     )
 
 
+def backward_and_step(accelerator, loss, optimizer, parameters, max_grad_norm: float, before_clip=None) -> None:
+    """What follows the loss inside ``with accelerator.accumulate(model):``.
+
+    Backward; when the gradients synchronise (the last micro-batch of an accumulation), ``before_clip()`` (e.g. an
+    all-reduce of parameters outside DDP) and norm clipping when ``max_grad_norm > 0``; then the optimiser step,
+    which accelerate turns into a no-op between accumulation steps, and zeroing.
+    """
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        if before_clip is not None:
+            before_clip()
+        if max_grad_norm > 0:
+            accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def check_finite(value: float, step: int, hint: str = "") -> None:
     """Stop with advice when the (averaged) loss is NaN or infinite; the last good checkpoint is untouched."""
     if not math.isfinite(value):

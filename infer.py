@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from utils.config import one_line_errors
 from utils.errors import UserError, run_cli
 
 
@@ -448,7 +449,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for add_parser, _ in COMMANDS.values():
         add_parser(subparsers)
-    return parser.parse_args(argv)
+    return one_line_errors(parser).parse_args(argv)
 
 
 def main(args: argparse.Namespace):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -85,8 +86,24 @@ def _yaml_defaults(parser: argparse.ArgumentParser, values: dict, path: str) -> 
     return defaults
 
 
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Report a bad flag as one line, ``error: ... (see PROG --help)``, instead of the usage block; sub-commands too."""
+
+    def error(message: str) -> None:
+        sys.stderr.write(f"error: {message} (see {parser.prog} --help)\n")
+        sys.exit(2)
+
+    parser.error = error
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                one_line_errors(subparser)
+    return parser
+
+
 def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` with the YAML file named by ``--config`` (if any) supplying the defaults."""
+    one_line_errors(parser)
     if not any(a.dest == "config" for a in parser._actions):
         add_config_argument(parser)
     pre = argparse.ArgumentParser(add_help=False)

@@ -23,19 +23,9 @@ import torch  # noqa: E402
 
 from models.ddpm_sampling import ddpm_loss, make_noise_scheduler, sample_ddpm  # noqa: E402
 from models.ddpm_unet import build_ddpm_unet, preset_for_size  # noqa: E402
+from bench.common import autocast_dtype, precision_name, scaled_optimizer_step, synchronize, time_steps  # noqa: E402
 from utils.accelerator import describe_device, enable_fast_math, resolve_device  # noqa: E402
 from utils.ema import EMA  # noqa: E402
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def autocast_dtype(device, amp: bool):
-    if device.type != "cuda" or not amp:
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def bench_training(size: int, batch: int, steps: int, warmup: int, device, amp: bool, compile_model: bool) -> dict:
@@ -46,33 +36,19 @@ def bench_training(size: int, batch: int, steps: int, warmup: int, device, amp: 
     model = torch.compile(unet) if compile_model else unet
     scheduler = make_noise_scheduler()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
-    dtype = autocast_dtype(device, amp)
+    dtype = autocast_dtype(device, "auto" if amp else "fp32")
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
     images = torch.randn(batch, 3, size, size, device=device)
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
-        torch.cuda.reset_peak_memory_stats(device)
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = ddpm_loss(model, scheduler, images)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        scaled_optimizer_step(loss, optimizer, scaler, unet.parameters())
         ema.update(unet)
 
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    seconds, peak = time_steps(step, warmup, steps, device)
     params = sum(p.numel() for p in unet.parameters()) / 1e6
     return {"size": size, "params": params, "batch": batch, "img_s": batch * steps / seconds, "peak_gib": peak}
 
@@ -80,7 +56,7 @@ def bench_training(size: int, batch: int, steps: int, warmup: int, device, amp: 
 def bench_sampling(size: int, batch: int, sampler: str, steps: int, device, amp: bool) -> float:
     unet = build_ddpm_unet(preset_for_size(size), size).to(device).eval()
     config = dict(make_noise_scheduler().config)
-    dtype = autocast_dtype(device, amp)
+    dtype = autocast_dtype(device, "auto" if amp else "fp32")
     sample_ddpm(unet, config, batch, min(steps, 3), sampler, seed=0, batch_size=batch, autocast_dtype=dtype)  # warm-up
     synchronize(device)
     started = time.perf_counter()
@@ -107,7 +83,7 @@ def main() -> None:
     device = resolve_device(args.device)
     enable_fast_math()
     compile_model = args.compile and device.type == "cuda"
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype(device, args.amp)]
+    precision = precision_name(autocast_dtype(device, "auto" if args.amp else "fp32"))
     print(f"device: {describe_device(device)} | torch {torch.__version__} | {precision} | compile {compile_model}\n")
     print("| size | parameters | batch | train img/s | peak GiB |")
     print("|---:|---:|---:|---:|---:|")

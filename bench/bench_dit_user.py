@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from models.dit import DIT_SIZES, build_dit  # noqa: E402
 from models.user_generation import flow_matching_loss, flow_time_grid, generate_latents  # noqa: E402
+from bench.common import autocast_dtype, scaled_optimizer_step, synchronize, time_steps  # noqa: E402
 from utils.accelerator import describe_device, enable_fast_math, resolve_device  # noqa: E402
 from utils.ema import EMA  # noqa: E402
 
@@ -34,19 +35,6 @@ NUM_USERS = 31
 LATENT = (32, 16, 16)
 SAMPLING_CONFIGS = {"euler250": ("euler", 249), "euler50": ("euler", 50), "heun25": ("heun", 25)}
 GUIDANCE_INTERVALS = {"whole": (0.0, 1.0), "from 0.11": (0.11, 1.0)}
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def resolve_autocast(device, precision: str):
-    if device.type != "cuda" or precision == "fp32":
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def bench_training(size: str, batch: int, steps: int, warmup: int, device, dtype, checkpointing: bool) -> dict:
@@ -59,28 +47,15 @@ def bench_training(size: str, batch: int, steps: int, warmup: int, device, dtype
     labels = torch.randint(0, NUM_USERS, (batch,), device=device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
 
     def step():
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = flow_matching_loss(model, latents, labels)["loss"]
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        scaled_optimizer_step(loss, optimizer, scaler, model.parameters())
         ema.update(model)
 
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    seconds = time.perf_counter() - started
-    peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}" if device.type == "cuda" else "n/a"
+    seconds, peak_gib = time_steps(step, warmup, steps, device)
+    peak = f"{peak_gib:.2f}" if device.type == "cuda" else "n/a"
     params = sum(p.numel() for p in model.parameters()) / 1e6
     return {"size": size, "params": params, "batch": batch, "latents_s": batch * steps / seconds, "peak_gib": peak}
 
@@ -131,7 +106,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     enable_fast_math()
-    dtype = resolve_autocast(device, args.precision)
+    dtype = autocast_dtype(device, args.precision)
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     print(f"device: {describe_device(device)} | torch {torch.__version__} | {precision} | latents {LATENT}, {NUM_USERS} users"
           f"{' | gradient checkpointing' if args.gradient_checkpointing else ''}\n")

@@ -41,18 +41,8 @@ from losses import PhaseformerLoss, optimizer_param_groups  # noqa: E402
 from losses.perceptual import default_vgg16_weights_path  # noqa: E402
 from models.phaseformer import PHASEFORMER_PRESETS, build_phaseformer  # noqa: E402
 from models.phaseformer_enhance import enhance  # noqa: E402
+from bench.common import autocast_dtype, scaled_optimizer_step, synchronize, time_steps  # noqa: E402
 from utils.accelerator import describe_device, enable_fast_math, resolve_device  # noqa: E402
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -104,24 +94,9 @@ def bench_training(model, device, size: int, batch: int, steps: int, warmup: int
         with autocast(device, dtype):
             low, high = model(inputs, return_high=both_heads)
             total, _ = loss_fn(low.float(), high.float() if high is not None else None, target)
-        scaler.scale(total).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        scaled_optimizer_step(total, optimizer, scaler, model.parameters())
 
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    seconds, peak = time_steps(step, warmup, steps, device)
     return {"img_s": batch * steps / seconds, "peak_gib": peak}
 
 

@@ -34,6 +34,7 @@ import torch  # noqa: E402
 
 from models.seesr import SeeSRPipeline, build_controlnet, predict_noise  # noqa: E402
 from models.timestep_adaptive import build_injector, residual_levels_of  # noqa: E402
+from bench.common import synchronize  # noqa: E402
 from utils.accelerator import describe_device, resolve_device  # noqa: E402
 
 # stabilityai/stable-diffusion-2-base: unet/, vae/ and text_encoder/ config.json (OpenCLIP ViT-H text tower).
@@ -66,11 +67,6 @@ VARIANTS = [
                                                     grouping="tensor", timestep_weights_shared=False)),
 ]
 NOTE_CLAIMS = {"timestep_only": "+0.3% / +0.1%", "timestep_multiscale": "+0.8% / +0.3%"}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class StepTimer:

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from utils.errors import DataError
-from utils.images import IMAGE_EXTENSIONS, list_images, load_rgb
+from utils.images import load_rgb, require_images
 
 DATASET_CHOICES = ("folder", "cifar10", "cifar100", "stl10", "imagenet", "celeba")
 DATASET_ALIASES = {"imagenet": "stl10"}
@@ -53,12 +53,7 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: str | Path, transform=None):
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise DataError(f"Image folder {self.root} does not exist; pass --data_dir with a folder of images.")
-        self.files = list_images(self.root)
-        if not self.files:
-            extensions = ", ".join(IMAGE_EXTENSIONS)
-            raise DataError(f"Image folder {self.root} holds no images ({extensions}); check --data_dir.")
+        self.files = require_images(self.root, "image folder", "--data_dir")
         self.transform = transform
 
     def __len__(self) -> int:

@@ -37,19 +37,7 @@ from torch.utils.data import Dataset
 
 from data.degradations import DegradationConfig, bicubic_upsample, degrade
 from utils.errors import DataError, UserError
-from utils.images import IMAGE_EXTENSIONS, load_rgb, pil_to_tensor
-from utils.images import list_images as list_image_files
-
-
-def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
-    """All images under ``folder`` (recursive), sorted by path; a missing or empty folder is a DataError."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"The {what} {folder} does not exist; pass a folder of images.")
-    files = list_image_files(folder)
-    if not files:
-        raise DataError(f"The {what} {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-    return files
+from utils.images import load_rgb, pil_to_tensor, require_images
 
 
 def load_image_tensor(path: str | Path) -> torch.Tensor:
@@ -144,7 +132,7 @@ class HRFolderDegradedDataset(_SRDataset):
     ):
         self.degradation = degradation or DegradationConfig()
         super().__init__(resolution, self.degradation.scale, null_prompt_ratio, seed, random_flip)
-        self.files = list_images(hr_dir, "HR image folder")
+        self.files = require_images(hr_dir, "HR image folder")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -182,7 +170,7 @@ class PairedSRFolderDataset(_SRDataset):
         random_flip: bool = True,
     ):
         super().__init__(resolution, scale, null_prompt_ratio, seed, random_flip)
-        self.pairs = pair_by_stem(list_images(lr_dir, "LR image folder"), list_images(hr_dir, "HR image folder"))
+        self.pairs = pair_by_stem(require_images(lr_dir, "LR image folder"), require_images(hr_dir, "HR image folder"))
 
     def __len__(self) -> int:
         return len(self.pairs)

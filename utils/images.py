@@ -31,6 +31,18 @@ def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     )
 
 
+def require_images(folder: str | Path, what: str = "image folder", flag: str = "") -> list[Path]:
+    """:func:`list_images`, but a missing or empty folder is a :class:`DataError` naming ``what`` (and ``flag``)."""
+    folder = Path(folder)
+    hint = f"; check {flag}" if flag else ""
+    if not folder.is_dir():
+        raise DataError(f"The {what} {folder} does not exist{hint or '; pass a folder of images'}.")
+    files = list_images(folder)
+    if not files:
+        raise DataError(f"The {what} {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}){hint}.")
+    return files
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as image:

@@ -35,8 +35,8 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
 from utils.errors import DataError
+from utils.images import images_by_stem, load_rgb
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "test")
 RESIZE_MODES = ("resize", "random_crop")
 FLIP_MODES = ("horizontal", "both", "none")
@@ -46,22 +46,9 @@ INPUT_DIR, GT_DIR = "input", "gt"
 
 # ------------------------------------------------------------------------------------------- pairing
 
-def list_images(folder: Path) -> dict[str, Path]:
-    """``{stem: path}`` of the images in ``folder``; two files with one stem are an error."""
-    if not folder.is_dir():
-        raise DataError(f"Expected an image folder at {folder}, but it does not exist.")
-    images: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-            if path.stem in images:
-                raise DataError(f"{folder} holds two images with the stem {path.stem!r} ({images[path.stem].name}, {path.name}); keep one.")
-            images[path.stem] = path
-    return images
-
-
 def find_pairs(input_dir: str | Path, gt_dir: str | Path) -> list[tuple[str, Path, Path]]:
     """``[(stem, input_path, gt_path)]`` sorted by stem; every image must have a partner."""
-    inputs, targets = list_images(Path(input_dir)), list_images(Path(gt_dir))
+    inputs, targets = images_by_stem(Path(input_dir), "input"), images_by_stem(Path(gt_dir), "ground-truth")
     for stem, path in inputs.items():
         if stem not in targets:
             raise DataError(f"Input image {path} has no ground truth with the stem {stem!r} in {gt_dir}; add it or remove the input.")
@@ -148,14 +135,6 @@ def single_folder_split(
 
 
 # -------------------------------------------------------------------------------------------- dataset
-
-def load_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except Exception as err:  # PIL raises several types for truncated or foreign files
-        raise DataError(f"Cannot read image {path} ({type(err).__name__}: {err}); replace or remove the file.") from None
-
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """HWC uint8 PIL image -> CHW float tensor in [0, 1]."""

@@ -185,7 +185,7 @@ def load_phaseformer_for_inference(
 # --------------------------------------------------------------------------------------- folders of images
 
 def _input_images(source: Path) -> dict[str, Path]:
-    from data.paired import IMAGE_EXTENSIONS, list_images
+    from utils.images import IMAGE_EXTENSIONS, images_by_stem
 
     if source.is_file():
         if source.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -193,7 +193,7 @@ def _input_images(source: Path) -> dict[str, Path]:
         return {source.stem: source}
     if not source.exists():
         raise DataError(f"--input {source} does not exist; pass an image or a folder of images.")
-    images = list_images(source)
+    images = images_by_stem(source, "input")
     if not images:
         raise DataError(f"--input {source} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
     return images
@@ -236,8 +236,7 @@ def enhance_folder(
     """
     from tqdm.auto import tqdm
 
-    from data.paired import list_images
-    from utils.images import tensor_to_pil
+    from utils.images import images_by_stem, tensor_to_pil
     from utils.metrics import batch_psnr, batch_ssim
 
     if outputs not in OUTPUT_CHOICES:
@@ -258,7 +257,7 @@ def enhance_folder(
         gt_dir = Path(gt_dir)
         if not gt_dir.is_dir():
             raise DataError(f"--gt_dir {gt_dir} is not a folder; pass the folder of ground-truth images.")
-        targets = list_images(gt_dir)
+        targets = images_by_stem(gt_dir, "ground-truth")
         for stem, path in images.items():
             if stem not in targets:
                 raise DataError(f"Input image {path} has no ground truth with the stem {stem!r} in {gt_dir}; add it or drop --gt_dir.")

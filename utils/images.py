@@ -1,5 +1,7 @@
 """Image I/O and labelled grids.
 
+* ``list_images`` / ``require_images`` / ``images_by_stem``: the image files of a folder, the one definition of
+  what counts as an image (``IMAGE_EXTENSIONS``) and of pairing files by name stem.
 * ``load_rgb``: any image file as RGB (grey, palette and RGBA converted); an unreadable file is a
   :class:`~utils.errors.DataError` naming it.
 * ``to_uint8`` / ``tensor_to_pil``: model outputs in [-1, 1] or [0, 1] to 8-bit images.
@@ -41,6 +43,27 @@ def require_images(folder: str | Path, what: str = "image folder", flag: str = "
     if not files:
         raise DataError(f"The {what} {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}){hint}.")
     return files
+
+
+def images_by_stem(files: Sequence[Path] | str | Path, what: str = "image") -> dict[str, Path]:
+    """``{stem: path}`` of ``files`` (or of the images directly in a folder); two files with one stem are an error.
+
+    Pairing by stem (``0801.png`` with ``0801.jpg``) is how every paired data set and evaluation here matches
+    files; a repeated stem would make the pairing ambiguous, so it is refused rather than resolved silently.
+    """
+    if isinstance(files, (str, Path)):
+        folder = Path(files)
+        if not folder.is_dir():
+            raise DataError(f"Expected an image folder at {folder}, but it does not exist.")
+        files = list_images(folder, recursive=False)
+    mapping: dict[str, Path] = {}
+    for path in sorted(files):
+        if path.stem in mapping:
+            raise DataError(
+                f"Two {what} images share the stem {path.stem!r}: {mapping[path.stem]} and {path}; keep one."
+            )
+        mapping[path.stem] = path
+    return mapping
 
 
 def load_rgb(path: str | Path) -> Image.Image:

@@ -7,7 +7,9 @@ and *adds* the similarity to the loss (so training lowers MS-SSIM); that behavio
 
 pytorch-msssim asserts that the smaller side exceeds ``(win_size - 1) * 2**4`` (160 px) for its five
 scales. Smaller crops use the largest number of scales ``L`` with ``side > (win_size - 1) * 2**(L - 1)``
-and the first ``L`` standard scale weights renormalised to sum to 1.
+and the first ``L`` standard scale weights renormalised to sum to 1. The per-scale SSIM for those is computed
+here (:func:`ssim_and_contrast`, the same separable Gaussian window and constants as pytorch-msssim), since the
+library's public ``ms_ssim`` keeps its five-scale size assertion whatever the weights.
 """
 
 from __future__ import annotations
@@ -16,11 +18,45 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pytorch_msssim import ms_ssim
-from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
 
 from utils.errors import UserError
 
 MS_SSIM_SCALE_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+def gaussian_window(win_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """The normalised 1-D Gaussian window ``[win_size]`` of SSIM (Wang et al. 2004: 11 taps, sigma 1.5)."""
+    coords = torch.arange(win_size, dtype=torch.float32) - win_size // 2
+    window = torch.exp(-(coords**2) / (2 * sigma**2))
+    return window / window.sum()
+
+
+def ssim_and_contrast(
+    x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window: torch.Tensor | None = None,
+    k1: float = 0.01, k2: float = 0.03,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image, per-channel SSIM and contrast-structure term ``[B, C]`` of two ``[B, C, H, W]`` batches.
+
+    Valid (unpadded) separable Gaussian filtering, as pytorch-msssim and the reference MATLAB code.
+    """
+    if window is None:
+        window = gaussian_window()
+    channels = x.shape[1]
+    window = window.to(x)
+    rows = window.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
+    cols = window.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
+
+    def blur(image: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(image, rows, groups=channels), cols, groups=channels)
+
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    sigma_xx = blur(x * x) - mu_x**2
+    sigma_yy = blur(y * y) - mu_y**2
+    sigma_xy = blur(x * y) - mu_x * mu_y
+    contrast_map = (2 * sigma_xy + c2) / (sigma_xx + sigma_yy + c2)
+    ssim_map = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * contrast_map
+    return ssim_map.flatten(2).mean(-1), contrast_map.flatten(2).mean(-1)
 
 
 def msssim_levels(smaller_side: int, win_size: int = 11) -> int:
@@ -50,13 +86,12 @@ def ms_ssim_adaptive(
         )
     if levels == len(MS_SSIM_SCALE_WEIGHTS):
         return ms_ssim(x, y, data_range=data_range, win_size=win_size, win_sigma=win_sigma)
-    # The library's own per-scale SSIM; only its five-scale size assertion is bypassed.
     weights = torch.tensor(MS_SSIM_SCALE_WEIGHTS[:levels], dtype=x.dtype, device=x.device)
     weights = weights / weights.sum()
-    window = _fspecial_gauss_1d(win_size, win_sigma).repeat([x.shape[1], 1, 1, 1])
+    window = gaussian_window(win_size, win_sigma)
     contrast_terms = []
     for level in range(levels):
-        ssim_per_channel, contrast = _ssim(x, y, data_range=data_range, win=window, size_average=False)
+        ssim_per_channel, contrast = ssim_and_contrast(x, y, data_range, window)
         if level < levels - 1:
             contrast_terms.append(torch.relu(contrast))
             padding = [side % 2 for side in x.shape[2:]]

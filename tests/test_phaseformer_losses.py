@@ -244,3 +244,20 @@ def test_uncertainty_weighting_of_both_outputs_is_bounded_below():
     zero = torch.zeros(())
     value = fresh._uncertainty_total([[torch.tensor(0.5), zero, zero], [zero, zero, zero]])
     assert value.item() == pytest.approx(0.25 * math.exp(-0.5) + 0.5 * (1.0 - 1.1), abs=1e-6)
+
+
+def test_ssim_and_contrast_match_pytorch_msssim_at_every_scale_count():
+    """Our per-scale SSIM (small crops) equals the library's where both apply: 1-5 scales at 176 px."""
+    from losses.msssim import ssim_and_contrast
+
+    torch.manual_seed(3)
+    x = torch.rand(2, 3, 176, 176)
+    y = (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
+    ssim_per_channel, _ = ssim_and_contrast(x, y)
+    # Same arithmetic in another order: float32 rounding (measured < 1e-7).
+    assert ssim_per_channel.mean().item() == pytest.approx(ssim(x, y, data_range=1.0).item(), abs=1e-5)
+    for levels in range(1, 5):  # five scales are the library's own call, with its weights as published
+        weights = torch.tensor(MS_SSIM_SCALE_WEIGHTS[:levels])
+        expected = ms_ssim(x, y, data_range=1.0, weights=(weights / weights.sum()).tolist())
+        # Measured: at most 1.8e-7 apart (float32 rounding); a wrong window or constant moves it by > 1e-3.
+        assert ms_ssim_adaptive(x, y, levels=levels).item() == pytest.approx(expected.item(), abs=2e-6)

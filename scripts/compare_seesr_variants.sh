@@ -70,7 +70,7 @@ fi
 for variant in $VARIANTS; do
     grid_inputs+=("$RESULTS/$variant/$IMAGE")
 done
-$PYTHON utils/create_comparison_grid.py --inputs "${grid_inputs[@]}" --output "$RESULTS/comparison.png"
+$PYTHON scripts/create_comparison_grid.py --inputs "${grid_inputs[@]}" --output "$RESULTS/comparison.png"
 
 if [ -n "$GT" ]; then
     for variant in $VARIANTS; do

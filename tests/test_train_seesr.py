@@ -299,20 +299,21 @@ def test_plot_and_inspect_tools(runs, workspace, tmp_path, capsys):
 
 
 def test_comparison_grid_labels_runs(inferred, workspace, tmp_path, monkeypatch):
-    from utils import create_comparison_grid as grid_tool
+    from scripts import create_comparison_grid as grid_tool
+    from utils.images import label_width, letterbox
 
     monkeypatch.chdir(workspace["root"])
     output = tmp_path / "comparison.png"
     grid_tool.main(grid_tool.parse_args(["--inputs", "results/*/image_001.png", "--output", str(output)]))
     image = Image.open(output)
     # Three tiles (the 40x48 outputs letterboxed, widened to fit the longest label) with 2 px padding, captions below.
-    side = grid_tool.label_width(["baseline", "timestep_multiscale", "timestep_only"])
+    side = label_width(["baseline", "timestep_multiscale", "timestep_only"])
     assert side > 48 and image.width == 3 * (side + 2) + 2 and image.height > side + 4
     paths = grid_tool.expand_inputs(["results/*/image_001.png"])
     assert [p.parent.name for p in paths] == ["baseline", "timestep_multiscale", "timestep_only"]
     with pytest.raises(UserError, match="2 labels for 3 images"):
         grid_tool.create_comparison_grid(paths, output, labels=["a", "b"])
-    tile = grid_tool.letterbox(torch.zeros(3, 10, 20), 40)  # wide image: white bars above and below
+    tile = letterbox(torch.zeros(3, 10, 20), 40)  # wide image: white bars above and below
     assert tile.shape == (3, 40, 40) and tile[:, :10].min() == 1.0 and tile[:, 15:25].max() == 0.0
 
 

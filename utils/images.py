@@ -5,6 +5,8 @@
 * ``load_rgb``: any image file as RGB (grey, palette and RGBA converted); an unreadable file is a
   :class:`~utils.errors.DataError` naming it.
 * ``to_uint8`` / ``tensor_to_pil``: model outputs in [-1, 1] or [0, 1] to 8-bit images.
+* ``create_comparison_grid``: several models' outputs side by side, letterboxed, a label under each
+  (the users' comparison tool, ``scripts/create_comparison_grid.py``).
 * ``make_grid_image``: torchvision's grid plus optional captions under each tile and labels left of each row,
   used for sample grids, interpolation strips, checkpoint comparisons and per-user grids.
 """
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from utils.errors import DataError
+from utils.errors import DataError, UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -172,3 +174,56 @@ def save_grid(images, path: str | Path, nrow: int, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid_image(images, nrow, **kwargs).save(path)
     return path
+
+
+# ------------------------------------------------------------------------------------------ comparison grids
+
+
+def letterbox(image: torch.Tensor, side: int) -> torch.Tensor:
+    """Scale ``[3, H, W]`` in [0, 1] so its long side is ``side`` and pad it to ``side x side`` with white."""
+    height, width = image.shape[-2:]
+    scale = side / max(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    if size != (height, width):
+        image = F.interpolate(image[None], size=size, mode="bicubic", antialias=scale < 1, align_corners=False)[0]
+    canvas = torch.ones(3, side, side)
+    top, left = (side - size[0]) // 2, (side - size[1]) // 2
+    canvas[:, top : top + size[0], left : left + size[1]] = image.clamp(0, 1)
+    return canvas
+
+
+def label_width(labels: list[str], font_size: int = 18) -> int:
+    """Pixels the longest label needs at make_grid_image's caption size (tiles of 90 px and more use 18 px)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=font_size)
+    except TypeError:  # Pillow < 10.1: a fixed small bitmap font
+        font = ImageFont.load_default()
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    return max(90, int(max(draw.textlength(str(label), font=font) for label in labels)) + 8)
+
+
+def create_comparison_grid(
+    inputs: list[str | Path], output: str | Path, labels: list[str] | None = None, tile_size: int | None = None,
+    columns: int | None = None,
+) -> Path:
+    """Write the grid of ``inputs`` (one tile each, ``columns`` per row, default all in one row) to ``output``."""
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise UserError("--inputs needs at least one image.")
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"--inputs {path} does not exist.")
+    labels = list(labels) if labels else [path.parent.name or path.stem for path in paths]
+    if len(labels) != len(paths):
+        raise UserError(f"--labels gives {len(labels)} labels for {len(paths)} images; give one per image.")
+    images = [pil_to_tensor(load_rgb(path), (0.0, 1.0)) for path in paths]
+    side = tile_size or max(max(max(image.shape[-2:]) for image in images), label_width(labels))
+    tiles = [letterbox(image, side) for image in images]
+    columns = columns or len(tiles)
+    grid = make_grid_image(tiles, nrow=columns, value_range=(0.0, 1.0), captions=labels, tile_size=side)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(output)
+    return output

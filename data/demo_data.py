@@ -8,12 +8,11 @@ build their small data sets from them:
 * :func:`random_crops` cuts seeded square crops at several scales;
 * :func:`build_demo_image_folder` writes an image folder for the pixel DDPM.
 
-Run ``python -m data.demo_data OUT_DIR --size 32 --count 256`` to build the folder by hand.
+Build the folder by hand with ``python scripts/make_demo_data.py images OUT_DIR --size 32 --count 256``.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -96,18 +95,3 @@ def build_demo_image_folder(out_dir: str | Path, size: int = 32, count: int = 25
             Image.fromarray(crop).save(folder / f"{index:04d}.png")
             written += 1
     return out_dir
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out_dir", help="folder to write the crops into (created)")
-    parser.add_argument("--size", type=int, default=32, help="side of each square crop in pixels (default 32)")
-    parser.add_argument("--count", type=int, default=256, help="number of crops in total (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the crop positions (default 0)")
-    args = parser.parse_args(argv)
-    out = build_demo_image_folder(args.out_dir, args.size, args.count, args.seed)
-    print(f"wrote {args.count} demo images of {args.size}x{args.size} px to {out}")
-
-
-if __name__ == "__main__":
-    main()

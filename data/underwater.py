@@ -17,12 +17,11 @@ Every image draws its parameters from ``numpy.random.default_rng([seed, split, i
 reproducible. The test split uses different photographs from the training split (``TEST_PHOTOGRAPHS``), so
 it measures generalisation to unseen scenes, not to unseen crops of seen ones.
 
-Run ``python -m data.underwater OUT_DIR --size 128 --train_count 96 --test_count 24``.
+Build it by hand with ``python scripts/make_demo_data.py underwater OUT_DIR --size 128 --train_count 96 --test_count 24``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from skimage.filters import gaussian
 from skimage.transform import resize
 
 from data.demo_data import load_sample_photographs, random_crops
-from utils.errors import UserError, run_cli
+from utils.errors import UserError
 
 TEST_PHOTOGRAPHS = ("chelsea", "coffee")
 # Attenuation per metre (R, G, B), ranges from Jerlov oceanic and coastal water types.
@@ -131,22 +130,3 @@ def build_synthetic_underwater(
     description = {"seed": seed, "size": size, "test_photographs": sorted(test_photos), "images": records}
     (out_dir / "degradation.json").write_text(json.dumps(description, indent=1))
     return out_dir
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out_dir", help="folder to write train/ and test/ into (created)")
-    parser.add_argument("--size", type=int, default=128, help="side of each square image in pixels (default 128: fast on CPU)")
-    parser.add_argument("--train_count", type=int, default=96, help="number of training pairs (default 96)")
-    parser.add_argument("--test_count", type=int, default=24, help="number of test pairs, from held-out photographs (default 24)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the crops and degradations (default 0)")
-    return parser.parse_args(argv)
-
-
-def main(args: argparse.Namespace) -> None:
-    out = build_synthetic_underwater(args.out_dir, args.size, args.train_count, args.test_count, args.seed)
-    print(f"wrote {args.train_count} train and {args.test_count} test underwater pairs of {args.size}x{args.size} px to {out}")
-
-
-if __name__ == "__main__":
-    run_cli(lambda: main(parse_args()))

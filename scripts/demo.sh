@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
 OUT=demo_output
-.venv/bin/python -m data.demo_data "$OUT/data" --size 32 --count 256
+.venv/bin/python scripts/make_demo_data.py images "$OUT/data" --size 32 --count 256
 .venv/bin/python train_ddpm_highres.py --config configs/ddpm_demo.yaml
 .venv/bin/python infer.py ddpm --model "$OUT/checkpoints/demo_32x32/ddpm_final.pt" --samples 16 --sampler ddpm --steps 250 \
   --output "$OUT/infer_samples.png"

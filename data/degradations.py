@@ -17,8 +17,20 @@ sample on the CPU inside a Dataset (Real-ESRGAN degrades whole batches on the GP
 (libjpeg, 4:2:0 chroma subsampling like the reference's DiffJPEG and OpenCV) with the quality rounded to an
 integer; reflect padding falls back to replicate on images smaller than the kernel (tiny test crops).
 
-Defaults are Real-ESRGAN's ``options/train_realesrgan_x4plus.yml``; ``DegradationConfig.seesr()`` gives
-SeeSR's milder ranges.
+Which settings are which (``train_seesr_timestep.py --degradation``):
+
+* ``DegradationConfig.seesr()`` (``seesr``, the default): how SeeSR makes its ControlNet training pairs
+  (``utils_data/make_paired_data.py``): Real-ESRGAN x4plus's ranges (stage 1 resize 0.15-1.5, Gaussian noise
+  sigma 1-30, Poisson 0.05-3, JPEG 30-95; stage 2 blur probability 0.8, resize 0.3-1.2, noise 1-25, Poisson
+  0.05-2.5, JPEG 30-95; final sinc 0.8) applied to the USM-sharpened GT, which is also the training target
+  (``usm_sharpen=True``: BasicSR's ``USMSharp``, weight 0.5, radius 50, threshold 10). make_paired_data.py also
+  sets ``blur_kernel_size2 = 11``, which BasicSR's dataset never reads (both kernels are 7..21 px), so it is not
+  a setting here.
+* ``DegradationConfig()`` (``realesrgan``): the same Real-ESRGAN x4plus ranges
+  (``options/train_realesrgan_x4plus.yml``) on the plain GT.
+* ``DegradationConfig.dape()`` (``dape``): the milder ranges of SeeSR's ``dataloaders/params_realesrgan.yml``
+  (resize 0.3-1.5, noise 1-15, JPEG 60-95; stage 2 blur 0.5, resize 0.6-1.2, noise 1-12, JPEG 60-100), which
+  SeeSR uses only to train its degradation-aware tagger (DAPE), not the ControlNet.
 """
 
 from __future__ import annotations
@@ -78,6 +90,8 @@ class DegradationConfig:
     jpeg_range2: tuple[float, float] = (30.0, 95.0)
     # Final sinc filter (else a pulse, i.e. no filtering).
     final_sinc_prob: float = 0.8
+    # Unsharp masking of the HR crop before it is degraded; the sharpened crop is also the training target.
+    usm_sharpen: bool = False
 
     def __post_init__(self):
         for name in ("kernel_list", "kernel_list2"):
@@ -95,7 +109,12 @@ class DegradationConfig:
 
     @classmethod
     def seesr(cls) -> "DegradationConfig":
-        """SeeSR's milder settings (``dataloaders/params_realesrgan.yml``)."""
+        """SeeSR's ControlNet training pairs (``utils_data/make_paired_data.py``): x4plus ranges on the USM-sharpened GT."""
+        return cls(usm_sharpen=True)
+
+    @classmethod
+    def dape(cls) -> "DegradationConfig":
+        """SeeSR's milder settings for training its tagger (``dataloaders/params_realesrgan.yml``)."""
         return cls(
             resize_range=(0.3, 1.5),
             noise_range=(1.0, 15.0),
@@ -257,6 +276,40 @@ def bicubic_upsample(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     batch = image if image.ndim == 4 else image[None]
     out = F.interpolate(batch.float(), size=tuple(size), mode="bicubic", align_corners=False).clamp(0.0, 1.0)
     return out if image.ndim == 4 else out[0]
+
+
+def _gaussian_kernel_1d(size: int, sigma: float = 0.0) -> torch.Tensor:
+    """OpenCV's ``getGaussianKernel``: sigma <= 0 means ``0.3 * ((size - 1) / 2 - 1) + 0.8``."""
+    if sigma <= 0:
+        sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8
+    axis = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    kernel = torch.exp(-(axis**2) / (2 * sigma**2))
+    return (kernel / kernel.sum()).float()
+
+
+def _separable_blur(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """``[C, H, W]`` convolved with ``outer(kernel, kernel)`` as two 1-D passes (reflect, or replicate on small images)."""
+    pad = kernel.numel() // 2
+    mode = "reflect" if min(image.shape[-2:]) > pad else "replicate"
+    out = F.pad(image[:, None], (pad, pad, pad, pad), mode=mode)
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).to(image.dtype))
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).to(image.dtype))[:, 0]
+
+
+def usm_sharpen(image: torch.Tensor, weight: float = 0.5, radius: int = 50, threshold: float = 10) -> torch.Tensor:
+    """Unsharp masking of ``[3, H, W]`` in [0, 1], as BasicSR's ``USMSharp`` (Real-ESRGAN's and SeeSR's GT).
+
+    ``sharp = I + weight * (I - blur(I))`` where ``|I - blur(I)| * 255 > threshold``, blended through the blurred
+    mask; the Gaussian is ``radius + 1`` px wide (odd) with OpenCV's default sigma (8 for radius 50).
+    """
+    size = radius + 1 if radius % 2 == 0 else radius
+    kernel = _gaussian_kernel_1d(size)
+    image = image.float()
+    residual = image - _separable_blur(image, kernel)
+    mask = ((residual.abs() * 255) > threshold).float()
+    soft_mask = _separable_blur(mask, kernel)
+    sharp = (image + weight * residual).clamp(0, 1)
+    return soft_mask * sharp + (1 - soft_mask) * image
 
 
 def _grey(image: torch.Tensor) -> torch.Tensor:

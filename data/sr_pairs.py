@@ -9,15 +9,23 @@ Both datasets return per sample::
      "path":         str}                  # the HR image
 
 * :class:`HRFolderDegradedDataset` -- random ``resolution`` crops of every image under a folder (recursive),
-  degraded by :func:`data.degradations.degrade` (Real-ESRGAN two-stage pipeline, as SeeSR trains).
+  degraded by :func:`data.degradations.degrade` (Real-ESRGAN two-stage pipeline; with
+  ``DegradationConfig.seesr()`` as SeeSR's ``make_paired_data.py``: USM-sharpened GT, which is also the target).
+* :class:`SeeSRPreparedDataset` -- SeeSR's prepared training folders (``train_seesr.py --root_folders``), each
+  with ``gt/``, ``sr_bicubic/`` (the LR already bicubic-upsampled to the GT size), optionally ``lr/``, and
+  ``tag/<stem>.txt`` (``make_tags.py``: RAM tags of the GT); matched by stem, not zipped unsorted as SeeSR does.
 * :class:`PairedSRFolderDataset` -- prepared LR and HR folders matched by file stem after sorting; unpaired
   files are an error that names them. (SeeSR's ``PairedCaptionDataset`` zips three unsorted globs, which
   misaligns LR, HR and tags whenever the listings differ in order.)
 
-Prompts: ``<stem>.txt`` beside the image holds its tags (as SeeSR's RAM tags or any caption); with
-probability ``null_prompt_ratio`` the prompt is replaced by "" (SeeSR's ``null_text_ratio``), which also
-trains the unconditional branch for classifier-free guidance. Shuffling is the DataLoader's job
-(``shuffle=True``).
+Prompts: ``<stem>.txt`` beside the image (or in ``tag/``) holds its tags (as SeeSR's RAM tags or any caption);
+with probability ``null_prompt_ratio`` the prompt is replaced by "" (SeeSR's ``null_text_ratio``), which also
+trains the unconditional branch for classifier-free guidance. ``tag_source`` says where the prompt came from:
+``"file"``, ``"null"`` (dropped) or ``"none"`` (no tag file: the trainer may tag the GT with RAM instead).
+Shuffling is the DataLoader's job (``shuffle=True``).
+
+:func:`check_training_images` opens every image once (header and size) so that a corrupt or too-small file is
+reported before any model loads.
 
 Randomness: with ``seed=None`` every item draws a fresh seed from torch's global generator (which the
 DataLoader seeds per worker and per epoch, and ``accelerate.utils.set_seed`` makes reproducible), so crops and
@@ -35,9 +43,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data.degradations import DegradationConfig, bicubic_upsample, degrade
+from data.degradations import DegradationConfig, bicubic_upsample, degrade, usm_sharpen
 from utils.errors import DataError, UserError
-from utils.images import load_rgb, pil_to_tensor, require_images
+from utils.images import images_by_stem, list_images, load_rgb, pil_to_tensor, require_images
 
 
 def load_image_tensor(path: str | Path) -> torch.Tensor:
@@ -52,6 +60,28 @@ def read_tag_prompt(*image_paths: str | Path) -> str:
         if tag_file.is_file():
             return " ".join(tag_file.read_text(encoding="utf-8").split())
     return ""
+
+
+def check_training_images(files: list[Path], min_size: tuple[int, int] = (0, 0), what: str = "training image",
+                          hint: str = "") -> None:
+    """Open every file's header (and verify it): the first unreadable one, or one smaller than ``min_size``
+    (height, width), is a DataError naming it, how many others fail too, and ``hint`` (the flag to change)."""
+    from PIL import Image
+
+    bad: list[str] = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                image.verify()
+        except Exception as error:  # PIL raises many kinds (OSError, SyntaxError, ValueError, struct.error)
+            bad.append(f"cannot read {path} ({type(error).__name__}: {error})")
+            continue
+        if height < min_size[0] or width < min_size[1]:
+            bad.append(f"{path} is {width}x{height} px, smaller than {min_size[1]}x{min_size[0]}{hint}")
+    if bad:
+        more = f" (and {len(bad) - 1} more such file(s))" if len(bad) > 1 else ""
+        raise DataError(f"Bad {what}: {bad[0]}{more}; remove or replace it.")
 
 
 def pair_by_stem(lr_files: list[Path], hr_files: list[Path]) -> list[tuple[Path, Path]]:
@@ -104,16 +134,22 @@ class _SRDataset(Dataset):
             return np.random.default_rng([self.seed, index])
         return np.random.default_rng([self.seed, self.epoch, index])
 
-    def _prompt(self, rng: np.random.Generator, *image_paths) -> str:
-        prompt = read_tag_prompt(*image_paths)
-        return "" if rng.uniform() < self.null_prompt_ratio else prompt
+    def _prompt(self, rng: np.random.Generator, *tag_sources) -> tuple[str, str]:
+        """``(prompt, tag_source)``: the tag file's text, or "" when dropped (null) or when there is no tag file."""
+        prompt = read_tag_prompt(*tag_sources)
+        has_file = any(Path(p).with_suffix(".txt").is_file() for p in tag_sources)
+        if rng.uniform() < self.null_prompt_ratio:
+            return "", "null"
+        return prompt, "file" if has_file else "none"
 
-    def _sample(self, lr: torch.Tensor, hr: torch.Tensor, prompt: str, path: Path) -> dict:
+    def _sample(self, lr: torch.Tensor, hr: torch.Tensor, prompt: tuple[str, str], path: Path,
+                lr_upsampled: torch.Tensor | None = None) -> dict:
         return {
-            "lr_upsampled": bicubic_upsample(lr, hr.shape[-2:]),
+            "lr_upsampled": bicubic_upsample(lr, hr.shape[-2:]) if lr_upsampled is None else lr_upsampled,
             "hr": hr * 2.0 - 1.0,
             "lr": lr,
-            "prompt": prompt,
+            "prompt": prompt[0],
+            "tag_source": prompt[1],
             "path": str(path),
         }
 
@@ -137,6 +173,12 @@ class HRFolderDegradedDataset(_SRDataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def check_images(self) -> None:
+        """Every HR image readable and at least one crop large (before any model loads)."""
+        size = self.resolution
+        check_training_images(self.files, (size, size), "HR training image",
+                              " px, the training crop (lower --resolution)")
+
     def __getitem__(self, index: int) -> dict:
         path = self.files[index]
         rng = self._rng(index)
@@ -152,6 +194,8 @@ class HRFolderDegradedDataset(_SRDataset):
         hr = image[:, top : top + size, left : left + size]
         if self.random_flip and rng.uniform() < 0.5:
             hr = hr.flip(-1)
+        if self.degradation.usm_sharpen:
+            hr = usm_sharpen(hr)
         lr = degrade(hr, self.degradation, rng)
         return self._sample(lr, hr, self._prompt(rng, path), path)
 
@@ -174,6 +218,13 @@ class PairedSRFolderDataset(_SRDataset):
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def check_images(self) -> None:
+        """Every image readable and every LR image at least one crop large (before any model loads)."""
+        lr_size = self.resolution // self.scale
+        check_training_images([lr for lr, _ in self.pairs], (lr_size, lr_size), "LR training image",
+                              " px, the LR crop (--resolution / scale; lower --resolution)")
+        check_training_images([hr for _, hr in self.pairs], what="HR training image")
 
     def __getitem__(self, index: int) -> dict:
         lr_path, hr_path = self.pairs[index]
@@ -198,3 +249,77 @@ class PairedSRFolderDataset(_SRDataset):
         if self.random_flip and rng.uniform() < 0.5:
             lr, hr = lr.flip(-1), hr.flip(-1)
         return self._sample(lr, hr, self._prompt(rng, lr_path, hr_path), hr_path)
+
+
+class SeeSRPreparedDataset(_SRDataset):
+    """SeeSR's prepared folders (``--root_folders a,b``): ``gt/``, ``sr_bicubic/``, [``lr/``], ``tag/`` by stem.
+
+    ``make_paired_data.py`` writes 512 px GT and bicubic-upsampled LR (``sr_bicubic``) of the same size, and
+    ``make_tags.py`` the GT's RAM tags into ``tag/<stem>.txt``. The ControlNet input is the ``sr_bicubic`` crop
+    itself (as SeeSR); ``lr`` is the ``lr/`` image when there is one, else ``sr_bicubic`` area-downsampled by
+    ``scale``. A GT without its ``sr_bicubic`` partner (or the reverse) is an error naming it; a missing tag file
+    gives ``tag_source "none"``.
+    """
+
+    def __init__(
+        self,
+        root_folders: str | list[str],
+        resolution: int = 512,
+        scale: int = 4,
+        null_prompt_ratio: float = 0.5,
+        seed: int | None = None,
+        random_flip: bool = False,
+    ):
+        super().__init__(resolution, scale, null_prompt_ratio, seed, random_flip)
+        roots = [r for r in root_folders.split(",") if r.strip()] if isinstance(root_folders, str) else root_folders
+        if not roots:
+            raise UserError("--root_folders is empty; pass comma-separated folders holding gt/, sr_bicubic/ and tag/.")
+        self.items: list[tuple[Path, Path, Path | None, Path]] = []  # (sr_bicubic, gt, lr or None, tag file)
+        for root in map(Path, (r.strip() for r in roots)):
+            if not (root / "gt").is_dir() or not (root / "sr_bicubic").is_dir():
+                raise DataError(
+                    f"--root_folders {root} lacks gt/ or sr_bicubic/; expected the folders SeeSR's "
+                    "make_paired_data.py writes (gt/, sr_bicubic/, lr/) plus tag/ from make_tags.py."
+                )
+            pairs = pair_by_stem(require_images(root / "sr_bicubic", "sr_bicubic folder"),
+                                 require_images(root / "gt", "gt folder"))
+            lr_files = images_by_stem(list_images(root / "lr", recursive=False), "LR") if (root / "lr").is_dir() else {}
+            for sr_bicubic, gt in pairs:
+                self.items.append((sr_bicubic, gt, lr_files.get(gt.stem), root / "tag" / f"{gt.stem}.txt"))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def check_images(self) -> None:
+        """Every image readable and every GT at least one crop large (before any model loads)."""
+        size = self.resolution
+        check_training_images([gt for _, gt, _, _ in self.items], (size, size), "GT training image",
+                              " px, the training crop (lower --resolution)")
+        check_training_images([sr for sr, _, _, _ in self.items] + [lr for _, _, lr, _ in self.items if lr],
+                              what="sr_bicubic/lr training image")
+
+    def __getitem__(self, index: int) -> dict:
+        sr_path, gt_path, lr_path, tag_path = self.items[index]
+        rng = self._rng(index)
+        gt, sr = load_image_tensor(gt_path), load_image_tensor(sr_path)
+        if gt.shape != sr.shape:
+            raise DataError(
+                f"{sr_path} is {sr.shape[-1]}x{sr.shape[-2]} px, expected the size of its GT {gt_path} "
+                f"({gt.shape[-1]}x{gt.shape[-2]}): sr_bicubic/ holds the LR upsampled to the GT size."
+            )
+        height, width = gt.shape[-2:]
+        size = self.resolution
+        if height < size or width < size:
+            raise DataError(f"GT image {gt_path} is {width}x{height} px, smaller than the {size} px training crop "
+                            "(--resolution); remove it or lower --resolution.")
+        s = self.scale
+        top = int(rng.integers(0, (height - size) // s + 1)) * s
+        left = int(rng.integers(0, (width - size) // s + 1)) * s
+        gt, sr = gt[:, top : top + size, left : left + size], sr[:, top : top + size, left : left + size]
+        if lr_path is not None:
+            lr = load_image_tensor(lr_path)[:, top // s : (top + size) // s, left // s : (left + size) // s]
+        else:
+            lr = torch.nn.functional.interpolate(sr[None], scale_factor=1 / s, mode="area")[0]
+        if self.random_flip and rng.uniform() < 0.5:
+            gt, sr, lr = gt.flip(-1), sr.flip(-1), lr.flip(-1)
+        return self._sample(lr, gt, self._prompt(rng, tag_path), gt_path, lr_upsampled=sr)

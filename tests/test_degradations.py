@@ -17,8 +17,15 @@ from data.degradations import (
     plateau_kernel,
     random_blur_kernel,
     sinc_kernel,
+    usm_sharpen,
 )
-from data.sr_pairs import HRFolderDegradedDataset, PairedSRFolderDataset, pair_by_stem
+from data.sr_pairs import (
+    HRFolderDegradedDataset,
+    PairedSRFolderDataset,
+    SeeSRPreparedDataset,
+    check_training_images,
+    pair_by_stem,
+)
 from utils.errors import DataError, UserError
 
 
@@ -108,13 +115,39 @@ def test_noise_and_jpeg():
 
 
 def test_config_round_trip_and_errors():
-    config = DegradationConfig.seesr()
-    assert config.jpeg_range == (60.0, 95.0) and config.second_blur_prob == 0.5
+    config = DegradationConfig.dape()  # SeeSR's params_realesrgan.yml (DAPE training)
+    assert config.jpeg_range == (60.0, 95.0) and config.second_blur_prob == 0.5 and not config.usm_sharpen
     assert DegradationConfig.from_dict(config.to_dict()) == config
+    # make_paired_data.py: Real-ESRGAN x4plus ranges on the USM-sharpened GT.
+    seesr = DegradationConfig.seesr()
+    assert seesr.usm_sharpen and seesr.resize_range == (0.15, 1.5) and seesr.noise_range == (1.0, 30.0)
+    assert seesr.jpeg_range == seesr.jpeg_range2 == (30.0, 95.0) and seesr.second_blur_prob == 0.8
+    assert (seesr.resize_range2, seesr.noise_range2, seesr.poisson_scale_range2) == ((0.3, 1.2), (1.0, 25.0), (0.05, 2.5))
+    assert DegradationConfig.from_dict(seesr.to_dict()) == seesr
     with pytest.raises(UserError, match="Unknown degradation options \\['blur_sigmaa'\\]"):
         DegradationConfig.from_dict({"blur_sigmaa": [0.2, 3]})
     with pytest.raises(UserError, match="Unknown blur kernel types"):
         DegradationConfig(kernel_list=("iso", "box"), kernel_prob=(0.5, 0.5))
+
+
+def test_usm_sharpen_matches_the_two_dimensional_formula():
+    """BasicSR's USMSharp with a full 51x51 kernel (OpenCV's sigma 8) against our separable passes."""
+    image = smooth_image(64, seed=4)
+    axis = torch.arange(51, dtype=torch.float64) - 25
+    sigma = 0.3 * ((51 - 1) * 0.5 - 1) + 0.8
+    assert sigma == pytest.approx(8.0)
+    g = torch.exp(-(axis**2) / (2 * sigma**2))
+    kernel = (torch.outer(g, g) / g.sum() ** 2).float()
+
+    def blur(x):
+        return torch.nn.functional.conv2d(torch.nn.functional.pad(x[:, None], (25,) * 4, mode="reflect"), kernel[None, None])[:, 0]
+
+    residual = image - blur(image)
+    soft = blur((residual.abs() * 255 > 10).float())
+    expected = soft * (image + 0.5 * residual).clamp(0, 1) + (1 - soft) * image
+    sharpened = usm_sharpen(image)
+    torch.testing.assert_close(sharpened, expected, rtol=0, atol=1e-5)  # float32 summation order only
+    assert (sharpened - image).abs().max() > 0.01  # it does sharpen
 
 
 def write_image(path, array):
@@ -200,3 +233,35 @@ def test_paired_size_mismatch_and_duplicates(tmp_path):
     files = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.jpg"]
     with pytest.raises(DataError, match="share the stem 'x'"):
         pair_by_stem(files, files[:1])
+
+
+def test_seesr_prepared_folders_and_image_checks(tmp_path):
+    """--root_folders: gt/ + sr_bicubic/ (+ tag/) per root, matched by stem, sr_bicubic is the ControlNet input."""
+    rng = np.random.default_rng(2)
+    for root, stems in (("a", ("2", "1")), ("b", ("3",))):
+        for stem in stems:
+            write_image(tmp_path / root / "gt" / f"{stem}.png", rng.integers(0, 256, (32, 40, 3), dtype=np.uint8))
+            write_image(tmp_path / root / "sr_bicubic" / f"{stem}.png", rng.integers(0, 256, (32, 40, 3), dtype=np.uint8))
+    (tmp_path / "a" / "tag").mkdir()
+    (tmp_path / "a" / "tag" / "1.txt").write_text("dog, grass")
+    dataset = SeeSRPreparedDataset(f"{tmp_path / 'a'},{tmp_path / 'b'}", resolution=32, null_prompt_ratio=0.0, seed=0)
+    assert [gt.name for _, gt, _, _ in dataset.items] == ["1.png", "2.png", "3.png"]
+    dataset.check_images()
+    sample = dataset[0]
+    assert (sample["prompt"], sample["tag_source"]) == ("dog, grass", "file")
+    assert dataset[2]["tag_source"] == "none" and sample["lr"].shape == (3, 8, 8)
+    gt = torch.from_numpy(np.array(Image.open(tmp_path / "a/gt/1.png"))).permute(2, 0, 1).float() / 255
+    sr = torch.from_numpy(np.array(Image.open(tmp_path / "a/sr_bicubic/1.png"))).permute(2, 0, 1).float() / 255
+    left = next(x for x in range(0, 9, 4) if torch.allclose((sample["hr"] + 1) / 2, gt[:, :, x : x + 32], atol=1e-6))
+    torch.testing.assert_close(sample["lr_upsampled"], sr[:, :, left : left + 32])  # the same crop of both
+    assert SeeSRPreparedDataset(str(tmp_path / "a"), resolution=32, null_prompt_ratio=1.0, seed=0)[0]["tag_source"] == "null"
+    with pytest.raises(DataError, match="lacks gt/ or sr_bicubic/"):
+        SeeSRPreparedDataset(str(tmp_path / "missing"), resolution=32)
+
+    # Found by the up-front check, before any model loads: the corrupt file and the too-small one, named.
+    (tmp_path / "b" / "gt" / "4.png").write_bytes(b"not a png")
+    write_image(tmp_path / "b" / "sr_bicubic" / "4.png", np.zeros((32, 40, 3), np.uint8))
+    with pytest.raises(DataError, match="Bad GT training image: cannot read .*4.png"):
+        SeeSRPreparedDataset(str(tmp_path / "b"), resolution=32).check_images()
+    with pytest.raises(DataError, match="3.png is 40x32 px, smaller than 48x48 px, the training crop"):
+        check_training_images([tmp_path / "b/gt/3.png"], (48, 48), "GT training image", " px, the training crop")

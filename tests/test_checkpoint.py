@@ -81,7 +81,7 @@ def test_latest_is_the_newest_written(tmp_path):
         (tmp_path / name).write_bytes(b"x")
         os.utime(tmp_path / name, ns=(10**18 + index * 10**9, 10**18 + index * 10**9))
     assert find_latest_checkpoint(tmp_path, ["ddpm_last.pt", "ddpm_epoch_*.pt"]).name == "ddpm_epoch_5.pt"
-    with pytest.raises(CheckpointError, match="--resume nope.pt"):
+    with pytest.raises(CheckpointError, match="--resume_from_checkpoint nope.pt"):
         resolve_resume("nope.pt", tmp_path, ["*.pt"])
 
 

@@ -14,6 +14,7 @@ Every trainer builds its ``accelerate.Accelerator`` here, so all four behave ali
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -65,19 +66,33 @@ def create_accelerator(
     seed: int | None = None,
     compile_model: bool = False,
     project_dir: str | None = None,
+    report_to: str = "none",
+    logging_dir: str | None = None,
 ):
-    """The run's ``Accelerator``; ``mixed_precision`` is resolved for the device it lands on."""
-    from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-    from accelerate.utils import set_seed
+    """The run's ``Accelerator``; ``mixed_precision`` is resolved for the device it lands on.
 
+    ``report_to`` (``tensorboard``, ``wandb`` or ``none``) becomes ``log_with``; TensorBoard writes its event files
+    under ``logging_dir`` (default ``<project_dir>/logs``). Without a visible GPU the run is a CPU run even when
+    ``cpu`` is False: then a ``torchrun`` launch with ``WORLD_SIZE`` > 1 trains as one multi-process (gloo) job
+    instead of as independent single-process copies (accelerate picks no distributed type for one local CUDA-less
+    process that was not told to use the CPU).
+    """
+    from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    cpu = cpu or not torch.cuda.is_available()
     device = PartialState(cpu=cpu).device
     precision = resolve_mixed_precision(mixed_precision, device)
+    log_with = None if report_to in (None, "none") else report_to
+    if log_with and logging_dir is None and project_dir is not None:
+        logging_dir = str(Path(project_dir) / "logs")
     accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         cpu=cpu,
         dynamo_backend="inductor" if compile_model and device.type == "cuda" else None,
-        project_dir=project_dir,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=logging_dir),
         step_scheduler_with_optimizer=False,
         # Shuffling seeded by (seed, epoch) and identical on every process: exact resumes, no rank overlap.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=seed is not None, data_seed=seed),

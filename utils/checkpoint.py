@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, safe loading, rotation, ``--resume latest`` and RNG state.
+"""Checkpoints: atomic writes, safe loading, saving with copies and rotation, ``--resume_from_checkpoint latest``, RNG.
 
 * Atomic: every file is written to a temporary name in the same folder, flushed to disk and then renamed over
   the target (``os.replace`` is atomic on POSIX and Windows), so a crash while saving leaves the last good
@@ -7,6 +7,8 @@
   (dicts, lists, numbers, strings), never pickled objects (nanoGPT's habit).
 * Typed: each checkpoint written here carries ``kind`` (``"ddpm"``, ``"phaseformer"``, ...); loading one of the
   wrong kind is a one-line :class:`~utils.errors.CheckpointError`.
+* One save path for the single-file trainers (:func:`save_checkpoint_files`): the resumable "last" file written
+  atomically, then byte copies of it ("best", "final", numbered ones) and rotation of the numbered ones.
 * RNG: Python, NumPy, torch CPU and CUDA generator states, one entry per process, so a resumed run draws the
   same noise as an uninterrupted one.
 """
@@ -17,7 +19,9 @@ import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Callable
 
@@ -149,15 +153,36 @@ def find_latest_checkpoint(folder: str | Path, patterns: list[str]) -> Path | No
     return max(files, key=lambda f: f.stat().st_mtime_ns) if files else None
 
 
+def save_checkpoint_files(
+    state: dict,
+    last: str | Path,
+    copies: Iterable[str | Path] = (),
+    *,
+    rotate_pattern: str | None = None,
+    keep: int | None = None,
+    variants: dict[str | Path, dict] | None = None,
+) -> Path:
+    """Write ``state`` atomically to ``last``, copy it to each of ``copies``, write ``variants`` (other states, e.g. a
+    slim inference-only file) and keep the ``keep`` newest files matching ``rotate_pattern`` beside ``last``."""
+    last = atomic_torch_save(state, last)
+    for target in copies:
+        atomic_write(target, lambda tmp: shutil.copyfile(last, tmp))
+    for target, other in (variants or {}).items():
+        atomic_torch_save(other, target)
+    if rotate_pattern:
+        rotate_checkpoints(last.parent, rotate_pattern, keep)
+    return last
+
+
 def resolve_resume(resume: str | None, folder: str | Path, patterns: list[str]) -> Path | None:
-    """``--resume PATH|latest`` -> the file to resume from (None for ``latest`` in a fresh run folder)."""
+    """``--resume_from_checkpoint PATH|latest`` -> the file to resume from (None for ``latest`` in a fresh run folder)."""
     if not resume:
         return None
     if resume == "latest":
         return find_latest_checkpoint(folder, patterns)
     path = Path(resume)
     if not path.is_file():
-        raise CheckpointError(f"--resume {resume}: no such file; give a checkpoint path or 'latest'.")
+        raise CheckpointError(f"--resume_from_checkpoint {resume}: no such file; give a checkpoint path or 'latest'.")
     return path
 
 

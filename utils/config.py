@@ -47,7 +47,10 @@ def _load_yaml(path: str) -> dict:
 
 def _yaml_defaults(parser: argparse.ArgumentParser, values: dict, path: str) -> dict:
     """Map YAML keys to parser destinations, checking names and choices."""
-    by_dest = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    by_dest = {}
+    for action in parser._actions:  # the first action of a destination is its house flag, later ones its aliases
+        if action.dest not in ("help", "config"):
+            by_dest.setdefault(action.dest, action)
     by_option = {}
     for action in parser._actions:
         for option in action.option_strings:
@@ -62,14 +65,28 @@ def _yaml_defaults(parser: argparse.ArgumentParser, values: dict, path: str) -> 
             action = by_dest[key]
         elif key in by_option:
             action = by_option[key]
-            # `no-amp: true` in YAML means the flag `--no-amp` is given.
-            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            # `no-amp: true` in YAML means the flag `--no-amp` is given; `no-compile: true` means `--no-compile`.
+            if isinstance(action, (argparse._StoreConstAction, argparse.BooleanOptionalAction)):
                 if not isinstance(value, bool):
                     raise UserError(f"--config {path}: key '{key}' is a switch; give true or false, not {value!r}.")
-                value = action.const if value else action.default
+                if isinstance(action, argparse.BooleanOptionalAction):
+                    value = value != key.startswith("no")
+                elif not value and action.default is None:
+                    continue  # `no-amp: false`: the alias is not given, the house flag keeps its default
+                else:
+                    value = action.const if value else action.default
         else:
             valid = ", ".join(sorted(by_dest))
             raise UserError(f"--config {path}: unknown key '{key}'; valid keys are: {valid}.")
+        # A translating alias (`precision: 32` -> mixed_precision no) converts numbers too.
+        translates = getattr(action.type, "translates", False)
+        if translates and value is not None:
+            value = str(value)
+        if action.type is not None and isinstance(value, str) and action.type is not str:
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+                raise UserError(f"--config {path}: '{key}: {value}' is not a valid value ({err}).") from err
         if action.choices is not None and value is not None:
             items = value if isinstance(value, list) else [value]
             bad = [v for v in items if v not in action.choices]
@@ -77,11 +94,6 @@ def _yaml_defaults(parser: argparse.ArgumentParser, values: dict, path: str) -> 
                 raise UserError(
                     f"--config {path}: '{key}: {bad[0]}' is not one of {', '.join(map(str, action.choices))}."
                 )
-        if action.type is not None and isinstance(value, str) and action.type is not str:
-            try:
-                value = action.type(value)
-            except (TypeError, ValueError) as err:
-                raise UserError(f"--config {path}: '{key}: {value}' is not a valid value ({err}).") from err
         defaults[action.dest] = value
     return defaults
 

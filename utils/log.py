@@ -1,16 +1,30 @@
-"""Run logging: one logger to console and ``train.log``, a tqdm bar with loss / running average / LR.
+"""Run logging: one logger to console and ``train.log``, a progress display, and the experiment tracker.
 
-Rank-0 discipline (DiT, diffusers): only the main process writes the log file and shows the bar; other
+Rank-0 discipline (DiT, diffusers): only the main process writes the log file and shows progress; other
 processes log warnings only. Losses are accumulated on the device and read back (one host-device sync) only
-when the bar is refreshed, not at every step.
+when the display is refreshed, not at every step.
+
+Progress in a terminal is a tqdm bar with loss / running average / LR. In a notebook's or a batch job's log
+(Kaggle, ``> train.log``, anything that is not a terminal) a bar redraws itself with carriage returns that
+pile up as thousands of lines, so there the bar is off and one plain line is logged every tenth of the epoch
+(:func:`interactive_output`; ``PROGRESS=bar`` or ``PROGRESS=lines`` in the environment forces either).
+
+Experiment tracking goes through accelerate's trackers (``Accelerator(log_with=...)``): :func:`start_tracking`,
+:func:`log_scalars` and :func:`log_image` (through the tracker's own writer: TensorBoard's ``add_image``,
+wandb's ``Image``). With ``--report_to none`` they do nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -59,29 +73,94 @@ class LossMeter:
         self.total, self.count = None, 0
 
 
-class TrainingProgress:
-    """tqdm bar showing the latest loss, the running average of the epoch and the learning rate.
+def interactive_output() -> bool:
+    """True when progress bars can redraw in place: stderr is a terminal (``PROGRESS=bar|lines`` overrides)."""
+    forced = os.environ.get("PROGRESS", "").lower()
+    if forced in ("bar", "lines"):
+        return forced == "bar"
+    return sys.stderr.isatty()
 
-    ``update(loss, lr)`` every optimiser step; the postfix is refreshed every ``refresh_every`` steps, which is
-    the only point where the loss is copied to the host.
+
+def progress_kwargs() -> dict:
+    """tqdm settings for any other bar (samplers, extraction): off when the output is not a terminal."""
+    return {"disable": not interactive_output(), "dynamic_ncols": True}
+
+
+class TrainingProgress:
+    """Progress of an epoch: the latest loss, the running average of the epoch and the learning rate.
+
+    ``update(loss, lr)`` every optimiser step. In a terminal a tqdm bar whose postfix is refreshed every
+    ``refresh_every`` steps (the only point where the loss is copied to the host); elsewhere one logged line every
+    tenth of ``total`` steps, ``desc step i/total | loss | avg | lr | s/step``.
     """
 
     def __init__(self, total: int, desc: str, enabled: bool = True, refresh_every: int = 10, initial: int = 0):
-        self.bar = tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, initial=initial)
+        self.interactive = interactive_output()
+        self.bar = tqdm(total=total, desc=desc, disable=not (enabled and self.interactive), dynamic_ncols=True, initial=initial)
+        self.enabled, self.desc, self.total = enabled, desc, total
         self.refresh_every = refresh_every
+        self.line_every = max(refresh_every, math.ceil(total / 10)) if total else refresh_every
         self.epoch_meter = LossMeter()
         self.latest: torch.Tensor | None = None
         self.steps = 0
+        self.position = initial
+        self.started = time.perf_counter()
 
     def update(self, loss: torch.Tensor, lr: float) -> None:
         self.latest = loss.detach()
         self.epoch_meter.update(loss)
         self.steps += 1
+        self.position += 1
         self.bar.update(1)
         if not self.bar.disable and self.steps % self.refresh_every == 0:
             self.bar.set_postfix(
                 loss=f"{self.latest.float().item():.4f}", avg=f"{self.epoch_meter.mean():.4f}", lr=f"{lr:.2e}"
             )
+        elif self.enabled and not self.interactive and (self.steps % self.line_every == 0 or self.position == self.total):
+            seconds = (time.perf_counter() - self.started) / self.steps
+            get_logger().info("%s step %d/%s | loss %.4f | avg %.4f | lr %.2e | %.2f s/step", self.desc, self.position,
+                              self.total, self.latest.float().item(), self.epoch_meter.mean(), lr, seconds)
 
     def close(self) -> None:
         self.bar.close()
+
+
+# -------------------------------------------------------------------------------------------- experiment tracking
+def start_tracking(accelerator, project_name: str, config: dict) -> None:
+    """``accelerator.init_trackers`` with the run's configuration as hyper-parameters (scalars only; lists as text)."""
+    if not accelerator.log_with:
+        return
+    hparams = {}
+    for key, value in config.items():
+        if value is None or isinstance(value, (bool, int, float, str)):
+            hparams[key] = "none" if value is None else value
+        else:
+            hparams[key] = str(value)
+    accelerator.init_trackers(project_name, config=hparams)
+
+
+def log_scalars(accelerator, values: dict[str, Any], step: int) -> None:
+    """Scalars to every tracker (main process only); tensors and NumPy numbers become floats."""
+    if not accelerator.trackers:
+        return
+    accelerator.log({key: float(value) for key, value in values.items() if value is not None}, step=step)
+
+
+def log_image(accelerator, name: str, image: Any, step: int) -> None:
+    """One image (a PNG path, PIL image or HWC uint8 array) to every tracker, through the tracker's own writer."""
+    if not accelerator.trackers or not accelerator.is_main_process:
+        return
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as opened:
+            image = opened.convert("RGB")
+    array = np.asarray(image)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.tracker.add_image(name, array, global_step=step, dataformats="HWC")
+            tracker.tracker.flush()
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: wandb.Image(array)}, step=step)

@@ -1,4 +1,5 @@
-"""Training-loop plumbing shared by the trainers: resumable state, NaN guard, unwrapping, data loaders.
+"""Training-loop plumbing shared by the trainers: resumable state, NaN guard, unwrapping, data loaders, the "best"
+metric and the checkpoint cadence (steps and minutes).
 
 A training checkpoint (one ``.pt`` file, ``torch.load(weights_only=True)``-safe) holds::
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -39,7 +41,7 @@ def make_loader(
     if drop_last and len(dataset) < batch_size:
         raise UserError(
             f"The data set has {len(dataset)} images, fewer than one batch of {batch_size}; "
-            "add images or lower --batch_size."
+            "add images or lower --train_batch_size."
         )
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return DataLoader(
@@ -151,13 +153,104 @@ def check_finite(value: float, step: int, hint: str = "") -> None:
     if not math.isfinite(value):
         raise UserError(
             f"The loss became {value} by optimiser step {step}; nothing was saved over the last good checkpoint. "
-            "Lower --lr, keep gradient clipping on, check that the inputs are normalised"
+            "Lower --learning_rate, keep gradient clipping on (--max_grad_norm), check that the inputs are normalised"
             f"{hint or ', or train with bf16 or fp32 instead of fp16'}."
         )
 
 
 def out_of_memory_message(batch_size: int, hint: str = "") -> str:
     return (
-        f"CUDA ran out of memory with a batch of {batch_size} per device; lower --batch_size and raise the gradient "
+        f"CUDA ran out of memory with a batch of {batch_size} per device; lower --train_batch_size and raise the gradient "
         f"accumulation to keep the effective batch{hint}."
     )
+
+
+class NonFiniteGuard:
+    """Remembers on the device the first step whose loss was NaN or infinite: no host sync per step.
+
+    ``update`` every micro-batch; ``check`` (a small collective, on all processes together) where a host sync is
+    cheap, e.g. when the progress display refreshes and at the end of an epoch. Only the loss is watched: an fp16
+    gradient overflow leaves the loss finite, and accelerate's loss scaler skips that step and lowers its scale.
+    """
+
+    def __init__(self, device: torch.device, hint: str = ""):
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_value = torch.zeros((), device=device)
+        self.hint = hint
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        newly_bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(newly_bad, step, self.first_bad_step)
+        self.bad_value = torch.where(newly_bad, loss.detach().float(), self.bad_value)
+
+    def check(self, accelerator) -> None:
+        """Raise on every process if any process saw a bad loss."""
+        steps = accelerator.gather(self.first_bad_step[None])
+        values = accelerator.gather(self.bad_value[None])
+        bad = (steps >= 0).nonzero()
+        if len(bad):
+            index = int(bad[0, 0])
+            check_finite(float(values[index]), int(steps[index]), self.hint)
+
+
+class BestMetric:
+    """Tracks the best value of a metric for ``*_best`` checkpoints, optionally smoothed.
+
+    ``smoothing`` > 0 compares an exponential moving average of the values (bias-corrected as Adam's moments, so
+    the first values are not pulled toward zero) instead of the raw values: an epoch's mean training loss jumps by
+    more than the progress between two epochs, so the raw minimum picks a lucky epoch, not the best weights.
+    """
+
+    def __init__(self, mode: str = "min", smoothing: float = 0.0):
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
+        self.mode, self.smoothing = mode, smoothing
+        self.best = math.inf if mode == "min" else -math.inf
+        self.epoch = 0
+        self.average, self.updates = 0.0, 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record ``value`` (of ``epoch``); True when it is the best so far."""
+        self.updates += 1
+        self.average = self.smoothing * self.average + (1 - self.smoothing) * value
+        tracked = self.average / (1 - self.smoothing**self.updates) if self.smoothing else value
+        better = tracked < self.best if self.mode == "min" else tracked > self.best
+        if better:
+            self.best, self.epoch = tracked, epoch
+        return better
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "smoothing": self.smoothing, "best": self.best, "epoch": self.epoch,
+                "average": self.average, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("best", "epoch", "average", "updates"):
+            setattr(self, key, state[key])
+
+
+class CheckpointCadence:
+    """When to write a mid-epoch checkpoint: every ``steps`` optimiser steps and/or every ``minutes`` of training.
+
+    The time test is decided on the main process and broadcast, so every process saves at the same step (saving
+    gathers RNG states: a process that skipped it would hang the others).
+    """
+
+    def __init__(self, steps: int = 0, minutes: float = 0.0):
+        self.steps, self.seconds = steps, minutes * 60.0
+        self.last = time.monotonic()
+
+    def due(self, step: int, accelerator) -> bool:
+        if self.steps and step % self.steps == 0:
+            return True
+        if not self.seconds:
+            return False
+        elapsed = torch.tensor([time.monotonic() - self.last >= self.seconds], dtype=torch.uint8, device=accelerator.device)
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            elapsed = broadcast(elapsed, from_process=0)
+        return bool(elapsed.item())
+
+    def saved(self) -> None:
+        """Restart the clock (call after every save, epoch-end ones too)."""
+        self.last = time.monotonic()

@@ -1,0 +1,78 @@
+"""What a resumed run takes from its checkpoint: the one rule every trainer follows.
+
+A checkpoint stores the run's resolved configuration (``checkpoint["config"]``, plain data). Resuming with
+``--resume_from_checkpoint PATH|latest``:
+
+* every setting **not given** on the command line (or in ``--config``) comes from the checkpoint, so
+  ``train_X.py --resume_from_checkpoint PATH`` alone continues the run as it was started (LR schedule, clipping,
+  batch plan, data path...);
+* a setting **given** on the command line wins when it may change within a run (epochs, steps, output cadence);
+* a setting that may **not** change (model shape, data layout: each trainer lists them) raises one
+  :class:`~utils.errors.CheckpointError` line naming the flag;
+* settings of the session or the machine (device, workers, the resume flag itself...) are never inherited.
+
+The arguments are never modified: :func:`resolve_resumed_config` returns a new Namespace (Phaseformer's
+``merge_resumed_config`` did this first; diffusers' examples leave it to the user).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from typing import Any
+
+from utils.cli import upgrade_saved_config
+from utils.config import config_to_dict
+from utils.errors import CheckpointError
+
+# Never taken from a checkpoint: they describe this session, this machine or this command, not the run.
+SESSION_SETTINGS = frozenset({
+    "resume_from_checkpoint", "config", "given_flags", "device", "dataloader_num_workers", "mixed_precision", "compile",
+    "report_to", "checkpointing_minutes", "num_processes",
+})
+
+
+def _same(a: Any, b: Any) -> bool:
+    a, b = config_to_dict({"v": a})["v"], config_to_dict({"v": b})["v"]
+    if isinstance(a, str) and isinstance(b, str):
+        return a.lower() == b.lower()
+    return a == b
+
+
+def resolve_resumed_config(
+    args: argparse.Namespace,
+    given: Iterable[str],
+    saved: dict | None,
+    *,
+    fixed: Iterable[str] = (),
+    session: Iterable[str] = (),
+    source: str = "the checkpoint",
+) -> argparse.Namespace:
+    """The run's configuration: ``args`` with every setting not in ``given`` taken from ``saved``.
+
+    ``fixed`` names the settings that may not change within a run: giving one with another value than ``saved``
+    raises :class:`CheckpointError` naming the flag. ``session`` adds trainer-specific settings that are never
+    inherited (beside :data:`SESSION_SETTINGS`). ``saved`` of ``None`` (a new run) returns a copy of ``args``.
+    """
+    config = argparse.Namespace(**vars(args))
+    if saved is None:
+        return config
+    saved = upgrade_saved_config(saved)
+    given = set(given)
+    for key in fixed:
+        if key in given and key in saved and not _same(getattr(args, key), saved[key]):
+            raise CheckpointError(
+                f"{source} was trained with --{key} {_text(saved[key])}, not {_text(getattr(args, key))}; resume without "
+                f"--{key} (it cannot change within a run) or start a new run in another --output_dir."
+            )
+    never = SESSION_SETTINGS | set(session)
+    for key, value in saved.items():
+        if key not in never and key not in given and hasattr(config, key):
+            setattr(config, key, value)
+    return config
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value)

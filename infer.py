@@ -27,85 +27,182 @@ import torch
 
 from utils.config import one_line_errors
 from utils.errors import UserError, run_cli
+from utils.validators import fraction, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int, seed
+
+
+# ------------------------------------------------------------------------------------------ shared vocabulary
+# One name per setting in every subcommand, diffusers' where it has one: --num_inference_steps, --mixed_precision
+# no|fp16|bf16|auto (autocast while sampling), --device auto|cuda|cpu, --seed, --output_dir, --batch_size. A
+# subcommand's older spelling stays as an alias: an extra option string of the same flag (--steps, --num_steps), or a
+# flag of its own that writes the house value (--no-amp is --mixed_precision no). Numbers are checked while parsing
+# (utils/validators.py); what needs a loaded checkpoint or an image is checked before anything is sampled or written.
+def add_flag(parser, name: str, *aliases: str, help: str, **kwargs) -> argparse.Action:  # noqa: A002 - argparse's word
+    """``name`` with the older spellings ``aliases`` as extra option strings of the same flag, listed in --help."""
+    if aliases:
+        help = f"{help} [alias: {', '.join(aliases)}]"
+    return parser.add_argument(name, *aliases, help=help.replace("%", "%%"), **kwargs)
+
+
+def add_precision_flags(parser, default: str, help: str, *, no_amp: bool = False, amp: bool = False, precision: bool = False) -> None:  # noqa: A002
+    """``--mixed_precision no|fp16|bf16|auto`` and this subcommand's older spellings of it."""
+    from utils.accelerator import PRECISION_CHOICES
+    from utils.cli import precision_value
+
+    parser.add_argument("--mixed_precision", type=precision_value, choices=PRECISION_CHOICES, default=default,
+                        metavar="{no,fp16,bf16,auto}", help=f"{help} (default {default})")
+    if no_amp:
+        parser.add_argument("--no-amp", dest="mixed_precision", action="store_const", const="no",
+                            help="alias of --mixed_precision no: sample in fp32")
+    if amp:
+        parser.add_argument("--amp", dest="mixed_precision", action="store_const", const="auto",
+                            help="alias of --mixed_precision auto: bf16 autocast where the GPU supports it, else fp16")
+    if precision:
+        parser.add_argument("--precision", dest="mixed_precision", type=precision_value, metavar="P",
+                            help="alias of --mixed_precision: fp32 -> no, fp16, bf16, auto (Lightning's 32, 16-mixed, "
+                            "bf16-mixed work too)")
+
+
+def add_device_flag(parser) -> None:
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto (GPU if present)")
+
+
+def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """``--mixed_precision`` -> the autocast dtype on ``device`` (None: fp32); a choice the device cannot run is an error."""
+    if mixed_precision == "no":
+        return None
+    if device.type != "cuda":
+        if mixed_precision == "fp16":
+            raise UserError("--mixed_precision fp16 needs a CUDA GPU; use no, bf16 or auto on the CPU.")
+        return torch.bfloat16 if mixed_precision == "bf16" else None
+    if mixed_precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--mixed_precision bf16: {torch.cuda.get_device_name(device)} does not support bf16; use fp16 or auto.")
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+
+
+def check_output_dir(path: str | Path, flag: str = "--output_dir") -> Path:
+    """``path`` as a folder to write into: an existing file there is an error (before any work is done)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file; pass a folder to write into.")
+    return path
 
 
 # ------------------------------------------------------------------------------------------------------- ddpm
 def add_ddpm_parser(subparsers) -> None:
-    from models.ddpm_sampling import SAMPLERS
+    from models.ddpm_sampling import DEFAULT_STEPS, SAMPLERS, TIMESTEP_SPACINGS
 
     parser = subparsers.add_parser(
         "ddpm",
         help="sample, interpolate or compare pixel-space DDPM checkpoints",
-        description="Sample from a train_ddpm_highres.py checkpoint (EMA weights) or a diffusers DDPM folder.",
+        description="Sample from a train_ddpm_highres.py checkpoint (EMA weights) or a diffusers DDPM folder with "
+        "models.ddpm_sampling.sample_ddpm, the function the training sample grids call.",
     )
     parser.add_argument("--model", help="our ddpm_*.pt checkpoint, or a diffusers folder with a UNet2DModel and "
                         "scheduler_config.json (e.g. google/ddpm-cifar10-32 downloaded beforehand)")
-    parser.add_argument("--samples", type=int, default=None,
-                        help="images to generate (default 16; with --compare, images per checkpoint row, default 8)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                        help="ddim (deterministic, default) or ddpm (ancestral, the paper's sampler)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="denoising steps (default 100 for ddim, 1000 for ddpm); more steps, higher quality")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
-    parser.add_argument("--output", default=None,
-                        help="PNG to write (default ddpm_samples.png, ddpm_interpolation.png or ddpm_comparison.png)")
-    parser.add_argument("--batch_size", type=int, default=64, help="images denoised at once (default 64)")
-    parser.add_argument("--interpolate", action="store_true",
-                        help="one strip: spherical interpolation between two seeded noises, denoised the same way")
-    parser.add_argument("--frames", type=int, default=8, help="images in the interpolation strip (default 8)")
     parser.add_argument("--compare", nargs="+", metavar="CKPT", default=None,
-                        help="checkpoints to compare: one row each, same seed, shown at a common size")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto (GPU if present)")
-    parser.add_argument("--no-amp", dest="amp", action="store_false", help="sample in fp32 on the GPU (default: bf16/fp16 autocast)")
+                        help="checkpoints to compare: one row each, same seed, shown at a common size (all are loaded and "
+                        "checked before the first is sampled)")
+    add_flag(parser, "--num_samples", "--samples", type=positive_int, default=None, metavar="N",
+             help="images to generate (default 16; with --compare, images per checkpoint row, default 8)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                        help="ddim (deterministic at --eta 0, default), ddpm (ancestral, the paper's sampler), dpmsolver++ "
+                        "or unipc (diffusers' multistep solvers: good images in 10-25 steps)")
+    defaults = ", ".join(f"{steps} for {name}" for name, steps in DEFAULT_STEPS.items())
+    add_flag(parser, "--num_inference_steps", "--steps", "--num_steps", type=positive_int, default=None, metavar="N",
+             help=f"denoising steps, at most the model's training timesteps (default {defaults}); more steps, higher quality")
+    parser.add_argument("--eta", type=fraction, default=None,
+                        help="DDIM only: fresh noise mixed in at each step, 0 deterministic .. 1 as much as DDPM (default 0)")
+    parser.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default="trailing",
+                        help="where the steps fall in the training timesteps. trailing (default) starts at t=999, the pure "
+                        "noise the model learned to start from; leading (diffusers' DDIM default) starts at t=990 with 100 "
+                        "steps, handing the model pure noise labelled as less noisy (Lin et al. 2024); linspace spreads them evenly")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the starting and per-step noise (default 0)")
+    parser.add_argument("--output_dir", default=".", help="folder the PNG is written to (default: the current folder)")
+    parser.add_argument("--output", default=None,
+                        help="PNG file name inside --output_dir, or a path (default ddpm_samples.png, "
+                        "ddpm_interpolation.png or ddpm_comparison.png)")
+    parser.add_argument("--batch_size", type=positive_int, default=64, help="images denoised at once (default 64)")
+    parser.add_argument("--interpolate", action="store_true",
+                        help="one strip: spherical interpolation between two seeded noises, denoised with the same "
+                        "per-step noise for every frame, so the strip varies only through its starting noise")
+    parser.add_argument("--frames", type=int_at_least(2), default=None, help="images in the --interpolate strip (default 8)")
+    add_device_flag(parser)
+    add_precision_flags(parser, "auto", "autocast while sampling: auto is bf16 on GPUs that support it, else fp16; fp32 "
+                        "(no) on the CPU", no_amp=True)
+
+
+def _ddpm_output_path(args: argparse.Namespace) -> Path:
+    from utils.images import IMAGE_EXTENSIONS
+
+    default = "ddpm_comparison.png" if args.compare else "ddpm_interpolation.png" if args.interpolate else "ddpm_samples.png"
+    output_dir = check_output_dir(args.output_dir)
+    path = output_dir / (args.output or default)  # an absolute --output stays as given
+    if path.is_dir():
+        raise UserError(f"--output {path} is a folder; pass a file name such as {default}.")
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise UserError(f"--output {path} is not an image file name; end it in one of {', '.join(IMAGE_EXTENSIONS)}.")
+    return path
 
 
 def run_ddpm(args: argparse.Namespace) -> Path:
     from tqdm.auto import tqdm
 
-    from models.ddpm_sampling import interpolation_noise, load_ddpm_for_sampling, sample_ddpm
+    from models.ddpm_sampling import DEFAULT_STEPS, interpolation_noise, load_ddpm_for_sampling, sample_ddpm
     from utils.accelerator import resolve_device
     from utils.images import save_grid
 
-    if not args.model and not args.compare:
-        raise UserError("infer.py ddpm needs --model CKPT (or --compare CKPT ...).")
+    if bool(args.model) == bool(args.compare):
+        raise UserError("infer.py ddpm needs --model CKPT or --compare CKPT [CKPT ...], one of the two.")
     if args.interpolate and args.compare:
         raise UserError("--interpolate and --compare are separate modes; give one of them.")
-    steps = args.steps or (1000 if args.sampler == "ddpm" else 100)
+    if args.frames is not None and not args.interpolate:
+        raise UserError("--frames sets the length of an --interpolate strip; add --interpolate or drop --frames.")
+    if args.interpolate and args.num_samples is not None:
+        raise UserError("--num_samples does not apply to --interpolate (the strip has --frames images); drop it.")
+    if args.eta is not None and args.sampler != "ddim":
+        raise UserError(f"--eta applies to --sampler ddim only ({args.sampler} has its own noise); drop it or use --sampler ddim.")
+    output = _ddpm_output_path(args)
+    steps = args.num_inference_steps or DEFAULT_STEPS[args.sampler]
     device = resolve_device(args.device)
-    autocast = None
-    if device.type == "cuda" and args.amp:
-        autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    autocast = autocast_dtype(args.mixed_precision, device)
 
-    def load(path):
+    models = []  # every checkpoint is loaded and checked against the flags before the first one is sampled
+    for path in args.compare or [args.model]:
         unet, scheduler_config, description = load_ddpm_for_sampling(path)
+        total = int(scheduler_config.get("num_train_timesteps", 1000))
+        if steps > total:
+            raise UserError(f"--num_inference_steps {steps} is more than the {total} timesteps {path} was trained with; use 1..{total}.")
         print(f"loaded {description}")
-        return unet.to(device), scheduler_config
+        models.append((path, unet, scheduler_config))
 
-    def generate(unet, scheduler_config, count, noise=None):
+    def generate(unet, scheduler_config, count, noise=None, shared_step_noise=False):
         bar = lambda timesteps: tqdm(timesteps, desc=f"{args.sampler} {steps} steps", leave=False)  # noqa: E731
-        return sample_ddpm(unet, scheduler_config, count, steps, args.sampler, args.seed, noise=noise,
-                           batch_size=args.batch_size, autocast_dtype=autocast, progress=bar)
+        return sample_ddpm(unet.to(device), scheduler_config, count, steps, args.sampler, args.seed, noise=noise,
+                           batch_size=args.batch_size, autocast_dtype=autocast, progress=bar, eta=args.eta or 0.0,
+                           timestep_spacing=args.timestep_spacing, shared_step_noise=shared_step_noise)
 
     if args.compare:
-        per_row = args.samples or 8
+        per_row = args.num_samples or 8
         rows, labels = [], []
-        for path in args.compare:
-            unet, scheduler_config = load(path)
+        for path, unet, scheduler_config in models:
             rows.extend(generate(unet, scheduler_config, per_row))
             labels.append(_checkpoint_label(path, unet.config.sample_size))
-            del unet
-        output = save_grid(rows, args.output or "ddpm_comparison.png", nrow=per_row, row_labels=labels)
+            unet.cpu()
+        output = save_grid(rows, output, nrow=per_row, row_labels=labels)
     elif args.interpolate:
-        unet, scheduler_config = load(args.model)
-        noise = interpolation_noise(unet.config.in_channels, unet.config.sample_size, args.frames, args.seed)
-        images = generate(unet, scheduler_config, args.frames, noise=noise)
-        captions = [f"{a:.2f}" for a in torch.linspace(0, 1, args.frames).tolist()]
-        output = save_grid(images, args.output or "ddpm_interpolation.png", nrow=args.frames, captions=captions)
+        _, unet, scheduler_config = models[0]
+        frames = args.frames or 8
+        noise = interpolation_noise(unet.config.in_channels, unet.config.sample_size, frames, args.seed)
+        images = generate(unet, scheduler_config, frames, noise=noise, shared_step_noise=True)
+        captions = [f"{a:.2f}" for a in torch.linspace(0, 1, frames).tolist()]
+        output = save_grid(images, output, nrow=frames, captions=captions)
     else:
-        unet, scheduler_config = load(args.model)
-        count = args.samples or 16
+        _, unet, scheduler_config = models[0]
+        count = args.num_samples or 16
         images = generate(unet, scheduler_config, count)
-        output = save_grid(images, args.output or "ddpm_samples.png", nrow=math.ceil(math.sqrt(count)))
+        output = save_grid(images, output, nrow=math.ceil(math.sqrt(count)))
     print(f"wrote {output}")
     return output
 
@@ -117,6 +214,9 @@ def _checkpoint_label(path: str, size: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ phaseformer
+MIN_TILE = 16  # the network pads to a multiple of 8; a tile must hold more than padding
+
+
 def add_phaseformer_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "phaseformer",
@@ -132,39 +232,54 @@ def add_phaseformer_parser(subparsers) -> None:
     parser.add_argument("--gt_dir", default=None, help="ground-truth folder, paired by file stem: score L and write metrics.csv")
     parser.add_argument("--outputs", choices=("L", "H", "both"), default="both",
                         help="L: input resolution, H: twice it, both (default both)")
-    parser.add_argument("--tile", type=int, default=0,
-                        help="enhance images larger than N px in overlapping NxN tiles to save memory (default 0: whole image)")
-    parser.add_argument("--tile_overlap", type=int, default=32, help="pixels shared by neighbouring tiles (default 32)")
-    parser.add_argument("--resize", type=int, default=None,
+    parser.add_argument("--tile", type=non_negative_int, default=0,
+                        help=f"enhance images larger than N px in overlapping NxN tiles to save memory, N >= {MIN_TILE} "
+                        "(default 0: whole image)")
+    parser.add_argument("--tile_overlap", type=non_negative_int, default=None,
+                        help="with --tile: pixels shared by neighbouring tiles, less than the tile (default 32, or tile/2 "
+                        "for tiles of 64 px and less)")
+    parser.add_argument("--resize", type=int_at_least(16), default=None,
                         help="resize inputs (and ground truth) to NxN first, e.g. 256 for the training evaluation protocol")
     parser.add_argument("--eca", choices=("feature", "phase"), default=None,
                         help="override the ECA gate recorded in the checkpoint (default: the checkpoint's)")
     parser.add_argument("--value_range", choices=("unit", "signed", "signed_reference"), default=None,
-                        help="override the input range recorded in the checkpoint (default: the checkpoint's; [-1, 1] for official weights)")
-    parser.add_argument("--test_y_channel", action="store_true", help="score the BT.601 Y channel instead of RGB")
-    parser.add_argument("--crop_border", type=int, default=0, help="pixels cropped from each border before scoring (default 0)")
+                        help="override the input range recorded in the checkpoint (default: the checkpoint's; [-1, 1] for "
+                        "official weights)")
+    parser.add_argument("--test_y_channel", action="store_true", help="with --gt_dir: score the BT.601 Y channel instead of RGB")
+    parser.add_argument("--crop_border", type=non_negative_int, default=0,
+                        help="with --gt_dir: pixels cropped from each border before scoring (default 0)")
     parser.add_argument("--split_file", default=None,
                         help="enhance only the 'test' images of this split list (split_*.txt in a training run folder)")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto (GPU if present)")
-    parser.add_argument("--amp", action="store_true",
-                        help="bf16/fp16 autocast on the GPU (default fp32, the precision of the training evaluation)")
+    add_device_flag(parser)
+    add_precision_flags(parser, "no", "autocast of the convolutions on the GPU: no (fp32, the precision of the training "
+                        "evaluation), auto (bf16 where supported, else fp16), fp16 or bf16", amp=True)
 
 
 def run_phaseformer(args: argparse.Namespace) -> dict:
     from models.phaseformer_enhance import enhance_folder, load_phaseformer_for_inference
     from utils.accelerator import resolve_device
+    from utils.metrics import SSIM_WINDOW_SIZE
 
-    if args.tile < 0 or (args.resize is not None and args.resize < 16):
-        raise UserError("--tile must be 0 (off) or a side in pixels, and --resize at least 16.")
+    if args.tile and args.tile < MIN_TILE:
+        raise UserError(f"--tile {args.tile} is too small; use 0 (whole images) or at least {MIN_TILE} px.")
+    if args.tile_overlap is not None and not args.tile:
+        raise UserError("--tile_overlap applies to tiled enhancement; add --tile N or drop --tile_overlap.")
+    tile_overlap = args.tile_overlap if args.tile_overlap is not None else min(32, args.tile // 2)
+    if args.tile and tile_overlap >= args.tile:
+        raise UserError(f"--tile_overlap {tile_overlap} must be less than --tile {args.tile}.")
+    if args.gt_dir is None and (args.crop_border or args.test_y_channel):
+        raise UserError("--crop_border and --test_y_channel set how outputs are scored against ground truth; add --gt_dir or drop them.")
+    if args.resize is not None and args.resize - 2 * args.crop_border < SSIM_WINDOW_SIZE:
+        raise UserError(f"--crop_border {args.crop_border} leaves less than {SSIM_WINDOW_SIZE} px of a --resize {args.resize} "
+                        f"image to score; use at most {(args.resize - SSIM_WINDOW_SIZE) // 2}.")
+    check_output_dir(args.output_dir)
     device = resolve_device(args.device)
+    autocast = autocast_dtype(args.mixed_precision, device)
     model, info = load_phaseformer_for_inference(args.checkpoint, eca=args.eca, value_range=args.value_range)
     print(f"loaded {info['description']}")
-    autocast = None
-    if device.type == "cuda" and args.amp:
-        autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     report = enhance_folder(
         model.to(device), args.input, args.output_dir, value_range=info["value_range"], outputs=args.outputs,
-        gt_dir=args.gt_dir, resize=args.resize, tile=args.tile, tile_overlap=args.tile_overlap, autocast_dtype=autocast,
+        gt_dir=args.gt_dir, resize=args.resize, tile=args.tile, tile_overlap=tile_overlap, autocast_dtype=autocast,
         crop_border=args.crop_border, test_y_channel=args.test_y_channel, split_file=args.split_file,
     )
     print(f"wrote {len(report['written'])} images to {args.output_dir}")
@@ -306,46 +421,53 @@ def add_user_parser(subparsers) -> None:
         description="Generate images for user IDs 1..num_users with the training-time sampler: the checkpoint carries its "
         "backbone, configuration, EMA weights, latent statistics and sampling defaults; flags override the defaults. "
         "Writes micro_doppler_userXX_NNN.png, user_XX/generated_NNN.png, micro_doppler_grid.png (a row per user) and "
-        "manifest.json. The UNet note's flags are aliases: --unet_path (a checkpoint, or a diffusers UNet folder with "
-        "--condition_encoder_path and --num_users), --vae_path, --num_images_per_user, --num_inference_steps.",
+        "manifest.json. The UNet note's flags work too: --unet_path (a checkpoint, or a diffusers UNet folder with "
+        "--condition_encoder_path and --num_users), and the aliases --vae_path, --num_images_per_user; the DiT note's "
+        "--num_steps and --precision are aliases of --num_inference_steps and --mixed_precision.",
     )
-    parser.add_argument("--dit_checkpoint", "--checkpoint", dest="checkpoint", default=None,
-                        help="checkpoints/best.ckpt or last.ckpt of train_dit_user.py (either backbone)")
+    add_flag(parser, "--dit_checkpoint", "--checkpoint", dest="checkpoint", default=None, metavar="CKPT",
+             help="checkpoints/best.ckpt or last.ckpt of train_dit_user.py (either backbone)")
     parser.add_argument("--unet_path", default=None,
                         help="a train_dit_user.py checkpoint of the UNet backbone, or a diffusers UNet2DConditionModel folder "
                         "(then also --num_users, and --condition_encoder_path / --latent_stats unless inside the folder)")
     parser.add_argument("--condition_encoder_path", default=None,
                         help="with a UNet folder: condition_encoder.pt (a UserConditionEncoder state dict with num_users + 1 rows)")
     parser.add_argument("--latent_stats", default=None, help="with a UNet folder: the latents_stats.safetensors it was trained with")
-    parser.add_argument("--num_users", type=int, default=None,
+    parser.add_argument("--num_users", type=positive_int, default=None,
                         help="users the model knows; read from a checkpoint (a different value is an error), required with a UNet folder")
-    parser.add_argument("--vavae_path", "--vae_path", dest="vavae_path", default=None,
-                        help="the VA-VAE the latents were extracted with (its fingerprint must match the checkpoint's statistics)")
-    parser.add_argument("--vavae_config", choices=("f16d32", "tiny"), default="f16d32", help="architecture of a .pt VA-VAE (default f16d32)")
+    add_flag(parser, "--vavae_path", "--vae_path", default=None, metavar="PATH",
+             help="the VA-VAE the latents were extracted with (its fingerprint must match the checkpoint's statistics)")
+    parser.add_argument("--vavae_config", choices=("f16d32", "tiny"), default="f16d32",
+                        help="architecture of a .pt VA-VAE (default f16d32)")
     parser.add_argument("--output_dir", default="generated_images", help="where images, grid and manifest go (default ./generated_images)")
-    parser.add_argument("--user_ids", type=int, nargs="+", default=None, help="user IDs 1..num_users to generate (default: all)")
-    parser.add_argument("--num_samples_per_user", "--num_images_per_user", dest="num_samples_per_user", type=int, default=4,
-                        help="images per user (default 4)")
-    parser.add_argument("--start_index", type=int, default=0,
+    parser.add_argument("--user_ids", type=int, nargs="+", default=None,  # the range comes from the checkpoint
+                        help="user IDs 1..num_users to generate, each once (default: all)")
+    add_flag(parser, "--num_samples_per_user", "--num_images_per_user", type=positive_int, default=4, metavar="N",
+             help="images per user (default 4)")
+    parser.add_argument("--start_index", type=non_negative_int, default=0,
                         help="index of each user's first sample: continue a set without repeating it (default 0)")
-    parser.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance, 1 = none (default: the checkpoint's, 4.0)")
-    parser.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("START", "END"),
-                        help="flow times where guidance acts, 0 noise .. 1 data (default: the checkpoint's; DiT 0.11 1.0)")
-    parser.add_argument("--guidance_channels", type=int, default=None,
+    parser.add_argument("--guidance_scale", type=non_negative_float, default=None,
+                        help="classifier-free guidance, 1 = none (default: the checkpoint's, 4.0)")
+    parser.add_argument("--guidance_interval", type=fraction, nargs=2, default=None, metavar=("START", "END"),
+                        help="flow times where guidance acts, 0 noise .. 1 data, START <= END (default: the checkpoint's; DiT 0.11 1.0)")
+    parser.add_argument("--guidance_channels", type=positive_int, default=None,
                         help="guide only the first N latent channels (the reference's 3-channel behaviour; default all)")
-    parser.add_argument("--num_steps", "--num_inference_steps", dest="num_steps", type=int, default=None,
-                        help="sampler updates (default: the checkpoint's, 250 for the DiT, 50 for the UNet)")
+    add_flag(parser, "--num_inference_steps", "--num_steps", "--steps", type=positive_int, default=None, metavar="N",
+             help="sampler updates (default: the checkpoint's, 250 for the DiT, 50 for the UNet; at most the UNet's "
+             "training timesteps)")
     parser.add_argument("--sampler", choices=("euler", "heun", "ddim"), default=None,
                         help="DiT: euler or heun; UNet: ddim (default: the checkpoint's)")
-    parser.add_argument("--shift", type=float, default=None, help="DiT timestep shift, LightningDiT's convention (default: the checkpoint's, 0.3)")
-    parser.add_argument("--eta", type=float, default=None, help="UNet DDIM eta, 0 = deterministic (default 0)")
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--shift", type=positive_float, default=None,
+                        help="DiT timestep shift, LightningDiT's convention (default: the checkpoint's, 0.3)")
+    parser.add_argument("--eta", type=fraction, default=None, help="UNet DDIM eta, 0 = deterministic .. 1 (default 0)")
+    parser.add_argument("--seed", type=seed, default=None,
                         help="run seed; sample (seed, user, index) is the same whatever else is generated (default: the "
                         "training seed, so the training previews are reproduced)")
-    parser.add_argument("--batch_size", type=int, default=64, help="samples generated and decoded at once (default 64, as the previews)")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto (GPU if present)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                        help="autocast while sampling (default auto: on a GPU the previews' precision, fp32 on the CPU)")
+    parser.add_argument("--batch_size", type=positive_int, default=64,
+                        help="samples generated and decoded at once (default 64, as the previews)")
+    add_device_flag(parser)
+    add_precision_flags(parser, "auto", "autocast while sampling: auto is the previews' precision on a GPU and fp32 on "
+                        "the CPU", precision=True)
     parser.add_argument("--no_ema", action="store_true", help="sample with the raw weights instead of the EMA weights")
     parser.add_argument("--layout", choices=("both", "flat", "folders"), default="both",
                         help="both (default): micro_doppler_userXX_NNN.png and user_XX/generated_NNN.png; flat or folders: one of them")
@@ -358,7 +480,6 @@ def run_user(args: argparse.Namespace) -> dict:
 
     from models.user_generation import validate_user_ids
     from models.user_pipeline import (
-        AUTOCAST_DTYPES,
         check_vae_matches,
         generate_user_images,
         load_user_checkpoint,
@@ -370,12 +491,21 @@ def run_user(args: argparse.Namespace) -> dict:
     from models.vavae import file_fingerprint, load_vavae
     from utils.accelerator import resolve_device
     from utils.checkpoint import atomic_save_safetensors, atomic_write_text
+    from utils.errors import CheckpointError
 
     if bool(args.checkpoint) == bool(args.unet_path):
-        raise UserError("infer.py user needs one model: --dit_checkpoint CKPT (either backbone) or --unet_path (checkpoint or UNet folder).")
+        raise UserError("infer.py user needs one model: --dit_checkpoint CKPT (either backbone) or --unet_path (checkpoint or "
+                        "UNet folder).")
     source = Path(args.checkpoint or args.unet_path)
-    if args.num_samples_per_user < 1 or args.batch_size < 1 or args.start_index < 0:
-        raise UserError("--num_samples_per_user and --batch_size must be at least 1 and --start_index at least 0.")
+    if args.user_ids is not None and len(set(args.user_ids)) != len(args.user_ids):
+        repeated = sorted({user for user in args.user_ids if args.user_ids.count(user) > 1})
+        raise UserError(f"--user_ids lists {repeated[0]} more than once; give each user once and raise --num_samples_per_user instead.")
+    if args.guidance_interval is not None and args.guidance_interval[0] > args.guidance_interval[1]:
+        raise UserError(f"--guidance_interval {args.guidance_interval[0]:g} {args.guidance_interval[1]:g}: START must not be after END.")
+    if not source.exists():
+        flag = "--dit_checkpoint" if args.checkpoint else "--unet_path"
+        raise CheckpointError(f"{flag} {source} does not exist; pass checkpoints/best.ckpt or last.ckpt of train_dit_user.py.")
+    check_output_dir(args.output_dir)
     if source.is_dir():
         bundle = load_user_unet_folder(source, num_users=args.num_users, condition_encoder_path=args.condition_encoder_path,
                                        latent_stats_path=args.latent_stats)
@@ -385,34 +515,40 @@ def run_user(args: argparse.Namespace) -> dict:
                             "--condition_encoder_path/--latent_stats (they go with a diffusers UNet folder).")
         bundle = load_user_checkpoint(source, use_ema=not args.no_ema)
         if args.num_users is not None and args.num_users != bundle.num_users:
-            raise UserError(f"--num_users {args.num_users} disagrees with the {bundle.num_users} users {source} was trained for; drop the flag.")
+            raise UserError(f"--num_users {args.num_users} disagrees with the {bundle.num_users} users {source} was trained for; "
+                            "drop the flag.")
     users = validate_user_ids(args.user_ids if args.user_ids is not None else range(1, bundle.num_users + 1), bundle.num_users)
     settings = dict(bundle.sampling)
-    for flag in ("sampler", "num_steps", "guidance_scale", "shift", "guidance_channels", "eta"):
+    for key, flag in (("sampler", "sampler"), ("num_steps", "num_inference_steps"), ("guidance_scale", "guidance_scale"),
+                      ("shift", "shift"), ("guidance_channels", "guidance_channels"), ("eta", "eta")):
         if getattr(args, flag) is not None:
-            settings[flag] = getattr(args, flag)
+            settings[key] = getattr(args, flag)
     if args.guidance_interval is not None:
         settings["guidance_interval"] = list(args.guidance_interval)
+    _check_user_sampling(args, bundle, settings)
     seed = args.seed if args.seed is not None else int(bundle.checkpoint.get("preview", {}).get("seed", 0))
     if not args.vavae_path:
-        raise UserError("--vavae_path is required: the model generates VA-VAE latents; pass the VA-VAE file the latents were extracted with.")
+        raise UserError("--vavae_path is required: the model generates VA-VAE latents; pass the VA-VAE file the latents were "
+                        "extracted with.")
     vae_fingerprint = check_vae_matches(bundle.stats, args.vavae_path)  # before the (large) VA-VAE is loaded
     device = resolve_device(args.device)
-    precision = args.precision
-    if precision == "auto":
-        precision = (bundle.checkpoint.get("preview", {}).get("autocast") or "fp32") if device.type == "cuda" else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16 needs a CUDA GPU; use fp32 (or bf16) on the CPU.")
+    precision = args.mixed_precision
+    if precision == "auto" and device.type == "cuda":  # the previews' precision, recorded in the checkpoint
+        preview = bundle.checkpoint.get("preview", {}).get("autocast")
+        precision = preview if preview in ("bf16", "fp16") else "no"
+    dtype = autocast_dtype(precision, device)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]  # as manifests record it
     vae = load_vavae(args.vavae_path, device=device, config=args.vavae_config)
     channels = bundle.stats.mean.shape[1]
     if vae.latent_channels != channels:
-        raise UserError(f"The VA-VAE {args.vavae_path} has {vae.latent_channels} latent channels, the model {channels}; check --vavae_config.")
+        raise UserError(f"The VA-VAE {args.vavae_path} has {vae.latent_channels} latent channels, the model {channels}; "
+                        "check --vavae_config.")
     print(f"loaded {bundle.backbone} model from {source} ({bundle.weights} weights, {bundle.num_users} users); "
           f"users {users}, {args.num_samples_per_user} each, {settings['sampler']} {settings['num_steps']} steps, "
           f"guidance {settings['guidance_scale']}, seed {seed}, {device}")
     images, latents = generate_user_images(
         bundle.model.to(device), bundle.backbone, users, args.num_samples_per_user, stats=bundle.stats, vae=vae, seed=seed,
-        batch_size=args.batch_size, first_index=args.start_index, device=device, autocast_dtype=AUTOCAST_DTYPES.get(precision),
+        batch_size=args.batch_size, first_index=args.start_index, device=device, autocast_dtype=dtype,
         noise_scheduler=bundle.noise_scheduler, progress=True, **sampling_kwargs(settings),
     )
     output_dir = Path(args.output_dir)
@@ -433,6 +569,28 @@ def run_user(args: argparse.Namespace) -> dict:
     atomic_write_text(json.dumps(manifest, indent=2) + "\n", output_dir / "manifest.json")
     print(f"wrote {len(records)} images, {grid} and manifest.json to {output_dir}")
     return {"output_dir": output_dir, "grid": grid, "files": records, "manifest": manifest, "latents": latents}
+
+
+def _check_user_sampling(args: argparse.Namespace, bundle, settings: dict) -> None:
+    """Flags that the loaded model cannot honour, refused before the VA-VAE loads or anything is sampled."""
+    from models.user_generation import DDPM_SAMPLERS, FLOW_SAMPLERS
+
+    allowed = FLOW_SAMPLERS if bundle.backbone == "dit" else DDPM_SAMPLERS
+    if settings.get("sampler") not in (None, *allowed):
+        raise UserError(f"--sampler {settings['sampler']}: the {bundle.backbone} backbone samples with {', '.join(allowed)}.")
+    if bundle.backbone == "dit" and args.eta is not None:
+        raise UserError("--eta applies to the UNet backbone's DDIM sampler; this DiT checkpoint samples an ODE, drop --eta.")
+    if bundle.backbone == "unet" and args.shift is not None:
+        raise UserError("--shift applies to the DiT backbone's flow sampler; this UNet checkpoint uses DDIM, drop --shift.")
+    if bundle.backbone == "unet":
+        total = int(bundle.noise_scheduler.config.num_train_timesteps)
+        if int(settings["num_steps"]) > total:
+            raise UserError(f"--num_inference_steps {settings['num_steps']} is more than the {total} timesteps the UNet was "
+                            f"trained with; use 1..{total}.")
+    channels = bundle.stats.mean.shape[1]
+    if settings.get("guidance_channels") is not None and int(settings["guidance_channels"]) > channels:
+        raise UserError(f"--guidance_channels {settings['guidance_channels']} is more than the model's {channels} latent "
+                        "channels; drop the flag to guide all of them.")
 
 
 # ------------------------------------------------------------------------------------------------ entry point

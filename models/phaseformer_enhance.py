@@ -21,8 +21,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -102,6 +103,8 @@ def enhance(
     the phase attention stays fp32 either way. The caller puts the model in eval mode (it has no dropout or
     batch norm, so the mode does not change the result).
     """
+    if tile < 0 or tile_overlap < 0:
+        raise UserError(f"--tile ({tile}) and --tile_overlap ({tile_overlap}) must not be negative.")
     if tile and tile_overlap >= tile:
         raise UserError(f"--tile {tile} must be larger than the tile overlap ({tile_overlap} px).")
     inputs = to_model_range(images.float(), value_range)
@@ -141,7 +144,8 @@ def load_phaseformer_for_inference(
     if value_range is not None and value_range not in VALUE_RANGES:
         raise UserError(f"--value_range must be one of {', '.join(VALUE_RANGES)}, got {value_range!r}.")
     if not path.is_file():
-        raise CheckpointError(f"Checkpoint {path} does not exist; pass a train_phaseformer.py .pth or a converted .safetensors file.")
+        found = "is a folder" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"Checkpoint {path} {found}; pass a train_phaseformer.py .pth or a converted .safetensors file.")
     if path.suffix == ".safetensors":
         state_dict, metadata = read_weights_file(path)
         config = json.loads(metadata["phaseformer_config"]) if "phaseformer_config" in metadata else infer_phaseformer_config(state_dict)
@@ -210,6 +214,31 @@ def _load(path: Path, size: int | None) -> torch.Tensor:
     return to_tensor(image)[None]
 
 
+def _check_scorable(path: Path, reference: Path, resize: int | None, crop_border: int) -> None:
+    """Before anything is enhanced: the pair has one size and leaves an SSIM window after the border crop."""
+    from PIL import Image
+
+    from utils.metrics import SSIM_WINDOW_SIZE
+
+    if resize:
+        size = (resize, resize)
+    else:
+        sizes = []
+        for file in (path, reference):
+            try:
+                with Image.open(file) as image:  # reads the header only
+                    sizes.append(image.size)
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                raise DataError(f"Cannot read image {file} ({err}); remove or replace the file.") from err
+        if sizes[0] != sizes[1]:
+            raise DataError(f"{path} is {sizes[0][0]}x{sizes[0][1]} px but its ground truth {reference} is "
+                            f"{sizes[1][0]}x{sizes[1][1]} px; pass --resize N to score both at NxN.")
+        size = sizes[0]
+    if min(size) - 2 * crop_border < SSIM_WINDOW_SIZE:
+        raise UserError(f"--crop_border {crop_border} leaves less than {SSIM_WINDOW_SIZE} px of {path} ({size[0]}x{size[1]} px) "
+                        f"to score; use at most {max(0, (min(size) - SSIM_WINDOW_SIZE) // 2)}.")
+
+
 def enhance_folder(
     model: Phaseformer,
     source: str | Path,
@@ -241,13 +270,20 @@ def enhance_folder(
 
     if outputs not in OUTPUT_CHOICES:
         raise UserError(f"--outputs must be one of {', '.join(OUTPUT_CHOICES)}, got {outputs!r}.")
+    if crop_border < 0:
+        raise UserError(f"--crop_border must not be negative, got {crop_border}.")
     images = _input_images(Path(source))
     if split_file is not None:
         from data.paired import read_split_file
 
         if not Path(split_file).is_file():
             raise DataError(f"--split_file {split_file} does not exist; pass the split_*.txt of the training run folder.")
-        test_stems = set(read_split_file(split_file)[1])
+        try:
+            test_stems = set(read_split_file(split_file)[1])
+        except UnicodeDecodeError:
+            raise DataError(f"--split_file {split_file} is not a text file; pass the split_*.txt of the training run folder.") from None
+        if not test_stems:
+            raise DataError(f"--split_file {split_file} lists no 'test' images; pass the split_*.txt of the training run folder.")
         missing = sorted(test_stems - set(images))
         if missing:
             raise DataError(f"--split_file {split_file} lists {missing[0]!r} as a test image, but {source} has no image with that stem.")
@@ -261,6 +297,7 @@ def enhance_folder(
         for stem, path in images.items():
             if stem not in targets:
                 raise DataError(f"Input image {path} has no ground truth with the stem {stem!r} in {gt_dir}; add it or drop --gt_dir.")
+            _check_scorable(path, targets[stem], resize, crop_border)
     heads = ["L", "H"] if outputs == "both" else [outputs]
     output_dir = Path(output_dir)
     for head in heads:

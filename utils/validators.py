@@ -1,0 +1,98 @@
+"""Small ``type=`` validators for argparse: a bad value is refused while parsing, with the flag's name.
+
+argparse calls a flag's ``type`` on the string the user typed; an :class:`argparse.ArgumentTypeError` raised
+there becomes ``error: argument --flag: <message>`` (one line through :func:`utils.config.one_line_errors`), so
+a zero step count or a negative overlap never reaches the code that would turn it into NaN pixels or a silently
+changed value. Validators that need another flag or a loaded checkpoint (steps against the training timesteps,
+a border crop against the image size) live with the code that knows both.
+
+    parser.add_argument("--samples", type=positive_int)
+    parser.add_argument("--eta", type=fraction)
+    parser.add_argument("--resize", type=int_at_least(16))
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+__all__ = [
+    "fraction",
+    "int_at_least",
+    "non_negative_float",
+    "non_negative_int",
+    "positive_float",
+    "positive_int",
+    "seed",
+]
+
+SEED_MAX = 2**32 - 1  # numpy's seed range, which accelerate.utils.set_seed also feeds
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """A validator for whole numbers >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        value = _int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int_at_least_{minimum}"
+    return parse
+
+
+positive_int = int_at_least(1)
+positive_int.__name__ = "positive_int"
+non_negative_int = int_at_least(0)
+non_negative_int.__name__ = "non_negative_int"
+
+
+def seed(text: str) -> int:
+    """A random seed in 0..2**32-1 (numpy's range; torch and accelerate take it too)."""
+    value = _int(text)
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be a seed between 0 and {SEED_MAX}, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value:g}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value:g}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1]."""
+    value = _float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value:g}")
+    return value

@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from models.ddpm_sampling import ddpm_loss, interpolation_noise, make_noise_scheduler, sample_ddpm, slerp
+from models.ddpm_sampling import SAMPLERS, ddpm_loss, interpolation_noise, make_noise_scheduler, sample_ddpm, slerp
 from models.ddpm_unet import build_ddpm_unet, ddpm_unet_config, preset_for_size
 from utils.errors import UserError
 
@@ -44,7 +44,7 @@ def test_loss_is_epsilon_mse_and_reaches_every_parameter():
     assert all(p.grad is not None for p in unet.parameters())
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_sampling_is_deterministic_per_seed(sampler):
     unet = build_ddpm_unet("tiny", 16)
     config = dict(make_noise_scheduler().config)
@@ -53,6 +53,15 @@ def test_sampling_is_deterministic_per_seed(sampler):
     other = sample_ddpm(unet, config, num_samples=3, steps=4, sampler=sampler, seed=6)
     assert first.shape == (3, 3, 16, 16) and first.abs().max() <= 1
     assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_ddim_eta_adds_seeded_noise():
+    unet = build_ddpm_unet("tiny", 16)
+    config = dict(make_noise_scheduler().config)
+    plain = sample_ddpm(unet, config, num_samples=2, steps=4, sampler="ddim", seed=5)
+    noisy = sample_ddpm(unet, config, num_samples=2, steps=4, sampler="ddim", seed=5, eta=1.0)
+    assert torch.equal(noisy, sample_ddpm(unet, config, num_samples=2, steps=4, sampler="ddim", seed=5, eta=1.0))
+    assert (noisy - plain).abs().max() > 0.01
 
 
 def test_slerp_keeps_gaussian_norm_and_hits_endpoints():

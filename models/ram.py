@@ -263,13 +263,23 @@ class RAMTagger(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.image_proj.weight.dtype
 
-    def preprocess(self, images01: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] in [0, 1] -> [B, 3, 384, 384]: SeeSR's ``ram_transforms`` (bilinear resize, ImageNet normalisation)."""
+    def preprocess(self, images01: torch.Tensor, resize: str = "bilinear") -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> [B, 3, 384, 384], ImageNet-normalised.
+
+        ``resize="bilinear"``: SeeSR's inference ``ram_transforms`` (``test_seesr.py``; torchvision bilinear, no
+        antialiasing). ``"bicubic"``: SeeSR's training data (``dataloaders/paired_dataset.py``: ``F.interpolate``
+        bicubic, clamped to [0, 1]), for the RAM embeddings of the LR input while training.
+        """
         if images01.ndim != 4 or images01.shape[1] != 3:
             raise ValueError(f"RAMTagger expects images [B, 3, H, W] in [0, 1], got shape {tuple(images01.shape)}.")
         size = [self.config.image_size, self.config.image_size]
         x = images01.to(self.device, torch.float32)
-        x = TF.resize(x, size, interpolation=InterpolationMode.BILINEAR, antialias=False)
+        if resize == "bilinear":
+            x = TF.resize(x, size, interpolation=InterpolationMode.BILINEAR, antialias=False)
+        elif resize == "bicubic":
+            x = F.interpolate(x, size=size, mode="bicubic").clamp(0.0, 1.0)
+        else:
+            raise ValueError(f"resize must be 'bilinear' (SeeSR inference) or 'bicubic' (SeeSR training), got {resize!r}.")
         x = TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
         return x.to(self.dtype)
 
@@ -290,9 +300,9 @@ class RAMTagger(nn.Module):
         return [", ".join(self.tag_list[i] for i in row.nonzero().flatten().tolist()) for row in fired.cpu()]
 
     @torch.no_grad()
-    def image_embeddings(self, images01: torch.Tensor) -> torch.Tensor:
-        """SeeSR's ``generate_image_embeds``: [B, 3, H, W] in [0, 1] -> [B, 145, 512]."""
-        return self.encode(self.preprocess(images01))
+    def image_embeddings(self, images01: torch.Tensor, resize: str = "bilinear") -> torch.Tensor:
+        """SeeSR's ``generate_image_embeds``: [B, 3, H, W] in [0, 1] -> [B, 145, 512] (``resize``: see :meth:`preprocess`)."""
+        return self.encode(self.preprocess(images01, resize))
 
     @torch.no_grad()
     def tags(self, images01: torch.Tensor) -> list[str]:
@@ -327,7 +337,9 @@ def read_class_thresholds(path: str | Path, num_tags: int) -> torch.Tensor:
     while lines and not lines[-1].strip():
         lines.pop()
     if len(lines) > num_tags:
-        raise DataError(f"RAM threshold file {path} has {len(lines)} lines but the tag list has {num_tags} tags; use the file that came with it.")
+        raise DataError(
+            f"RAM threshold file {path} has {len(lines)} lines but the tag list has {num_tags} tags; use the file that came with it."
+        )
     thresholds = torch.full((num_tags,), DEFAULT_THRESHOLD)
     for i, line in enumerate(lines):
         try:
@@ -392,7 +404,9 @@ def resolve_ram_keys(state_dict: dict[str, torch.Tensor], num_head_layers: int) 
 
 def ram_to_timm_key(key: str) -> str:
     """RAM's Swin (downsample at the end of stage i) -> timm's (downsample at the start of stage i + 1)."""
-    return re.sub(r"^visual_encoder\.layers\.(\d+)\.downsample\.", lambda m: f"visual_encoder.layers.{int(m.group(1)) + 1}.downsample.", key)
+    return re.sub(
+        r"^visual_encoder\.layers\.(\d+)\.downsample\.", lambda m: f"visual_encoder.layers.{int(m.group(1)) + 1}.downsample.", key
+    )
 
 
 def lora_delta(weight_key: str, lora_a: torch.Tensor, lora_b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -405,10 +419,12 @@ def lora_delta(weight_key: str, lora_a: torch.Tensor, lora_b: torch.Tensor, weig
         out = weight.shape[0] // len(parts)
         enabled = [i for i, on in enumerate(parts) if on]
         if a.shape != (rank * len(enabled), weight.shape[1]) or b.shape[0] != out * len(enabled):
-            raise CheckpointError(f"LoRA of {weight_key} has shapes {tuple(a.shape)}/{tuple(b.shape)}, which do not fit {tuple(weight.shape)}.")
+            raise CheckpointError(
+                f"LoRA of {weight_key} has shapes {tuple(a.shape)}/{tuple(b.shape)}, which do not fit {tuple(weight.shape)}."
+            )
         delta = torch.zeros_like(weight, dtype=torch.float32)
         for group, part in enumerate(enabled):
-            delta[part * out:(part + 1) * out] = b[group * out:(group + 1) * out] @ a[group * rank:(group + 1) * rank]
+            delta[part * out : (part + 1) * out] = b[group * out : (group + 1) * out] @ a[group * rank : (group + 1) * rank]
         return delta * scale
     if a.shape[1] != weight.shape[1] or b.shape[0] != weight.shape[0] or a.shape[0] != rank:
         raise CheckpointError(f"LoRA of {weight_key} has shapes {tuple(a.shape)}/{tuple(b.shape)}, which do not fit {tuple(weight.shape)}.")
@@ -437,7 +453,9 @@ def apply_dape(state: dict[str, torch.Tensor], dape: dict[str, torch.Tensor], nu
         for target in targets:
             weight_key = f"{target}.weight"
             if weight_key not in state:
-                raise CheckpointError(f"{source} has LoRA tensors for {module}, which matches no linear layer of RAM; is it SeeSR's DAPE.pth?")
+                raise CheckpointError(
+                    f"{source} has LoRA tensors for {module}, which matches no linear layer of RAM; is it SeeSR's DAPE.pth?"
+                )
             weight = state[weight_key]
             state[weight_key] = (weight.float() + lora_delta(weight_key, lora_a, lora_b, weight)).to(weight.dtype)
     return state
@@ -447,6 +465,9 @@ def load_tagger_state(model: RAMTagger, state: dict[str, torch.Tensor], source: 
     """Load resolved RAM-layout tensors into ``model`` strictly (every parameter from the file, nothing left over)."""
     mapped = {ram_to_timm_key(k): v for k, v in state.items()}
     expected = model.state_dict()
+    for key in expected:  # buffers rebuilt from the config (persistent in some timm versions)
+        if key.endswith(_DERIVED_BUFFERS):
+            mapped[key] = expected[key]
     missing = sorted(set(expected) - set(mapped))
     unexpected = sorted(set(mapped) - set(expected))
     if missing or unexpected:
@@ -455,7 +476,9 @@ def load_tagger_state(model: RAMTagger, state: dict[str, torch.Tensor], source: 
             parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
         if unexpected:
             parts.append(f"{len(unexpected)} unknown (e.g. {', '.join(unexpected[:3])})")
-        raise CheckpointError(f"{source} does not fit RAM Swin-L as SeeSR uses it: {'; '.join(parts)} tensors; expected RAM's {RAM_WEIGHTS_NAME}.")
+        raise CheckpointError(
+            f"{source} does not fit RAM Swin-L as SeeSR uses it: {'; '.join(parts)} tensors; expected RAM's {RAM_WEIGHTS_NAME}."
+        )
     wrong = [k for k, v in mapped.items() if v.shape != expected[k].shape]
     if wrong:
         k = wrong[0]

@@ -15,12 +15,18 @@ celeba      ``celeba/img_align_celeba/*.jpg``, centre 140 px crop (DDIM)   178x2
 
 Nothing is downloaded unless ``download=True`` (``--download``); a missing data set is a one-line
 :class:`~utils.errors.DataError` saying where the files belong.
+
+Random flips can run in the dataset (``hflip=True``: torchvision's ``RandomHorizontalFlip`` on the global RNG) or
+on the batch (:func:`random_hflip`, the trainer's choice): the batch flips are drawn from a generator seeded by
+(seed, epoch, batch, process), so they do not depend on data-loader workers or prefetching and a run resumed
+within an epoch flips the same images as the uninterrupted one.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import transforms
@@ -46,6 +52,14 @@ def image_transform(size: int, hflip: bool = True, center_crop: int | None = Non
         steps.append(transforms.RandomHorizontalFlip())
     steps += [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
     return transforms.Compose(steps)
+
+
+def random_hflip(images: torch.Tensor, seed: int, epoch: int, batch: int, process: int = 0) -> torch.Tensor:
+    """Flip each image of an NCHW batch left-right with probability 1/2, drawn from its own seeded generator."""
+    state = np.random.SeedSequence([seed, epoch, batch, process, 7919]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)
+    flips = torch.rand(images.shape[0], generator=torch.Generator().manual_seed(int(state))) < 0.5
+    flips = flips.to(images.device).view(-1, 1, 1, 1)
+    return torch.where(flips, images.flip(-1), images)
 
 
 class ImageFolderDataset(Dataset):

@@ -18,3 +18,4 @@ echo "  loss curve     $(ls "$OUT"/checkpoints/samples/demo_32x32/loss_curve_epo
 echo "  quick samples  $OUT/checkpoints/training_progress/demo_32x32/"
 echo "  checkpoint     $OUT/checkpoints/demo_32x32/ddpm_final.pt"
 echo "  infer.py ddpm  $OUT/infer_samples.png"
+echo "  tensorboard    .venv/bin/tensorboard --logdir $OUT/checkpoints/demo_32x32/logs   (when tensorboard is installed)"

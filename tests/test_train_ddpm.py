@@ -12,10 +12,13 @@ from PIL import Image
 
 import infer
 import train_ddpm_highres as train
+from utils.errors import CheckpointError
+from utils.training import BestMetric
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "folder", "--size", "16", "--model", "tiny", "--batch_size", "8", "--effective_batch", "8",
-        "--warmup_steps", "2", "--num_samples", "4", "--sample_steps", "3", "--quick_steps", "2", "--device", "cpu"]
+TINY = ["--dataset", "folder", "--size", "16", "--model", "tiny", "--train_batch_size", "8", "--effective_batch", "8",
+        "--lr_warmup_steps", "2", "--num_samples", "4", "--sample_steps", "3", "--quick_steps", "2", "--device", "cpu",
+        "--report_to", "none"]
 
 
 def run_training(demo_images, output_dir, *extra):
@@ -43,7 +46,9 @@ def test_tiny_run_writes_every_file_the_spec_lists(trained):
     assert result["step"] == 2 * 3  # 24 images, batches of 8
     checkpoint = torch.load(output / name / "ddpm_final.pt", weights_only=True)
     assert checkpoint["kind"] == "ddpm" and checkpoint["epoch"] == 2 and checkpoint["step"] == 6
-    assert checkpoint["config"]["size"] == 16 and checkpoint["config"]["batch_plan"] == [8, 1]
+    assert checkpoint["config"]["size"] == 16 and checkpoint["batch_plan"] == [8, 1]
+    assert checkpoint["config"]["learning_rate"] == 1e-3 and checkpoint["config"]["model"] == "tiny"  # resolved values
+    assert "given_flags" not in checkpoint["config"]
     assert checkpoint["scheduler_config"]["beta_end"] == 0.02
     assert set(checkpoint["ema"]["weights"]) == {n for n in checkpoint["model"] if "weight" in n or "bias" in n}
     assert len(checkpoint["loss_history"]) == 2 and all(np.isfinite(checkpoint["loss_history"]))
@@ -54,7 +59,7 @@ def test_tiny_run_writes_every_file_the_spec_lists(trained):
 def test_resume_latest_continues_the_same_run(demo_images, tmp_path):
     straight = run_training(demo_images, tmp_path / "straight", "--epochs", "3", "--sample_every", "5", "--quick_every", "0")
     run_training(demo_images, tmp_path / "paused", "--epochs", "2", "--sample_every", "1", "--quick_every", "1")
-    resumed = run_training(demo_images, tmp_path / "paused", "--epochs", "3", "--resume", "latest",
+    resumed = run_training(demo_images, tmp_path / "paused", "--epochs", "3", "--resume_from_checkpoint", "latest",
                            "--sample_every", "5", "--quick_every", "0")
     assert resumed["step"] == straight["step"] == 9
     # Same data order, noise and optimiser state: the losses continue exactly.
@@ -65,13 +70,77 @@ def test_resume_latest_continues_the_same_run(demo_images, tmp_path):
         torch.testing.assert_close(b["ema"]["weights"][name], tensor, rtol=1e-5, atol=1e-6)
 
 
+def test_resume_from_the_checkpoint_alone_keeps_every_setting(demo_images, tmp_path):
+    """The bug of issue 11: a resume without the flags repeated fell back to the default warm-up (5000 steps),
+    clipping and effective batch. Here the run uses none of the defaults; the resume names only the file."""
+    flags = ["--dataset", "folder", "--data_dir", str(demo_images), "--output_dir", str(tmp_path), "--size", "16",
+             "--model", "tiny", "--batch_size", "4", "--effective_batch", "8", "--warmup_steps", "3", "--grad_clip", "0.05",
+             "--lr", "2e-3", "--ema_decay", "0.99", "--seed", "7", "--epochs", "3", "--save_every", "1", "--sample_every", "5",
+             "--quick_every", "0", "--num_samples", "2", "--device", "cpu", "--report_to", "none"]
+    straight = train.main(train.parse_args(flags))
+    run = tmp_path / "folder_16x16"
+    final = torch.load(run / "ddpm_final.pt", weights_only=True)
+    assert final["batch_plan"] == [4, 2] and final["step"] == 9  # 24 images: 6 batches of 4, accumulation 2
+    resumed = train.main(train.parse_args(["--resume_from_checkpoint", str(run / "ddpm_epoch_1.pt"), "--device", "cpu"]))
+    config = resumed["config"]
+    assert (config.lr_warmup_steps, config.max_grad_norm, config.effective_batch, config.learning_rate, config.seed) == (3, 0.05, 8, 2e-3, 7)
+    assert resumed["step"] == straight["step"] == 9
+    np.testing.assert_allclose(resumed["history"], straight["history"], rtol=1e-6)  # same LR, batches and noise
+    again = torch.load(run / "ddpm_final.pt", weights_only=True)
+    assert again["optimizer"]["param_groups"][0]["lr"] == final["optimizer"]["param_groups"][0]["lr"] == 2e-3
+    for name, tensor in final["model"].items():
+        torch.testing.assert_close(again["model"][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_a_step_checkpoint_resumes_within_the_epoch(demo_images, tmp_path, monkeypatch):
+    """--checkpointing_steps rewrites ddpm_last.pt within an epoch; a run killed there continues at the next batch."""
+    common = ["--epochs", "2", "--sample_every", "5", "--quick_every", "0"]
+    straight = run_training(demo_images, tmp_path / "straight", *common)
+    calls = {"n": 0}
+    real_loss = train.ddpm_loss
+
+    def dies_at_the_fifth_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # epoch 2, second batch; the step checkpoint after step 4 is on disk
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "ddpm_loss", dies_at_the_fifth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(demo_images, tmp_path / "killed", *common, "--checkpointing_steps", "2")
+    last = torch.load(tmp_path / "killed/folder_16x16/ddpm_last.pt", weights_only=True)
+    assert (last["epoch"], last["step"], last["batches_done"]) == (1, 4, 1)
+    monkeypatch.setattr(train, "ddpm_loss", real_loss)
+    resumed = run_training(demo_images, tmp_path / "killed", *common, "--resume_from_checkpoint", "latest")
+    assert resumed["step"] == straight["step"] == 6
+    np.testing.assert_allclose(resumed["history"], straight["history"], rtol=1e-6)
+
+
 def test_resume_with_another_size_is_refused(trained, demo_images, tmp_path):
     output, _ = trained
     checkpoint = output / "folder_16x16" / "ddpm_final.pt"
-    args = train.parse_args(TINY + ["--data_dir", str(demo_images), "--output_dir", str(tmp_path), "--resume", str(checkpoint)])
-    args.size = 32
-    with pytest.raises(Exception, match="was trained at 16 px"):
+    args = train.parse_args(TINY + ["--data_dir", str(demo_images), "--output_dir", str(tmp_path), "--resume", str(checkpoint),
+                                    "--size", "32"])
+    with pytest.raises(CheckpointError, match="was trained with --size 16, not 32; resume without --size"):
         train.main(args)
+
+
+def test_best_checkpoint_follows_the_smoothed_loss():
+    losses = [1.0, 0.9, 0.5, 0.9, 0.8, 0.7, 0.6]  # epoch 3 is a lucky low; the run keeps improving after it
+    raw, smoothed = BestMetric("min"), BestMetric("min", smoothing=train.BEST_LOSS_SMOOTHING)
+    assert [raw.update(v, e) for e, v in enumerate(losses, start=1)][-1] is False and raw.epoch == 3
+    assert [smoothed.update(v, e) for e, v in enumerate(losses, start=1)][-1] is True and smoothed.epoch == 7
+    restored = BestMetric("min", smoothing=0.9)
+    restored.load_state_dict(smoothed.state_dict())  # a resumed run keeps the average
+    assert restored.update(0.65, 8) == smoothed.update(0.65, 8)
+
+
+def test_size_96_uses_the_64_px_network(tmp_path):
+    args = train.parse_args(["--dataset", "imagenet", "--size", "96"])
+    config = train.resolve_config(args, None, "")
+    assert config.model == "64" and config.learning_rate == 1e-4
+    unet = train.build_unet(config.model, 96, dropout=0.2)
+    assert unet.config.sample_size == 96 and unet.config.dropout == 0.2
 
 
 def test_inference_reproduces_the_training_sample_grid(trained, tmp_path):
@@ -148,7 +217,8 @@ def test_unknown_dataset_and_help():
     result = run_cli("train_ddpm_highres.py", "--dataset", "mnist")
     assert_one_line_error(result, "invalid choice: 'mnist'", "see train_ddpm_highres.py --help")
     help_text = run_cli("train_ddpm_highres.py", "--help").stdout
-    for flag in ("--dataset", "--size", "--no-amp", "--no-compile", "--effective_batch", "--resume", "--quick_every"):
+    for flag in ("--dataset", "--size", "--no-amp", "--no-compile", "--effective_batch", "--resume_from_checkpoint", "--resume",
+                 "--quick_every", "--dropout", "--checkpointing_minutes", "--report_to", "--warmup_steps", "[alias:"):
         assert flag in help_text
 
 

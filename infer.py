@@ -291,36 +291,69 @@ def run_phaseformer(args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ seesr
+SEESR_RAM_PATH = "preset/models/ram_swin_large_14m.pth"  # where test_seesr.py hard-codes RAM's weights (cwd-relative)
+
+
 def add_seesr_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "seesr",
-        help="super-resolve images with a SeeSR ControlNet (+ timestep-adaptive injector) checkpoint",
-        description="Super-resolve an image or a folder with a train_seesr_timestep.py checkpoint on Stable Diffusion 2 "
-        "base (the users' test_seesr.py). The injector and its timestep weights load from the checkpoint when present; "
-        "a checkpoint without them runs standard SeeSR inference. Writes OUTPUT_DIR/<name>.png at --upscale times the "
-        "input size. A <name>.txt beside an image holds its tags, used as its prompt.",
+        help="super-resolve images with SeeSR (a release folder or a train_seesr_timestep.py checkpoint, + injector)",
+        description="SeeSR's test_seesr.py on Stable Diffusion 2 base: every flag of test_seesr.py with the same "
+        "meaning, plus ours. --seesr_model_path is SeeSR's release folder (unet/ + controlnet/, image cross-attention "
+        "fed by RAM/DAPE), a train_seesr_timestep.py checkpoint-<step>/ (controlnet/ [+ unet/] [+ multi_scale_injector/]; "
+        "a run folder picks its newest) or a bare ControlNet folder. The injector and its timestep weights load from "
+        "the checkpoint when present. Prompt per image, as SeeSR: '{tags}, {--prompt},' + --added_prompt; the tags and "
+        "the image embeddings come from RAM (+ DAPE with --ram_ft_path) on the LR image. A model without image "
+        "attention (our older checkpoints) needs no RAM: then the tags are RAM's when its weights are at --ram_path, "
+        "else those of a <name>.txt beside the image, else none; the log says which. Writes OUTPUT_DIR/<name>.png "
+        "(with --sample_times N > 1, OUTPUT_DIR/sample00..NN/<name>.png as SeeSR) at --upscale times the input size.",
     )
     parser.add_argument("--pretrained_model_path", required=True,
                         help="local diffusers Stable Diffusion 2 base folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)")
     parser.add_argument("--seesr_model_path", required=True,
-                        help="a checkpoint-<step>/ folder (controlnet/ [+ multi_scale_injector/]); a run folder picks its newest")
+                        help="SeeSR release folder (preset/models/seesr: unet/ + controlnet/), a checkpoint-<step>/ folder "
+                        "(controlnet/ [+ unet/] [+ multi_scale_injector/]; a run folder picks its newest) or a ControlNet folder")
     parser.add_argument("--image_path", required=True, help="an LR image or a folder of LR images")
     parser.add_argument("--output_dir", default="results/seesr", help="where the SR images go (default results/seesr)")
-    parser.add_argument("--prompt", default="", help="text added to every image's prompt (default none)")
+    parser.add_argument("--ram_path", default=SEESR_RAM_PATH,
+                        help="RAM's weights ram_swin_large_14m.pth (default preset/models/ram_swin_large_14m.pth relative "
+                        "to the current folder, where test_seesr.py reads it)")
+    parser.add_argument("--ram_ft_path", default=None,
+                        help="SeeSR's DAPE.pth, loaded over RAM (degradation-aware tags and embeddings); default none: "
+                        "plain RAM, as test_seesr.py")
+    parser.add_argument("--ram_tag_list", default=None,
+                        help="RAM's tag list ram_tag_list.txt, one tag per line (default: ram_tag_list.txt beside "
+                        "--ram_path, else ram/data/ram_tag_list.txt under the current folder, as in SeeSR's code tree)")
+    parser.add_argument("--ram_tag_thresholds", default=None,
+                        help="RAM's per-tag thresholds ram_tag_list_threshold.txt (default: beside the tag list; 0.68 "
+                        "for every tag when there is none)")
+    parser.add_argument("--prompt", default="",
+                        help="text put after each image's tags: '{tags}, {prompt},' + added_prompt (default ''; "
+                        "SeeSR's test_seesr.sh passes the word None, which then appears in the prompt, as there)")
     parser.add_argument("--added_prompt", default="clean, high-resolution, 8k",
                         help="appended to every prompt (default SeeSR's 'clean, high-resolution, 8k')")
     parser.add_argument("--negative_prompt", default="dotted, noise, blur, lowres, smooth",
                         help="classifier-free guidance's negative prompt (default SeeSR's)")
+    parser.add_argument("--save_prompts", action="store_true",
+                        help="write each image's prompt to OUTPUT_DIR/txt/<name>.txt, as test_seesr.py")
     parser.add_argument("--start_point", choices=("lr", "noise"), default="lr",
-                        help="lr: start from the VAE latent of the upscaled LR noised to the first timestep (SeeSR's "
+                        help="lr: start from the VAE latent of the upscaled LR noised to --start_steps (SeeSR's "
                         "'LR embedding', default); noise: from pure noise")
+    parser.add_argument("--start_steps", type=int, default=999,
+                        help="with --start_point lr: the timestep the LR latent is noised to; scheduled steps above it "
+                        "are skipped (default 999: SeeSR's computation, all 50 steps 981..1 run; SeeSR parses this "
+                        "flag but never uses it, here it means what it says)")
     parser.add_argument("--lr_start_timestep", type=int, default=None,
-                        help="timestep the LR latent is noised to (default: the first sampling step, 981 at 50 steps; "
-                        "999 reproduces SeeSR's start_steps)")
+                        help="noise the LR latent to this timestep without skipping any step (ours; default: "
+                        "--start_steps decides)")
     parser.add_argument("--num_inference_steps", type=int, default=50, help="DDPM sampling steps: 20, 50 or 100 (default 50)")
     parser.add_argument("--guidance_scale", type=float, default=5.5,
-                        help="classifier-free guidance, 3.0-8.0 (default 5.5; 5.0-6.0 suggested with the injector)")
+                        help="classifier-free guidance, 3.0-8.0; <= 1 turns it off (default 5.5; 5.0-6.0 suggested "
+                        "with the injector)")
     parser.add_argument("--conditioning_scale", type=float, default=1.0, help="ControlNet residual scale (default 1.0)")
+    parser.add_argument("--blending_alpha", type=float, default=1.0,
+                        help="accepted for test_seesr.py command lines and has no effect: SeeSR parses it and never "
+                        "uses it")
     parser.add_argument("--control_schedule", choices=("constant", "window", "linear"), default="constant",
                         help="hand-set ControlNet scale over the steps, to compare with the learned w(t): constant "
                         "(default), window (diffusers' control_guidance_start/end), linear (SUPIR: linear in the noise level)")
@@ -335,7 +368,12 @@ def add_seesr_parser(subparsers) -> None:
                         help="images whose short side times --upscale is below this are enlarged to it first (SeeSR's "
                         "rule, default 512); 256 halves the memory")
     parser.add_argument("--upscale", type=int, default=4, help="super-resolution factor (default 4)")
-    parser.add_argument("--seed", type=int, default=42, help="seed of each image's noise (default 42)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of each image's noise; every image restarts from it, so an image's result does not "
+                        "depend on the others (default none: a random seed, printed so the run can be repeated)")
+    parser.add_argument("--sample_times", type=int, default=1,
+                        help="samples per image, drawn one after another from the image's generator; N > 1 writes "
+                        "OUTPUT_DIR/sample00..sample<N-1>/<name>.png as SeeSR (default 1: OUTPUT_DIR/<name>.png)")
     parser.add_argument("--align_method", choices=("adain", "wavelet", "nofix"), default="adain",
                         help="colour fix against the upscaled LR after decoding (default adain, SeeSR's)")
     parser.add_argument("--latent_tiled_size", type=int, default=96,
@@ -348,35 +386,123 @@ def add_seesr_parser(subparsers) -> None:
                         help="VAE decoder tile in latent px, 0 turns tiling off (default 224; try 128 on 12 GB GPUs)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto (GPU if present)")
     parser.add_argument("--mixed_precision", choices=("auto", "fp16", "bf16", "no"), default="auto",
-                        help="network weights' precision: auto is fp16 on CUDA (as SeeSR) and fp32 on CPU")
+                        help="network weights' precision: auto is fp16 on CUDA (SeeSR's default) and fp32 on CPU")
 
 
-def run_seesr(args: argparse.Namespace) -> dict:
-    from tqdm.auto import tqdm
+def _seesr_checks(args: argparse.Namespace) -> None:
+    """Flags that cannot work, each refused in one sentence before anything loads."""
+    import json
 
-    from data.sr_pairs import load_image_tensor, read_tag_prompt
-    from models.seesr import SeeSRPipeline, check_sd2_folder, compose_prompt, super_resolve_image
-    from utils.accelerator import resolve_device
-    from utils.errors import CheckpointError, DataError
-    from utils.images import list_images, tensor_to_pil
+    from models.seesr import check_sd2_folder
 
-    image_path, checkpoint = Path(args.image_path), Path(args.seesr_model_path)
-    if image_path.is_dir():
-        images = list_images(image_path, recursive=False)
-        if not images:
-            raise DataError(f"--image_path {image_path} holds no images.")
-    elif image_path.is_file():
-        images = [image_path]
-    else:
-        raise DataError(f"--image_path {image_path} does not exist; pass an LR image or a folder of them.")
+    if args.num_inference_steps < 1:
+        raise UserError(f"--num_inference_steps {args.num_inference_steps}: give at least 1 sampling step (20, 50, 100).")
+    if args.upscale < 1:
+        raise UserError(f"--upscale {args.upscale}: the super-resolution factor must be at least 1 (SeeSR: 4).")
+    if args.guidance_scale < 0:
+        raise UserError(f"--guidance_scale {args.guidance_scale} is negative; use 3.0-8.0, or 1 (or 0) for no guidance.")
+    if args.sample_times < 1:
+        raise UserError(f"--sample_times {args.sample_times}: give at least 1 sample per image.")
+    if args.process_size < 8 or min(args.latent_tiled_size, args.latent_tiled_overlap + 1) < 1:
+        raise UserError("--process_size must be at least 8 and --latent_tiled_size/--latent_tiled_overlap positive.")
+    if args.latent_tiled_overlap >= args.latent_tiled_size:
+        raise UserError(f"--latent_tiled_overlap {args.latent_tiled_overlap} must be smaller than --latent_tiled_size "
+                        f"{args.latent_tiled_size}.")
+    sd2 = check_sd2_folder(args.pretrained_model_path)
+    schedule = json.loads((sd2 / "scheduler/scheduler_config.json").read_text())
+    last = int(schedule.get("num_train_timesteps", 1000)) - 1
+    for flag in ("start_steps", "lr_start_timestep"):
+        value = getattr(args, flag)
+        if value is not None and not 0 <= value <= last:
+            raise UserError(f"--{flag} {value} is beyond the noise schedule of --pretrained_model_path, whose timesteps "
+                            f"run 0..{last}; give a value in that range (SeeSR: 999).")
+
+
+def _seesr_model_folder(args: argparse.Namespace) -> Path:
+    """``--seesr_model_path`` as a folder to load: a run folder becomes its newest checkpoint; files are refused."""
+    from utils.errors import CheckpointError
+
+    checkpoint = Path(args.seesr_model_path)
+    if checkpoint.is_file():
+        raise CheckpointError(
+            f"--seesr_model_path {checkpoint} is a file (a .pt/.pth checkpoint of another model, such as a DDPM); "
+            "SeeSR needs a folder: SeeSR's release (unet/ + controlnet/) or a train_seesr_timestep.py checkpoint-<step>/."
+        )
     if not checkpoint.is_dir():
-        raise CheckpointError(f"--seesr_model_path {checkpoint} does not exist; pass a checkpoint-<step> folder.")
-    if not (checkpoint / "controlnet").is_dir():
+        raise CheckpointError(f"--seesr_model_path {checkpoint} does not exist; pass SeeSR's release folder "
+                              "(unet/ + controlnet/) or a checkpoint-<step> folder.")
+    if not (checkpoint / "controlnet").is_dir() and not (checkpoint / "config.json").is_file():
         numbered = [p for p in checkpoint.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
         if numbered:  # a run folder: take its newest checkpoint
             checkpoint = max(numbered, key=lambda p: int(p.name[11:]))
             print(f"{args.seesr_model_path} is a run folder: using its newest checkpoint {checkpoint.name}")
-    check_sd2_folder(args.pretrained_model_path)  # before anything loads
+    return checkpoint
+
+
+def _check_cross_attention_width(checkpoint: Path, pretrained_model_path: str) -> None:
+    """A ControlNet (or UNet) built on another base model is refused by name before loading (SD 1.x: 768, SD2: 1024)."""
+    import json
+
+    from utils.errors import CheckpointError
+
+    base = json.loads((Path(pretrained_model_path) / "unet/config.json").read_text()).get("cross_attention_dim")
+    for config in (checkpoint / "controlnet/config.json", checkpoint / "config.json", checkpoint / "unet/config.json"):
+        if not config.is_file():
+            continue
+        width = json.loads(config.read_text()).get("cross_attention_dim")
+        if width is not None and base is not None and width != base:
+            raise CheckpointError(
+                f"{config.parent} was built for text embeddings of width {width}, but --pretrained_model_path's UNet "
+                f"reads width {base} (SD 1.x: 768, SD2: 1024); pass the base model it was trained on, or a SeeSR "
+                "checkpoint made for this one."
+            )
+
+
+def _seesr_images(image_path: Path) -> list[Path]:
+    from utils.errors import DataError
+    from utils.images import list_images
+
+    if image_path.is_dir():
+        images = list_images(image_path, recursive=False)
+        if not images:
+            raise DataError(f"--image_path {image_path} holds no images.")
+        return images
+    if image_path.is_file():
+        return [image_path]
+    raise DataError(f"--image_path {image_path} does not exist; pass an LR image or a folder of them.")
+
+
+def _ram_tag_files(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
+    """``--ram_tag_list``/``--ram_tag_thresholds``, else None (load_ram_tagger looks beside the weights) unless only
+    SeeSR's code tree has them: ``ram/data/`` under the current folder."""
+    tree = Path("ram/data")
+    beside = [Path(p).parent for p in (args.ram_path, args.ram_ft_path) if p]
+    tag_list = args.ram_tag_list
+    if tag_list is None and not any((f / "ram_tag_list.txt").is_file() for f in beside):
+        if (tree / "ram_tag_list.txt").is_file():
+            tag_list = tree / "ram_tag_list.txt"
+    thresholds = args.ram_tag_thresholds
+    if thresholds is None and tag_list is not None and Path(tag_list).parent == tree:
+        if (tree / "ram_tag_list_threshold.txt").is_file():
+            thresholds = tree / "ram_tag_list_threshold.txt"
+    return tag_list, thresholds
+
+
+def run_seesr(args: argparse.Namespace) -> dict:
+    import random
+
+    from tqdm.auto import tqdm
+
+    from data.sr_pairs import load_image_tensor, read_tag_prompt
+    from models.seesr import SeeSRPipeline, encode_prompts, super_resolve_image
+    from utils.accelerator import resolve_device
+    from utils.errors import DataError
+    from utils.images import tensor_to_pil
+
+    images = _seesr_images(Path(args.image_path))
+    _seesr_checks(args)
+    checkpoint = _seesr_model_folder(args)
+    _check_cross_attention_width(checkpoint, args.pretrained_model_path)
     device = resolve_device(args.device)
     if args.mixed_precision in ("fp16", "bf16") and device.type != "cuda":
         raise UserError(f"--mixed_precision {args.mixed_precision} needs a CUDA GPU; use auto or no on the CPU.")
@@ -386,29 +512,80 @@ def run_seesr(args: argparse.Namespace) -> dict:
     for message in messages:
         print(message)
 
+    # Tags: RAM (+ DAPE) whenever the model has image attention (it needs RAM's embeddings), else when RAM's weights
+    # are where --ram_path says; otherwise a <name>.txt beside each image.
+    image_attention = bool(getattr(pipeline.unet.config, "use_image_cross_attention", False))
+    tagger = None
+    if image_attention or Path(args.ram_path).is_file():
+        from models.ram import load_ram_tagger
+
+        tag_list, thresholds = _ram_tag_files(args)
+        tagger = load_ram_tagger(args.ram_path, args.ram_ft_path, tag_list, thresholds, device=device, dtype=dtype)
+        source = f"RAM ({args.ram_path}" + (f" + DAPE {args.ram_ft_path})" if args.ram_ft_path else ", no DAPE)")
+        print(f"tags: {source}" + (", image embeddings to the image cross-attention" if image_attention else ""))
+    else:
+        if args.ram_ft_path:
+            raise UserError(f"--ram_ft_path {args.ram_ft_path} needs RAM's weights, but --ram_path {args.ram_path} "
+                            "does not exist; pass --ram_path ram_swin_large_14m.pth.")
+        print(f"tags: <name>.txt beside each image (the model has no image attention and there is no RAM at {args.ram_path})")
+
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    if args.seed is None:
+        print(f"seed: {seed} (random; pass --seed {seed} to repeat this run)")
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    sample_dirs = [output_dir] if args.sample_times == 1 else [
+        output_dir / f"sample{index:02d}" for index in range(args.sample_times)]
+    for folder in sample_dirs:
+        folder.mkdir(parents=True, exist_ok=True)
+    if args.save_prompts:
+        (output_dir / "txt").mkdir(parents=True, exist_ok=True)
+    written, skipped, prompts = [], [], {}
     for path in tqdm(images, desc=f"SeeSR x{args.upscale}", disable=len(images) == 1):
-        lr = load_image_tensor(path)
-        result = super_resolve_image(
-            pipeline, lr, upscale=args.upscale, process_size=args.process_size,
-            prompt=compose_prompt(read_tag_prompt(path), args.prompt), added_prompt=args.added_prompt,
-            negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale, conditioning_scale=args.conditioning_scale,
-            start_point=args.start_point, lr_start_timestep=args.lr_start_timestep,
-            latent_tiled_size=args.latent_tiled_size, latent_tiled_overlap=args.latent_tiled_overlap,
-            vae_encoder_tiled_size=args.vae_encoder_tiled_size or None,
-            vae_decoder_tiled_size=args.vae_decoder_tiled_size or None, align_method=args.align_method,
-            control_schedule=args.control_schedule, control_guidance_start=args.control_guidance_start,
-            control_guidance_end=args.control_guidance_end, control_scale_start=args.control_scale_start,
-            generator=torch.Generator().manual_seed(args.seed), progress_bar=True,
-        )
-        target = output_dir / f"{path.stem}.png"
-        tensor_to_pil(result, (0.0, 1.0)).save(target)
-        written.append(target)
-    print(f"wrote {len(written)} image(s) to {output_dir}")
-    return {"written": written, "messages": messages, "checkpoint": checkpoint}
+        try:
+            lr = load_image_tensor(path)
+        except DataError as error:
+            if len(images) == 1:
+                raise
+            print(f"warning: skipped {path}: {str(error).split(' (')[0].removeprefix('Cannot read image ')} is not a "
+                  "readable image")
+            skipped.append(path)
+            continue
+        image_embeds = None
+        if tagger is not None:
+            tags, embeds = tagger(lr[None].to(device))
+            tags = tags[0]
+            image_embeds = embeds if image_attention else None
+        else:
+            tags = read_tag_prompt(path)
+        prompt = f"{tags}, {args.prompt}," + args.added_prompt  # test_seesr.py's string, character for character
+        prompts[path.stem] = prompt
+        print(prompt)
+        if args.save_prompts:
+            (output_dir / "txt" / f"{path.stem}.txt").write_text(prompt)
+        prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [prompt], device)
+        generator = torch.Generator().manual_seed(seed)
+        for folder in sample_dirs:
+            result = super_resolve_image(
+                pipeline, lr, upscale=args.upscale, process_size=args.process_size,
+                prompt_embeds=prompt_embeds, negative_prompt=args.negative_prompt,
+                image_embeds=image_embeds, num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale, conditioning_scale=args.conditioning_scale,
+                start_point=args.start_point, start_steps=args.start_steps, lr_start_timestep=args.lr_start_timestep,
+                latent_tiled_size=args.latent_tiled_size, latent_tiled_overlap=args.latent_tiled_overlap,
+                vae_encoder_tiled_size=args.vae_encoder_tiled_size or None,
+                vae_decoder_tiled_size=args.vae_decoder_tiled_size or None, align_method=args.align_method,
+                control_schedule=args.control_schedule, control_guidance_start=args.control_guidance_start,
+                control_guidance_end=args.control_guidance_end, control_scale_start=args.control_scale_start,
+                generator=generator, progress_bar=True,
+            )
+            target = folder / f"{path.stem}.png"
+            tensor_to_pil(result, (0.0, 1.0)).save(target)
+            written.append(target)
+    if len(skipped) == len(images):
+        raise DataError(f"--image_path {args.image_path}: none of its {len(images)} images could be read.")
+    print(f"wrote {len(written)} image(s) to {output_dir}" + (f"; skipped {len(skipped)} unreadable" if skipped else ""))
+    return {"written": written, "messages": messages, "checkpoint": checkpoint, "skipped": skipped,
+            "prompts": prompts, "seed": seed, "tagger": tagger is not None}
 
 
 # ------------------------------------------------------------------------------------------------------- user

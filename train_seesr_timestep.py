@@ -1,8 +1,13 @@
-"""Train SeeSR's ControlNet with the timestep-adaptive multi-scale injector on a frozen Stable Diffusion 2 base.
+"""Train SeeSR (ControlNet + the UNet's image cross-attention) with the timestep-adaptive multi-scale injector.
 
 SeeSR (Wu et al., CVPR 2024, https://github.com/cswry/SeeSR ``train_seesr.py``) trains a ControlNet that reads the
-bicubic-upsampled low-resolution image, with SD2's UNet, VAE and text encoder frozen and the epsilon-MSE objective
-at uniform timesteps. This script follows diffusers' ControlNet-training conventions
+bicubic-upsampled low-resolution image, plus the UNet modules named by ``--trainable_modules`` (default
+``image_attentions``: the image cross-attention fed by RAM's embeddings of the LR input), with the rest of SD2's
+UNet, the VAE and the text encoder frozen, the epsilon-MSE objective at uniform timesteps, and the GT's RAM tags as
+prompts (dropped with ``--null_text_ratio``). RAM (``--ram_path``, + DAPE with ``--ram_ft_path``) runs without
+gradients in the frozen models' dtype: a Swin-L forward per image for the embeddings, and one more on the GT for
+images without a tag file. ``--no_image_cross_attention`` trains the plain SD2 ControlNet of this repository's
+earlier versions (no RAM needed). This script follows diffusers' ControlNet-training conventions
 (``examples/controlnet/train_controlnet.py``: flag names, ``accelerate`` state in ``checkpoint-<step>/`` folders,
 ``--checkpoints_total_limit``, ``--resume_from_checkpoint latest``) and adds the users' injector
 (``models/timestep_adaptive.py``) between ControlNet and UNet. The three variants the users compare:
@@ -16,16 +21,36 @@ at uniform timesteps. This script follows diffusers' ControlNet-training convent
     accelerate launch --multi_gpu train_seesr_timestep.py --config configs/seesr_sd2_base.yaml --train_data_dir HR
     python train_seesr_timestep.py ... --resume_from_checkpoint latest
     python train_seesr_timestep.py ... --train_injector_only --controlnet_model_path experience/baseline/checkpoint-100000
+    accelerate launch train_seesr_timestep.py --pretrained_model_name_or_path preset/models/stable-diffusion-2-base \
+        --output_dir experience/seesr --root_folders preset/datasets/training_datasets \
+        --ram_ft_path preset/models/DAPE.pth --mixed_precision fp16 --resolution 512 --learning_rate 5e-5 \
+        --train_batch_size 16 --gradient_accumulation_steps 2 --null_text_ratio 0.5 --checkpointing_steps 10000
+    python train_seesr_timestep.py ... --seesr_model_path preset/models/seesr --injector timestep_multiscale
 
-Data: ``--train_data_dir`` (or ``--hr_dir`` alone): HR images cropped to ``--resolution`` and degraded on the fly
-(Real-ESRGAN two-stage pipeline, ``--degradation seesr|realesrgan``); or ``--lr_dir`` + ``--hr_dir``: prepared
-pairs matched by file stem. A ``<stem>.txt`` beside an image is its prompt (tags), dropped with
-``--null_prompt_ratio``.
+Starting points: a new ControlNet copied from SD2's UNet (as SeeSR); ``--seesr_model_path``: SeeSR's release folder
+(unet/ + controlnet/) or one of our checkpoints (its ControlNet, UNet and injector); SeeSR's
+``--controlnet_model_name_or_path`` / ``--unet_model_name_or_path`` (folders holding controlnet/ or unet/).
+
+Data: ``--root_folders a,b``: SeeSR's prepared folders (gt/, sr_bicubic/, tag/ from make_paired_data.py and
+make_tags.py); ``--train_data_dir`` (or ``--hr_dir`` alone): HR images cropped to ``--resolution`` and degraded on the
+fly (``--degradation seesr``: make_paired_data.py's ranges on the USM-sharpened GT; ``realesrgan``: the same ranges
+on the plain GT; ``dape``: SeeSR's milder params_realesrgan.yml); or ``--lr_dir`` + ``--hr_dir``: prepared pairs
+matched by file stem. Tags: a ``<stem>.txt`` beside an image (``tag/<stem>.txt`` in root folders), else RAM's tags of
+the GT when RAM is loaded; dropped with ``--null_text_ratio``.
+
+SeeSR's flags that this script refuses, each with its reason: ``--revision``, ``--tokenizer_name``, ``--cache_dir``,
+``--push_to_hub``, ``--hub_token``, ``--hub_model_id`` (nothing is downloaded or uploaded), ``--use_8bit_adam``
+(bitsandbytes is not a dependency), ``--dataset_name``, ``--dataset_config_name``, ``--image_column``,
+``--conditioning_image_column``, ``--caption_column``, ``--max_train_samples`` (Hugging Face datasets: use
+``--root_folders``), ``--validation_prompt`` (validation prompts are RAM tags), ``--logging_dir``,
+``--tracker_project_name`` (the log, loss curve and validation images go to ``--output_dir``).
 
 Writes into ``--output_dir`` (the run folder, ``experience/<name>``)::
 
     args.yaml, train.log, loss_curve.png
     checkpoint-<step>/controlnet/                 diffusers ControlNetModel (config.json + safetensors)
+    checkpoint-<step>/unet/                       the whole UNet (diffusers folder) when it has image attention:
+                                                  inference needs it, and its trained modules are in it
     checkpoint-<step>/multi_scale_injector/       config.json, model.safetensors, pytorch_model.bin (not baseline)
     checkpoint-<step>/optimizer.bin, scheduler.bin, random_states_<rank>.pkl, [scaler.pt]   accelerate state
     checkpoint-<step>/training_state.json         step, epoch, position in the epoch, variant, loss history
@@ -34,8 +59,9 @@ Writes into ``--output_dir`` (the run folder, ``experience/<name>``)::
 
 Differences from SeeSR's script, on purpose: data shuffled and LR/HR paired by stem; the checkpoint limit applied
 (after the new checkpoint is safely written, not before); checkpoint folders published by an atomic rename; the
-frozen SD2 modules never saved; the final save is a checkpoint like the others (SeeSR's overwrote the ControlNet
-folder with the UNet); RAM/DAPE prompts and image cross-attention are not part of this repository yet.
+frozen SD2 modules never saved (the UNet only when it is not plain SD2); the final save is a checkpoint like the
+others (SeeSR's overwrote the ControlNet folder with the UNet); the GT's tags come from tag files by stem or from
+RAM online, not from a listing zipped unsorted with the images.
 """
 
 from __future__ import annotations
@@ -63,7 +89,29 @@ CHECKPOINT_KIND = "seesr_timestep"
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 # Flags a resumed run must share with the run that wrote the checkpoint (they fix what is being trained).
 RESUME_FIXED_FLAGS = ("injector", "timestep_weights", "injector_grouping", "timestep_weights_per_group",
-                      "timestep_table_bins", "train_injector_only", "conditioning_embedding_channels")
+                      "timestep_table_bins", "train_injector_only", "conditioning_embedding_channels",
+                      "no_image_cross_attention", "trainable_modules")
+UNET_FOLDER = "unet"
+DEFAULT_RAM_PATH = "preset/models/ram_swin_large_14m.pth"  # where SeeSR's train_seesr.py reads RAM (cwd-relative)
+# SeeSR's train_seesr.py flags refused here: flag -> (takes a value, reason).
+REFUSED_SEESR_FLAGS = {
+    "revision": (True, "nothing is downloaded: pass local folders"),
+    "tokenizer_name": (True, "the tokenizer is --pretrained_model_path's tokenizer/"),
+    "cache_dir": (True, "nothing is downloaded, so there is no cache"),
+    "push_to_hub": (False, "nothing is uploaded"),
+    "hub_token": (True, "nothing is uploaded"),
+    "hub_model_id": (True, "nothing is uploaded"),
+    "use_8bit_adam": (False, "bitsandbytes is not a dependency; AdamW is used"),
+    "dataset_name": (True, "Hugging Face datasets are not read: use --root_folders or --train_data_dir"),
+    "dataset_config_name": (True, "Hugging Face datasets are not read: use --root_folders or --train_data_dir"),
+    "image_column": (True, "Hugging Face datasets are not read: use --root_folders or --train_data_dir"),
+    "conditioning_image_column": (True, "Hugging Face datasets are not read: use --root_folders or --train_data_dir"),
+    "caption_column": (True, "Hugging Face datasets are not read: use --root_folders or --train_data_dir"),
+    "max_train_samples": (True, "Hugging Face datasets are not read: pass a smaller folder"),
+    "validation_prompt": (True, "validation prompts are the images' tags (tag files or RAM)"),
+    "logging_dir": (True, "the log, loss curve and validation images go to --output_dir"),
+    "tracker_project_name": (True, "the log, loss curve and validation images go to --output_dir"),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,12 +121,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_config_argument(parser)
 
     model = parser.add_argument_group("models")
-    model.add_argument("--pretrained_model_path", default=None,
+    model.add_argument("--pretrained_model_path", "--pretrained_model_name_or_path", dest="pretrained_model_path",
+                       default=None,
                        help="local diffusers Stable Diffusion 2 base folder (unet/ vae/ text_encoder/ tokenizer/ "
                        "scheduler/); required, nothing is downloaded")
-    model.add_argument("--controlnet_model_path", default=None,
-                       help="start from a trained ControlNet: a checkpoint-<step>/ folder or a diffusers ControlNet "
-                       "folder (default: a new ControlNet copied from the UNet's encoder, as SeeSR)")
+    model.add_argument("--controlnet_model_path", "--controlnet_model_name_or_path", dest="controlnet_model_path",
+                       default=None,
+                       help="start from a trained ControlNet: a folder holding controlnet/ (checkpoint-<step>/, SeeSR's "
+                       "release) or a diffusers ControlNet folder (default: a new ControlNet copied from the UNet's "
+                       "encoder, as SeeSR) [alias: --controlnet_model_name_or_path, SeeSR's]")
+    model.add_argument("--unet_model_path", "--unet_model_name_or_path", dest="unet_model_path", default=None,
+                       help="start from a trained UNet with image attention: a folder holding unet/ (SeeSR's release, "
+                       "our checkpoint-<step>/) or a diffusers UNet folder (default: SD2's UNet with new image "
+                       "attention, as SeeSR) [alias: --unet_model_name_or_path, SeeSR's]")
+    model.add_argument("--seesr_model_path", default=None,
+                       help="start from a whole SeeSR model: SeeSR's release folder (unet/ + controlnet/) or one of our "
+                       "checkpoint-<step>/ folders (its ControlNet, UNet and injector); the same as "
+                       "--controlnet_model_path + --unet_model_path on that folder")
+    model.add_argument("--no_image_cross_attention", action="store_true",
+                       help="train the plain SD2 ControlNet of this repository's earlier versions: no RAM embeddings, "
+                       "no UNet training (default: SeeSR's image cross-attention in UNet and ControlNet)")
+    model.add_argument("--trainable_modules", nargs="*", default=["image_attentions"],
+                       help="UNet modules trained with the ControlNet: those whose names end with one of these (default "
+                       "image_attentions, as SeeSR; give the flag alone to freeze the whole UNet)")
+    model.add_argument("--ram_path", default=DEFAULT_RAM_PATH,
+                       help="RAM's weights ram_swin_large_14m.pth (default preset/models/ram_swin_large_14m.pth relative "
+                       "to the current folder, where SeeSR reads it)")
+    model.add_argument("--ram_ft_path", default=None,
+                       help="SeeSR's DAPE.pth loaded over RAM (default none: plain RAM, as SeeSR)")
+    model.add_argument("--ram_tag_list", default=None,
+                       help="RAM's ram_tag_list.txt (default: beside --ram_path, else ram/data/ram_tag_list.txt)")
+    model.add_argument("--ram_tag_thresholds", default=None,
+                       help="RAM's ram_tag_list_threshold.txt (default: beside the tag list; else 0.68 for every tag)")
     model.add_argument("--conditioning_embedding_channels", type=int, nargs=4, default=None, metavar="C",
                        help="channels of a new ControlNet's LR-image encoder, 4 stages down to the latent size "
                        "(default diffusers' 16 32 96 256, as SeeSR; tiny presets use fewer)")
@@ -104,23 +178,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "about 20-30%% slower")
 
     data = parser.add_argument_group("data")
+    data.add_argument("--root_folders", default=None,
+                      help="SeeSR's prepared training folders, comma-separated, each with gt/, sr_bicubic/ (+ lr/) and "
+                      "tag/ as make_paired_data.py and make_tags.py write them")
     data.add_argument("--train_data_dir", default=None,
                       help="folder of HR images (recursive), cropped and degraded on the fly into LR inputs")
     data.add_argument("--hr_dir", default=None,
                       help="HR folder: with --lr_dir, prepared pairs matched by file stem; alone, the same as "
                       "--train_data_dir")
     data.add_argument("--lr_dir", default=None, help="prepared LR folder (needs --hr_dir; HR = scale x LR size)")
-    data.add_argument("--degradation", choices=("seesr", "realesrgan"), default="seesr",
-                      help="on-the-fly degradation ranges: SeeSR's milder settings (default) or Real-ESRGAN x4plus")
+    data.add_argument("--degradation", choices=("seesr", "realesrgan", "dape"), default="seesr",
+                      help="on-the-fly degradations: seesr = make_paired_data.py (Real-ESRGAN x4plus ranges on the "
+                      "USM-sharpened GT, default); realesrgan = the same ranges on the plain GT; dape = SeeSR's milder "
+                      "params_realesrgan.yml (used there only to train DAPE)")
     data.add_argument("--degradation_options", default=None,
                       help="YAML file overriding individual degradation settings (keys of "
                       "data.degradations.DegradationConfig)")
     data.add_argument("--scale", type=int, default=4, help="super-resolution factor of the training pairs (default 4)")
     data.add_argument("--resolution", type=int, default=512,
                       help="HR training crop in pixels, divisible by 8 and --scale (default 512, SD2 base's size)")
-    data.add_argument("--null_prompt_ratio", type=float, default=0.5,
+    data.add_argument("--null_text_ratio", "--null_prompt_ratio", "--proportion_empty_prompts", dest="null_text_ratio",
+                      type=float, default=0.5,
                       help="probability of replacing an image's tag prompt by '' so that the unconditional branch of "
-                      "classifier-free guidance is trained too (default 0.5, SeeSR's null_text_ratio)")
+                      "classifier-free guidance is trained too (default 0.5, SeeSR's) [alias: --null_prompt_ratio, "
+                      "diffusers' --proportion_empty_prompts]")
     data.add_argument("--no_random_flip", dest="random_flip", action="store_false",
                       help="turn off random horizontal flips of the training crops")
     data.add_argument("--dataloader_num_workers", type=int, default=None,
@@ -149,7 +230,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "decay would pull its weights towards 0 instead of their identity value 1")
     optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon (default 1e-8)")
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm, 0 turns it off (default 1.0)")
-    optim.add_argument("--max_train_steps", type=int, default=100000, help="optimiser steps in total (default 100000)")
+    optim.add_argument("--max_train_steps", type=int, default=None,
+                       help="optimiser steps in total (default: --num_train_epochs epochs when given, else 100000)")
+    optim.add_argument("--num_train_epochs", type=int, default=None,
+                       help="passes over the data when --max_train_steps is not given (diffusers' meaning)")
+    optim.add_argument("--scale_lr", action="store_true",
+                       help="multiply --learning_rate by batch x accumulation x processes (diffusers' meaning)")
     optim.add_argument("--seed", type=int, default=42,
                        help="seed of initialisation, data order, crops, degradations and noise; a run resumed with "
                        "the same seed continues exactly as if never stopped (default 42)")
@@ -160,6 +246,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hardware.add_argument("--allow_tf32", dest="allow_tf32", action="store_true", default=True,
                           help="TF32 matmuls on Ampere+ GPUs (on by default here; kept for diffusers command lines)")
     hardware.add_argument("--no_tf32", dest="allow_tf32", action="store_false", help="turn TF32 off")
+    hardware.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                          help="xformers attention in UNet and ControlNet when xformers is installed; without it "
+                          "PyTorch's scaled-dot-product attention (already memory-efficient) is used and logged")
+    hardware.add_argument("--set_grads_to_none", action="store_true",
+                          help="accepted for diffusers/SeeSR command lines: gradients are always set to None")
     hardware.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                           help="auto uses the GPU when there is one (default auto)")
     hardware.add_argument("--prompt_cache_size", type=int, default=256,
@@ -191,32 +282,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     val.add_argument("--validation_guidance_scale", type=float, default=5.5, help="guidance scale (default 5.5)")
     val.add_argument("--validation_process_size", type=int, default=None,
                      help="SeeSR's process size of the validation images (default --resolution)")
+    refused = parser.add_argument_group("SeeSR flags refused here (each says why when given)")
+    for flag, (takes_value, _) in REFUSED_SEESR_FLAGS.items():
+        if takes_value:
+            refused.add_argument(f"--{flag}", default=None, help=argparse.SUPPRESS)
+        else:
+            refused.add_argument(f"--{flag}", action="store_true", help=argparse.SUPPRESS)
     args = parse_with_config(parser, argv)
+
+    for flag, (_, reason) in REFUSED_SEESR_FLAGS.items():
+        if getattr(args, flag) not in (None, False):
+            parser.error(f"--{flag} is not supported: {reason}")
 
     if not args.pretrained_model_path:
         parser.error("--pretrained_model_path is required (a local diffusers Stable Diffusion 2 base folder)")
-    sources = [bool(args.train_data_dir), bool(args.lr_dir)]
     if args.lr_dir and not args.hr_dir:
         parser.error("--lr_dir needs --hr_dir (prepared pairs are matched by file stem)")
-    if args.train_data_dir and args.hr_dir:
-        parser.error("give --train_data_dir (HR images degraded on the fly) or --hr_dir [--lr_dir], not both")
-    if not any(sources) and not args.hr_dir:
-        parser.error("no training data: give --train_data_dir (HR images) or --lr_dir and --hr_dir (prepared pairs)")
+    if sum(bool(x) for x in (args.root_folders, args.train_data_dir, args.hr_dir)) > 1:
+        parser.error("give one data source: --root_folders, --train_data_dir (HR images degraded on the fly) or "
+                     "--hr_dir [--lr_dir]")
+    if not (args.root_folders or args.train_data_dir or args.hr_dir):
+        parser.error("no training data: give --root_folders (SeeSR's prepared folders), --train_data_dir (HR images) "
+                     "or --lr_dir and --hr_dir (prepared pairs)")
+    if args.seesr_model_path and (args.controlnet_model_path or args.unet_model_path):
+        parser.error("--seesr_model_path names both the ControlNet and the UNet; leave out --controlnet_model_path "
+                     "and --unet_model_path")
+    if args.no_image_cross_attention and args.unet_model_path:
+        parser.error("--unet_model_path starts from a UNet with image attention; it contradicts --no_image_cross_attention")
     if args.train_injector_only:
         if args.injector == "baseline":
             parser.error("--train_injector_only trains the injector, which --injector baseline does not have")
-        if not args.controlnet_model_path:
-            parser.error("--train_injector_only needs --controlnet_model_path (a trained ControlNet to freeze)")
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
-                 "logging_steps", "validation_num_inference_steps", "scale"):
-        if getattr(args, flag) < 1:
+        if not (args.controlnet_model_path or args.seesr_model_path):
+            parser.error("--train_injector_only needs --controlnet_model_path or --seesr_model_path (a trained "
+                         "ControlNet to freeze)")
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
+                 "checkpointing_steps", "logging_steps", "validation_num_inference_steps", "scale"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error("--checkpoints_total_limit must be at least 1 (leave it out to keep every checkpoint)")
     if args.validation_steps < 0 or args.num_validation_images < 0 or args.prompt_cache_size < 0:
         parser.error("--validation_steps, --num_validation_images and --prompt_cache_size cannot be negative")
-    if not 0.0 <= args.null_prompt_ratio <= 1.0:
-        parser.error("--null_prompt_ratio must be in [0, 1]")
+    if not 0.0 <= args.null_text_ratio <= 1.0:
+        parser.error("--null_text_ratio must be in [0, 1]")
     if args.resolution % 8 or args.resolution % args.scale:
         parser.error(f"--resolution must be divisible by 8 and by --scale {args.scale}")
     return args
@@ -226,15 +334,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_training_dataset(args, seed: int | None):
-    """HR folder degraded on the fly, or prepared LR/HR pairs."""
+    """SeeSR's prepared folders, an HR folder degraded on the fly, or prepared LR/HR pairs."""
     from data.degradations import DegradationConfig
-    from data.sr_pairs import HRFolderDegradedDataset, PairedSRFolderDataset
+    from data.sr_pairs import HRFolderDegradedDataset, PairedSRFolderDataset, SeeSRPreparedDataset
 
+    if args.root_folders:
+        return SeeSRPreparedDataset(args.root_folders, args.resolution, args.scale, args.null_text_ratio, seed,
+                                    args.random_flip)
     if args.lr_dir:
         return PairedSRFolderDataset(
-            args.lr_dir, args.hr_dir, args.resolution, args.scale, args.null_prompt_ratio, seed, args.random_flip
+            args.lr_dir, args.hr_dir, args.resolution, args.scale, args.null_text_ratio, seed, args.random_flip
         )
-    config = DegradationConfig.seesr() if args.degradation == "seesr" else DegradationConfig()
+    config = {"seesr": DegradationConfig.seesr, "realesrgan": DegradationConfig,
+              "dape": DegradationConfig.dape}[args.degradation]()
     values = config.to_dict()
     if args.degradation_options:
         from utils.config import load_config
@@ -245,8 +357,108 @@ def build_training_dataset(args, seed: int | None):
     values["scale"] = args.scale
     return HRFolderDegradedDataset(
         args.train_data_dir or args.hr_dir, args.resolution, DegradationConfig.from_dict(values),
-        args.null_prompt_ratio, seed, args.random_flip,
+        args.null_text_ratio, seed, args.random_flip,
     )
+
+
+def _model_folder(path: str | Path, sub: str, flag: str) -> Path:
+    """``path/sub`` when it holds a config.json (SeeSR's and our layouts), else ``path`` itself; checked to exist."""
+    path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{flag} {path} is a file; pass a folder ({sub}/ of SeeSR's release or a checkpoint, or "
+                              "a diffusers model folder).")
+    for folder in (path / sub, path):
+        if (folder / "config.json").is_file():
+            return folder
+    raise CheckpointError(f"{flag} {path} holds no {sub}/config.json nor config.json; pass SeeSR's release folder, a "
+                          "checkpoint-<step>/ folder or a diffusers model folder.")
+
+
+def resolve_model_sources(args) -> dict:
+    """Where each starting weight comes from (checked before anything loads): seesr / controlnet / unet folders."""
+    sources = {"seesr": None, "controlnet": None, "unet": None, "injector": None}
+    if args.seesr_model_path:
+        path = Path(args.seesr_model_path)
+        if path.is_file() or not path.is_dir():
+            raise CheckpointError(
+                f"--seesr_model_path {path} is not a folder; pass SeeSR's release folder (unet/ + controlnet/) or a "
+                "checkpoint-<step>/ folder of this script."
+            )
+        sources["seesr"] = path
+        sources["injector"] = path
+    if args.controlnet_model_path:
+        sources["controlnet"] = _model_folder(args.controlnet_model_path, "controlnet", "--controlnet_model_path")
+    if args.unet_model_path:
+        sources["unet"] = _model_folder(args.unet_model_path, UNET_FOLDER, "--unet_model_path")
+    return sources
+
+
+def check_ram_files(args) -> None:
+    """RAM's weights (and DAPE) exist where the flags say, before any model loads."""
+    if not Path(args.ram_path).is_file():
+        raise UserError(
+            f"--ram_path {args.ram_path} does not exist; SeeSR training needs RAM's ram_swin_large_14m.pth for the "
+            "image embeddings (pass its path), or add --no_image_cross_attention to train the plain ControlNet."
+        )
+    if args.ram_ft_path and not Path(args.ram_ft_path).is_file():
+        raise UserError(f"--ram_ft_path {args.ram_ft_path} does not exist; pass SeeSR's DAPE.pth or leave the flag out.")
+
+
+def build_models(args, sources: dict, sd2_unet, logger, image_width: int | None = None):
+    """``(unet, controlnet, injector or None)`` to start from: SeeSR's (or our) model, or new ones from SD2's UNet.
+
+    With image attention (the default) the UNet is SD2's with SeeSR's image attentions added (PyTorch's default
+    initialisation, as SeeSR), unless a UNet is given; a new ControlNet copies that UNet's encoder. ``image_width``:
+    the tagger's embedding width (RAM: 512).
+    """
+    from models.seesr import build_controlnet, load_controlnet, load_seesr_weights
+    from models.seesr_unet import SeeSRUNet2DConditionModel, load_strict, unet_with_image_attention
+
+    use_images = not args.no_image_cross_attention
+    unet, controlnet, injector = sd2_unet, None, None
+    if sources["seesr"] is not None:
+        controlnet, injector, loaded_unet, messages = load_seesr_weights(sources["seesr"], sd2_unet)
+        for message in messages:
+            logger.info("%s", message)
+        unet = loaded_unet if loaded_unet is not None else sd2_unet
+    if sources["controlnet"] is not None:
+        controlnet = load_controlnet(sources["controlnet"])
+        logger.info("ControlNet from %s", sources["controlnet"])
+    if sources["unet"] is not None:
+        unet = load_strict(SeeSRUNet2DConditionModel, sources["unet"])
+        logger.info("UNet from %s", sources["unet"])
+    unet_images = bool(getattr(unet.config, "use_image_cross_attention", False))
+    if controlnet is not None:
+        controlnet_images = bool(getattr(controlnet.config, "use_image_cross_attention", False))
+        if controlnet_images != use_images:
+            where = sources["controlnet"] or sources["seesr"]
+            raise CheckpointError(
+                f"The ControlNet in {where} {'has' if controlnet_images else 'has no'} image cross-attention; "
+                + ("drop --no_image_cross_attention to train it as SeeSR." if controlnet_images else
+                   "add --no_image_cross_attention to continue it as a plain ControlNet, or start a SeeSR model anew.")
+            )
+    if unet_images and not use_images:
+        raise CheckpointError("The UNet has image cross-attention; drop --no_image_cross_attention to train it as SeeSR.")
+    if use_images and not unet_images:
+        torch.manual_seed(args.seed if args.seed is not None else 0)  # the new image attentions, reproducibly
+        unet = unet_with_image_attention(unet, image_width or 512)
+        logger.info("UNet: SD2's with new image attentions (PyTorch's default initialisation, as SeeSR)")
+    if controlnet is None:
+        controlnet = build_controlnet(unet, args.conditioning_embedding_channels, use_image_cross_attention=use_images)
+        logger.info("ControlNet initialised from the UNet's encoder (zero convolutions: starts as the UNet alone)")
+    return unet, controlnet, injector
+
+
+def enable_xformers(logger, *models) -> None:
+    """xformers attention where installed (SeeSR's flag); PyTorch's SDPA otherwise, which needs no switch."""
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is None:
+        logger.info("--enable_xformers_memory_efficient_attention: xformers is not installed; PyTorch's "
+                    "scaled-dot-product attention (memory-efficient as well) is used")
+        return
+    for model in models:
+        model.enable_xformers_memory_efficient_attention()
 
 
 def load_validation_set(args) -> list[dict]:
@@ -260,17 +472,18 @@ def load_validation_set(args) -> list[dict]:
         for path in args.validation_image:
             if not Path(path).is_file():
                 raise UserError(f"--validation_image {path} does not exist; pass LR image files.")
+            has_tags = Path(path).with_suffix(".txt").is_file()
             items.append({"name": Path(path).stem, "lr": load_image_tensor(path), "hr": None,
-                          "prompt": read_tag_prompt(path)})
+                          "prompt": read_tag_prompt(path), "tag_source": "file" if has_tags else "none"})
         return items
     # Fixed crops and degradations (own seed, no null prompts): the same images at every validation.
-    args_copy = argparse.Namespace(**{**vars(args), "null_prompt_ratio": 0.0, "random_flip": False})
+    args_copy = argparse.Namespace(**{**vars(args), "null_text_ratio": 0.0, "random_flip": False})
     dataset = build_training_dataset(args_copy, seed=args.seed if args.seed is not None else 0)
     items = []
     for index in range(min(args.num_validation_images, len(dataset))):
         sample = dataset[index]
         items.append({"name": Path(sample["path"]).stem, "lr": sample["lr"], "hr": (sample["hr"] + 1) / 2,
-                      "prompt": sample["prompt"]})
+                      "prompt": sample["prompt"], "tag_source": sample["tag_source"]})
     return items
 
 
@@ -376,6 +589,24 @@ class PromptEmbeddingCache:
         return torch.stack([self.embeddings[p] for p in prompts])
 
 
+@torch.no_grad()
+def add_ram_inputs(batch: dict, tagger) -> None:
+    """RAM's embeddings of the LR input (``image_embeds``) and RAM's tags of the GT where no tag file gave a prompt.
+
+    SeeSR's ``train_seesr.py`` feeds RAM the ``sr_bicubic`` image (the ControlNet input) resized to 384 px; the
+    tags come from ``make_tags.py`` (RAM on the GT), here read from tag files or computed the same way online.
+    """
+    lr_input = batch["lr_upsampled"].to(device=tagger.device, dtype=tagger.dtype)
+    batch["image_embeds"] = tagger.image_embeddings(lr_input)
+    untagged = [i for i, source in enumerate(batch["tag_source"]) if source == "none"]
+    if untagged:
+        gt = ((batch["hr"][untagged] + 1) / 2).clamp(0, 1).to(device=tagger.device, dtype=tagger.dtype)
+        prompts = list(batch["prompt"])
+        for index, tags in zip(untagged, tagger.tags(gt), strict=True):
+            prompts[index] = tags
+        batch["prompt"] = prompts
+
+
 def loss_generator(seed: int | None, micro_step: int, accelerator) -> torch.Generator | None:
     """A generator for one forward pass, a function of (seed, micro-batch, rank) only: resumes draw the same noise."""
     if seed is None:
@@ -395,15 +626,14 @@ def main(args: argparse.Namespace) -> dict:
 
     from models.seesr import (
         SeeSRPipeline,
-        build_controlnet,
         check_sd2_folder,
-        controlnet_folder,
         load_controlnet,
         load_sd2_components,
         save_seesr_weights,
         seesr_training_loss,
         set_gradient_checkpointing,
     )
+    from models.seesr_unet import unet_trainable_parameters
     from models.timestep_adaptive import (
         INJECTOR_FOLDER,
         MultiScaleInjector,
@@ -417,9 +647,13 @@ def main(args: argparse.Namespace) -> dict:
     output_dir = Path(args.output_dir)
     # Everything a user can get wrong is checked before the models load.
     check_sd2_folder(args.pretrained_model_path)
-    controlnet_source = controlnet_folder(args.controlnet_model_path) if args.controlnet_model_path else None
+    sources = resolve_model_sources(args)
     dataset = build_training_dataset(args, args.seed)
+    dataset.check_images()
     validation_set = load_validation_set(args)
+    use_ram = not args.no_image_cross_attention
+    if use_ram:
+        check_ram_files(args)
     resume_dir = find_resume_checkpoint(args.resume_from_checkpoint, output_dir)
     resume_state = None
     if resume_dir is not None:
@@ -447,15 +681,43 @@ def main(args: argparse.Namespace) -> dict:
     # Frozen SD2 parts in the compute dtype; trainable weights in fp32 (autocast computes in half precision). The
     # ControlNet copies the UNet's encoder before the UNet is cast, so it starts from the full-precision weights.
     sd2 = load_sd2_components(args.pretrained_model_path, device)
-    if controlnet_source is not None:
-        controlnet = load_controlnet(controlnet_source)
-        logger.info("ControlNet from %s", controlnet_source)
-    else:
-        controlnet = build_controlnet(sd2.unet, args.conditioning_embedding_channels)
-        logger.info("ControlNet initialised from the UNet's encoder (zero convolutions: starts as plain SD2)")
+    tagger = None
+    if use_ram:
+        from models.ram import load_ram_tagger
+
+        tag_list, thresholds = args.ram_tag_list, args.ram_tag_thresholds
+        beside = [Path(p).parent for p in (args.ram_path, args.ram_ft_path) if p]
+        if tag_list is None and not any((f / "ram_tag_list.txt").is_file() for f in beside):
+            tree = Path("ram/data")  # SeeSR's code tree ships RAM's lists there
+            if (tree / "ram_tag_list.txt").is_file():
+                tag_list = tree / "ram_tag_list.txt"
+                if thresholds is None and (tree / "ram_tag_list_threshold.txt").is_file():
+                    thresholds = tree / "ram_tag_list_threshold.txt"
+        tagger = load_ram_tagger(args.ram_path, args.ram_ft_path, tag_list, thresholds, device=device,
+                                 dtype=weight_dtype)
+        logger.info("RAM %s%s: image embeddings of the LR input; tags of the GT where no tag file is given",
+                    args.ram_path, f" + DAPE {args.ram_ft_path}" if args.ram_ft_path else "")
+    image_width = tagger.config.embed_width if tagger is not None else None
+    unet, controlnet, loaded_injector = build_models(args, sources, sd2.unet, logger, image_width)
+    unet.to(device)
+    sd2.unet = unet
+    train_unet = use_ram and not args.train_injector_only and bool(args.trainable_modules)
+    unet_parameters = []
+    if train_unet:
+        unet_parameters = list(unet_trainable_parameters(unet, args.trainable_modules).values())
+        if not unet_parameters:
+            raise UserError(f"--trainable_modules {' '.join(args.trainable_modules)} names no module of the UNet; "
+                            "SeeSR's default is image_attentions.")
+        for parameter in unet_parameters:
+            parameter.requires_grad_(True)
+        logger.info("UNet: %.2fM parameters trained (modules ending in %s), the rest frozen",
+                    sum(p.numel() for p in unet_parameters) / 1e6, ", ".join(args.trainable_modules))
+    frozen_models = [sd2.vae, sd2.text_encoder] + ([] if train_unet else [unet])  # a trained UNet stays fp32
     if weight_dtype != torch.float32:
-        for frozen in (sd2.unet, sd2.vae, sd2.text_encoder):
+        for frozen in frozen_models:
             frozen.to(dtype=weight_dtype)
+    if args.enable_xformers_memory_efficient_attention:
+        enable_xformers(logger, unet, controlnet)
     injector = build_injector(
         args.injector,
         residual_levels_of(controlnet),
@@ -464,6 +726,15 @@ def main(args: argparse.Namespace) -> dict:
         timestep_weights_shared=not args.timestep_weights_per_group,
         table_bins=args.timestep_table_bins,
     )
+    if loaded_injector is not None and injector is not None:
+        try:
+            injector.load_state_dict(loaded_injector.state_dict())
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"The injector in {sources['injector']} does not fit --injector {args.injector} with these injector "
+                f"flags: {str(error).splitlines()[0]}"
+            ) from None
+        logger.info("injector weights from %s", sources["injector"])
     if args.train_injector_only:
         controlnet.requires_grad_(False)
         controlnet.to(device).eval()
@@ -475,11 +746,16 @@ def main(args: argparse.Namespace) -> dict:
         injector.to(device).train()
     if args.gradient_checkpointing:
         set_gradient_checkpointing(True, *([sd2.unet] if args.train_injector_only else [controlnet, sd2.unet]))
+    if train_unet:
+        unet.train()
 
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     trainables = ([] if args.train_injector_only else [controlnet]) + ([injector] if injector is not None else [])
     parameter_groups = []
     if not args.train_injector_only:
-        parameter_groups.append({"params": list(controlnet.parameters()), "lr": args.learning_rate,
+        parameter_groups.append({"params": list(controlnet.parameters()) + unet_parameters, "lr": learning_rate,
                                  "weight_decay": args.adam_weight_decay})
     if injector is not None:
         parameter_groups.append({"params": list(injector.parameters()), "lr": args.injector_learning_rate,
@@ -501,9 +777,14 @@ def main(args: argparse.Namespace) -> dict:
         dataset, batch_size=args.train_batch_size, shuffle=True, num_workers=workers,
         pin_memory=device.type == "cuda", drop_last=True,
     )
+    max_train_steps = args.max_train_steps
+    if max_train_steps is None:
+        per_epoch = math.ceil(len(dataset) // (args.train_batch_size * accelerator.num_processes)
+                              / args.gradient_accumulation_steps)
+        max_train_steps = args.num_train_epochs * per_epoch if args.num_train_epochs else 100000
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-        num_training_steps=args.max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power,
+        num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power,
     )
 
     # accelerate.save_state would write every prepared model as model_<i>.safetensors; the ControlNet and the
@@ -531,6 +812,18 @@ def main(args: argparse.Namespace) -> dict:
                         f"The injector in {source} does not fit this run: {str(error).splitlines()[0]}"
                     ) from None
 
+    frozen_sources = {"controlnet": None, "unet": None}
+    if args.train_injector_only:
+        from models.seesr import controlnet_folder
+
+        start = sources["seesr"]
+        frozen_sources["controlnet"] = sources["controlnet"] or controlnet_folder(start)
+        unet_source = sources["unet"] or (start / UNET_FOLDER if start is not None else None)
+        if use_ram:
+            if unet_source is None or not (unet_source / "config.json").is_file():
+                raise CheckpointError("--train_injector_only with image attention needs a trained UNet to freeze: "
+                                      "pass --seesr_model_path or --unet_model_path.")
+            frozen_sources["unet"] = unet_source
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
     prepared = accelerator.prepare(*trainables, optimizer, loader, lr_scheduler)
@@ -544,7 +837,7 @@ def main(args: argparse.Namespace) -> dict:
     trained_parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     global_step, micro_step, first_epoch, skip_batches, history = 0, 0, 0, 0, []
     if resume_dir is not None:
         try:
@@ -552,6 +845,10 @@ def main(args: argparse.Namespace) -> dict:
         except FileNotFoundError as error:
             raise CheckpointError(f"{resume_dir} is incomplete ({error.filename} is missing); resume from another "
                                   "checkpoint.") from None
+        if train_unet:  # the UNet is not accelerate's to restore (it is trained outside DDP: see sync_unet_gradients)
+            from models.seesr_unet import SeeSRUNet2DConditionModel, load_strict
+
+            unet.load_state_dict(load_strict(SeeSRUNet2DConditionModel, resume_dir / UNET_FOLDER).state_dict())
         global_step, micro_step = resume_state["step"], resume_state["micro_step"]
         first_epoch, skip_batches = resume_state["epoch"], resume_state["batches_in_epoch"]
         if skip_batches >= len(loader):
@@ -576,7 +873,7 @@ def main(args: argparse.Namespace) -> dict:
         len(dataset), steps_per_epoch,
     )
     log_run_header(logger, accelerator, args.train_batch_size,
-                   f"{args.max_train_steps} steps, lr {args.learning_rate:g} / injector {args.injector_learning_rate:g}")
+                   f"{max_train_steps} steps, lr {learning_rate:g} / injector {args.injector_learning_rate:g}")
     embed_prompts = PromptEmbeddingCache(sd2.tokenizer, sd2.text_encoder, device, args.prompt_cache_size)
     validation_dir = output_dir / "validation"
     written: dict[str, list] = {"checkpoints": [], "validation": []}
@@ -591,7 +888,7 @@ def main(args: argparse.Namespace) -> dict:
 
         bare_controlnet = unwrap(accelerator, controlnet)
         bare_injector = unwrap(accelerator, injector) if injector is not None else None
-        modes = [(m, m.training) for m in (bare_controlnet, bare_injector) if m is not None]
+        modes = [(m, m.training) for m in (bare_controlnet, bare_injector, unet) if m is not None]
         for model, _ in modes:
             model.eval()
         pipeline = SeeSRPipeline(sd2.unet, sd2.vae, sd2.text_encoder, sd2.tokenizer, sd2.noise_scheduler,
@@ -600,10 +897,14 @@ def main(args: argparse.Namespace) -> dict:
         try:
             with accelerator.autocast():
                 for index, item in enumerate(validation_set):
+                    prompt, image_embeds = item["prompt"], None
+                    if tagger is not None:  # as at inference: RAM on the LR image
+                        tags, image_embeds = tagger(item["lr"][None].to(device=device, dtype=tagger.dtype))
+                        prompt = prompt if item["tag_source"] == "file" else tags[0]
                     result = super_resolve_image(
                         pipeline, item["lr"], upscale=args.scale,
-                        process_size=args.validation_process_size or args.resolution,
-                        prompt=item["prompt"], num_inference_steps=args.validation_num_inference_steps,
+                        process_size=args.validation_process_size or args.resolution, image_embeds=image_embeds,
+                        prompt=prompt, num_inference_steps=args.validation_num_inference_steps,
                         guidance_scale=args.validation_guidance_scale,
                         generator=torch.Generator().manual_seed((args.seed or 0) + index),
                     )
@@ -637,13 +938,17 @@ def main(args: argparse.Namespace) -> dict:
         accelerator.save_state(str(staging))  # optimiser, LR schedule, loss scaler, RNG of every process
         accelerator.wait_for_everyone()  # every rank's files are in before the folder is renamed
         if is_main:
-            if args.train_injector_only:  # the frozen ControlNet exactly as loaded, not a half-precision copy
-                shutil.copytree(controlnet_source, staging / "controlnet")
+            if args.train_injector_only:  # the frozen models exactly as loaded, not half-precision copies
+                shutil.copytree(frozen_sources["controlnet"], staging / "controlnet")
+                if frozen_sources["unet"] is not None:
+                    shutil.copytree(frozen_sources["unet"], staging / UNET_FOLDER)
                 if injector is not None:
                     save_injector(unwrap(accelerator, injector), staging)
             else:
                 save_seesr_weights(staging, unwrap(accelerator, controlnet),
                                    unwrap(accelerator, injector) if injector is not None else None)
+                if use_ram:  # not plain SD2 any more: inference needs this UNet (trained modules included)
+                    unet.save_pretrained(staging / UNET_FOLDER, safe_serialization=True)
             state = {
                 "kind": CHECKPOINT_KIND, "step": step, "micro_step": micro_step, "epoch": epoch,
                 "batches_in_epoch": batches_in_epoch, "num_processes": accelerator.num_processes,
@@ -657,12 +962,20 @@ def main(args: argparse.Namespace) -> dict:
             logger.info("step %d: saved %s", step, final)
         accelerator.wait_for_everyone()
 
-    progress = TrainingProgress(args.max_train_steps, "SeeSR training", enabled=is_main, initial=global_step)
+    def sync_unet_gradients() -> None:
+        """Average the UNet's trained gradients over the processes (the UNet is kept out of DDP: the loss function
+        reads its attributes, which a DDP wrapper hides)."""
+        if accelerator.num_processes > 1:
+            for parameter in unet_parameters:
+                if parameter.grad is not None:
+                    parameter.grad = accelerator.reduce(parameter.grad, "mean")
+
+    progress = TrainingProgress(max_train_steps, "SeeSR training", enabled=is_main, initial=global_step)
     meter = LossMeter()
     micro_losses: list[torch.Tensor] = []
     last_saved = last_validated = global_step if resume_dir is not None else -1
     started, started_step = time.perf_counter(), global_step
-    done = global_step >= args.max_train_steps
+    done = global_step >= max_train_steps
     epoch = first_epoch
     for epoch in range(first_epoch, num_epochs):
         if done:
@@ -675,13 +988,17 @@ def main(args: argparse.Namespace) -> dict:
             batches_in_epoch += 1
             try:
                 with accelerator.accumulate(*trainables):
+                    if tagger is not None:
+                        add_ram_inputs(batch, tagger)
                     batch["prompt_embeds"] = embed_prompts(batch["prompt"])
-                    loss = seesr_training_loss(
-                        batch, unet=sd2.unet, vae=sd2.vae, text_encoder=sd2.text_encoder, tokenizer=sd2.tokenizer,
-                        controlnet=controlnet, injector=injector, noise_scheduler=sd2.noise_scheduler,
-                        generator=loss_generator(args.seed, micro_step, accelerator),
-                    )
-                    backward_and_step(accelerator, loss, optimizer, trained_parameters, args.max_grad_norm)
+                    with accelerator.autocast():  # the UNet is not prepared by accelerate: autocast it here
+                        loss = seesr_training_loss(
+                            batch, unet=sd2.unet, vae=sd2.vae, text_encoder=sd2.text_encoder, tokenizer=sd2.tokenizer,
+                            controlnet=controlnet, injector=injector, noise_scheduler=sd2.noise_scheduler,
+                            generator=loss_generator(args.seed, micro_step, accelerator),
+                        )
+                    backward_and_step(accelerator, loss, optimizer, trained_parameters, args.max_grad_norm,
+                                      before_clip=sync_unet_gradients)
             except torch.OutOfMemoryError as error:
                 raise UserError(out_of_memory_message(
                     args.train_batch_size,
@@ -697,14 +1014,14 @@ def main(args: argparse.Namespace) -> dict:
             micro_losses = []
             meter.update(step_loss)
             progress.update(step_loss, lr_scheduler.get_last_lr()[0])
-            done = global_step >= args.max_train_steps
+            done = global_step >= max_train_steps
             if global_step % args.logging_steps == 0 or done:
                 mean_loss = float(accelerator.reduce(meter.total / meter.count, "mean"))
                 meter.reset()
                 check_finite(mean_loss, global_step, ", or train with bf16 or fp32 instead of fp16")
                 history.append([global_step, mean_loss])
                 seconds = (time.perf_counter() - started) / max(1, global_step - started_step)
-                logger.info("step %d/%d | loss %.4f | lr %.2e | %.2f s/step", global_step, args.max_train_steps,
+                logger.info("step %d/%d | loss %.4f | lr %.2e | %.2f s/step", global_step, max_train_steps,
                             mean_loss, lr_scheduler.get_last_lr()[0], seconds)
             if args.validation_steps and global_step % args.validation_steps == 0:
                 validate(global_step)

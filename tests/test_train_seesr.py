@@ -41,8 +41,10 @@ def workspace(tmp_path_factory):
     return {"root": root, "sd2": sd2, "hr": hr, "lr": lr}
 
 
-def tiny_args(workspace, output_dir, *extra):
-    return train.parse_args([
+def tiny_args(workspace, output_dir, *extra, image_attention=False):
+    """Our earlier plain-ControlNet runs by default (no RAM); ``image_attention=True`` trains SeeSR proper."""
+    plain = [] if image_attention else ["--no_image_cross_attention"]
+    return train.parse_args([*plain,
         "--pretrained_model_path", str(workspace["sd2"]), "--train_data_dir", str(workspace["hr"]),
         "--output_dir", str(output_dir), "--resolution", "64", "--train_batch_size", "2",
         "--conditioning_embedding_channels", "4", "8", "8", "8", "--lr_warmup_steps", "0", "--logging_steps", "1",
@@ -409,7 +411,8 @@ def test_two_processes_through_torchrun(workspace, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "train_seesr_timestep.py", "--pretrained_model_path",
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "train_seesr_timestep.py", "--no_image_cross_attention",
+         "--pretrained_model_path",
          str(workspace["sd2"]), "--train_data_dir", str(workspace["hr"]), "--output_dir", str(tmp_path / "ddp"),
          "--resolution", "64", "--train_batch_size", "2", "--conditioning_embedding_channels", "4", "8", "8", "8",
          "--max_train_steps", "3", "--checkpointing_steps", "2", "--validation_steps", "0", "--device", "cpu",
@@ -445,3 +448,210 @@ def test_mixed_precision_training_and_fp16_inference_on_cuda(workspace, tmp_path
                                      "--process_size", "64", "--device", "cuda"))
     pixels = np.asarray(Image.open(output["written"][0]))
     assert pixels.shape == (48, 40, 3) and pixels.std() > 0
+
+
+# ------------------------------------------------------------------------------------------------ SeeSR proper
+
+
+@pytest.fixture(scope="module")
+def seesr_release(workspace):
+    """SeeSR's release layout under the workspace: preset/models/seesr/{unet,controlnet} (config.json +
+    diffusion_pytorch_model.bin, image attention on, O(1) zero convolutions so the ControlNet matters), RAM, DAPE
+    and the tag files in preset/models; one LR test image in preset/datasets/test_datasets."""
+    from diffusers import UNet2DConditionModel
+
+    from models.seesr_unet import SeeSRControlNetModel, unet_with_image_attention
+    from tests.ram_tiny import TINY_RAM_CONFIG, write_tiny_ram
+
+    models = workspace["root"] / "preset/models"
+    ram = write_tiny_ram(models)
+    torch.manual_seed(0)
+    unet = unet_with_image_attention(UNet2DConditionModel.from_pretrained(workspace["sd2"], subfolder="unet"),
+                                     TINY_RAM_CONFIG.embed_width)
+    controlnet = SeeSRControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 8))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in controlnet.named_parameters():
+            if name.startswith(("controlnet_down_blocks.", "controlnet_mid_block.")) and name.endswith(".weight"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    unet.save_pretrained(models / "seesr/unet", safe_serialization=False)
+    controlnet.save_pretrained(models / "seesr/controlnet", safe_serialization=False)
+    images = workspace["root"] / "preset/datasets/test_datasets"
+    images.mkdir(parents=True)
+    (images / "image_001.png").write_bytes((workspace["lr"] / "image_001.png").read_bytes())
+    return {"models": models, "seesr": models / "seesr", "ram": ram, "images": images}
+
+
+@pytest.fixture()
+def tiny_ram(monkeypatch):
+    """The tagger's architecture is not in its weight file: load_ram_tagger's default (Swin-L) becomes the tiny one."""
+    import models.ram
+    from tests.ram_tiny import TINY_RAM_CONFIG
+
+    monkeypatch.setattr(models.ram, "RAM_SWIN_L", TINY_RAM_CONFIG)
+
+
+def test_seesr_own_command_line_on_the_release_layout(seesr_release, workspace, tiny_ram, monkeypatch, capsys):
+    """scripts/test_seesr.sh of cswry/SeeSR, word for word, run from the folder holding preset/.
+
+    Parsed as written; the run then takes 2 steps at a 64 px process size instead of 50 at 512 to keep the suite
+    fast (test_spec_command_as_written runs the full 50 steps at 512 px through the same sampler).
+    """
+    monkeypatch.chdir(workspace["root"])
+    argv = """seesr --pretrained_model_path preset/models/stable-diffusion-2-base --prompt None
+        --seesr_model_path preset/models/seesr --ram_ft_path preset/models/DAPE.pth
+        --image_path preset/datasets/test_datasets --output_dir preset/datasets/output --start_point lr
+        --num_inference_steps 50 --guidance_scale 5.5 --process_size 512""".split()
+    args = infer.parse_args(argv)
+    assert (args.num_inference_steps, args.process_size, args.start_steps, args.seed) == (50, 512, 999, None)
+    args.num_inference_steps, args.process_size = 2, 64
+    result = infer.main(args)
+    out = capsys.readouterr().out
+    assert "tags: RAM (preset/models/ram_swin_large_14m.pth + DAPE preset/models/DAPE.pth)" in out
+    [output] = result["written"]
+    assert output == Path("preset/datasets/output/image_001.png") and Image.open(output).size == (40, 48)
+    prompt = result["prompts"]["image_001"]
+    assert prompt.endswith(", None,clean, high-resolution, 8k")  # test_seesr.py's f"{tags}, {prompt}," + added
+    assert prompt in out.splitlines()
+
+
+def test_seesr_flags(seesr_release, workspace, tiny_ram, tmp_path, monkeypatch, capsys):
+    """--sample_times, --save_prompts, --start_steps (steps above it skipped), --seed None, --blending_alpha."""
+    import models.seesr
+
+    calls = []
+    predict_noise = models.seesr.predict_noise
+    monkeypatch.setattr(models.seesr, "predict_noise", lambda *a, **k: calls.append(a[4]) or predict_noise(*a, **k))
+
+    def run(*flags):
+        calls.clear()
+        return infer.main(infer.parse_args([
+            "seesr", "--pretrained_model_path", str(workspace["sd2"]), "--seesr_model_path", str(seesr_release["seesr"]),
+            "--ram_path", str(seesr_release["ram"]["ram"]), "--image_path", str(seesr_release["images"]),
+            "--process_size", "64", "--num_inference_steps", "2", *flags]))
+
+    result = run("--output_dir", str(tmp_path / "a"), "--sample_times", "2", "--save_prompts", "--seed", "5",
+                 "--blending_alpha", "0.3")
+    assert [p.relative_to(tmp_path / "a").as_posix() for p in result["written"]] == [
+        "sample00/image_001.png", "sample01/image_001.png"]  # SeeSR's output names
+    first, second = (np.asarray(Image.open(p), dtype=np.float64) for p in result["written"])
+    assert np.abs(first - second).mean() > 0.5  # two draws of one generator, not one image twice
+    assert (tmp_path / "a/txt/image_001.txt").read_text() == result["prompts"]["image_001"]
+    assert result["prompts"]["image_001"].endswith(", ,clean, high-resolution, 8k")  # default --prompt ''
+    assert [int(t) for t in calls] == [501, 1] * 2  # 2 leading steps; start_steps 999 skips none
+
+    result = run("--output_dir", str(tmp_path / "b"), "--start_steps", "400")  # and no --seed
+    assert [int(t) for t in calls] == [1]  # the step above 400 is skipped, not only the latent noised
+    assert result["seed"] is not None and f"pass --seed {result['seed']} to repeat" in capsys.readouterr().out
+
+
+def test_bad_seesr_inputs_are_one_line(runs, seesr_release, workspace, tmp_path, capsys):
+    import shutil
+
+    baseline = workspace["root"] / "experience/baseline/checkpoint-2"
+    other_base = tmp_path / "sd15_controlnet"
+    shutil.copytree(baseline, other_base)
+    config = json.loads((other_base / "controlnet/config.json").read_text())
+    (other_base / "controlnet/config.json").write_text(json.dumps({**config, "cross_attention_dim": 768}))
+    ddpm = tmp_path / "ddpm_best.pt"
+    torch.save({"model": {"conv.weight": torch.zeros(1)}}, ddpm)
+    cases = [
+        (["--lr_start_timestep", "1000"], "--lr_start_timestep 1000 is beyond the noise schedule"),
+        (["--start_steps", "-1"], "--start_steps -1 is beyond the noise schedule"),
+        (["--num_inference_steps", "0"], "--num_inference_steps 0"),
+        (["--upscale", "0"], "--upscale 0"),
+        (["--guidance_scale", "-1"], "--guidance_scale -1.0 is negative"),
+        (["--seesr_model_path", str(other_base)], "built for text embeddings of width 768"),
+        (["--seesr_model_path", str(ddpm)], f"--seesr_model_path {ddpm} is a file"),
+    ]
+    for flags, fragment in cases:
+        args = spec_command(workspace, baseline, tmp_path / "out", *flags)
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(lambda args=args: infer.main(args))
+        error = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(error) == 1 and error[0].startswith("error: "), (flags, error)
+        assert fragment in error[0], (fragment, error[0])
+
+
+def test_a_corrupt_lr_image_is_skipped_with_a_warning(runs, workspace, tmp_path, capsys):
+    folder = tmp_path / "LR"
+    folder.mkdir()
+    (folder / "good.png").write_bytes((workspace["lr"] / "image_002.png").read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png")
+    checkpoint = workspace["root"] / "experience/baseline/checkpoint-2"
+    args = spec_command(workspace, checkpoint, tmp_path / "out", "--num_inference_steps", "1", "--process_size", "64")
+    args.image_path = str(folder)
+    result = infer.main(args)
+    assert [p.name for p in result["written"]] == ["good.png"] and result["skipped"] == [folder / "broken.png"]
+    out = capsys.readouterr().out
+    assert f"warning: skipped {folder / 'broken.png'}" in out
+    assert "tags: <name>.txt beside each image" in out  # an old checkpoint without image attention needs no RAM
+
+
+def test_bad_training_images_are_found_before_the_models_load(workspace, tmp_path, capsys):
+    for name, content in (("broken", b"not a png"), ("small", None)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "good.png").write_bytes(next(workspace["hr"].rglob("*.png")).read_bytes())
+        if content is None:
+            Image.fromarray(np.zeros((32, 80, 3), np.uint8)).save(folder / "bad.png")
+        else:
+            (folder / "bad.png").write_bytes(content)
+        args = tiny_args(workspace, tmp_path / "run", "--train_data_dir", str(folder))
+        with pytest.raises(SystemExit):
+            run_cli(lambda args=args: train.main(args))
+        [error] = capsys.readouterr().err.strip().splitlines()
+        assert error.startswith("error: Bad HR training image: ") and str(folder / "bad.png") in error
+        assert ("cannot read" in error) if content else ("80x32 px, smaller than 64x64 px" in error)
+        assert not (tmp_path / "run/train.log").exists()  # stopped before the accelerator, logger and models
+
+
+def test_training_seesr_with_image_attention_and_inference_from_it(seesr_release, workspace, tiny_ram, capsys):
+    """SeeSR proper from plain SD2: RAM embeddings of the LR, RAM tags of untagged GTs, image attentions trained."""
+    from diffusers import UNet2DConditionModel
+
+    from models.seesr_unet import unet_with_image_attention
+    from tests.ram_tiny import TINY_RAM_CONFIG
+
+    output = workspace["root"] / "experience/seesr"
+    result = train.main(tiny_args(
+        workspace, output, "--injector", "timestep_multiscale", "--max_train_steps", "2", "--checkpointing_steps", "2",
+        "--validation_steps", "2", "--ram_path", str(seesr_release["ram"]["ram"]), "--ram_ft_path",
+        str(seesr_release["ram"]["dape"]), "--null_text_ratio", "0", image_attention=True,
+    ))
+    checkpoint = result["checkpoints"][-1]
+    assert {"unet/config.json", "unet/diffusion_pytorch_model.safetensors"} <= files_under(checkpoint)
+    assert json.loads((checkpoint / "controlnet/config.json").read_text())["use_image_cross_attention"]
+    trained = load_file(checkpoint / "unet/diffusion_pytorch_model.safetensors")
+    torch.manual_seed(42)  # the trainer's seed: the same fresh image attentions
+    initial = unet_with_image_attention(UNet2DConditionModel.from_pretrained(workspace["sd2"], subfolder="unet"),
+                                        TINY_RAM_CONFIG.embed_width).state_dict()
+    assert set(trained) == set(initial)
+    images = [k for k in trained if "image_attentions" in k]
+    assert all(torch.equal(trained[k], initial[k]) for k in trained if k not in images)  # the rest stays SD2's
+    assert sum(not torch.equal(trained[k], initial[k]) for k in images) > len(images) // 2  # image attentions trained
+    log = (output / "train.log").read_text()
+    assert "UNet: SD2's with new image attentions" in log and "modules ending in image_attentions" in log
+
+    inferred = infer.main(spec_command(workspace, checkpoint, workspace["root"] / "results/seesr",
+                                       "--num_inference_steps", "2", "--process_size", "64",
+                                       "--ram_path", str(seesr_release["ram"]["ram"])))
+    assert [p.name for p in inferred["written"]] == ["image_001.png", "image_002.png"] and inferred["tagger"]
+    assert "image embeddings to the image cross-attention" in capsys.readouterr().out
+
+
+def test_seesr_training_flags_parse_or_are_refused(workspace, capsys):
+    args = tiny_args(workspace, "out", "--pretrained_model_name_or_path", str(workspace["sd2"]),
+                     "--controlnet_model_name_or_path", "x", "--unet_model_name_or_path", "y", "--null_prompt_ratio",
+                     "0.3", "--trainable_modules", "image_attentions", "attn2", "--num_train_epochs", "3",
+                     "--scale_lr", "--enable_xformers_memory_efficient_attention", "--set_grads_to_none",
+                     image_attention=True)
+    assert (args.controlnet_model_path, args.unet_model_path, args.null_text_ratio) == ("x", "y", 0.3)
+    assert args.trainable_modules == ["image_attentions", "attn2"] and args.num_train_epochs == 3
+    root = train.parse_args(["--pretrained_model_path", "sd2", "--root_folders", "a,b", "--null_text_ratio", "0.5"])
+    assert root.root_folders == "a,b" and root.max_train_steps is None and root.trainable_modules == ["image_attentions"]
+    for flag in (["--use_8bit_adam"], ["--revision", "main"], ["--dataset_name", "x"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--pretrained_model_path", "sd2", "--root_folders", "a", *flag])
+        [error] = capsys.readouterr().err.strip().splitlines()
+        assert error.startswith(f"error: {flag[0]} is not supported: ")

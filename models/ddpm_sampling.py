@@ -184,13 +184,21 @@ def load_ddpm_for_sampling(path: str | Path) -> tuple[UNet2DModel, dict, str]:
     if path.is_dir():
         return _load_diffusers_folder(path)
     checkpoint = load_checkpoint(path, "ddpm", "infer.py ddpm --model")
+    missing = [key for key in ("model_config", "model", "scheduler_config") if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; it was not written by train_ddpm_highres.py.")
     unet = UNet2DModel.from_config(checkpoint["model_config"])
     weights = dict(checkpoint["model"])
     if "ema" in checkpoint:
         weights.update(checkpoint["ema"]["weights"])
-    unet.load_state_dict(weights)
-    config = checkpoint["config"]
-    description = f"{path.name}: {config.get('dataset')} {unet.config.sample_size} px, epoch {checkpoint['epoch']}, EMA weights"
+    try:
+        unet.load_state_dict(weights)
+    except RuntimeError as err:
+        detail = str(err).strip().splitlines()[-1].strip()[:200]
+        raise CheckpointError(f"The weights in {path} do not fit the UNet its own configuration describes ({detail}).") from None
+    config = checkpoint.get("config", {})
+    description = f"{path.name}: {config.get('dataset')} {unet.config.sample_size} px, epoch {checkpoint.get('epoch')}, "
+    description += "EMA weights" if "ema" in checkpoint else "raw weights (no EMA in the checkpoint)"
     return unet.eval(), dict(checkpoint["scheduler_config"]), description
 
 

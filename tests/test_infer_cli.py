@@ -199,7 +199,12 @@ def ddpm_run(*flags: str):
 
 
 def test_ddpm_bad_combinations_and_paths(ddpm_folder, tmp_path):
+    from models.ddpm_unet import ddpm_unet_config
+
     model = ["--model", str(ddpm_folder)]
+    Image.new("RGB", (8, 8)).save(tmp_path / "picture.jpg")
+    torch.save({"kind": "ddpm", "model_config": ddpm_unet_config("tiny", 16), "model": {"conv_in.weight": torch.zeros(1)},
+                "scheduler_config": dict(make_noise_scheduler().config)}, tmp_path / "damaged.pt")
     cases = [
         (model + ["--steps", "5000"], "--num_inference_steps 5000 is more than the 1000 timesteps"),
         (["--compare", str(ddpm_folder)] + model, "--model CKPT or --compare CKPT"),
@@ -213,6 +218,8 @@ def test_ddpm_bad_combinations_and_paths(ddpm_folder, tmp_path):
         (model + ["--mixed_precision", "fp16"], "--mixed_precision fp16 needs a CUDA GPU"),
         (["--model", str(tmp_path / "missing.pt")], "missing.pt does not exist"),
         (["--model", str(tmp_path)], "is not a diffusers DDPM folder"),
+        (["--model", str(tmp_path / "picture.jpg")], "is not a torch checkpoint or a .safetensors file"),
+        (["--model", str(tmp_path / "damaged.pt")], "do not fit the UNet its own configuration describes"),
     ]
     for flags, message in cases:
         with pytest.raises(UserError) as error:

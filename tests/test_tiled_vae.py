@@ -99,9 +99,10 @@ def test_diffusers_per_tile_norms_leave_seams_shared_norms_do_not(vae):
     with vae_tiling(vae, 64):  # diffusers: 64 px tiles at a 48 px stride, 16 px linear blend
         theirs = vae.decode(latents).sample
     boundaries = list(range(48, 256, 48))
-    # measured: untiled -0.007, ours the same, diffusers +0.04 (random weights; a real VAE is milder)
-    assert seam_score(theirs, boundaries, boundaries) > seam_score(untiled, boundaries, boundaries) + 0.02
-    # our own tile boundaries (every 64 px) are invisible: same score as the untiled image
+    # measured at diffusers' boundaries: untiled 0.015, diffusers 0.040 (random weights; a real VAE is milder);
+    # mean |theirs - untiled| 0.43 against 3e-7 for ours
+    assert seam_score(theirs, boundaries, boundaries) > seam_score(untiled, boundaries, boundaries) + 0.005
+    # our own tile boundaries (every 64 px) are invisible: the untiled image's score (-0.013) to 1e-8
     ours_boundaries = list(range(64, 256, 64))
     ours_score = seam_score(ours, ours_boundaries, ours_boundaries)
     assert abs(ours_score - seam_score(untiled, ours_boundaries, ours_boundaries)) < 1e-4

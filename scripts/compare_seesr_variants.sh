@@ -9,7 +9,9 @@
 # Environment: SD2 (SD2 base diffusers folder), LR (test LR images), GT (their HR images; leave empty to skip the
 # metrics), STEP (checkpoint-<STEP> of every run, default latest: each run's newest), GPU (CUDA_VISIBLE_DEVICES,
 # default 0), VARIANTS, EXPERIENCE (run folders), RESULTS (output root), IMAGE (the file shown in the grid, default the
-# first LR image), STEPS / GUIDANCE / PROCESS_SIZE (sampling), EXTRA (more infer.py flags, e.g. tile sizes).
+# first LR image), STEPS / GUIDANCE / PROCESS_SIZE (sampling), RAM / DAPE (RAM's weights and SeeSR's DAPE.pth, for
+# checkpoints with image attention; defaults preset/models/ram_swin_large_14m.pth and preset/models/DAPE.pth when it
+# exists), SEED (default 42, the same noise for every variant), EXTRA (more infer.py flags, e.g. tile sizes).
 # Outputs: $RESULTS/<variant>/<name>.png, $RESULTS/<variant>/metrics.csv, $RESULTS/comparison.png,
 # $RESULTS/timestep_weights_visualization.png.
 set -euo pipefail
@@ -26,6 +28,12 @@ RESULTS=${RESULTS:-results}
 STEPS=${STEPS:-50}
 GUIDANCE=${GUIDANCE:-5.5}
 PROCESS_SIZE=${PROCESS_SIZE:-512}
+RAM=${RAM:-preset/models/ram_swin_large_14m.pth}
+DAPE=${DAPE:-}
+if [ -z "$DAPE" ] && [ -f preset/models/DAPE.pth ]; then
+    DAPE=preset/models/DAPE.pth
+fi
+SEED=${SEED:-42}
 EXTRA=${EXTRA:-}
 PYTHON=${PYTHON:-python}
 
@@ -55,7 +63,7 @@ for variant in $VARIANTS; do
         --start_point lr \
         --num_inference_steps "$STEPS" \
         --guidance_scale "$GUIDANCE" \
-        --process_size "$PROCESS_SIZE" $EXTRA
+        --process_size "$PROCESS_SIZE" --seed "$SEED" --ram_path "$RAM" ${DAPE:+--ram_ft_path "$DAPE"} $EXTRA
 done
 
 if [ -z "${IMAGE:-}" ]; then

@@ -1,4 +1,5 @@
-"""Print what a SeeSR checkpoint holds: the ControlNet, the injector's keys and values, the training state.
+"""Print what a SeeSR checkpoint holds: the ControlNet and UNet (image attention or not), the injector's keys and
+values, the training state. SeeSR's release folder (unet/ + controlnet/) works too.
 
     python scripts/inspect_checkpoint.py experience/timestep_multiscale/checkpoint-100000
     python scripts/inspect_checkpoint.py experience/timestep_multiscale/checkpoint-100000/multi_scale_injector/pytorch_model.bin
@@ -54,14 +55,16 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def inspect(path: Path) -> dict:
-    """Report lines and what was found (for tests): ``{"lines", "controlnet", "injector_keys", "variant"}``."""
+    """Report lines and what was found (for tests): ``{"lines", "controlnet", "unet", "image_attention",
+    "injector_keys", "variant"}``."""
     from models.seesr import CONTROLNET_FOLDER
     from models.timestep_adaptive import INJECTOR_FOLDER, load_injector
 
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; pass a checkpoint-<step>/ folder or an injector weights file.")
     lines = [f"Checkpoint: {path}"]
-    report = {"controlnet": False, "injector_keys": [], "variant": None, "lines": lines}
+    report = {"controlnet": False, "unet": False, "image_attention": False, "injector_keys": [], "variant": None,
+              "lines": lines}
     if path.is_file() or path.name == INJECTOR_FOLDER:  # the injector alone
         state = read_weights_file(path)
         report["injector_keys"] = sorted(state)
@@ -77,10 +80,21 @@ def inspect(path: Path) -> dict:
         lines.append(
             f"ControlNet: {controlnet_dir} ({', '.join(weights) or 'no weights file!'}, {size:.1f} MiB; "
             f"block_out_channels {config.get('block_out_channels')}, conditioning_channels "
-            f"{config.get('conditioning_channels')}, cross_attention_dim {config.get('cross_attention_dim')})"
+            f"{config.get('conditioning_channels')}, cross_attention_dim {config.get('cross_attention_dim')}, "
+            f"image cross-attention {'yes' if config.get('use_image_cross_attention') else 'no'})"
         )
+        report["image_attention"] = bool(config.get("use_image_cross_attention"))
     else:
         lines.append(f"ControlNet: none ({controlnet_dir} missing)")
+    unet_dir = path / "unet"
+    if (unet_dir / "config.json").is_file():
+        config = json.loads((unet_dir / "config.json").read_text())
+        weights = sorted(p.name for p in unet_dir.glob("diffusion_pytorch_model*"))
+        report["unet"] = True
+        lines.append(f"UNet: {unet_dir} ({', '.join(weights) or 'no weights file!'}; image cross-attention "
+                     f"{'yes' if config.get('use_image_cross_attention') else 'no'}): used instead of SD2's UNet")
+    else:
+        lines.append("UNet: none (SD2's UNet is used)")
 
     injector, messages = load_injector(path)
     if injector is None:
@@ -103,6 +117,7 @@ def inspect(path: Path) -> dict:
             f"Training state: step {state.get('step')}, epoch {state.get('epoch')}, --injector {config.get('injector')}, "
             f"--timestep_weights {config.get('timestep_weights')}, --injector_grouping {config.get('injector_grouping')}"
             f"{', injector only' if config.get('train_injector_only') else ''}"
+            f"{', plain ControlNet' if config.get('no_image_cross_attention') else ''}"
         )
         accelerate_files = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix in (".bin", ".pkl", ".pt"))
         lines.append(f"Resumable state (accelerate): {', '.join(accelerate_files)}")

@@ -655,3 +655,35 @@ def test_seesr_training_flags_parse_or_are_refused(workspace, capsys):
             train.parse_args(["--pretrained_model_path", "sd2", "--root_folders", "a", *flag])
         [error] = capsys.readouterr().err.strip().splitlines()
         assert error.startswith(f"error: {flag[0]} is not supported: ")
+
+
+def test_training_on_seesr_release_from_prepared_folders(seesr_release, workspace, tiny_ram, tmp_path, capsys):
+    """--seesr_model_path (SeeSR's release) + --root_folders (make_paired_data.py's layout) + the injector on top."""
+    from scripts import inspect_checkpoint
+
+    root = tmp_path / "training_datasets"
+    for index, path in enumerate(sorted(workspace["hr"].rglob("*.png"))[:2]):
+        for sub in ("gt", "sr_bicubic"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            (root / sub / f"{index:07d}.png").write_bytes(path.read_bytes())
+    (root / "tag").mkdir()
+    (root / "tag/0000000.txt").write_text("cat, grass")  # the other GT is tagged by RAM online
+    ram = seesr_release["ram"]
+    result = train.main(train.parse_args([
+        "--pretrained_model_name_or_path", str(workspace["sd2"]), "--root_folders", str(root),
+        "--seesr_model_path", str(seesr_release["seesr"]), "--ram_path", str(ram["ram"]),
+        "--ram_tag_list", str(ram["tag_list"]), "--ram_tag_thresholds", str(ram["thresholds"]),
+        "--output_dir", str(tmp_path / "run"), "--resolution", "64", "--train_batch_size", "2",
+        "--max_train_steps", "1", "--validation_steps", "0", "--device", "cpu", "--lr_warmup_steps", "0",
+        "--injector", "timestep_multiscale", "--null_text_ratio", "0",
+    ]))
+    checkpoint = result["checkpoints"][-1]
+    released = torch.load(seesr_release["seesr"] / "unet/diffusion_pytorch_model.bin", weights_only=True)
+    trained = load_file(checkpoint / "unet/diffusion_pytorch_model.safetensors")
+    assert set(trained) == set(released)  # SeeSR's UNet, image attentions included, continued
+    assert any(not torch.equal(trained[k], released[k]) for k in trained if "image_attentions" in k)
+    log = (tmp_path / "run/train.log").read_text()
+    assert "✓ UNet loaded from" in log and "1 steps per epoch" in log
+    report = inspect_checkpoint.main(inspect_checkpoint.parse_args([str(checkpoint)]))
+    assert report["unet"] and report["image_attention"] and report["variant"] == "timestep_multiscale"
+    assert "image cross-attention yes" in capsys.readouterr().out

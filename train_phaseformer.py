@@ -8,15 +8,23 @@ optimiser step; PSNR/SSIM on the test split every ``--eval_every`` epochs (Basic
 
     python train_phaseformer.py --dataset_path /data/LSUI --batch_size 8 --niter 50 --niter_decay 500 --lr 0.001
     python train_phaseformer.py --resume checkpoint/LSUI/netG_model_epoch_100.pth --dataset_path /data/LSUI
-    python train_phaseformer.py --dataset_path /data/LSUI /data/UIEB --resume latest       # union of two sets
-    accelerate launch --multi_gpu train_phaseformer.py --dataset_path /data/LSUI --batch_size 4
+    python train_phaseformer.py --dataset_path /data/LSUI /data/UIEB --resume_from_checkpoint latest   # union of two sets
+    accelerate launch --multi_gpu train_phaseformer.py --dataset_path /data/LSUI --train_batch_size 4
     python train_phaseformer.py --dataset_path /data/LSUI --reference_behaviour            # the official train.py
-    python train_phaseformer.py --dataset_path /data/LSUI --stop_epoch 40                 # a 12-hour session, then --resume latest
+    python train_phaseformer.py --dataset_path /data/LSUI --stop_epoch 40                 # a 12-hour session, then resume latest
+    python train_phaseformer.py --dataset_path /data/LSUI --checkpointing_minutes 30      # Kaggle: never lose more than 30 min
+
+The flags every trainer shares have diffusers' names (``--train_batch_size``, ``--gradient_accumulation_steps``,
+``--learning_rate``, ``--max_grad_norm``, ``--dataloader_num_workers``, ``--resume_from_checkpoint``,
+``--checkpoints_total_limit``, ...); the note's spellings (``--batch_size``, ``--grad_accum``, ``--lr``, ``--clip_grad``,
+``--threads``, ``--resume``, ``--keep_last``) stay as aliases. ``--niter``/``--niter_decay``/``--warmup`` count epochs, as
+the note. A resumed run takes every setting not given on the command line from its checkpoint; the model and the
+loss's shape (``--model``, ``--eca``, ``--loss_weighting``, ``--no_perceptual``, ``--value_range``) cannot change.
 
 Writes into ``<output_dir>/checkpoint/<dataset name>/`` (``--output_dir .`` by default, as the note)::
 
     netG_model_epoch_N.pth  netG_model_best.pth (by test PSNR)  netG_model_latest.pth (resumable)
-    args.yaml  train.log  history.csv  loss_curves.png  loss_weights.png  psnr.png  ssim.png  samples/epoch_N.png
+    args.yaml  train.log  logs/ (tensorboard)  history.csv  loss_curves.png  loss_weights.png  psnr.png  ssim.png  samples/epoch_N.png
     split_<i>_<folder>.txt (only for a single folder of pairs: the saved train/test split of dataset path i)
 
 Each .pth is a plain dict (torch.load(weights_only=True)): kind "phaseformer", the resolved config, the model's
@@ -40,7 +48,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -57,17 +64,21 @@ from models.phaseformer_enhance import (
     plain_model_config,
     to_model_range,
 )
-from utils.accelerator import PRECISION_CHOICES, create_accelerator, log_run_header, reset_accelerate_state
-from utils.checkpoint import atomic_torch_save, atomic_write, load_checkpoint, resolve_resume, rotate_checkpoints
+from utils.accelerator import create_accelerator, log_run_header, reset_accelerate_state
+from utils.checkpoint import atomic_write, load_checkpoint, resolve_resume, save_checkpoint_files
+from utils.cli import add_training_arguments, check_training_arguments
 from utils.config import add_config_argument, explicitly_given, parse_with_config, save_config
 from utils.errors import CheckpointError, UserError, run_cli
 from utils.images import save_grid
-from utils.log import TrainingProgress, setup_logger
+from utils.log import TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
 from utils.metrics import SSIM_SIGMA, SSIM_WINDOW_SIZE, batch_psnr, batch_ssim
 from utils.plots import plot_curves
+from utils.resume import resolve_resumed_config
 from utils.training import (
+    BestMetric,
+    CheckpointCadence,
+    NonFiniteGuard,
     backward_and_step,
-    check_finite,
     make_loader,
     out_of_memory_message,
     restore_rng,
@@ -77,6 +88,7 @@ from utils.training import (
 )
 
 CHECKPOINT_KIND = "phaseformer"
+LOG_EVERY = 10  # optimiser steps between tracker scalars (each one a host sync)
 RESUME_PATTERNS = ["netG_model_latest.pth", "netG_model_epoch_*.pth"]
 
 # What the official train.py does (--reference_behaviour) and what the paper means (the defaults).
@@ -90,8 +102,10 @@ CORRECT_BEHAVIOUR = {
 }
 # A resumed run cannot change these: they change the network or the shape of the loss weights.
 FIXED_ON_RESUME = ("model", "eca", "loss_weighting", "no_perceptual", "value_range")
-# Never taken from a resumed checkpoint: they describe this session or this machine, not the run.
-NOT_INHERITED = {"resume", "config", "given_flags", "threads", "device", "mixed_precision", "stop_epoch", "init_weights", "reference_behaviour"}
+# Never taken from a resumed checkpoint (beside utils.resume.SESSION_SETTINGS): they describe this session.
+NOT_INHERITED = ("stop_epoch", "init_weights", "reference_behaviour")
+NAN_HINT = (", or train in bf16/fp32 instead of fp16; a learned loss weighting whose term reaches zero can also diverge "
+            "(try --loss_weighting fixed)")
 
 
 def eval_size_type(value: str) -> int | str:
@@ -130,8 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="for a folder of input/ and gt/ without train/test: test pairs held out, a count or a fraction "
                       "(default 400, the LSUI convention 3879/400); the split is saved in the run folder")
     data.add_argument("--split_seed", type=int, default=0, help="seed of that split, apart from --seed so the test set stays put (default 0)")
-    data.add_argument("--threads", type=int, default=None,
-                      help="data-loader worker processes (default: up to 8 on CUDA, 0 on CPU); raise it when the log says loading is slow")
 
     model = parser.add_argument_group("model and optimisation")
     model.add_argument("--model", choices=list(PHASEFORMER_PRESETS), default="phaseformer",
@@ -142,24 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "gate, a constant of about 0.5)")
     model.add_argument("--init_weights", default=None,
                        help="start from these weights (our .pth or a converted official .safetensors) with a fresh schedule")
-    model.add_argument("--batch_size", type=int, default=8, help="images per device and forward pass (default 8)")
-    model.add_argument("--grad_accum", type=int, default=1,
-                       help="gradient accumulation steps: batch_size x processes x grad_accum images per optimiser step (default 1)")
     model.add_argument("--niter", type=int, default=50, help="epochs at the initial learning rate (default 50)")
     model.add_argument("--niter_decay", type=int, default=500, help="epochs of decay to zero after --niter (default 500)")
-    model.add_argument("--lr", type=float, default=3e-4,
-                       help="initial learning rate (default 3e-4 as the official train.py; the note suggests 1e-4..1e-3 with --warmup)")
     model.add_argument("--lr_schedule", choices=("linear", "cosine"), default="linear",
                        help="shape of the decay over --niter_decay epochs (default linear, as the reference)")
     model.add_argument("--warmup", type=float, default=0.0,
                        help="linear LR warm-up in epochs, may be fractional (default 0 as the reference; 1-5 helps at lr 1e-3)")
     model.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (default 0.5 as the reference; beta2 is 0.999)")
-    model.add_argument("--clip_grad", type=float, default=1.0,
-                       help="clip the model's gradient norm to this value; 0 turns clipping off (default 1.0)")
-    model.add_argument("--mixed_precision", choices=PRECISION_CHOICES, default="auto",
-                       help="auto: bf16 where supported, else fp16 with loss scaling on CUDA, fp32 on CPU (default auto)")
-    model.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto (the GPU when there is one)")
-    model.add_argument("--seed", type=int, default=123, help="seed of initialisation, loss weights, data order and crops (default 123 as the reference)")
 
     loss = parser.add_argument_group("loss (see the table above for the reference behaviours)")
     loss.add_argument("--loss_weighting", choices=WEIGHTING_MODES, default=None,
@@ -190,13 +191,32 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--crop_border", type=int, default=0, help="pixels cropped from each border before scoring (default 0)")
     evaluation.add_argument("--num_preview", type=int, default=4, help="test images in each samples/epoch_N.png grid, 0 for none (default 4)")
 
+    add_training_arguments(
+        parser,
+        defaults=dict(
+            train_batch_size=8, gradient_accumulation_steps=1, learning_rate=3e-4, max_grad_norm=1.0, mixed_precision="auto",
+            compile=False, dataloader_num_workers=None, seed=123, output_dir=".", resume_from_checkpoint=None,
+            checkpointing_steps=0, checkpointing_minutes=0, checkpoints_total_limit=5, report_to=None, device="auto",
+        ),
+        help={
+            "gradient_accumulation_steps": "forward passes per optimiser step (the note: the dual-output loss costs 40-50%% "
+                                           "more memory); images per step = batch x processes x this",
+            "learning_rate": "initial learning rate (3e-4 as the official train.py; the note suggests 1e-4..1e-3 with --warmup)",
+            "max_grad_norm": "clip the model's gradient norm to this value; 0 turns clipping off",
+            "seed": "seed of initialisation, loss weights, data order and crops (123 as the reference)",
+            "dataloader_num_workers": "data-loader worker processes (up to 8 on CUDA, 0 on CPU when not given); raise it "
+                                      "when the log says loading is slow",
+            "output_dir": "root of the outputs; checkpoints go to <output_dir>/checkpoint/<name>/",
+            "resume_from_checkpoint": "a netG_model_*.pth to continue from (model, loss weights, optimiser, schedule, scaler, "
+                                      "epoch; every setting not given), or 'latest' for this run's newest",
+            "checkpointing_steps": "also rewrite netG_model_latest.pth every N optimiser steps within an epoch (its resume "
+                                   "continues at the next batch; crops and flips then differ from an uninterrupted run), 0 off",
+            "checkpointing_minutes": "also rewrite netG_model_latest.pth every N minutes within an epoch (Kaggle), 0 off",
+            "checkpoints_total_limit": "keep the newest K netG_model_epoch_N.pth, 0 keeps all",
+        },
+    )
     out = parser.add_argument_group("outputs")
-    out.add_argument("--output_dir", default=".", help="root of the outputs; checkpoints go to <output_dir>/checkpoint/<name>/ (default .)")
-    out.add_argument("--resume", default=None,
-                     help="a netG_model_*.pth to continue from (model, loss weights, optimiser, schedule, scaler, epoch), "
-                     "or 'latest' for this run's newest")
     out.add_argument("--save_every", type=int, default=1, help="write netG_model_epoch_N.pth every N epochs (default 1)")
-    out.add_argument("--keep_last", type=int, default=5, help="keep the newest K netG_model_epoch_N.pth, 0 keeps all (default 5)")
     out.add_argument("--stop_epoch", type=int, default=None,
                      help="stop after this epoch, the schedule still planned for niter + niter_decay (e.g. Kaggle's session "
                      "limit; continue with --resume latest)")
@@ -214,78 +234,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 given.add(key)
     args.given_flags = sorted(given)
 
-    for flag in ("batch_size", "grad_accum", "eval_every", "save_every"):
+    check_training_arguments(parser, args)
+    for flag in ("eval_every", "save_every"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
     if args.niter < 0 or args.niter_decay < 0 or args.niter + args.niter_decay < 1:
         parser.error("--niter and --niter_decay must be >= 0 with at least one epoch in total")
     if args.crop_size < 16:
         parser.error("--crop_size must be at least 16 (MS-SSIM's window is 11 px)")
-    if args.lr <= 0 or args.clip_grad < 0 or args.warmup < 0 or args.keep_last < 0 or args.crop_border < 0:
-        parser.error("--lr must be positive; --clip_grad, --warmup, --keep_last and --crop_border must not be negative")
+    if args.warmup < 0 or args.crop_border < 0:
+        parser.error("--warmup and --crop_border must not be negative")
     if args.stop_epoch is not None and args.stop_epoch < 1:
         parser.error("--stop_epoch must be at least 1")
-    if not args.dataset_path and not (args.resume and args.resume != "latest"):
+    if not args.dataset_path and not (args.resume_from_checkpoint and args.resume_from_checkpoint != "latest"):
         parser.error("--dataset_path is required: one or more folders in the LSUI layout (train/input, train/gt, test/input, test/gt)")
     return args
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def run_name(args) -> str:
-    return args.name or "+".join(Path(path).resolve().name or "dataset" for path in args.dataset_path)
+def run_name(name: str | None, dataset_paths: list[str]) -> str:
+    return name or "+".join(Path(path).resolve().name or "dataset" for path in dataset_paths)
 
 
-def lr_factor(step: int, steps_per_epoch: int, args) -> float:
-    """LR multiplier for optimiser step ``step``: warm-up, ``niter`` epochs flat, ``niter_decay`` epochs down to zero."""
+def lr_factor(step: int, steps_per_epoch: int, warmup: float, niter: int, niter_decay: int, schedule: str) -> float:
+    """LR multiplier for optimiser step ``step``: ``warmup`` epochs of warm-up, ``niter`` epochs flat, ``niter_decay``
+    epochs down to zero (``schedule`` linear or cosine)."""
     factor = 1.0
-    warmup_steps = args.warmup * steps_per_epoch
+    warmup_steps = warmup * steps_per_epoch
     if warmup_steps > 0 and step < warmup_steps:
         factor = (step + 1) / warmup_steps
-    decay_start, decay_steps = args.niter * steps_per_epoch, args.niter_decay * steps_per_epoch
+    decay_start, decay_steps = niter * steps_per_epoch, niter_decay * steps_per_epoch
     if decay_steps and step >= decay_start:
         progress = min(1.0, (step - decay_start) / decay_steps)
-        factor *= 1.0 - progress if args.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        factor *= 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return factor
 
 
-def merge_resumed_config(args, checkpoint: dict, path: Path) -> None:
-    """Take every setting not given now from the checkpoint's config; refuse changes that break the run."""
-    saved = checkpoint["config"]
-    given = set(args.given_flags)
-    for key in FIXED_ON_RESUME:
-        if key in given and key in saved and getattr(args, key) != saved[key]:
-            raise UserError(
-                f"{path} was trained with --{key} {saved[key]}, not {getattr(args, key)}; resume without --{key} "
-                "(it cannot change within a run) or start a new run."
-            )
-    for key, value in saved.items():
-        if key not in NOT_INHERITED and key not in given and hasattr(args, key):
-            setattr(args, key, value)
-
-
-class NonFiniteGuard:
-    """Remembers on the device the first step whose loss was NaN or infinite: no host sync per step."""
-
-    def __init__(self, device: torch.device):
-        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        self.bad_value = torch.zeros((), device=device)
-
-    def update(self, loss: torch.Tensor, step: int) -> None:
-        newly_bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
-        self.first_bad_step = torch.where(newly_bad, step, self.first_bad_step)
-        self.bad_value = torch.where(newly_bad, loss.detach().float(), self.bad_value)
-
-    def check(self, accelerator) -> None:
-        """One small collective on every process together; raises on all of them if any saw a bad loss."""
-        steps = accelerator.gather(self.first_bad_step[None])
-        values = accelerator.gather(self.bad_value[None])
-        bad = (steps >= 0).nonzero()
-        if len(bad):
-            index = int(bad[0, 0])
-            check_finite(float(values[index]), int(steps[index]),
-                         ", or train in bf16/fp32 instead of fp16; a learned loss weighting whose term reaches zero can "
-                         "also diverge (try --loss_weighting fixed)")
+def resolve_config(args: argparse.Namespace, checkpoint: dict | None, source: str) -> argparse.Namespace:
+    """The run's settings: the flags, and (resuming) the checkpoint's for every flag not given."""
+    given = getattr(args, "given_flags", None)
+    given = set(vars(args)) if given is None else set(given)
+    saved = checkpoint["config"] if checkpoint is not None else None
+    config = resolve_resumed_config(args, given, saved, fixed=FIXED_ON_RESUME, session=NOT_INHERITED, source=source)
+    vars(config).pop("given_flags", None)
+    return config
 
 
 def all_reduce_loss_weight_grads(accelerator, parameters: list[torch.nn.Parameter]) -> None:
@@ -386,27 +379,30 @@ def plot_history(history: list[dict], run_dir: Path, args) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     reset_accelerate_state()
+    original = args
     checkpoint, resume_path = None, None
-    if args.resume and args.resume != "latest":
-        resume_path = resolve_resume(args.resume, ".", RESUME_PATTERNS)
-        checkpoint = load_checkpoint(resume_path, CHECKPOINT_KIND, "train_phaseformer.py --resume")
-        merge_resumed_config(args, checkpoint, resume_path)
-    run_dir = Path(args.output_dir) / "checkpoint" / run_name(args)
-    if args.resume == "latest":
+    resume = args.resume_from_checkpoint
+    if resume and resume != "latest":
+        resume_path = resolve_resume(resume, ".", RESUME_PATTERNS)
+        checkpoint = load_checkpoint(resume_path, CHECKPOINT_KIND, "train_phaseformer.py --resume_from_checkpoint")
+    args = resolve_config(args, checkpoint, str(resume_path))  # from here on: the run's resolved settings
+    run_dir = Path(args.output_dir) / "checkpoint" / run_name(args.name, args.dataset_path)
+    if resume == "latest":
         resume_path = resolve_resume("latest", run_dir, RESUME_PATTERNS)
         if resume_path is not None:
-            checkpoint = load_checkpoint(resume_path, CHECKPOINT_KIND, "train_phaseformer.py --resume")
-            merge_resumed_config(args, checkpoint, resume_path)
+            checkpoint = load_checkpoint(resume_path, CHECKPOINT_KIND, "train_phaseformer.py --resume_from_checkpoint")
+            args = resolve_config(original, checkpoint, str(resume_path))
 
     accelerator = create_accelerator(
-        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum, cpu=args.device == "cpu", seed=args.seed
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        cpu=args.device == "cpu", seed=args.seed, compile_model=args.compile, project_dir=str(run_dir), report_to=args.report_to,
     )
     if args.device == "cuda" and accelerator.device.type != "cuda":
         raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto.")
     device, is_main = accelerator.device, accelerator.is_main_process
     logger = setup_logger(run_dir, is_main)
     logger.info("run %s: %s", run_dir, f"resuming from {resume_path}" if resume_path else "new run")
-    if args.resume == "latest" and resume_path is None:
+    if resume == "latest" and resume_path is None:
         logger.info("--resume latest: no checkpoint in %s yet, starting a new run", run_dir)
 
     # The loss first: missing VGG weights should stop the run before any data is read.
@@ -430,17 +426,21 @@ def main(args: argparse.Namespace) -> dict:
 
     weight_parameters = loss_weight_parameters(loss_fn)
     optimizer = torch.optim.Adam(
-        optimizer_param_groups(model, loss_fn, loss_weights_lr=args.loss_weights_lr), lr=args.lr, betas=(args.beta1, 0.999)
+        optimizer_param_groups(model, loss_fn, loss_weights_lr=args.loss_weights_lr), lr=args.learning_rate, betas=(args.beta1, 0.999)
     )
-    eval_batch = 1 if args.eval_size == "full" else args.batch_size
-    train_loader = make_loader(train_set, args.batch_size, shuffle=True, workers=args.threads, device_type=device.type)
-    test_loader = make_loader(test_set, eval_batch, shuffle=False, workers=args.threads, drop_last=False, device_type=device.type)
+    eval_batch = 1 if args.eval_size == "full" else args.train_batch_size
+    workers = args.dataloader_num_workers
+    train_loader = make_loader(train_set, args.train_batch_size, shuffle=True, workers=workers, device_type=device.type)
+    test_loader = make_loader(test_set, eval_batch, shuffle=False, workers=workers, drop_last=False, device_type=device.type)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     total_epochs = args.niter + args.niter_decay
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, args))
+    schedule = (args.warmup, args.niter, args.niter_decay, args.lr_schedule)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, *schedule))
 
-    step, start_epoch, history, best_psnr, best_epoch, input_scores = 0, 0, [], -math.inf, 0, None
+    step, start_epoch, history, input_scores = 0, 0, [], None
+    best = BestMetric("max")  # test PSNR
+    skip_batches, partial = 0, None  # a checkpoint written within an epoch: batches done, their summed logs
     if checkpoint is not None:
         try:
             loss_fn.load_weighting_state_dict(checkpoint["loss_weighting"]["state"])
@@ -451,19 +451,23 @@ def main(args: argparse.Namespace) -> dict:
         except ValueError as err:  # the optimiser's parameter groups differ
             raise CheckpointError(f"{resume_path}: the optimiser state does not fit this run ({err}).") from None
         step, start_epoch = checkpoint["step"], checkpoint["epoch"]
-        history, best_psnr, best_epoch = list(checkpoint["history"]), checkpoint["best_psnr"], checkpoint["best_epoch"]
-        input_scores = checkpoint.get("input_scores")
+        history, input_scores = list(checkpoint["history"]), checkpoint.get("input_scores")
+        best.best, best.epoch = checkpoint["best_psnr"], checkpoint["best_epoch"]
+        skip_batches, partial = int(checkpoint.get("batches_done", 0)), checkpoint.get("epoch_log_sums")
         if checkpoint.get("steps_per_epoch") != steps_per_epoch:
             logger.warning("%s had %s optimiser steps per epoch, this run has %d (another batch size or data): the LR "
                            "schedule is followed by step count, so its epochs shift", resume_path, checkpoint.get("steps_per_epoch"), steps_per_epoch)
         restore_rng(checkpoint, accelerator)
-        logger.info("resumed at epoch %d, optimiser step %d, lr %.3e", start_epoch, step, lr_scheduler.get_last_lr()[0])
+        logger.info("resumed at epoch %d%s, optimiser step %d, lr %.3e", start_epoch,
+                    f" (+{skip_batches} batches)" if skip_batches else "", step, lr_scheduler.get_last_lr()[0])
         del checkpoint
+    run_config = vars(args)
     if is_main:
-        save_config({k: v for k, v in vars(args).items() if k != "given_flags"}, run_dir / "args.yaml")
-    log_run_header(logger, accelerator, args.batch_size,
+        save_config(run_config, run_dir / "args.yaml")
+    start_tracking(accelerator, run_dir.name, run_config)
+    log_run_header(logger, accelerator, args.train_batch_size,
                    f"{steps_per_epoch} optimiser steps per epoch, {total_epochs} epochs ({args.niter} + {args.niter_decay} "
-                   f"{args.lr_schedule} decay), lr {args.lr:g}, Adam betas ({args.beta1}, 0.999)")
+                   f"{args.lr_schedule} decay), lr {args.learning_rate:g}, Adam betas ({args.beta1}, 0.999)")
     logger.info("training data: %d pairs, %s, crop %d px, flips %s, 2x target %s", len(train_set), args.resize_mode,
                 args.crop_size, args.flips, args.h_target)
     logger.info("loss: %s | weighting %s | pixel %s | MS-SSIM as %s | value range %s | VGG resize 224 %s",
@@ -471,39 +475,41 @@ def main(args: argparse.Namespace) -> dict:
                 "similarity (reference)" if args.msssim_as_similarity else "1 - MS-SSIM", args.value_range, args.vgg_resize_224)
     logger.info(describe_protocol(args, sources))
 
-    def save(epoch: int, is_best: bool, is_final: bool) -> None:
+    def save(epoch: int, is_best: bool = False, is_final: bool = False, batches_done: int = 0, sums=None) -> None:
         bare = unwrap(accelerator, model)
         state = training_checkpoint(
-            CHECKPOINT_KIND, accelerator, model, optimizer, {k: v for k, v in vars(args).items() if k != "given_flags"},
-            step, epoch, lr_scheduler,
+            CHECKPOINT_KIND, accelerator, model, optimizer, run_config, step, epoch, lr_scheduler,
             model_config=plain_model_config(bare),
             loss_weighting={"mode": args.loss_weighting, "state": {k: v.detach().cpu() for k, v in loss_fn.weighting_state_dict().items()},
                             "weights": loss_fn.weights_dict()},
-            history=history, best_psnr=best_psnr, best_epoch=best_epoch, input_scores=input_scores,
-            steps_per_epoch=steps_per_epoch, dataset_name=run_dir.name,
+            history=history, best_psnr=best.best, best_epoch=best.epoch, input_scores=input_scores,
+            steps_per_epoch=steps_per_epoch, dataset_name=run_dir.name, batches_done=batches_done,
+            epoch_log_sums={k: float(v) for k, v in sums.items()} if sums else None,
         )
+        cadence.saved()
         if not is_main:
             return
-        latest = atomic_torch_save(state, run_dir / "netG_model_latest.pth")
-        copies = [run_dir / f"netG_model_epoch_{epoch}.pth"] if epoch % args.save_every == 0 or is_final else []
+        copies = [run_dir / f"netG_model_epoch_{epoch}.pth"] if batches_done == 0 and (epoch % args.save_every == 0 or is_final) else []
         if is_best:
             copies.append(run_dir / "netG_model_best.pth")
-        for target in copies:
-            atomic_write(target, lambda tmp: shutil.copyfile(latest, tmp))
-        rotate_checkpoints(run_dir, "netG_model_epoch_*.pth", args.keep_last)
+        save_checkpoint_files(state, run_dir / "netG_model_latest.pth", copies, rotate_pattern="netG_model_epoch_*.pth",
+                              keep=args.checkpoints_total_limit)
 
     last_epoch = min(total_epochs, args.stop_epoch or total_epochs)
-    guard = NonFiniteGuard(device)
+    guard = NonFiniteGuard(device, NAN_HINT)
+    cadence = CheckpointCadence(args.checkpointing_steps, args.checkpointing_minutes)
     lr_per_step: list[float] = []
     for epoch in range(start_epoch, last_epoch):
         model.train()
         loss_fn.train()
         train_loader.set_epoch(epoch)
-        progress = TrainingProgress(len(train_loader), f"epoch {epoch + 1}/{total_epochs}", enabled=is_main)
-        log_sums: dict[str, torch.Tensor] = {}
+        batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+        progress = TrainingProgress(len(train_loader), f"epoch {epoch + 1}/{total_epochs}", enabled=is_main, initial=skip_batches)
+        log_sums: dict[str, torch.Tensor] = {k: torch.tensor(v, device=device) for k, v in (partial or {}).items()}
+        batches_done, skip_batches, partial = skip_batches, 0, None
         started, data_wait = time.perf_counter(), 0.0
         requested = time.perf_counter()
-        for batch in train_loader:
+        for batch in batches:
             data_wait += time.perf_counter() - requested
             inputs = to_model_range(batch["input"], args.value_range)
             target = to_model_range(batch["target"], args.value_range)
@@ -514,24 +520,30 @@ def main(args: argparse.Namespace) -> dict:
                     with accelerator.autocast():
                         total, logs = loss_fn(fake_b_L.float(), fake_b_H.float(), target, target_2x)
                     backward_and_step(
-                        accelerator, total, optimizer, model.parameters(), args.clip_grad,
+                        accelerator, total, optimizer, model.parameters(), args.max_grad_norm,
                         before_clip=lambda: all_reduce_loss_weight_grads(accelerator, weight_parameters),
                     )
             except torch.OutOfMemoryError as err:
                 raise UserError(out_of_memory_message(
-                    args.batch_size, " (--grad_accum), or train on smaller images with --crop_size (the 2x head works at twice that side)"
+                    args.train_batch_size, " (--gradient_accumulation_steps), or train on smaller images with --crop_size (the 2x head works at twice that side)"
                 )) from err
             guard.update(total, step + 1)
+            batches_done += 1
             lr = lr_scheduler.get_last_lr()[0]
-            if accelerator.sync_gradients:
-                lr_per_step.append(lr)
-                lr_scheduler.step()
-                step += 1
             for key, value in logs.items():
                 log_sums[key] = log_sums[key] + value if key in log_sums else value.clone()
             progress.update(total, lr)
             if progress.steps % progress.refresh_every == 0:
                 guard.check(accelerator)
+            if accelerator.sync_gradients:
+                lr_per_step.append(lr)
+                lr_scheduler.step()
+                step += 1
+                if step % LOG_EVERY == 0:
+                    log_scalars(accelerator, {"train/loss": total, "train/lr": lr}, step)
+                if batches_done < len(train_loader) and cadence.due(step, accelerator):
+                    guard.check(accelerator)
+                    save(epoch, batches_done=batches_done, sums=log_sums)
             requested = time.perf_counter()
         progress.close()
         guard.check(accelerator)
@@ -539,17 +551,17 @@ def main(args: argparse.Namespace) -> dict:
         done = epoch + 1
         seconds = time.perf_counter() - started
         keys = list(log_sums)
-        means = accelerator.reduce(torch.stack([log_sums[k] for k in keys]) / progress.steps, reduction="mean").tolist()
+        means = accelerator.reduce(torch.stack([log_sums[k] for k in keys]) / batches_done, reduction="mean").tolist()
         row: dict = {"epoch": done, "lr": lr_scheduler.get_last_lr()[0], **dict(zip(keys, means)), **loss_fn.weights_dict()}
         weights_text = " ".join(f"{k[2:]} {v:.3f}" for k, v in row.items() if k.startswith("w_"))
         logger.info("epoch %d/%d | loss %.4f (L %.4f, H %.4f) | lr %.3e | step %d | weights %s | %.1f s, %.1f img/s",
                     done, total_epochs, row["loss"], row["loss_L"], row["loss_H"], row["lr"], step, weights_text, seconds,
-                    len(train_loader) * args.batch_size * accelerator.num_processes / seconds)
+                    progress.steps * args.train_batch_size * accelerator.num_processes / seconds)
         for warning in loss_fn.collapse_warnings():
             logger.warning("epoch %d: %s", done, warning)
         if device.type == "cuda" and data_wait > 0.3 * seconds:
-            logger.warning("data loading took %.0f%% of epoch %d; raise --threads (now %s) or store the images smaller",
-                           100 * data_wait / seconds, done, args.threads)
+            logger.warning("data loading took %.0f%% of epoch %d; raise --dataloader_num_workers (now %s) or store the "
+                           "images smaller", 100 * data_wait / seconds, done, args.dataloader_num_workers)
 
         is_final = done == total_epochs
         is_best = False
@@ -560,11 +572,12 @@ def main(args: argparse.Namespace) -> dict:
                 input_scores = {"psnr": scores["input_psnr"], "ssim": scores["input_ssim"]}
                 logger.info("test inputs as they are: PSNR %.3f dB, SSIM %.4f", input_scores["psnr"], input_scores["ssim"])
             row.update(psnr=scores["psnr"], ssim=scores["ssim"])
-            is_best = scores["psnr"] > best_psnr
-            if is_best:
-                best_psnr, best_epoch = scores["psnr"], done
-            logger.info("epoch %d: test PSNR %.3f dB, SSIM %.4f (best %.3f dB at epoch %d)", done, scores["psnr"], scores["ssim"], best_psnr, best_epoch)
+            is_best = best.update(scores["psnr"], done)
+            logger.info("epoch %d: test PSNR %.3f dB, SSIM %.4f (best %.3f dB at epoch %d)", done, scores["psnr"], scores["ssim"], best.best, best.epoch)
+            if preview is not None and preview.is_file():
+                log_image(accelerator, "test/preview", preview, step)
         history.append(row)
+        log_scalars(accelerator, {f"epoch/{k}": v for k, v in row.items() if k != "epoch" and isinstance(v, (int, float))}, step)
         save(done, is_best, is_final)
         if is_main:
             write_history_csv(history, run_dir / "history.csv")
@@ -577,9 +590,9 @@ def main(args: argparse.Namespace) -> dict:
             logger.info("loss weights identical on all %d processes", accelerator.num_processes)
         else:
             logger.warning("loss weights differ between processes: %s", gathered.tolist())
-    logger.info("done: %s (best test PSNR %.3f dB at epoch %d)", run_dir, best_psnr, best_epoch)
+    logger.info("done: %s (best test PSNR %.3f dB at epoch %d)", run_dir, best.best, best.epoch)
     accelerator.end_training()
-    return {"history": history, "lr_per_step": lr_per_step, "run_dir": run_dir, "step": step, "best_psnr": best_psnr,
+    return {"history": history, "lr_per_step": lr_per_step, "run_dir": run_dir, "step": step, "best_psnr": best.best, "config": args,
             "input_scores": input_scores, "final_weights": loss_fn.weights_dict()}
 
 

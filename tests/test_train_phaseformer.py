@@ -94,6 +94,20 @@ def test_note_commands_write_the_run_folder_and_state_dict_checkpoints(runs):
     assert not torch.equal(checkpoint["loss_weighting"]["state"]["term_weights.raw_weights"][:, :1], initial[:, :1])
 
 
+
+def test_tensorboard_has_the_losses_the_loss_weights_and_the_preview(runs):
+    """--report_to defaults to tensorboard when it is installed: losses, learned weights, PSNR and images."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = runs["straight_dir"] / "checkpoint" / "LSUI" / "logs" / "LSUI"
+    events = EventAccumulator(str(logs)).Reload()
+    tags = events.Tags()
+    assert {"epoch/loss", "epoch/w_pixel", "epoch/w_L", "epoch/psnr", "epoch/ssim"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("epoch/loss")] == [2, 4, 6]  # logged at the optimiser step of each epoch end
+    assert "test/preview" in tags["images"]
+
+
 def test_resume_continues_the_lr_schedule_and_losses_exactly(runs):
     straight, first, resumed = runs["straight"], runs["first"], runs["resumed"]
     # 8 images / (2 x 2) = 2 optimiser steps per epoch; 1 epoch flat then 2 epochs linear decay to zero, per step.
@@ -107,7 +121,9 @@ def test_resume_continues_the_lr_schedule_and_losses_exactly(runs):
     b = torch.load(runs["paused_dir"] / "checkpoint/LSUI/netG_model_latest.pth", weights_only=True)
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, rtol=1e-5, atol=1e-6)
-    assert b["config"]["grad_accum"] == 2 and b["config"]["vgg_weights"] == a["config"]["vgg_weights"]  # from the checkpoint
+    # The note's spellings (--grad_accum, --lr) are stored under the house names and come back from the checkpoint.
+    assert b["config"]["gradient_accumulation_steps"] == 2 and b["config"]["learning_rate"] == 1e-3
+    assert b["config"]["vgg_weights"] == a["config"]["vgg_weights"]
 
 
 def test_resume_refuses_to_change_the_model(runs, lsui):
@@ -215,9 +231,9 @@ def test_flags_reference_behaviour_and_schedule():
     assert {k: getattr(args, k) for k in train.CORRECT_BEHAVIOUR} == train.CORRECT_BEHAVIOUR
     args = train.parse_args(["--dataset_path", "x", "--reference_behaviour", "--eca", "feature"])
     assert {k: getattr(args, k) for k in train.REFERENCE_BEHAVIOUR} == {**train.REFERENCE_BEHAVIOUR, "eca": "feature"}
-    assert "loss_weighting" in args.given_flags and "batch_size" not in args.given_flags
+    assert "loss_weighting" in args.given_flags and "train_batch_size" not in args.given_flags
     cosine = train.parse_args(["--dataset_path", "x", "--niter", "1", "--niter_decay", "2", "--lr_schedule", "cosine", "--warmup", "0.5"])
-    factors = [train.lr_factor(step, 4, cosine) for step in range(12)]
+    factors = [train.lr_factor(step, 4, cosine.warmup, cosine.niter, cosine.niter_decay, cosine.lr_schedule) for step in range(12)]
     np.testing.assert_allclose(factors[:4], [0.5, 1.0, 1.0, 1.0])  # warm-up over half an epoch (2 steps)
     np.testing.assert_allclose(factors[4:], [0.5 * (1 + np.cos(np.pi * k / 8)) for k in range(8)])
     with pytest.raises(SystemExit):
@@ -266,7 +282,7 @@ def test_bad_input_is_one_line_in_process(tmp_path, capsys, monkeypatch, lsui):
     ddpm = tmp_path / "ddpm_last.pt"
     torch.save({"kind": "ddpm", "model": {}, "config": {}}, ddpm)
     line = one_line_error(capsys, train_on(lsui, "--resume", str(ddpm)))
-    assert "is a 'ddpm' checkpoint, but train_phaseformer.py --resume needs a 'phaseformer' checkpoint" in line
+    assert "is a 'ddpm' checkpoint, but train_phaseformer.py --resume_from_checkpoint needs a 'phaseformer' checkpoint" in line
 
 
 def run_script(*args, cwd=ROOT, env_extra=None):

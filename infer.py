@@ -344,8 +344,7 @@ def add_seesr_parser(subparsers) -> None:
                         "are skipped (default 999: SeeSR's computation, all 50 steps 981..1 run; SeeSR parses this "
                         "flag but never uses it, here it means what it says)")
     parser.add_argument("--lr_start_timestep", type=int, default=None,
-                        help="noise the LR latent to this timestep without skipping any step (ours; default: "
-                        "--start_steps decides)")
+                        help="this repository's earlier name of --start_steps; when given it replaces --start_steps")
     parser.add_argument("--num_inference_steps", type=int, default=50, help="DDPM sampling steps: 20, 50 or 100 (default 50)")
     parser.add_argument("--guidance_scale", type=float, default=5.5,
                         help="classifier-free guidance, 3.0-8.0; <= 1 turns it off (default 5.5; 5.0-6.0 suggested "
@@ -546,8 +545,7 @@ def run_seesr(args: argparse.Namespace) -> dict:
         except DataError as error:
             if len(images) == 1:
                 raise
-            print(f"warning: skipped {path}: {str(error).split(' (')[0].removeprefix('Cannot read image ')} is not a "
-                  "readable image")
+            print(f"warning: skipped {path}: not a readable image; the other images are processed ({error})")
             skipped.append(path)
             continue
         image_embeds = None
@@ -570,7 +568,8 @@ def run_seesr(args: argparse.Namespace) -> dict:
                 prompt_embeds=prompt_embeds, negative_prompt=args.negative_prompt,
                 image_embeds=image_embeds, num_inference_steps=args.num_inference_steps,
                 guidance_scale=args.guidance_scale, conditioning_scale=args.conditioning_scale,
-                start_point=args.start_point, start_steps=args.start_steps, lr_start_timestep=args.lr_start_timestep,
+                start_point=args.start_point,
+                start_steps=args.start_steps if args.lr_start_timestep is None else args.lr_start_timestep,
                 latent_tiled_size=args.latent_tiled_size, latent_tiled_overlap=args.latent_tiled_overlap,
                 vae_encoder_tiled_size=args.vae_encoder_tiled_size or None,
                 vae_decoder_tiled_size=args.vae_decoder_tiled_size or None, align_method=args.align_method,

@@ -669,15 +669,18 @@ def test_training_on_seesr_release_from_prepared_folders(seesr_release, workspac
     (root / "tag").mkdir()
     (root / "tag/0000000.txt").write_text("cat, grass")  # the other GT is tagged by RAM online
     ram = seesr_release["ram"]
-    result = train.main(train.parse_args([
-        "--pretrained_model_name_or_path", str(workspace["sd2"]), "--root_folders", str(root),
-        "--seesr_model_path", str(seesr_release["seesr"]), "--ram_path", str(ram["ram"]),
-        "--ram_tag_list", str(ram["tag_list"]), "--ram_tag_thresholds", str(ram["thresholds"]),
-        "--output_dir", str(tmp_path / "run"), "--resolution", "64", "--train_batch_size", "2",
-        "--max_train_steps", "1", "--validation_steps", "0", "--device", "cpu", "--lr_warmup_steps", "0",
-        "--injector", "timestep_multiscale", "--null_text_ratio", "0",
-    ]))
-    checkpoint = result["checkpoints"][-1]
+
+    def run(steps, *extra):
+        return train.main(train.parse_args([
+            "--pretrained_model_name_or_path", str(workspace["sd2"]), "--root_folders", str(root),
+            "--seesr_model_path", str(seesr_release["seesr"]), "--ram_path", str(ram["ram"]),
+            "--ram_tag_list", str(ram["tag_list"]), "--ram_tag_thresholds", str(ram["thresholds"]),
+            "--output_dir", str(tmp_path / "run"), "--resolution", "64", "--train_batch_size", "2",
+            "--max_train_steps", str(steps), "--validation_steps", "0", "--device", "cpu", "--lr_warmup_steps", "0",
+            "--injector", "timestep_multiscale", "--null_text_ratio", "0", *extra,
+        ]))
+
+    checkpoint = run(1)["checkpoints"][-1]
     released = torch.load(seesr_release["seesr"] / "unet/diffusion_pytorch_model.bin", weights_only=True)
     trained = load_file(checkpoint / "unet/diffusion_pytorch_model.safetensors")
     assert set(trained) == set(released)  # SeeSR's UNet, image attentions included, continued
@@ -687,3 +690,8 @@ def test_training_on_seesr_release_from_prepared_folders(seesr_release, workspac
     report = inspect_checkpoint.main(inspect_checkpoint.parse_args([str(checkpoint)]))
     assert report["unet"] and report["image_attention"] and report["variant"] == "timestep_multiscale"
     assert "image cross-attention yes" in capsys.readouterr().out
+    resumed = run(2, "--resume_from_checkpoint", "latest")  # the UNet's trained modules come back from unet/
+    assert resumed["resumed_from"] == checkpoint and resumed["step"] == 2
+    again = load_file(resumed["checkpoints"][-1] / "unet/diffusion_pytorch_model.safetensors")
+    moved = [k for k in again if "image_attentions" in k and not torch.equal(again[k], trained[k])]
+    assert moved and all(torch.equal(again[k], trained[k]) for k in again if "image_attentions" not in k)

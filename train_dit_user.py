@@ -8,27 +8,35 @@ logit-normal times and the cosine term, as the reference trains) and ``unet`` (t
 
     python train_dit_user.py --latent_dir /kaggle/working/latent_features --output_dir /kaggle/working/trained_models \\
         --batch_size 32 --max_epochs 100 --lr 1e-4 --devices 2 --precision 16-mixed
-    python train_dit_user.py --latent_dir latents --output_dir runs/user --backbone unet --resume latest
+    python train_dit_user.py --latent_dir latents --output_dir runs/user --backbone unet --resume_from_checkpoint latest
+    python train_dit_user.py --resume_from_checkpoint runs/user/checkpoints/last.ckpt        # every other setting from it
     python train_dit_user.py --config configs/user_dit_tiny.yaml --latent_dir latents --output_dir runs/tiny
 
-``--devices N`` (N > 1) re-launches this script as N processes through ``torch.distributed.run`` (DDP through
-accelerate, one process per GPU, each with ``--batch_size`` latents); ``torchrun`` and ``accelerate launch`` work
-directly too. Latents are normalised with ``LATENT_DIR/latents_stats.safetensors`` (the VA-VAE fingerprint of the
+The flags every trainer shares have diffusers' names (``--train_batch_size``, ``--learning_rate``, ``--max_grad_norm``,
+``--mixed_precision``, ``--dataloader_num_workers``, ``--resume_from_checkpoint``, ``--checkpoints_total_limit``, ...);
+the note's spellings (``--batch_size``, ``--lr``, ``--grad_clip``, ``--precision 16-mixed``, ``--devices``,
+``--num_workers``, ``--resume``, ``--keep_last``) stay as aliases. A resumed run takes every setting not given on the
+command line from its checkpoint; the network and objective (``--backbone``, ``--model_size``, ``--patch_size``,
+``--prediction_type``, ``--num_train_timesteps``, ``--beta_schedule``) cannot change. An epoch of the real data lasts
+2-3 hours: ``--checkpointing_steps N`` / ``--checkpointing_minutes M`` rewrite ``checkpoints/last.ckpt`` within the
+epoch, and a resume from it continues at the next batch (exactly, unless ``--use_flip``).
+
+``--num_processes N`` (``--devices N``, N > 1) re-launches this script as N processes through ``torch.distributed.run``
+(DDP through accelerate, one process per GPU, each with ``--train_batch_size`` latents); ``torchrun`` and
+``accelerate launch`` work directly too. Latents are normalised with ``LATENT_DIR/latents_stats.safetensors`` (the VA-VAE fingerprint of the
 latents, the statistics and ``--vavae_path`` must agree). Every epoch: the validation loss at fixed times with
 seeded noise and the EMA weights (``val.safetensors``), ``checkpoints/last.ckpt`` and, when the validation loss
 improves, ``checkpoints/best.ckpt``. Every ``--preview_every`` epochs: a grid with a row per user in
 ``previews/`` (decoded with ``--vavae_path``; without it the grid shows latent channels 0-2, not images).
 
-Writes: OUTPUT_DIR/args.yaml, train.log, loss_curves.png, previews/epoch_NNNN.png,
+Writes: OUTPUT_DIR/args.yaml, train.log, logs/ (tensorboard), loss_curves.png, previews/epoch_NNNN.png,
 checkpoints/{last,best}.ckpt (and epoch_NNNN.ckpt with --save_every).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -63,13 +71,18 @@ from models.user_pipeline import (
 from models.user_unet import UNET_SIZES, build_user_unet
 from models.vavae import VAVAE_CONFIGS
 from utils.accelerator import create_accelerator, log_run_header, reset_accelerate_state
-from utils.checkpoint import atomic_torch_save, atomic_write, load_checkpoint, resolve_resume, rotate_checkpoints
-from utils.config import add_config_argument, parse_with_config, save_config
+from utils.checkpoint import load_checkpoint, resolve_resume, save_checkpoint_files
+from utils.cli import add_training_arguments, check_training_arguments
+from utils.config import add_config_argument, explicitly_given, parse_with_config, save_config
 from utils.ema import EMA
 from utils.errors import UserError, run_cli
-from utils.log import TrainingProgress, setup_logger
+from utils.log import TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
 from utils.plots import plot_curves
+from utils.resume import resolve_resumed_config
 from utils.training import (
+    BestMetric,
+    CheckpointCadence,
+    NonFiniteGuard,
     backward_and_step,
     check_finite,
     make_loader,
@@ -81,16 +94,17 @@ from utils.training import (
 )
 
 RESUME_PATTERNS = ["last.ckpt", "epoch_*.ckpt"]
-# Lightning-style values (the users' scripts) and accelerate's names -> accelerate's mixed_precision.
-PRECISION_ALIASES = {
-    "auto": "auto", "32": "no", "32-true": "no", "fp32": "no", "no": "no",
-    "16-mixed": "fp16", "16": "fp16", "fp16": "fp16", "bf16-mixed": "bf16", "bf16": "bf16",
-}
+# Settings a resumed run cannot change: the network and its objective.
+FIXED_ON_RESUME = ("backbone", "model_size", "patch_size", "prediction_type", "num_train_timesteps", "beta_schedule")
+# Never taken from a checkpoint (beside utils.resume.SESSION_SETTINGS): the start-only weights.
+NOT_INHERITED = ("init_from",)
+LOG_EVERY = 10  # optimiser steps between tracker scalars (each one a host sync)
+NAN_HINT = ", or train with bf16 or fp32 (or --qk_norm) instead of fp16"
 DEFAULT_SIZES = {"dit": "B", "unet": "default"}
 DEFAULT_VAL_BINS = [0.1, 0.3, 0.5, 0.7, 0.9]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_config_argument(parser)
     data = parser.add_argument_group("data")
@@ -100,8 +114,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--use_flip", action="store_true",
                       help="train on the stored flipped copies half of the time (needs extraction with --flip; off by default: "
                       "time reversal is not label-safe for gait)")
-    data.add_argument("--num_workers", type=int, default=0,
-                      help="data-loader workers (default 0: the latents are in memory, workers only add start-up time)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", choices=("dit", "unet"), default=None,
@@ -135,32 +147,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     objective.add_argument("--beta_schedule", choices=("linear", "scaled_linear", "squaredcos_cap_v2"), default="linear",
                            help="UNet: DDPM beta schedule (default linear, diffusers' DDPMScheduler default)")
 
+    add_training_arguments(
+        parser,
+        defaults=dict(
+            train_batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-4, lr_warmup_steps=0, max_grad_norm=1.0,
+            mixed_precision="auto", compile=False, dataloader_num_workers=0, seed=42, output_dir="trained_models",
+            resume_from_checkpoint=None, checkpointing_steps=0, checkpointing_minutes=0, checkpoints_total_limit=3,
+            report_to=None, device="auto", num_processes=1,
+        ),
+        help={
+            "train_batch_size": "latents per device and step",
+            "learning_rate": "AdamW learning rate (the note suggests 5e-5 if the loss does not converge)",
+            "dataloader_num_workers": "data-loader workers (0: the latents are in memory, workers only add start-up time)",
+            "mixed_precision": "auto: bf16 where supported, fp16 with loss scaling on older GPUs such as the T4, fp32 on CPU",
+            "output_dir": "run folder",
+            "resume_from_checkpoint": "checkpoint to continue from (every setting not given comes from it), or 'latest' "
+                                      "(OUTPUT_DIR/checkpoints/last.ckpt)",
+            "checkpointing_steps": "also rewrite checkpoints/last.ckpt every N optimiser steps within an epoch, 0 turns it off",
+            "checkpointing_minutes": "also rewrite checkpoints/last.ckpt every N minutes within an epoch (Kaggle), 0 turns it off",
+            "checkpoints_total_limit": "epoch_NNNN.ckpt files kept, 0 keeps all",
+        },
+    )
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--batch_size", type=int, default=32, help="latents per device and step (default 32)")
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1,
-                       help="batches per optimiser step (default 1); effective batch = batch x devices x this")
     optim.add_argument("--max_epochs", type=int, default=100, help="epochs in total (default 100)")
-    optim.add_argument("--lr", type=float, default=1e-4,
-                       help="AdamW learning rate (default 1e-4; the note suggests 5e-5 if the loss does not converge)")
     optim.add_argument("--adam_beta2", type=float, default=0.999,
                        help="AdamW beta2 (default 0.999; LightningDiT uses 0.95 at batch 1024)")
     optim.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default 0, as DiT/LightningDiT)")
-    optim.add_argument("--lr_warmup_steps", type=int, default=0, help="linear LR warm-up in optimiser steps (default 0)")
-    optim.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clipping, 0 turns it off (default 1.0)")
     optim.add_argument("--ema_decay", type=float, default=0.9999,
                        help="EMA decay of the weights used for validation, previews and inference (default 0.9999, reached "
                        "through a warm-up so small data sets do not sample from an average stuck near initialisation)")
     optim.add_argument("--no-ema_warmup", dest="ema_warmup", action="store_false",
                        help="use the EMA decay from the first step (not advised for short runs)")
-    optim.add_argument("--precision", type=str, default="auto",
-                       help="mixed precision: 32 | 16-mixed | bf16-mixed (Lightning names) or no | fp16 | bf16 | auto (default "
-                       "auto: bf16 where supported, fp16 with loss scaling on older GPUs such as the T4, fp32 on CPU)")
-    optim.add_argument("--devices", type=int, default=1,
-                       help="processes (GPUs) to train on with DDP; N > 1 re-launches this script through torch.distributed.run "
-                       "(default 1)")
-    optim.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto uses the GPUs when present (default)")
-    optim.add_argument("--compile", action="store_true", help="torch.compile the model on CUDA (default off)")
-    optim.add_argument("--seed", type=int, default=42, help="seed of initialisation, data order, noise and previews (default 42)")
 
     check = parser.add_argument_group("validation and previews")
     check.add_argument("--val_every", type=int, default=1, help="validation loss every N epochs and at the end (default 1)")
@@ -191,29 +208,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="guide only the first N latent channels (the reference's 3-channel bug; default: all)")
 
     out = parser.add_argument_group("outputs")
-    out.add_argument("--output_dir", default="trained_models", help="run folder (default ./trained_models)")
-    out.add_argument("--resume", default=None, help="checkpoint to continue from, or 'latest' (OUTPUT_DIR/checkpoints/last.ckpt)")
     out.add_argument("--save_every", type=int, default=0, help="also keep checkpoints/epoch_NNNN.ckpt every N epochs (default 0: off)")
-    out.add_argument("--keep_last", type=int, default=3, help="epoch_NNNN.ckpt files kept, 0 keeps all (default 3)")
     out.add_argument("--slim_best", action="store_true",
                      help="write best.ckpt without the optimiser and RNG state: half the size, enough for inference "
                      "(resume from last.ckpt); useful for XL on a small disk")
-    args = parse_with_config(parser, argv)
+    return parser
 
-    if args.latent_dir is None:
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parse_with_config(parser, argv)
+    args.given_flags = sorted(explicitly_given(parser, argv, args.config))
+    check_training_arguments(parser, args)
+
+    if args.latent_dir is None and not (args.resume_from_checkpoint and args.resume_from_checkpoint != "latest"):
         parser.error("--latent_dir is required (the output folder of scripts/extract_features.py)")
-    for flag in ("batch_size", "max_epochs", "gradient_accumulation_steps", "devices", "val_every", "preview_samples",
-                 "preview_steps", "preview_batch_size", "patch_size"):
+    for flag in ("max_epochs", "val_every", "preview_samples", "preview_steps", "preview_batch_size", "patch_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
     if not 0.0 <= args.cfg_dropout < 1.0:
         parser.error("--cfg_dropout must be in [0, 1)")
     if any(not 0.0 <= t <= 1.0 for t in args.val_time_bins):
         parser.error("--val_time_bins must lie in [0, 1]")
-    args.precision = str(args.precision)  # a YAML preset may say `precision: 32`
-    if args.precision not in PRECISION_ALIASES:
-        parser.error(f"--precision {args.precision} is not one of {', '.join(PRECISION_ALIASES)}")
-    args.mixed_precision = PRECISION_ALIASES[args.precision]
     return args
 
 
@@ -227,9 +243,9 @@ def under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def launch_command(argv: list[str], devices: int) -> list[str]:
+def launch_command(argv: list[str], processes: int) -> list[str]:
     """``python -m torch.distributed.run --standalone --nproc_per_node N train_dit_user.py ARGV``."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
             str(Path(__file__).resolve()), *argv]
 
 
@@ -237,15 +253,17 @@ def launch(argv: list[str] | None = None) -> int:
     """Command-line entry: one process, or ``--devices N`` processes through torch.distributed.run."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    if args.devices > 1 and not under_launcher():
+    processes = args.num_processes
+    if processes > 1 and not under_launcher():
         use_cuda = args.device != "cpu" and torch.cuda.is_available()
         if args.device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto.")
-        if use_cuda and args.devices > torch.cuda.device_count():
-            raise UserError(f"--devices {args.devices} asks for more GPUs than the {torch.cuda.device_count()} visible; lower --devices.")
+        if use_cuda and processes > torch.cuda.device_count():
+            raise UserError(f"--num_processes {processes} asks for more GPUs than the {torch.cuda.device_count()} visible; "
+                            "lower --num_processes (--devices).")
         where = "GPUs" if use_cuda else "CPU processes (gloo)"
-        print(f"starting {args.devices} {where} with torch.distributed.run", flush=True)
-        return subprocess.run(launch_command(argv, args.devices), env=dict(os.environ)).returncode
+        print(f"starting {processes} {where} with torch.distributed.run", flush=True)
+        return subprocess.run(launch_command(argv, processes), env=dict(os.environ)).returncode
     main(args)
     return 0
 
@@ -314,8 +332,8 @@ def validation_loss(model, args, val_set: LatentDataset, accelerator, noise_sche
     model.eval()
     try:
         for bin_index, t_value in enumerate(args.val_time_bins):
-            for start in range(0, len(indices), args.batch_size):
-                chunk = indices[start:start + args.batch_size]
+            for start in range(0, len(indices), args.train_batch_size):
+                chunk = indices[start:start + args.train_batch_size]
                 latents = val_set.latents[chunk].to(device)
                 labels = val_set.labels[chunk].to(device)
                 noise = val_noise(args.seed, bin_index, chunk, shape).to(device)
@@ -378,208 +396,256 @@ def load_latents(args, logger) -> tuple[LatentStats, LatentDataset, LatentDatase
 # --------------------------------------------------------------------------------------------------
 
 
+def resolve_config(args: argparse.Namespace, checkpoint: dict | None, source: str) -> argparse.Namespace:
+    """The run's settings: the flags, and (resuming) the checkpoint's for every flag not given."""
+    given = getattr(args, "given_flags", None)
+    given = set(vars(args)) if given is None else set(given)
+    saved = checkpoint["config"] if checkpoint is not None else None
+    config = resolve_resumed_config(args, given, saved, fixed=FIXED_ON_RESUME, session=NOT_INHERITED, source=source)
+    vars(config).pop("given_flags", None)
+    config.backbone = config.backbone or "dit"
+    config.model_size = config.model_size or DEFAULT_SIZES[config.backbone]
+    if config.qk_norm is None:
+        config.qk_norm = config.init_from is None
+    return config
+
+
 def main(args: argparse.Namespace) -> dict:
-    if args.devices > 1 and not under_launcher():
-        raise UserError(f"--devices {args.devices} starts {args.devices} processes from the command line "
+    if args.num_processes > 1 and not under_launcher():
+        raise UserError(f"--devices {args.num_processes} starts {args.num_processes} processes from the command line "
                         "(python train_dit_user.py ... --devices N); from Python call train_dit_user.launch(argv) or use torchrun.")
     reset_accelerate_state()
-    output = Path(args.output_dir)
-    checkpoint_dir = output / "checkpoints"
     checkpoint, resume_path = None, None
-    if args.resume:
-        resume_path = resolve_resume(args.resume, checkpoint_dir, RESUME_PATTERNS)
+    resume = args.resume_from_checkpoint
+    if resume and resume != "latest":
+        resume_path = resolve_resume(resume, ".", RESUME_PATTERNS)
+        checkpoint = load_checkpoint(resume_path, CHECKPOINT_KIND, "train_dit_user.py --resume_from_checkpoint")
+    config = resolve_config(args, checkpoint, str(resume_path))
+    output = Path(config.output_dir)
+    checkpoint_dir = output / "checkpoints"
+    if resume == "latest":
+        resume_path = resolve_resume("latest", checkpoint_dir, RESUME_PATTERNS)
         if resume_path is not None:
-            checkpoint = load_checkpoint(resume_path, CHECKPOINT_KIND, "train_dit_user.py --resume")
-            if "optimizer" not in checkpoint:
-                raise UserError(f"{resume_path} was written with --slim_best and holds no optimiser state; resume from last.ckpt.")
-            trained = checkpoint["config"]
-            for flag in ("backbone", "model_size"):
-                given = getattr(args, flag)
-                if given is not None and str(given).lower() != str(trained[flag]).lower():
-                    raise UserError(f"{resume_path} trained --{flag} {trained[flag]}, not {given}; resume with --{flag} {trained[flag]} or start a new --output_dir.")
-                setattr(args, flag, trained[flag])
-    args.backbone = args.backbone or "dit"
-    args.model_size = args.model_size or DEFAULT_SIZES[args.backbone]
-    sizes = DIT_SIZES if args.backbone == "dit" else UNET_SIZES
-    if args.model_size.lower() not in {name.lower() for name in sizes}:
-        raise UserError(f"--model_size {args.model_size} is not a {args.backbone} size; choose one of {', '.join(sizes)}.")
-    if args.qk_norm is None:
-        args.qk_norm = args.init_from is None
-    sampling = resolve_sampling(args, args.backbone)
+            checkpoint = load_checkpoint(resume_path, CHECKPOINT_KIND, "train_dit_user.py --resume_from_checkpoint")
+            config = resolve_config(args, checkpoint, str(resume_path))
+    if checkpoint is not None and "optimizer" not in checkpoint:
+        raise UserError(f"{resume_path} was written with --slim_best and holds no optimiser state; resume from last.ckpt.")
+    if config.latent_dir is None:
+        raise UserError("--latent_dir is required (the output folder of scripts/extract_features.py)")
+    sizes = DIT_SIZES if config.backbone == "dit" else UNET_SIZES
+    if config.model_size.lower() not in {name.lower() for name in sizes}:
+        raise UserError(f"--model_size {config.model_size} is not a {config.backbone} size; choose one of {', '.join(sizes)}.")
+    sampling = resolve_sampling(config, config.backbone)
 
-    cpu = args.device == "cpu" or not torch.cuda.is_available()
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if config.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto.")
-    accelerator = create_accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
-                                      cpu=cpu, seed=args.seed, compile_model=args.compile)
+    accelerator = create_accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        cpu=config.device == "cpu", seed=config.seed, compile_model=config.compile, project_dir=str(output),
+        report_to=config.report_to,
+    )
     is_main = accelerator.is_main_process
     logger = setup_logger(output, is_main)
-    if under_launcher() and args.devices not in (1, accelerator.num_processes):
-        logger.warning("--devices %d, but the launcher started %d processes; training on %d", args.devices,
+    if under_launcher() and config.num_processes not in (1, accelerator.num_processes):
+        logger.warning("--num_processes %d, but the launcher started %d processes; training on %d", config.num_processes,
                        accelerator.num_processes, accelerator.num_processes)
     logger.info("run %s: %s", output, f"resuming from {resume_path}" if resume_path else "new run")
 
-    stats, train_set, val_set, num_users = load_latents(args, logger)
-    args.num_users = num_users
+    stats, train_set, val_set, num_users = load_latents(config, logger)
+    config.num_users = num_users
     channels, height, width = train_set.latents.shape[1:]
     if height != width:
         raise UserError(f"The latents are {height}x{width}; the DiT and UNet here need square latents (extract with a square --image_size).")
-    preview_users = validate_user_ids(args.preview_users or list(range(1, min(num_users, 8) + 1)), num_users)
-    if args.vavae_path:
-        check_vae_matches(stats, args.vavae_path)  # previews decode with it: it must be the extraction's VA-VAE
+    preview_users = validate_user_ids(config.preview_users or list(range(1, min(num_users, 8) + 1)), num_users)
+    if config.vavae_path:
+        check_vae_matches(stats, config.vavae_path)  # previews decode with it: it must be the extraction's VA-VAE
     if checkpoint is not None:
         old = LatentStats.from_dict(checkpoint["latent_stats"])
         if old.vae_fingerprint != stats.vae_fingerprint or not torch.allclose(old.mean, stats.mean) or not torch.allclose(old.std, stats.std):
-            raise UserError(f"The latents in {args.latent_dir} are not the ones {resume_path} was trained on (other statistics or VA-VAE); "
-                            "resume with the same --latent_dir or start a new --output_dir.")
+            raise UserError(f"The latents in {config.latent_dir} are not the ones {resume_path} was trained on (other statistics or "
+                            "VA-VAE); resume with the same --latent_dir or start a new --output_dir.")
         if int(checkpoint["num_users"]) != num_users:
             raise UserError(f"{resume_path} was trained for {checkpoint['num_users']} users, the latents have {num_users}.")
 
     # Model, objective, optimiser.
     if checkpoint is not None:
-        model = build_backbone(args.backbone, checkpoint["model_config"])  # weights restored below
-        if args.gradient_checkpointing and args.backbone == "dit":
+        model = build_backbone(config.backbone, checkpoint["model_config"])  # weights restored below
+        if config.gradient_checkpointing and config.backbone == "dit":
             model.gradient_checkpointing = True
     else:
-        model = build_new_model(args, num_users, channels, height, logger)
-    if args.gradient_checkpointing and args.backbone == "unet":
+        model = build_new_model(config, num_users, channels, height, logger)
+    if config.gradient_checkpointing and config.backbone == "unet":
         model.unet.enable_gradient_checkpointing()
     noise_scheduler = None
-    if args.backbone == "unet":
+    if config.backbone == "unet":
         if checkpoint is not None and checkpoint.get("noise_scheduler_config"):
             from diffusers import DDPMScheduler
 
             noise_scheduler = DDPMScheduler.from_config(checkpoint["noise_scheduler_config"])
         else:
-            noise_scheduler = build_noise_scheduler(args.num_train_timesteps, args.beta_schedule, args.prediction_type)
-    model_config = model_config_of(model, args.backbone)
+            noise_scheduler = build_noise_scheduler(config.num_train_timesteps, config.beta_schedule, config.prediction_type)
+    model_config = model_config_of(model, config.backbone)
     model = model.to(accelerator.device)
-    logger.info("%s %s: %.2fM parameters, %d users (+ null user), latents %dx%dx%d", args.backbone, args.model_size,
+    logger.info("%s %s: %.2fM parameters, %d users (+ null user), latents %dx%dx%d", config.backbone, config.model_size,
                 sum(p.numel() for p in model.parameters()) / 1e6, num_users, channels, height, width)
 
     vae = None
-    if args.vavae_path and is_main and args.preview_every:
+    if config.vavae_path and is_main and config.preview_every:
         from models.vavae import load_vavae
 
-        vae = load_vavae(args.vavae_path, device=accelerator.device, config=args.vavae_config)
+        vae = load_vavae(config.vavae_path, device=accelerator.device, config=config.vavae_config)
 
-    loader = make_loader(train_set, args.batch_size, workers=args.num_workers, device_type=accelerator.device.type)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.adam_beta2), weight_decay=args.weight_decay)
+    # The loader's own generator: creating an iterator draws nothing from the global RNG (exact resumes within an epoch).
+    loader = make_loader(train_set, config.train_batch_size, workers=config.dataloader_num_workers,
+                         device_type=accelerator.device.type, seed=config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, config.adam_beta2),
+                                  weight_decay=config.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    warmup = args.lr_warmup_steps
+    warmup = config.lr_warmup_steps
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0)
     bare = unwrap(accelerator, model)
-    ema = EMA(bare, decay=args.ema_decay, warmup=args.ema_warmup)
-    objective = {"time_sampling": args.time_sampling, "use_cosine_loss": args.cosine_loss} if args.backbone == "dit" else {}
-    steps_per_epoch = max(1, len(loader) // args.gradient_accumulation_steps)
+    ema = EMA(bare, decay=config.ema_decay, warmup=config.ema_warmup)
+    objective = {"time_sampling": config.time_sampling, "use_cosine_loss": config.cosine_loss} if config.backbone == "dit" else {}
+    steps_per_epoch = max(1, len(loader) // config.gradient_accumulation_steps)
 
     step, start_epoch = 0, 0
     history = {"train": [], "val": [], "val_per_bin": []}
-    best = {"metric": math.inf, "epoch": 0, "on": "val" if val_set is not None else "train"}
+    best_on = "val" if val_set is not None else "train"
+    best = BestMetric("min")
+    skip_batches, partial = 0, None  # a checkpoint written within an epoch: batches done, their loss sum
     if checkpoint is not None:
         restore_training_checkpoint(checkpoint, accelerator, model, optimizer, lr_scheduler, ema)
         step, start_epoch = checkpoint["step"], checkpoint["epoch"]
         history = {k: list(v) for k, v in checkpoint["history"].items()}
-        best = dict(checkpoint["best"])
-        logger.info("resumed at epoch %d, optimiser step %d", start_epoch, step)
+        best_on, best.best, best.epoch = checkpoint["best"]["on"], checkpoint["best"]["metric"], checkpoint["best"]["epoch"]
+        skip_batches, partial = int(checkpoint.get("batches_done", 0)), checkpoint.get("epoch_loss_sum")
+        logger.info("resumed at epoch %d%s, optimiser step %d", start_epoch, f" (+{skip_batches} batches)" if skip_batches else "", step)
+    run_config = vars(config)
     if is_main:
-        save_config(args, output / "args.yaml")
-    log_run_header(logger, accelerator, args.batch_size,
-                   f"{len(train_set)} training latents, {len(val_set) if val_set else 0} validation, {steps_per_epoch} steps per epoch, lr {args.lr:g}")
+        save_config(run_config, output / "args.yaml")
+    start_tracking(accelerator, output.name, run_config)
+    log_run_header(logger, accelerator, config.train_batch_size,
+                   f"{len(train_set)} training latents, {len(val_set) if val_set else 0} validation, {steps_per_epoch} steps per epoch, "
+                   f"lr {config.learning_rate:g}")
     autocast_dtype = _autocast_dtype(accelerator)
-    preview = {"users": preview_users, "samples_per_user": args.preview_samples, "seed": args.seed,
-               "batch_size": args.preview_batch_size, "autocast": accelerator.mixed_precision if autocast_dtype else None,
-               "settings": dict(sampling, num_steps=args.preview_steps)}
+    preview = {"users": preview_users, "samples_per_user": config.preview_samples, "seed": config.seed,
+               "batch_size": config.preview_batch_size, "autocast": accelerator.mixed_precision if autocast_dtype else None,
+               "settings": dict(sampling, num_steps=config.preview_steps)}
 
-    def save(epoch: int, is_best: bool) -> None:
+    def save(epoch: int, is_best: bool = False, batches_done: int = 0, meter=None) -> None:
         state = training_checkpoint(
-            CHECKPOINT_KIND, accelerator, model, optimizer, args, step, epoch, lr_scheduler, ema,
-            backbone=args.backbone, model_config=model_config, num_users=num_users, latent_stats=stats.to_dict(),
+            CHECKPOINT_KIND, accelerator, model, optimizer, run_config, step, epoch, lr_scheduler, ema,
+            backbone=config.backbone, model_config=model_config, num_users=num_users, latent_stats=stats.to_dict(),
             latent_shape=[int(channels), int(height), int(width)],
             noise_scheduler_config=plain_config(noise_scheduler.config) if noise_scheduler is not None else None,
-            sampling=sampling, preview=preview, history=history, best=best,
+            sampling=sampling, preview=preview, history=history,
+            best={"metric": best.best, "epoch": best.epoch, "on": best_on}, batches_done=batches_done,
+            epoch_loss_sum=[float(meter.total), meter.count] if meter is not None and meter.count else None,
         )
+        cadence.saved()
         if not is_main:
             return
-        last = atomic_torch_save(state, checkpoint_dir / "last.ckpt")
-        copies = [checkpoint_dir / "best.ckpt"] if is_best and not args.slim_best else []
-        if is_best and args.slim_best:
+        copies, variants = [], {}
+        if is_best and config.slim_best:  # inference only: half the size (resume from last.ckpt)
             resume_only = ("optimizer", "rng", "lr_scheduler", "scaler")
-            atomic_torch_save({k: v for k, v in state.items() if k not in resume_only}, checkpoint_dir / "best.ckpt")
-        if args.save_every and epoch % args.save_every == 0:
+            variants[checkpoint_dir / "best.ckpt"] = {k: v for k, v in state.items() if k not in resume_only}
+        elif is_best:
+            copies.append(checkpoint_dir / "best.ckpt")
+        if batches_done == 0 and config.save_every and epoch % config.save_every == 0:
             copies.append(checkpoint_dir / f"epoch_{epoch:04d}.ckpt")
-        for target in copies:
-            atomic_write(target, lambda tmp: shutil.copyfile(last, tmp))
-        rotate_checkpoints(checkpoint_dir, "epoch_*.ckpt", args.keep_last)
+        save_checkpoint_files(state, checkpoint_dir / "last.ckpt", copies, rotate_pattern="epoch_*.ckpt",
+                              keep=config.checkpoints_total_limit, variants=variants)
 
     def write_preview(epoch: int) -> Path:
         with ema.averaged_weights(bare):
             images, _ = generate_user_images(
-                bare, args.backbone, preview_users, args.preview_samples, stats=stats, vae=vae, seed=args.seed,
-                batch_size=args.preview_batch_size, device=accelerator.device, autocast_dtype=autocast_dtype,
+                bare, config.backbone, preview_users, config.preview_samples, stats=stats, vae=vae, seed=config.seed,
+                batch_size=config.preview_batch_size, device=accelerator.device, autocast_dtype=autocast_dtype,
                 noise_scheduler=noise_scheduler, **sampling_kwargs(preview["settings"]),
             )
-        path = save_user_grid(images, preview_users, args.preview_samples, output / "previews" / f"epoch_{epoch:04d}.png")
+        path = save_user_grid(images, preview_users, config.preview_samples, output / "previews" / f"epoch_{epoch:04d}.png")
+        log_image(accelerator, "previews", path, step)
         logger.info("epoch %d: preview %s%s", epoch, path, "" if vae is not None else " (latent channels 0-2: no --vavae_path)")
         return path
 
     if checkpoint is not None:
         restore_rng(checkpoint, accelerator)  # last thing before the loop: nothing after it may draw random numbers
         del checkpoint
-    for epoch in range(start_epoch, args.max_epochs):
+    cadence = CheckpointCadence(config.checkpointing_steps, config.checkpointing_minutes)
+    guard = NonFiniteGuard(accelerator.device, NAN_HINT)
+    for epoch in range(start_epoch, config.max_epochs):
         model.train()
         loader.set_epoch(epoch)
-        progress = TrainingProgress(len(loader), f"epoch {epoch + 1}/{args.max_epochs}", enabled=is_main)
+        batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+        progress = TrainingProgress(len(loader), f"epoch {epoch + 1}/{config.max_epochs}", enabled=is_main, initial=skip_batches)
+        if partial:
+            progress.epoch_meter.total = torch.tensor(partial[0], device=accelerator.device)
+            progress.epoch_meter.count = int(partial[1])
+        batches_done, skip_batches, partial = skip_batches, 0, None
         started = time.perf_counter()
-        for latents, labels in loader:
+        for latents, labels in batches:
             try:
                 with accelerator.accumulate(model):
-                    terms = training_loss(args.backbone, model, latents, labels, noise_scheduler=noise_scheduler, **objective)
+                    terms = training_loss(config.backbone, model, latents, labels, noise_scheduler=noise_scheduler, **objective)
                     loss = terms["loss"]
-                    backward_and_step(accelerator, loss, optimizer, model.parameters(), args.grad_clip)
+                    backward_and_step(accelerator, loss, optimizer, model.parameters(), config.max_grad_norm)
             except torch.OutOfMemoryError as err:
-                raise UserError(out_of_memory_message(args.batch_size, " (--gradient_accumulation_steps), or add --gradient_checkpointing")) from err
+                raise UserError(out_of_memory_message(config.train_batch_size,
+                                                      " (--gradient_accumulation_steps), or add --gradient_checkpointing")) from err
+            guard.update(loss, step + 1)
+            batches_done += 1
+            progress.update(loss, lr_scheduler.get_last_lr()[0])
             if accelerator.sync_gradients:
                 lr_scheduler.step()
                 ema.update(bare)
                 step += 1
-            progress.update(loss, lr_scheduler.get_last_lr()[0])
+                if step % LOG_EVERY == 0:
+                    guard.check(accelerator)
+                    log_scalars(accelerator, {"train/loss": loss, "train/lr": lr_scheduler.get_last_lr()[0]}, step)
+                if batches_done < len(loader) and cadence.due(step, accelerator):
+                    guard.check(accelerator)
+                    save(epoch, batches_done=batches_done, meter=progress.epoch_meter)
         progress.close()
+        guard.check(accelerator)
         seconds = time.perf_counter() - started
 
         epoch_loss = float(accelerator.gather(progress.epoch_meter.total[None] / progress.epoch_meter.count).mean())
-        check_finite(epoch_loss, step, ", or train with bf16 or fp32 (or --qk_norm) instead of fp16")
+        check_finite(epoch_loss, step, NAN_HINT)
         history["train"].append(epoch_loss)
         done = epoch + 1
-        is_final = done == args.max_epochs
+        is_final = done == config.max_epochs
         val_loss = None
-        if val_set is not None and (done % args.val_every == 0 or is_final):
+        if val_set is not None and (done % config.val_every == 0 or is_final):
             with ema.averaged_weights(bare):
-                val_loss, per_bin = validation_loss(bare, args, val_set, accelerator, noise_scheduler)
+                val_loss, per_bin = validation_loss(bare, config, val_set, accelerator, noise_scheduler)
             check_finite(val_loss, step)
             history["val_per_bin"].append(per_bin)
         history["val"].append(val_loss if val_loss is not None else float("nan"))
-        metric = val_loss if best["on"] == "val" else epoch_loss
-        is_best = metric is not None and metric < best["metric"]
-        if is_best:
-            best.update(metric=metric, epoch=done)
+        metric = val_loss if best_on == "val" else epoch_loss
+        is_best = metric is not None and best.update(metric, done)
         val_text = f" | val {val_loss:.4f}" if val_loss is not None else ""
         logger.info("epoch %d/%d | train %.4f%s | best %s %.4f (epoch %d) | step %d | lr %.2e | %.1f s, %.0f latents/s",
-                    done, args.max_epochs, epoch_loss, val_text, best["on"], best["metric"], best["epoch"], step,
-                    lr_scheduler.get_last_lr()[0], seconds, len(loader) * args.batch_size * accelerator.num_processes / max(seconds, 1e-9))
+                    done, config.max_epochs, epoch_loss, val_text, best_on, best.best, best.epoch, step,
+                    lr_scheduler.get_last_lr()[0], seconds,
+                    progress.steps * config.train_batch_size * accelerator.num_processes / max(seconds, 1e-9))
+        scalars = {"epoch/train_loss": epoch_loss, "epoch/val_loss": val_loss}
+        if val_loss is not None:
+            scalars.update({f"val/t_{t:g}": value for t, value in zip(config.val_time_bins, per_bin)})
+        log_scalars(accelerator, scalars, step)
         save(done, is_best)
         if is_main:
             curves = {"train": history["train"]}
             if val_set is not None:
                 curves["validation (EMA, fixed times)"] = _connect_gaps(history["val"])
-            plot_curves(curves, output / "loss_curves.png", title=f"{args.backbone} {args.model_size}: training objective", log_y=True)
-            if args.preview_every and (done % args.preview_every == 0 or is_final):
+            plot_curves(curves, output / "loss_curves.png", title=f"{config.backbone} {config.model_size}: training objective", log_y=True)
+            if config.preview_every and (done % config.preview_every == 0 or is_final):
                 write_preview(done)
         accelerator.wait_for_everyone()
 
-    logger.info("done: %s (best %s loss %.4f at epoch %d)", checkpoint_dir, best["on"], best["metric"], best["epoch"])
+    best_dict = {"metric": best.best, "epoch": best.epoch, "on": best_on}
+    logger.info("done: %s (best %s loss %.4f at epoch %d)", checkpoint_dir, best_on, best.best, best.epoch)
     accelerator.end_training()
-    return {"history": history, "step": step, "best": best, "output_dir": output, "checkpoints": checkpoint_dir}
+    return {"history": history, "step": step, "best": best_dict, "output_dir": output, "checkpoints": checkpoint_dir, "config": config}
 
 
 if __name__ == "__main__":

@@ -72,8 +72,14 @@ def pixels(path):
 
 def test_dit_run_writes_the_run_folder_and_a_self_contained_checkpoint(dit_run, stage1):
     output, result = dit_run
-    files = {str(p.relative_to(output)) for p in output.rglob("*") if p.is_file()}
+    files = {str(p.relative_to(output)) for p in output.rglob("*") if p.is_file() and p.parts[len(output.parts)] != "logs"}
     assert files == {"args.yaml", "train.log", "loss_curves.png", "previews/epoch_0002.png", "checkpoints/best.ckpt", "checkpoints/last.ckpt"}
+    if importlib.util.find_spec("tensorboard") is not None:  # --report_to defaults to tensorboard when installed
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(output / "logs" / "dit_run")).Reload()
+        assert {"epoch/train_loss", "epoch/val_loss", "val/t_0.5"} <= set(events.Tags()["scalars"])
+        assert "previews" in events.Tags()["images"]
     assert result["step"] == 2 * 2  # 15 training latents (3 users x 5), batches of 6, drop_last
     assert len(result["history"]["train"]) == 2 and all(np.isfinite(result["history"]["val"]))
     checkpoint = torch.load(output / "checkpoints/last.ckpt", weights_only=True)
@@ -129,8 +135,38 @@ def test_resume_latest_continues_the_same_run(stage1, tmp_path):
     b = torch.load(tmp_path / "paused/checkpoints/last.ckpt", weights_only=True)
     for name, tensor in a["ema"]["weights"].items():
         torch.testing.assert_close(b["ema"]["weights"][name], tensor, rtol=1e-5, atol=1e-6)
-    with pytest.raises(UserError, match="trained --backbone dit, not unet"):
+    with pytest.raises(CheckpointError, match="was trained with --backbone dit, not unet; resume without --backbone"):
         train_run(stage1, tmp_path / "paused", "--max_epochs", "4", "--resume", "latest", "--backbone", "unet")
+
+
+def test_resume_from_a_step_checkpoint_alone_continues_within_the_epoch(stage1, tmp_path, monkeypatch):
+    """A run killed within an epoch resumes from checkpoints/last.ckpt with no other flag: every setting (none of them
+    the default here) comes from the checkpoint and the losses continue exactly."""
+    flags = ["--max_epochs", "2", "--preview_every", "0", "--lr", "3e-3", "--lr_warmup_steps", "3", "--grad_clip", "0.2",
+             "--cfg_dropout", "0.2", "--seed", "5", "--report_to", "none"]
+    straight = train_run(stage1, tmp_path / "straight", *flags)
+    calls = {"n": 0}
+    real_loss = train.training_loss
+
+    def dies_at_the_fourth_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # epoch 2, second batch: the step checkpoint after step 3 is on disk
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "training_loss", dies_at_the_fourth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(stage1, tmp_path / "killed", *flags, "--checkpointing_steps", "1")
+    last = tmp_path / "killed/checkpoints/last.ckpt"
+    assert (lambda c: (c["epoch"], c["step"], c["batches_done"]))(torch.load(last, weights_only=True)) == (1, 3, 1)
+    monkeypatch.setattr(train, "training_loss", real_loss)
+    resumed = train.main(train.parse_args(["--resume_from_checkpoint", str(last)]))
+    config = resumed["config"]
+    assert (config.learning_rate, config.lr_warmup_steps, config.max_grad_norm, config.cfg_dropout) == (3e-3, 3, 0.2, 0.2)
+    assert config.checkpointing_steps == 1 and config.device == "auto"  # a run setting is inherited, the machine's is not
+    assert resumed["step"] == straight["step"] == 4
+    np.testing.assert_allclose(resumed["history"]["train"], straight["history"]["train"], rtol=1e-6)
+    np.testing.assert_allclose(resumed["history"]["val"], straight["history"]["val"], rtol=1e-6)
 
 
 def test_unet_backbone_end_to_end_and_the_folder_layout(stage1, tmp_path):
@@ -242,7 +278,8 @@ def test_help_explains_the_flags(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--latent_dir", "--devices", "--precision", "16-mixed", "--backbone", "--cfg_dropout", "--init_from", "--resume",
+    for flag in ("--latent_dir", "--devices", "--num_processes", "--precision", "16-mixed", "--backbone", "--cfg_dropout", "--init_from",
+                 "--resume", "--resume_from_checkpoint", "--train_batch_size", "--checkpointing_steps", "--checkpointing_minutes",
                  "--ema_decay", "--preview_every", "--val_time_bins", "--gradient_checkpointing"):
         assert flag in text
     assert train.parse_args(["--latent_dir", "x", "--precision", "16-mixed"]).mixed_precision == "fp16"

@@ -16,15 +16,21 @@ What this file adds or changes:
   ControlNet call (:func:`controlnet_residuals`: training, untiled and tiled sampling); ``injector=None`` is
   the plain SeeSR path. Both residual lists always reach the UNet (diffusers treats "down without mid" as a
   T2I-Adapter);
-* ``start_point="lr"`` noises the LR latent to the schedule's first timestep (SeeSR noises to t=999 while its
-  first step is t=981; ``lr_start_timestep=999`` reproduces that);
+* ``start_point="lr"`` noises the LR latent to ``start_steps`` (default: the schedule's first timestep; SeeSR's
+  ``--start_steps`` default 999 noises to t=999 while its first step is t=981) and skips the scheduled steps above
+  it, as SeeSR's pipeline does (its ``test_seesr.py`` parses ``--start_steps`` but never passes it on; here it
+  means what it says); ``lr_start_timestep`` is the same setting under this repository's earlier name;
 * tiles are placed by size (a tile side is used whenever a latent side exceeds it; SeeSR tiles by area) with
   a symmetric Gaussian window (SeeSR's is off by half a pixel vertically);
 * the VAE is tiled by diffusers' ``AutoencoderKL`` tiling with separate encoder (pixels) and decoder
   (latents) tile sizes; unlike SeeSR's VAEHook it normalises each tile on its own statistics;
 * the LR latent for ``start_point="lr"`` is sampled with the caller's generator (SeeSR's is unseeded);
-* SeeSR's RAM/DAPE tagger and its image cross-attention are not here yet: prompts can be given as embeddings
-  (``prompt_embeds``) so a tagger can plug in without touching the sampler;
+* SeeSR's image cross-attention (:mod:`models.seesr_unet`): the RAM image embeddings (``image_embeds``,
+  ``[B, 145, 512]``) reach the ControlNet and the UNet in training and sampling, through both guidance halves
+  and every latent tile, when the models have image attention (SeeSR's release, or a checkpoint trained with it;
+  models without it ignore them). Checkpoints: ours (``checkpoint-<step>/``: ``controlnet/`` [+ ``unet/``]
+  [+ ``multi_scale_injector/``]), SeeSR's release folder (``seesr/``: ``unet/`` + ``controlnet/``) or a bare
+  ControlNet folder (:func:`load_seesr_weights`). Prompts can also be given as embeddings (``prompt_embeds``);
 * hand-set ControlNet schedules to compare the learned w(t) with (:func:`control_scale_schedule`): diffusers'
   ``control_guidance_start/end`` window and SUPIR's control scale linear in the noise level.
 """
@@ -33,9 +39,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +50,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from data.degradations import bicubic_upsample
+from models.seesr_unet import (
+    SeeSRControlNetModel,
+    SeeSRUNet2DConditionModel,
+    load_strict,
+    unet_trainable_parameters,  # noqa: F401  (re-exported: the trainer's --trainable_modules)
+    unet_with_image_attention,  # noqa: F401  (re-exported: SD2 UNet -> SeeSR UNet with image attention)
+)
 from models.timestep_adaptive import (
     INJECTOR_FOLDER,
     MultiScaleInjector,
@@ -57,6 +70,13 @@ from utils.errors import CheckpointError, UserError
 DEFAULT_ADDED_PROMPT = "clean, high-resolution, 8k"
 DEFAULT_NEGATIVE_PROMPT = "dotted, noise, blur, lowres, smooth"
 CONTROLNET_FOLDER = "controlnet"
+UNET_FOLDER = "unet"
+CONTROLNET_CLASS_NAMES = ("ControlNetModel", "SeeSRControlNetModel")
+WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+CHECKPOINT_KINDS = (
+    "train_seesr_timestep.py's checkpoint-<step>/ (controlnet/ [+ unet/] [+ multi_scale_injector/]), SeeSR's "
+    "release folder seesr/ (unet/ + controlnet/) or a diffusers ControlNet folder"
+)
 
 # What a diffusers Stable Diffusion 2 (base) folder must hold: subfolder -> files of which one must exist.
 SD2_REQUIRED_FILES = {
@@ -115,7 +135,7 @@ def load_sd2_components(
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
         # SD2-base ships a PNDM config; SeeSR trains and samples with DDPM on the same betas ("leading" spacing).
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError) as error:
         raise CheckpointError(f"Cannot load Stable Diffusion 2 from {path}: {str(error).splitlines()[0]}") from None
     for model in (unet, vae, text_encoder):
         model.requires_grad_(False)
@@ -128,21 +148,59 @@ def load_sd2_components(
     return SD2Components(unet, vae, text_encoder, tokenizer, noise_scheduler)
 
 
-def build_controlnet(unet: UNet2DConditionModel, conditioning_embedding_out_channels=None) -> ControlNetModel:
-    """A ControlNet copying the UNet's encoder weights, reading a 3-channel image in [0, 1] (SeeSR, diffusers)."""
+def build_controlnet(
+    unet: UNet2DConditionModel, conditioning_embedding_out_channels=None, use_image_cross_attention: bool | None = None
+) -> SeeSRControlNetModel:
+    """A ControlNet copying the UNet's encoder weights, reading a 3-channel image in [0, 1] (SeeSR, diffusers).
+
+    ``use_image_cross_attention``: SeeSR's image attention in the ControlNet (None: as the UNet has it). SeeSR's
+    training builds it from a UNet with image attention (:func:`unet_with_image_attention` of SD2's), whose image
+    attentions the ControlNet then copies; from a plain UNet they start freshly initialised.
+    """
     kwargs = {}
     if conditioning_embedding_out_channels is not None:
         kwargs["conditioning_embedding_out_channels"] = tuple(conditioning_embedding_out_channels)
-    return ControlNetModel.from_unet(unet, conditioning_channels=3, **kwargs)
+    return SeeSRControlNetModel.from_unet(
+        unet, conditioning_channels=3, use_image_cross_attention=use_image_cross_attention, **kwargs
+    )
+
+
+def has_image_attention(model: nn.Module | None) -> bool:
+    """Whether ``model`` (UNet or ControlNet) has SeeSR's image cross-attention."""
+    return model is not None and bool(getattr(model.config, "use_image_cross_attention", False))
+
+
+def _read_config(folder: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"Cannot read {folder / 'config.json'}: {error}.") from None
+
+
+def _is_controlnet_config(config: dict) -> bool:
+    return config.get("_class_name") in CONTROLNET_CLASS_NAMES or "conditioning_channels" in config
 
 
 def controlnet_folder(checkpoint_dir: str | Path) -> Path:
     """The diffusers ControlNet folder of ``checkpoint-<step>/`` (its ``controlnet/``), or the folder itself."""
     checkpoint_dir = Path(checkpoint_dir)
+    if checkpoint_dir.is_file():
+        kind = " (a DDPM or other model's weight file?)" if checkpoint_dir.suffix in WEIGHT_FILE_SUFFIXES else ""
+        raise CheckpointError(
+            f"--seesr_model_path {checkpoint_dir} is a file{kind}; expected a folder: {CHECKPOINT_KINDS}."
+        )
     folder = checkpoint_dir / CONTROLNET_FOLDER
     if (folder / "config.json").is_file():
         return folder
     if (checkpoint_dir / "config.json").is_file() and checkpoint_dir.name != INJECTOR_FOLDER:
+        config = _read_config(checkpoint_dir)
+        if not _is_controlnet_config(config):
+            found = config.get("_class_name", "a model without _class_name")
+            raise CheckpointError(
+                f"{checkpoint_dir / 'config.json'} describes a {found}, not a ControlNet; pass {CHECKPOINT_KINDS}."
+            )
         return checkpoint_dir  # a bare diffusers ControlNet folder (save_pretrained output)
     raise CheckpointError(
         f"Expected a ControlNet at {folder}/ (config.json + diffusion_pytorch_model.safetensors, as "
@@ -150,45 +208,79 @@ def controlnet_folder(checkpoint_dir: str | Path) -> Path:
     )
 
 
-def load_controlnet(checkpoint_dir: str | Path) -> ControlNetModel:
-    """The ControlNet saved in ``checkpoint_dir/controlnet/`` (diffusers format) or in ``checkpoint_dir`` itself."""
-    folder = controlnet_folder(checkpoint_dir)
-    import json
+def load_controlnet(checkpoint_dir: str | Path) -> SeeSRControlNetModel:
+    """The ControlNet saved in ``checkpoint_dir/controlnet/`` (diffusers format) or in ``checkpoint_dir`` itself.
 
-    config = json.loads((folder / "config.json").read_text())
-    if config.get("use_image_cross_attention"):
+    Ours and SeeSR's release (image cross-attention, ``.bin`` or safetensors) alike; every weight must match the
+    config (no missing or unexpected keys).
+    """
+    return load_strict(SeeSRControlNetModel, controlnet_folder(checkpoint_dir))
+
+
+def checkpoint_unet_folder(checkpoint_dir: str | Path) -> Path | None:
+    """``checkpoint_dir/unet/`` when the checkpoint (ours with image attention trained, or SeeSR's) has a UNet."""
+    folder = Path(checkpoint_dir) / UNET_FOLDER
+    return folder if (folder / "config.json").is_file() else None
+
+
+def check_same_base_model(model: nn.Module, sd2_unet: nn.Module, folder: str | Path) -> None:
+    """Raise a CheckpointError unless ``model`` reads text embeddings as wide as the SD2 UNet's (same base model)."""
+    width, expected = model.config.cross_attention_dim, sd2_unet.config.cross_attention_dim
+    if width != expected:
         raise CheckpointError(
-            f"{folder} is a ControlNet from SeeSR's original release (RAM image cross-attention), which this "
-            "repository does not support yet; use a checkpoint trained with train_seesr_timestep.py."
+            f"The model in {folder} reads {width}-wide text embeddings but the Stable Diffusion UNet of "
+            f"--pretrained_model_path reads {expected}-wide ones: it was trained on another base model; pass the "
+            "base model it was trained on, or a checkpoint trained on this one."
         )
-    try:
-        return ControlNetModel.from_pretrained(folder)
-    except (OSError, ValueError, EnvironmentError) as error:
-        raise CheckpointError(f"Cannot load the ControlNet in {folder}: {str(error).splitlines()[0]}") from None
 
 
-def save_seesr_weights(checkpoint_dir: str | Path, controlnet: ControlNetModel, injector: nn.Module | None) -> None:
-    """Write ``checkpoint_dir/controlnet/`` and, when there is an injector, ``checkpoint_dir/multi_scale_injector/``.
-
-    Pass unwrapped models (``accelerator.unwrap_model``).
+def save_seesr_weights(
+    checkpoint_dir: str | Path,
+    controlnet: ControlNetModel,
+    injector: nn.Module | None,
+    unet: UNet2DConditionModel | None = None,
+) -> None:
+    """Write ``checkpoint_dir/controlnet/``, ``checkpoint_dir/unet/`` when given (the UNet with trained image
+    attention: all its weights, as SeeSR saves it) and ``checkpoint_dir/multi_scale_injector/`` when there is an
+    injector. Pass unwrapped models (``accelerator.unwrap_model``).
     """
     checkpoint_dir = Path(checkpoint_dir)
     controlnet.save_pretrained(checkpoint_dir / CONTROLNET_FOLDER, safe_serialization=True)
+    if unet is not None:
+        unet.save_pretrained(checkpoint_dir / UNET_FOLDER, safe_serialization=True)
     if injector is not None:
         save_injector(injector, checkpoint_dir)
 
 
-def load_seesr_weights(checkpoint_dir: str | Path) -> tuple[ControlNetModel, MultiScaleInjector | None, list[str]]:
-    """ControlNet and injector (or None) from a ``checkpoint-<step>/`` folder, with the log lines to print."""
+def load_seesr_weights(
+    checkpoint_dir: str | Path, sd2_unet: UNet2DConditionModel | None = None
+) -> tuple[SeeSRControlNetModel, MultiScaleInjector | None, SeeSRUNet2DConditionModel | None, list[str]]:
+    """ControlNet, injector (or None) and UNet (or None: use SD2's) from a checkpoint, with the log lines to print.
+
+    ``checkpoint_dir``: our ``checkpoint-<step>/`` (``controlnet/`` [+ ``unet/`` when image attention was trained]
+    [+ ``multi_scale_injector/``]), SeeSR's release folder (``seesr/`` with ``unet/`` and ``controlnet/``) or a
+    bare diffusers ControlNet folder. With ``sd2_unet`` the models are checked to be of the same base model.
+    """
     checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
+    if not checkpoint_dir.exists():
         raise CheckpointError(
             f"Checkpoint folder {checkpoint_dir} does not exist; pass --seesr_model_path checkpoint-<step>."
         )
+    folder = controlnet_folder(checkpoint_dir)
     controlnet = load_controlnet(checkpoint_dir)
+    unet_folder = checkpoint_unet_folder(checkpoint_dir) if folder != checkpoint_dir else None
+    unet = load_strict(SeeSRUNet2DConditionModel, unet_folder) if unet_folder is not None else None
+    if sd2_unet is not None:
+        check_same_base_model(controlnet, sd2_unet, folder)
+        if unet is not None:
+            check_same_base_model(unet, sd2_unet, unet_folder)
     injector, messages = load_injector(checkpoint_dir, residual_levels=residual_levels_of(controlnet))
     # The injector's lines first: the note's log shows them right under "Loading checkpoint from ...".
-    return controlnet, injector, messages + [f"✓ ControlNet loaded from {controlnet_folder(checkpoint_dir)}"]
+    images = " (with SeeSR image cross-attention)"
+    messages.append(f"✓ ControlNet loaded from {folder}" + (images if has_image_attention(controlnet) else ""))
+    if unet is not None:
+        messages.append(f"✓ UNet loaded from {unet_folder}" + (images if has_image_attention(unet) else ""))
+    return controlnet, injector, unet, messages
 
 
 def set_gradient_checkpointing(enabled: bool, *models: nn.Module) -> None:
@@ -223,6 +315,13 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+def _image_kwargs(model: nn.Module, image_embeds: torch.Tensor | None, dtype: torch.dtype) -> dict:
+    """``image_encoder_hidden_states`` for a model with SeeSR's image attention; nothing for one without."""
+    if image_embeds is None or not has_image_attention(model):
+        return {}
+    return {"image_encoder_hidden_states": image_embeds.to(dtype)}
+
+
 def controlnet_residuals(
     controlnet: nn.Module,
     injector: nn.Module | None,
@@ -231,8 +330,12 @@ def controlnet_residuals(
     prompt_embeds: torch.Tensor,
     lr_upsampled: torch.Tensor,
     conditioning_scale: float = 1.0,
+    image_embeds: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """ControlNet residuals for the UNet, scaled by the injector (if any) for ``timesteps`` (scalar or ``[B]``)."""
+    """ControlNet residuals for the UNet, scaled by the injector (if any) for ``timesteps`` (scalar or ``[B]``).
+
+    ``image_embeds`` (RAM's ``[B, 145, 512]``) feed the ControlNet's image attention when it has one.
+    """
     dtype = _model_dtype(controlnet)
     down, mid = controlnet(
         noisy_latents.to(dtype),
@@ -241,6 +344,7 @@ def controlnet_residuals(
         controlnet_cond=lr_upsampled.to(dtype),
         conditioning_scale=conditioning_scale,
         return_dict=False,
+        **_image_kwargs(controlnet, image_embeds, dtype),
     )
     if injector is not None:
         down, mid = injector(down, mid, timesteps)
@@ -256,10 +360,15 @@ def predict_noise(
     prompt_embeds: torch.Tensor,
     lr_upsampled: torch.Tensor,
     conditioning_scale: float = 1.0,
+    image_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The UNet's output with ControlNet (+ injector) residuals; both down and mid residuals are always passed."""
+    """The UNet's output with ControlNet (+ injector) residuals; both down and mid residuals are always passed.
+
+    ``image_embeds`` (RAM's ``[B, 145, 512]``, or None) go to the image attention of whichever of the two models
+    has it (SeeSR: both); a model without image attention ignores them.
+    """
     down, mid = controlnet_residuals(
-        controlnet, injector, noisy_latents, timesteps, prompt_embeds, lr_upsampled, conditioning_scale
+        controlnet, injector, noisy_latents, timesteps, prompt_embeds, lr_upsampled, conditioning_scale, image_embeds
     )
     dtype = unet.dtype
     return unet(
@@ -269,6 +378,7 @@ def predict_noise(
         down_block_additional_residuals=[residual.to(dtype) for residual in down],
         mid_block_additional_residual=mid.to(dtype),
         return_dict=False,
+        **_image_kwargs(unet, image_embeds, dtype),
     )[0]
 
 
@@ -286,9 +396,10 @@ def seesr_training_loss(
 ) -> torch.Tensor:
     """SeeSR's objective: MSE between the UNet's prediction and the noise (or velocity) at uniform timesteps.
 
-    ``batch``: ``hr`` ``[B, 3, H, W]`` in [-1, 1], ``lr_upsampled`` ``[B, 3, H, W]`` in [0, 1], and ``prompt``
-    (list of str) or ``prompt_embeds`` ``[B, 77, D]``. VAE and text encoder run without gradients in the UNet's
-    dtype; the loss is computed in fp32.
+    ``batch``: ``hr`` ``[B, 3, H, W]`` in [-1, 1], ``lr_upsampled`` ``[B, 3, H, W]`` in [0, 1], ``prompt``
+    (list of str) or ``prompt_embeds`` ``[B, 77, D]``, and optionally ``image_embeds`` ``[B, 145, 512]`` (RAM's
+    embeddings of the LR input, SeeSR's ``ram_encoder_hidden_states``) for models with image attention. VAE and
+    text encoder run without gradients in the UNet's dtype; the loss is computed in fp32.
     """
     device = unet.device
     dtype = unet.dtype
@@ -305,8 +416,10 @@ def seesr_training_loss(
         0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=timestep_device
     ).to(device)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    image_embeds = batch.get("image_embeds")
     prediction = predict_noise(
-        unet, controlnet, injector, noisy_latents, timesteps, prompt_embeds, batch["lr_upsampled"].to(device)
+        unet, controlnet, injector, noisy_latents, timesteps, prompt_embeds, batch["lr_upsampled"].to(device),
+        image_embeds=None if image_embeds is None else image_embeds.to(device),
     )
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":
@@ -479,18 +592,22 @@ class SeeSRPipeline:
         seesr_model_path: str | Path,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
-    ) -> tuple["SeeSRPipeline", list[str]]:
-        """SD2 from ``pretrained_model_path`` + ControlNet/injector from ``checkpoint-<step>/``; returns log lines."""
+    ) -> tuple[SeeSRPipeline, list[str]]:
+        """SD2 from ``pretrained_model_path`` + ControlNet/injector (and the UNet, when the checkpoint has one: SeeSR's
+        release, or ours with image attention trained) from ``seesr_model_path`` (:func:`load_seesr_weights`);
+        returns the pipeline and the log lines."""
         components = load_sd2_components(pretrained_model_path)
-        controlnet, injector, messages = load_seesr_weights(seesr_model_path)
+        controlnet, injector, unet, messages = load_seesr_weights(seesr_model_path, sd2_unet=components.unet)
         messages = [f"Loading checkpoint from {seesr_model_path}"] + messages
+        if unet is not None:
+            unet.requires_grad_(False)
         pipeline = cls(
-            components.unet, components.vae, components.text_encoder, components.tokenizer,
-            components.noise_scheduler, controlnet, injector,
+            unet if unet is not None else components.unet, components.vae, components.text_encoder,
+            components.tokenizer, components.noise_scheduler, controlnet, injector,
         )
         return pipeline.to(device, dtype), messages
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SeeSRPipeline":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SeeSRPipeline:
         """Move the networks; ``dtype`` (e.g. fp16 on CUDA) applies to all but the injector, which stays fp32."""
         for model in (self.unet, self.vae, self.text_encoder, self.controlnet):
             # Only what changes: diffusers warns on every .to(dtype=...) call, even a no-op one.
@@ -520,6 +637,26 @@ class SeeSRPipeline:
             raise UserError(f"Expected one prompt or {batch} (one per image), found {len(prompts)}.")
         return encode_prompts(self.tokenizer, self.text_encoder, prompts, self.device)
 
+    def _image_embeddings(self, image_embeds, negative_image_embeds, batch: int, do_guidance: bool):
+        """RAM embeddings for the model batch (``[2B, T, D]`` under guidance, negative half first), or None."""
+        if image_embeds is None:
+            if negative_image_embeds is not None:
+                raise UserError("negative_image_embeds were given without image_embeds; give both or neither.")
+            return None
+
+        def per_image(states, name):
+            if states.ndim != 3 or states.shape[0] not in (1, batch):
+                raise UserError(
+                    f"Expected {name} of shape [1 or {batch}, tokens, width], found {tuple(states.shape)}."
+                )
+            return states.expand(batch, -1, -1).to(self.device)
+
+        states = per_image(image_embeds, "image_embeds")
+        if do_guidance:
+            negative = states if negative_image_embeds is None else per_image(negative_image_embeds, "negative_image_embeds")
+            states = torch.cat([negative, states])  # unconditional half first; SeeSR gives both halves the same
+        return states
+
     @torch.no_grad()
     def __call__(
         self,
@@ -529,10 +666,13 @@ class SeeSRPipeline:
         negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        negative_image_embeds: torch.Tensor | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 5.5,
         conditioning_scale: float = 1.0,
         start_point: str = "lr",
+        start_steps: int | None = None,
         lr_start_timestep: int | None = None,
         latent_tiled_size: int = 96,
         latent_tiled_overlap: int = 4,
@@ -553,8 +693,14 @@ class SeeSRPipeline:
 
         Prompts: ``prompt`` (one or one per image) joined with ``added_prompt``, guided against
         ``negative_prompt`` when ``guidance_scale > 1``; ``prompt_embeds``/``negative_prompt_embeds`` replace the
-        text (a tagger's output, say). ``start_point``: ``"lr"`` (the LR latent noised to the first timestep,
-        or ``lr_start_timestep``) or ``"noise"``. Latent tiles (``latent_tiled_size``/``overlap``, latent px)
+        text (a tagger's output, say). ``image_embeds`` (RAM's ``[B or 1, 145, 512]``) feed SeeSR's image
+        attention in both guidance halves (``negative_image_embeds`` for the unconditional half; by default the same
+        embeddings, as SeeSR) and in every latent tile; models without image attention ignore them.
+        ``start_point``: ``"lr"`` or ``"noise"``. With ``"lr"`` the LR latent is noised to ``start_steps`` (a
+        training timestep, 0..999 for SD2; default: the schedule's first timestep; ``lr_start_timestep`` is the same
+        setting) and the scheduled steps above it are skipped (SeeSR's ``start_steps``: 999 noises to t=999 and skips
+        nothing, 500 runs only the steps t <= 500); ``"noise"`` starts from pure noise and runs every step
+        (``start_steps`` is not used). Latent tiles (``latent_tiled_size``/``overlap``, latent px)
         and VAE tiles (encoder: image px, decoder: latent px; ``None`` disables) bound the memory.
         ``callback(step_index, timestep, latents)`` runs after every step. ``control_schedule`` (with
         ``control_guidance_start/end`` or ``control_scale_start``) varies the ControlNet scale over the steps
@@ -562,6 +708,22 @@ class SeeSRPipeline:
         """
         if start_point not in ("lr", "noise"):
             raise UserError(f"Expected --start_point lr or noise, found {start_point!r}.")
+        if int(num_inference_steps) < 1:
+            raise UserError(f"Expected --num_inference_steps of at least 1, found {num_inference_steps}.")
+        if guidance_scale < 0:
+            raise UserError(f"Expected --guidance_scale >= 0 (1 or less: no guidance), found {guidance_scale}.")
+        if start_steps is not None and lr_start_timestep is not None and int(start_steps) != int(lr_start_timestep):
+            raise UserError(
+                f"--start_steps {start_steps} and --lr_start_timestep {lr_start_timestep} are the same setting; "
+                "give one."
+            )
+        start_steps = start_steps if start_steps is not None else lr_start_timestep
+        last_timestep = self.scheduler.config.num_train_timesteps - 1
+        if start_steps is not None and not 0 <= int(start_steps) <= last_timestep:
+            raise UserError(
+                f"Expected --start_steps (--lr_start_timestep) in 0..{last_timestep} (the training timesteps), "
+                f"found {start_steps}."
+            )
         if lr_upsampled.ndim == 3:
             lr_upsampled = lr_upsampled[None]
         factor = self.vae_scale_factor
@@ -586,6 +748,7 @@ class SeeSRPipeline:
             embeds = torch.cat([negative, embeds])  # unconditional half first, as SeeSR
         embeds = embeds.to(model_dtype)
         guidance_image = torch.cat([image, image]) if do_guidance else image
+        image_states = self._image_embeddings(image_embeds, negative_image_embeds, batch, do_guidance)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
@@ -599,16 +762,21 @@ class SeeSRPipeline:
             with vae_tiling(self.vae, vae_encoder_tiled_size):
                 posterior = self.vae.encode((image * 2 - 1).to(self.vae.dtype)).latent_dist
             lr_latents = posterior.sample(generator).float() * self.vae.config.scaling_factor
-            start = int(timesteps[0]) if lr_start_timestep is None else int(lr_start_timestep)
+            start = int(timesteps[0]) if start_steps is None else int(start_steps)
             start_timesteps = torch.full((batch,), start, device=device, dtype=torch.long)
             latents = self.scheduler.add_noise(lr_latents, noise, start_timesteps)
         else:
+            start = None
             latents = noise * self.scheduler.init_noise_sigma
 
         def predict(latent_tiles, image_tiles, num_tiles, t, scale):
             tile_embeds = embeds.repeat(num_tiles, 1, 1) if num_tiles > 1 else embeds
+            tile_images = image_states
+            if image_states is not None and num_tiles > 1:
+                tile_images = image_states.repeat(num_tiles, 1, 1)  # tiles are stacked tile-major, like the text
             return predict_noise(
-                self.unet, self.controlnet, self.injector, latent_tiles, t, tile_embeds, image_tiles, scale
+                self.unet, self.controlnet, self.injector, latent_tiles, t, tile_embeds, image_tiles, scale,
+                image_embeds=tile_images,
             )
 
         steps = timesteps
@@ -617,10 +785,14 @@ class SeeSRPipeline:
 
             steps = tqdm(timesteps, desc="SeeSR sampling", leave=False)
         for index, t in enumerate(steps):
+            if start is not None and int(t) > start:
+                continue  # SeeSR's start_steps: the LR latent is already at a lower noise level
             model_input = torch.cat([latents, latents]) if do_guidance else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
             noise_prediction = tiled_prediction(
-                lambda tiles, image_tiles, count: predict(tiles, image_tiles, count, t, control_scales[index]),
+                lambda tiles, image_tiles, count, t=t, scale=control_scales[index]: predict(
+                    tiles, image_tiles, count, t, scale
+                ),
                 model_input,
                 guidance_image,
                 latent_tiled_size,

@@ -206,7 +206,7 @@ class SeeSRControlNetModel(_ImageCrossAttentionMixin, ControlNetModel):
         load_weights_from_unet: bool = True,
         conditioning_channels: int = 3,
         use_image_cross_attention: bool | None = None,
-    ) -> "SeeSRControlNetModel":
+    ) -> SeeSRControlNetModel:
         """diffusers' ``ControlNetModel.from_unet`` (config and encoder weights from ``unet``) with image attention.
 
         ``use_image_cross_attention=None`` follows the UNet. The image attentions are copied from the UNet when it
@@ -291,7 +291,7 @@ def load_strict(model_class: type, folder: str | Path, torch_dtype: torch.dtype 
         model, info = model_class.from_pretrained(
             folder, output_loading_info=True, torch_dtype=torch_dtype, use_safetensors=use_safetensors
         )
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as error:
+    except (OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"Cannot load the model in {folder}: {str(error).strip().splitlines()[0]}") from None
     problems = []
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):

@@ -34,7 +34,6 @@ from tests.sd2_tiny import build_tiny_sd2
 from utils.errors import CheckpointError, UserError
 
 
-
 @pytest.fixture(scope="module")
 def sd2_path(tmp_path_factory):
     return build_tiny_sd2(tmp_path_factory.mktemp("sd2") / "stable-diffusion-2-base")
@@ -357,7 +356,8 @@ def test_checkpoint_round_trip_and_old_checkpoint(stack, sd2_path, tmp_path):
     save_seesr_weights(new, controlnet, injector)
     assert (new / "controlnet" / "config.json").is_file()
     assert (new / "multi_scale_injector" / "pytorch_model.bin").is_file()
-    loaded_controlnet, loaded_injector, messages = load_seesr_weights(new)
+    loaded_controlnet, loaded_injector, loaded_unet, messages = load_seesr_weights(new)
+    assert loaded_unet is None  # no unet/ in the checkpoint: SD2's UNet is used
     assert MESSAGE_INJECTOR_LOADED in messages and MESSAGE_TIMESTEP_WEIGHTS_LOADED in messages
     for key, value in controlnet.state_dict().items():
         assert torch.equal(loaded_controlnet.state_dict()[key], value)
@@ -384,8 +384,8 @@ def test_checkpoint_round_trip_and_old_checkpoint(stack, sd2_path, tmp_path):
     with pytest.raises(CheckpointError, match="Expected a ControlNet at"):
         load_seesr_weights(tmp_path)
     # A bare diffusers ControlNet folder (save_pretrained output) loads too, without an injector.
-    bare, bare_injector, bare_messages = load_seesr_weights(new / "controlnet")
-    assert bare_injector is None and bare_messages[-1] == f"✓ ControlNet loaded from {new / 'controlnet'}"
+    bare, bare_injector, bare_unet, bare_messages = load_seesr_weights(new / "controlnet")
+    assert bare_injector is None and bare_unet is None and bare_messages[-1] == f"✓ ControlNet loaded from {new / 'controlnet'}"
     assert torch.equal(bare.controlnet_mid_block.weight, controlnet.controlnet_mid_block.weight)
 
 

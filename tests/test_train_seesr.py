@@ -388,7 +388,7 @@ def test_user_errors_are_one_line(workspace, tmp_path, capsys):
         for flag, value in zip(argv[::2], argv[1::2]):
             setattr(args, flag.lstrip("-"), value)
         with pytest.raises(SystemExit) as exit_info:
-            run_cli(lambda: infer.main(args))
+            run_cli(lambda args=args: infer.main(args))
         assert exit_info.value.code == 2
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and error[0].startswith("error: ") and fragment in error[0]
@@ -695,3 +695,23 @@ def test_training_on_seesr_release_from_prepared_folders(seesr_release, workspac
     again = load_file(resumed["checkpoints"][-1] / "unet/diffusion_pytorch_model.safetensors")
     moved = [k for k in again if "image_attentions" in k and not torch.equal(again[k], trained[k])]
     assert moved and all(torch.equal(again[k], trained[k]) for k in again if "image_attentions" not in k)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_seesr_proper_in_fp16_on_cuda(seesr_release, workspace, tiny_ram, tmp_path):
+    """Image attentions trained in fp32 under fp16 autocast with RAM in fp16; fp16 inference with RAM embeddings."""
+    ram = seesr_release["ram"]
+    args = tiny_args(workspace, tmp_path / "run", "--max_train_steps", "2", "--checkpointing_steps", "2",
+                     "--validation_steps", "2", "--mixed_precision", "fp16", "--ram_path", str(ram["ram"]),
+                     "--ram_ft_path", str(ram["dape"]), image_attention=True)
+    args.device = "cuda"
+    result = train.main(args)
+    checkpoint = result["checkpoints"][-1]
+    assert all(v.dtype == torch.float32 for v in load_file(checkpoint / "unet/diffusion_pytorch_model.safetensors").values())
+    assert all(np.isfinite(loss) for _, loss in result["history"])
+    output = infer.main(spec_command(workspace, checkpoint, tmp_path / "results", "--num_inference_steps", "3",
+                                     "--process_size", "64", "--device", "cuda", "--ram_path", str(ram["ram"]),
+                                     "--ram_ft_path", str(ram["dape"])))
+    pixels = np.asarray(Image.open(output["written"][0]))
+    assert output["tagger"] and pixels.shape == (48, 40, 3) and pixels.std() > 0

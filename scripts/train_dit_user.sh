@@ -4,14 +4,14 @@
 #   DATA=/data/micro_doppler VAVAE=/models/vavae-imagenet256-f16d32-dinov2.pt OUT=/runs/user_dit \
 #     bash scripts/train_dit_user.sh
 #   ... bash scripts/train_dit_user.sh --model_size XL --init_from /models/lightningdit-xl-imagenet256-800ep.pt
-#   ... bash scripts/train_dit_user.sh --backbone unet --lr 1e-4                 # the latent UNet instead
-#   ... bash scripts/train_dit_user.sh --resume latest                           # continue after an interruption
+#   ... bash scripts/train_dit_user.sh --backbone unet --learning_rate 1e-4      # the latent UNet instead
+#   ... bash scripts/train_dit_user.sh --resume_from_checkpoint latest           # continue after an interruption
 #   CUDA_VISIBLE_DEVICES=0,1 ... bash scripts/train_dit_user.sh                  # two of the GPUs
 #
 # DATA holds ID_1 ... ID_31 (or train/ and val/ holding them); latents go to $OUT/latent_features (skipped when
 # train.safetensors is already there), the run to $OUT/trained_models. Every argument goes to train_dit_user.py after
 # --config $CONFIG (default configs/user_dit_b.yaml: DiT-B, batch 32 per GPU, lr 1e-4, 100 epochs); flags override it.
-# --devices is the number of visible GPUs: train_dit_user.py starts one DDP process per GPU itself.
+# --num_processes is the number of visible GPUs: train_dit_user.py starts one DDP process per GPU itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,4 +32,4 @@ if [ ! -f "$OUT/latent_features/train.safetensors" ]; then
 fi
 echo "training on $GPUS GPU(s) with $CONFIG"
 exec "$PYTHON" train_dit_user.py --config "$CONFIG" --latent_dir "$OUT/latent_features" --output_dir "$OUT/trained_models" \
-  --vavae_path "$VAVAE" --devices "$GPUS" "$@"
+  --vavae_path "$VAVAE" --num_processes "$GPUS" "$@"

@@ -143,7 +143,8 @@ def log_scalars(accelerator, values: dict[str, Any], step: int) -> None:
     """Scalars to every tracker (main process only); tensors and NumPy numbers become floats."""
     if not accelerator.trackers:
         return
-    accelerator.log({key: float(value) for key, value in values.items() if value is not None}, step=step)
+    plain = {key: float(value.detach()) if torch.is_tensor(value) else float(value) for key, value in values.items() if value is not None}
+    accelerator.log(plain, step=step)
 
 
 def log_image(accelerator, name: str, image: Any, step: int) -> None:

@@ -166,8 +166,13 @@ def build_controlnet(
 
 
 def has_image_attention(model: nn.Module | None) -> bool:
-    """Whether ``model`` (UNet or ControlNet) has SeeSR's image cross-attention."""
-    return model is not None and bool(getattr(model.config, "use_image_cross_attention", False))
+    """Whether ``model`` (UNet or ControlNet, wrapped by DDP or torch.compile or not) has SeeSR's image attention."""
+    if model is None:
+        return False
+    from accelerate.utils import extract_model_from_parallel
+
+    config = getattr(extract_model_from_parallel(model, keep_torch_compile=False), "config", None)
+    return bool(getattr(config, "use_image_cross_attention", False))
 
 
 def _read_config(folder: Path) -> dict:
@@ -370,7 +375,7 @@ def predict_noise(
     down, mid = controlnet_residuals(
         controlnet, injector, noisy_latents, timesteps, prompt_embeds, lr_upsampled, conditioning_scale, image_embeds
     )
-    dtype = unet.dtype
+    dtype = _model_dtype(unet)
     return unet(
         noisy_latents.to(dtype),
         timesteps,
@@ -401,8 +406,8 @@ def seesr_training_loss(
     embeddings of the LR input, SeeSR's ``ram_encoder_hidden_states``) for models with image attention. VAE and
     text encoder run without gradients in the UNet's dtype; the loss is computed in fp32.
     """
-    device = unet.device
-    dtype = unet.dtype
+    parameter = next(unet.parameters())  # works on DDP-wrapped models too (the UNet trains with image attention)
+    device, dtype = parameter.device, parameter.dtype
     hr = batch["hr"].to(device, dtype)
     with torch.no_grad():
         latents = vae.encode(hr.to(vae.dtype)).latent_dist.sample(generator) * vae.config.scaling_factor

@@ -23,6 +23,7 @@ from models.seesr import (
     predict_noise,
     save_seesr_weights,
     seesr_training_loss,
+    set_gradient_checkpointing,
 )
 from models.seesr_unet import (
     IMAGE_ATTENTIONS,
@@ -404,7 +405,16 @@ def test_training_loss_uses_image_embeds_and_reaches_image_attention(seesr_model
         without = seesr_training_loss({k: v for k, v in batch.items() if k != "image_embeds"},
                                       generator=torch.Generator().manual_seed(0), **kwargs)
         assert abs(loss.item() - without.item()) > 1e-4
+        # Wrapped models (as accelerate prepares the trained UNet and ControlNet) and gradient checkpointing
+        # compute the same loss; measured difference 0.
+        set_gradient_checkpointing(True, unet, controlnet)
+        unet.train(), controlnet.train()
+        wrapped = dict(kwargs, unet=torch.nn.DataParallel(unet), controlnet=torch.nn.DataParallel(controlnet))
+        again = seesr_training_loss(batch, generator=torch.Generator().manual_seed(0), **wrapped)
+        torch.testing.assert_close(again, loss, rtol=0, atol=1e-6)
     finally:
+        set_gradient_checkpointing(False, unet, controlnet)
+        unet.eval(), controlnet.eval()
         unet.requires_grad_(False).zero_grad(set_to_none=True)
         controlnet.requires_grad_(False).zero_grad(set_to_none=True)
 

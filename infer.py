@@ -513,7 +513,8 @@ def run_seesr(args: argparse.Namespace) -> dict:
 
     # Tags: RAM (+ DAPE) whenever the model has image attention (it needs RAM's embeddings), else when RAM's weights
     # are where --ram_path says; otherwise a <name>.txt beside each image.
-    image_attention = bool(getattr(pipeline.unet.config, "use_image_cross_attention", False))
+    image_attention = any(getattr(model.config, "use_image_cross_attention", False)
+                          for model in (pipeline.unet, pipeline.controlnet))
     tagger = None
     if image_attention or Path(args.ram_path).is_file():
         from models.ram import load_ram_tagger

@@ -593,17 +593,18 @@ class PromptEmbeddingCache:
 def add_ram_inputs(batch: dict, tagger) -> None:
     """RAM's embeddings of the LR input (``image_embeds``) and RAM's tags of the GT where no tag file gave a prompt.
 
-    SeeSR's ``train_seesr.py`` feeds RAM the ``sr_bicubic`` image (the ControlNet input) resized to 384 px; the
-    tags come from ``make_tags.py`` (RAM on the GT), here read from tag files or computed the same way online.
+    SeeSR's ``train_seesr.py`` feeds RAM (+ DAPE) the ``sr_bicubic`` image (the ControlNet input) resized bicubically
+    to 384 px. The tags come from its ``make_tags.py``: RAM on the GT, written as ``"{tags},"``; here read from tag
+    files, or computed online the same way, with the one tagger loaded (with DAPE when ``--ram_ft_path`` is given,
+    where make_tags.py uses plain RAM: on a clean GT the two agree closely, and a second Swin-L is not loaded).
     """
-    lr_input = batch["lr_upsampled"].to(device=tagger.device, dtype=tagger.dtype)
-    batch["image_embeds"] = tagger.image_embeddings(lr_input)
+    batch["image_embeds"] = tagger.image_embeddings(batch["lr_upsampled"], resize="bicubic")
     untagged = [i for i, source in enumerate(batch["tag_source"]) if source == "none"]
     if untagged:
-        gt = ((batch["hr"][untagged] + 1) / 2).clamp(0, 1).to(device=tagger.device, dtype=tagger.dtype)
+        gt = ((batch["hr"][untagged] + 1) / 2).clamp(0, 1)
         prompts = list(batch["prompt"])
         for index, tags in zip(untagged, tagger.tags(gt), strict=True):
-            prompts[index] = tags
+            prompts[index] = f"{tags},"  # make_tags.py's tag file text
         batch["prompt"] = prompts
 
 

@@ -22,9 +22,11 @@ What this file does differently from ``vaehook.py``, and why:
   side vs 128 channels at full side);
 * between two GroupNorms each tile's activations wait on ``storage_device`` (the CPU by default when
   computing on a GPU, as ``vaehook.py`` does), so the accelerator holds one tile's activations at a time
-  plus the latent-resolution middle; the stored states together are about one full-resolution activation
-  (plus the residual branch when a block is open). No "fast mode": ``vaehook.py``'s estimate from a
-  downscaled image is approximate and the exact statistics cost no extra pass.
+  plus the latent-resolution middle. The stored states together are about one full-resolution activation
+  (plus the residual branch while a block is open) times the overlap of the padded tiles; on a CPU they are
+  the same memory, so there the peak is near the untiled one, not bounded by the tile
+  (bench/bench_seesr_tiled_vae.py measures it). No "fast mode" (``vaehook.py``'s statistics from a
+  downscaled copy, which spares the stored states but is approximate).
 
 Inference only (``torch.no_grad``); runs on CPU or GPU. Supports diffusers ``AutoencoderKL`` in the SD layout
 (``DownEncoderBlock2D``/``UpDecoderBlock2D`` of ``ResnetBlock2D`` with GroupNorm, ``Downsample2D``/
@@ -38,8 +40,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from diffusers import AutoencoderKL
@@ -246,6 +248,8 @@ def run_tiled(
     padding, align = tile_padding(ops)
     height, width = source.shape[-2:]
     tiles = split_tiles(height, width, tile_size, padding, align)
+    if len(tiles) == 1:  # nothing to pool across: keep the one tile where it computes
+        storage_device = compute_device
     # segments: (norm opening it or None, ops up to the next norm, zoom at its end)
     segments, zoom = [[None, []]], 1.0
     for op in ops:
@@ -320,9 +324,10 @@ def tiled_encode(
     when the VAE is on an accelerator, else the VAE's device).
     """
     ops = _encoder_ops(vae)
-    _check_tile(tile_size, tile_padding(ops)[1], "encoder")
+    _, align = tile_padding(ops)
+    _check_tile(tile_size, align, "encoder")
     compute, storage = _devices(vae, storage_device)
-    tile_size = int(tile_size) // tile_padding(ops)[1] * tile_padding(ops)[1]
+    tile_size = int(tile_size) // align * align
     features = run_tiled(ops, images, tile_size, compute, storage, vae.dtype)
     encoder = vae.encoder
     features = encoder.mid_block(features)

@@ -455,13 +455,15 @@ def main(args: argparse.Namespace) -> dict:
     config.num_users = num_users
     channels, height, width = train_set.latents.shape[1:]
     if height != width:
-        raise UserError(f"The latents are {height}x{width}; the DiT and UNet here need square latents (extract with a square --image_size).")
+        raise UserError(f"The latents are {height}x{width}; the DiT and UNet here need square latents "
+                        "(extract with a square --image_size).")
     preview_users = validate_user_ids(config.preview_users or list(range(1, min(num_users, 8) + 1)), num_users)
     if config.vavae_path:
         check_vae_matches(stats, config.vavae_path)  # previews decode with it: it must be the extraction's VA-VAE
     if checkpoint is not None:
         old = LatentStats.from_dict(checkpoint["latent_stats"])
-        if old.vae_fingerprint != stats.vae_fingerprint or not torch.allclose(old.mean, stats.mean) or not torch.allclose(old.std, stats.std):
+        same_stats = torch.allclose(old.mean, stats.mean) and torch.allclose(old.std, stats.std)
+        if old.vae_fingerprint != stats.vae_fingerprint or not same_stats:
             raise UserError(f"The latents in {config.latent_dir} are not the ones {resume_path} was trained on (other statistics or "
                             "VA-VAE); resume with the same --latent_dir or start a new --output_dir.")
         if int(checkpoint["num_users"]) != num_users:

@@ -379,25 +379,24 @@ def plot_history(history: list[dict], run_dir: Path, args) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     reset_accelerate_state()
-    original = args
     checkpoint, resume_path = None, None
     resume = args.resume_from_checkpoint
     if resume and resume != "latest":
         resume_path = resolve_resume(resume, ".", RESUME_PATTERNS)
         checkpoint = load_checkpoint(resume_path, CHECKPOINT_KIND, "train_phaseformer.py --resume_from_checkpoint")
-    args = resolve_config(args, checkpoint, str(resume_path))  # from here on: the run's resolved settings
-    run_dir = Path(args.output_dir) / "checkpoint" / run_name(args.name, args.dataset_path)
+    config = resolve_config(args, checkpoint, str(resume_path))
+    run_dir = Path(config.output_dir) / "checkpoint" / run_name(config.name, config.dataset_path)
     if resume == "latest":
         resume_path = resolve_resume("latest", run_dir, RESUME_PATTERNS)
         if resume_path is not None:
             checkpoint = load_checkpoint(resume_path, CHECKPOINT_KIND, "train_phaseformer.py --resume_from_checkpoint")
-            args = resolve_config(original, checkpoint, str(resume_path))
+            config = resolve_config(args, checkpoint, str(resume_path))
 
     accelerator = create_accelerator(
-        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        cpu=args.device == "cpu", seed=args.seed, compile_model=args.compile, project_dir=str(run_dir), report_to=args.report_to,
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        cpu=config.device == "cpu", seed=config.seed, compile_model=config.compile, project_dir=str(run_dir), report_to=config.report_to,
     )
-    if args.device == "cuda" and accelerator.device.type != "cuda":
+    if config.device == "cuda" and accelerator.device.type != "cuda":
         raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto.")
     device, is_main = accelerator.device, accelerator.is_main_process
     logger = setup_logger(run_dir, is_main)
@@ -407,35 +406,35 @@ def main(args: argparse.Namespace) -> dict:
 
     # The loss first: missing VGG weights should stop the run before any data is read.
     loss_fn = PhaseformerLoss(
-        args.loss_weighting, use_perceptual=not args.no_perceptual, vgg_weights=args.vgg_weights, pixel_loss=args.pixel_loss,
-        msssim_as_similarity=args.msssim_as_similarity, value_range=args.value_range, vgg_resize_224=args.vgg_resize_224,
-        seed=args.seed,
+        config.loss_weighting, use_perceptual=not config.no_perceptual, vgg_weights=config.vgg_weights, pixel_loss=config.pixel_loss,
+        msssim_as_similarity=config.msssim_as_similarity, value_range=config.value_range, vgg_resize_224=config.vgg_resize_224,
+        seed=config.seed,
     ).to(device)
     with accelerator.main_process_first():  # the main process writes the split files, the others read them
-        train_set, test_set, sources = build_datasets(args, run_dir)
+        train_set, test_set, sources = build_datasets(config, run_dir)
 
-    model = build_phaseformer(args.model, eca=args.eca)
-    if args.init_weights and checkpoint is None:
-        initial, info = load_phaseformer_for_inference(args.init_weights)
-        load_phaseformer_state_dict(model, initial.state_dict(), args.init_weights)
+    model = build_phaseformer(config.model, eca=config.eca)
+    if config.init_weights and checkpoint is None:
+        initial, info = load_phaseformer_for_inference(config.init_weights)
+        load_phaseformer_state_dict(model, initial.state_dict(), config.init_weights)
         logger.info("initial weights: %s", info["description"])
-        if info["value_range"] != args.value_range:
-            logger.warning("the initial weights expect --value_range %s, this run trains with %s", info["value_range"], args.value_range)
+        if info["value_range"] != config.value_range:
+            logger.warning("the initial weights expect --value_range %s, this run trains with %s", info["value_range"], config.value_range)
     model.to(device)
-    logger.info("Phaseformer '%s' (eca %s): %.3fM parameters", args.model, args.eca, sum(p.numel() for p in model.parameters()) / 1e6)
+    logger.info("Phaseformer '%s' (eca %s): %.3fM parameters", config.model, config.eca, sum(p.numel() for p in model.parameters()) / 1e6)
 
     weight_parameters = loss_weight_parameters(loss_fn)
     optimizer = torch.optim.Adam(
-        optimizer_param_groups(model, loss_fn, loss_weights_lr=args.loss_weights_lr), lr=args.learning_rate, betas=(args.beta1, 0.999)
+        optimizer_param_groups(model, loss_fn, loss_weights_lr=config.loss_weights_lr), lr=config.learning_rate, betas=(config.beta1, 0.999)
     )
-    eval_batch = 1 if args.eval_size == "full" else args.train_batch_size
-    workers = args.dataloader_num_workers
-    train_loader = make_loader(train_set, args.train_batch_size, shuffle=True, workers=workers, device_type=device.type)
+    eval_batch = 1 if config.eval_size == "full" else config.train_batch_size
+    workers = config.dataloader_num_workers
+    train_loader = make_loader(train_set, config.train_batch_size, shuffle=True, workers=workers, device_type=device.type)
     test_loader = make_loader(test_set, eval_batch, shuffle=False, workers=workers, drop_last=False, device_type=device.type)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    total_epochs = args.niter + args.niter_decay
-    schedule = (args.warmup, args.niter, args.niter_decay, args.lr_schedule)
+    steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
+    total_epochs = config.niter + config.niter_decay
+    schedule = (config.warmup, config.niter, config.niter_decay, config.lr_schedule)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, *schedule))
 
     step, start_epoch, history, input_scores = 0, 0, [], None
@@ -461,26 +460,27 @@ def main(args: argparse.Namespace) -> dict:
         logger.info("resumed at epoch %d%s, optimiser step %d, lr %.3e", start_epoch,
                     f" (+{skip_batches} batches)" if skip_batches else "", step, lr_scheduler.get_last_lr()[0])
         del checkpoint
-    run_config = vars(args)
+    run_config = vars(config)
     if is_main:
         save_config(run_config, run_dir / "args.yaml")
     start_tracking(accelerator, run_dir.name, run_config)
-    log_run_header(logger, accelerator, args.train_batch_size,
-                   f"{steps_per_epoch} optimiser steps per epoch, {total_epochs} epochs ({args.niter} + {args.niter_decay} "
-                   f"{args.lr_schedule} decay), lr {args.learning_rate:g}, Adam betas ({args.beta1}, 0.999)")
-    logger.info("training data: %d pairs, %s, crop %d px, flips %s, 2x target %s", len(train_set), args.resize_mode,
-                args.crop_size, args.flips, args.h_target)
+    log_run_header(logger, accelerator, config.train_batch_size,
+                   f"{steps_per_epoch} optimiser steps per epoch, {total_epochs} epochs ({config.niter} + {config.niter_decay} "
+                   f"{config.lr_schedule} decay), lr {config.learning_rate:g}, Adam betas ({config.beta1}, 0.999)")
+    logger.info("training data: %d pairs, %s, crop %d px, flips %s, 2x target %s", len(train_set), config.resize_mode,
+                config.crop_size, config.flips, config.h_target)
     logger.info("loss: %s | weighting %s | pixel %s | MS-SSIM as %s | value range %s | VGG resize 224 %s",
-                ", ".join(loss_fn.term_names), args.loss_weighting, args.pixel_loss,
-                "similarity (reference)" if args.msssim_as_similarity else "1 - MS-SSIM", args.value_range, args.vgg_resize_224)
-    logger.info(describe_protocol(args, sources))
+                ", ".join(loss_fn.term_names), config.loss_weighting, config.pixel_loss,
+                "similarity (reference)" if config.msssim_as_similarity else "1 - MS-SSIM", config.value_range, config.vgg_resize_224)
+    logger.info(describe_protocol(config, sources))
 
     def save(epoch: int, is_best: bool = False, is_final: bool = False, batches_done: int = 0, sums=None) -> None:
         bare = unwrap(accelerator, model)
         state = training_checkpoint(
             CHECKPOINT_KIND, accelerator, model, optimizer, run_config, step, epoch, lr_scheduler,
             model_config=plain_model_config(bare),
-            loss_weighting={"mode": args.loss_weighting, "state": {k: v.detach().cpu() for k, v in loss_fn.weighting_state_dict().items()},
+            loss_weighting={"mode": config.loss_weighting,
+                            "state": {k: v.detach().cpu() for k, v in loss_fn.weighting_state_dict().items()},
                             "weights": loss_fn.weights_dict()},
             history=history, best_psnr=best.best, best_epoch=best.epoch, input_scores=input_scores,
             steps_per_epoch=steps_per_epoch, dataset_name=run_dir.name, batches_done=batches_done,
@@ -489,15 +489,15 @@ def main(args: argparse.Namespace) -> dict:
         cadence.saved()
         if not is_main:
             return
-        copies = [run_dir / f"netG_model_epoch_{epoch}.pth"] if batches_done == 0 and (epoch % args.save_every == 0 or is_final) else []
+        copies = [run_dir / f"netG_model_epoch_{epoch}.pth"] if batches_done == 0 and (epoch % config.save_every == 0 or is_final) else []
         if is_best:
             copies.append(run_dir / "netG_model_best.pth")
         save_checkpoint_files(state, run_dir / "netG_model_latest.pth", copies, rotate_pattern="netG_model_epoch_*.pth",
-                              keep=args.checkpoints_total_limit)
+                              keep=config.checkpoints_total_limit)
 
-    last_epoch = min(total_epochs, args.stop_epoch or total_epochs)
+    last_epoch = min(total_epochs, config.stop_epoch or total_epochs)
     guard = NonFiniteGuard(device, NAN_HINT)
-    cadence = CheckpointCadence(args.checkpointing_steps, args.checkpointing_minutes)
+    cadence = CheckpointCadence(config.checkpointing_steps, config.checkpointing_minutes)
     lr_per_step: list[float] = []
     for epoch in range(start_epoch, last_epoch):
         model.train()
@@ -511,21 +511,22 @@ def main(args: argparse.Namespace) -> dict:
         requested = time.perf_counter()
         for batch in batches:
             data_wait += time.perf_counter() - requested
-            inputs = to_model_range(batch["input"], args.value_range)
-            target = to_model_range(batch["target"], args.value_range)
-            target_2x = to_model_range(batch["target_2x"], args.value_range)
+            inputs = to_model_range(batch["input"], config.value_range)
+            target = to_model_range(batch["target"], config.value_range)
+            target_2x = to_model_range(batch["target_2x"], config.value_range)
             try:
                 with accelerator.accumulate(model):
                     fake_b_L, fake_b_H = model(inputs)
                     with accelerator.autocast():
                         total, logs = loss_fn(fake_b_L.float(), fake_b_H.float(), target, target_2x)
                     backward_and_step(
-                        accelerator, total, optimizer, model.parameters(), args.max_grad_norm,
+                        accelerator, total, optimizer, model.parameters(), config.max_grad_norm,
                         before_clip=lambda: all_reduce_loss_weight_grads(accelerator, weight_parameters),
                     )
             except torch.OutOfMemoryError as err:
                 raise UserError(out_of_memory_message(
-                    args.train_batch_size, " (--gradient_accumulation_steps), or train on smaller images with --crop_size (the 2x head works at twice that side)"
+                    config.train_batch_size,
+                    " (--gradient_accumulation_steps), or train on smaller images with --crop_size (the 2x head works at twice that side)",
                 )) from err
             guard.update(total, step + 1)
             batches_done += 1
@@ -556,24 +557,25 @@ def main(args: argparse.Namespace) -> dict:
         weights_text = " ".join(f"{k[2:]} {v:.3f}" for k, v in row.items() if k.startswith("w_"))
         logger.info("epoch %d/%d | loss %.4f (L %.4f, H %.4f) | lr %.3e | step %d | weights %s | %.1f s, %.1f img/s",
                     done, total_epochs, row["loss"], row["loss_L"], row["loss_H"], row["lr"], step, weights_text, seconds,
-                    progress.steps * args.train_batch_size * accelerator.num_processes / seconds)
+                    progress.steps * config.train_batch_size * accelerator.num_processes / seconds)
         for warning in loss_fn.collapse_warnings():
             logger.warning("epoch %d: %s", done, warning)
         if device.type == "cuda" and data_wait > 0.3 * seconds:
             logger.warning("data loading took %.0f%% of epoch %d; raise --dataloader_num_workers (now %s) or store the "
-                           "images smaller", 100 * data_wait / seconds, done, args.dataloader_num_workers)
+                           "images smaller", 100 * data_wait / seconds, done, config.dataloader_num_workers)
 
         is_final = done == total_epochs
         is_best = False
-        if done % args.eval_every == 0 or is_final or done == last_epoch:
-            preview = run_dir / "samples" / f"epoch_{done}.png" if args.num_preview else None
-            scores = evaluate(accelerator, model, test_loader, args, preview)
+        if done % config.eval_every == 0 or is_final or done == last_epoch:
+            preview = run_dir / "samples" / f"epoch_{done}.png" if config.num_preview else None
+            scores = evaluate(accelerator, model, test_loader, config, preview)
             if input_scores is None:
                 input_scores = {"psnr": scores["input_psnr"], "ssim": scores["input_ssim"]}
                 logger.info("test inputs as they are: PSNR %.3f dB, SSIM %.4f", input_scores["psnr"], input_scores["ssim"])
             row.update(psnr=scores["psnr"], ssim=scores["ssim"])
             is_best = best.update(scores["psnr"], done)
-            logger.info("epoch %d: test PSNR %.3f dB, SSIM %.4f (best %.3f dB at epoch %d)", done, scores["psnr"], scores["ssim"], best.best, best.epoch)
+            logger.info("epoch %d: test PSNR %.3f dB, SSIM %.4f (best %.3f dB at epoch %d)", done, scores["psnr"], scores["ssim"],
+                        best.best, best.epoch)
             if preview is not None and preview.is_file():
                 log_image(accelerator, "test/preview", preview, step)
         history.append(row)
@@ -581,7 +583,7 @@ def main(args: argparse.Namespace) -> dict:
         save(done, is_best, is_final)
         if is_main:
             write_history_csv(history, run_dir / "history.csv")
-            plot_history(history, run_dir, args)
+            plot_history(history, run_dir, config)
         accelerator.wait_for_everyone()
 
     if accelerator.num_processes > 1 and weight_parameters:  # they are outside DDP: prove the all-reduce kept them in step
@@ -592,7 +594,7 @@ def main(args: argparse.Namespace) -> dict:
             logger.warning("loss weights differ between processes: %s", gathered.tolist())
     logger.info("done: %s (best test PSNR %.3f dB at epoch %d)", run_dir, best.best, best.epoch)
     accelerator.end_training()
-    return {"history": history, "lr_per_step": lr_per_step, "run_dir": run_dir, "step": step, "best_psnr": best.best, "config": args,
+    return {"history": history, "lr_per_step": lr_per_step, "run_dir": run_dir, "step": step, "best_psnr": best.best, "config": config,
             "input_scores": input_scores, "final_weights": loss_fn.weights_dict()}
 
 

@@ -87,7 +87,7 @@ def test_help_lists_the_house_names_and_the_aliases_as_such(module, aliases, mon
                   "--dataloader_num_workers", "--output_dir", "--device"):
         assert house in text, house
     for alias in aliases:
-        assert any(f"[alias: {alias}" in line or (f"alias: " in line and f" {alias}" in line) for line in text.splitlines()), alias
+        assert any(f"[alias: {alias}" in line or ("alias: " in line and f" {alias}" in line) for line in text.splitlines()), alias
     assert "--precision P" in text and "alias of --mixed_precision" in text and "--no-amp" in text
 
 

@@ -83,7 +83,8 @@ def test_resume_from_the_checkpoint_alone_keeps_every_setting(demo_images, tmp_p
     assert final["batch_plan"] == [4, 2] and final["step"] == 9  # 24 images: 6 batches of 4, accumulation 2
     resumed = train.main(train.parse_args(["--resume_from_checkpoint", str(run / "ddpm_epoch_1.pt"), "--device", "cpu"]))
     config = resumed["config"]
-    assert (config.lr_warmup_steps, config.max_grad_norm, config.effective_batch, config.learning_rate, config.seed) == (3, 0.05, 8, 2e-3, 7)
+    inherited = (config.lr_warmup_steps, config.max_grad_norm, config.effective_batch, config.learning_rate, config.seed)
+    assert inherited == (3, 0.05, 8, 2e-3, 7)
     assert resumed["step"] == straight["step"] == 9
     np.testing.assert_allclose(resumed["history"], straight["history"], rtol=1e-6)  # same LR, batches and noise
     again = torch.load(run / "ddpm_final.pt", weights_only=True)

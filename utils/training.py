@@ -33,7 +33,13 @@ def unwrap(accelerator, model: torch.nn.Module) -> torch.nn.Module:
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, shuffle: bool = True, workers: int | None = None, drop_last: bool = True, device_type: str = "cpu", seed: int | None = None
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = True,
+    workers: int | None = None,
+    drop_last: bool = True,
+    device_type: str = "cpu",
+    seed: int | None = None,
 ) -> DataLoader:
     """A DataLoader that keeps a GPU fed: worker processes, pinned memory, persistent workers."""
     if workers is None:

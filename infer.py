@@ -471,22 +471,6 @@ def _seesr_images(image_path: Path) -> list[Path]:
     raise DataError(f"--image_path {image_path} does not exist; pass an LR image or a folder of them.")
 
 
-def _ram_tag_files(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
-    """``--ram_tag_list``/``--ram_tag_thresholds``, else None (load_ram_tagger looks beside the weights) unless only
-    SeeSR's code tree has them: ``ram/data/`` under the current folder."""
-    tree = Path("ram/data")
-    beside = [Path(p).parent for p in (args.ram_path, args.ram_ft_path) if p]
-    tag_list = args.ram_tag_list
-    if tag_list is None and not any((f / "ram_tag_list.txt").is_file() for f in beside):
-        if (tree / "ram_tag_list.txt").is_file():
-            tag_list = tree / "ram_tag_list.txt"
-    thresholds = args.ram_tag_thresholds
-    if thresholds is None and tag_list is not None and Path(tag_list).parent == tree:
-        if (tree / "ram_tag_list_threshold.txt").is_file():
-            thresholds = tree / "ram_tag_list_threshold.txt"
-    return tag_list, thresholds
-
-
 def run_seesr(args: argparse.Namespace) -> dict:
     import random
 
@@ -519,8 +503,8 @@ def run_seesr(args: argparse.Namespace) -> dict:
     if image_attention or Path(args.ram_path).is_file():
         from models.ram import load_ram_tagger
 
-        tag_list, thresholds = _ram_tag_files(args)
-        tagger = load_ram_tagger(args.ram_path, args.ram_ft_path, tag_list, thresholds, device=device, dtype=dtype)
+        tagger = load_ram_tagger(args.ram_path, args.ram_ft_path, args.ram_tag_list, args.ram_tag_thresholds,
+                                 device=device, dtype=dtype)
         source = f"RAM ({args.ram_path}" + (f" + DAPE {args.ram_ft_path})" if args.ram_ft_path else ", no DAPE)")
         print(f"tags: {source}" + (", image embeddings to the image cross-attention" if image_attention else ""))
     else:

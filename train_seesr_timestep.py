@@ -686,16 +686,8 @@ def main(args: argparse.Namespace) -> dict:
     if use_ram:
         from models.ram import load_ram_tagger
 
-        tag_list, thresholds = args.ram_tag_list, args.ram_tag_thresholds
-        beside = [Path(p).parent for p in (args.ram_path, args.ram_ft_path) if p]
-        if tag_list is None and not any((f / "ram_tag_list.txt").is_file() for f in beside):
-            tree = Path("ram/data")  # SeeSR's code tree ships RAM's lists there
-            if (tree / "ram_tag_list.txt").is_file():
-                tag_list = tree / "ram_tag_list.txt"
-                if thresholds is None and (tree / "ram_tag_list_threshold.txt").is_file():
-                    thresholds = tree / "ram_tag_list_threshold.txt"
-        tagger = load_ram_tagger(args.ram_path, args.ram_ft_path, tag_list, thresholds, device=device,
-                                 dtype=weight_dtype)
+        tagger = load_ram_tagger(args.ram_path, args.ram_ft_path, args.ram_tag_list, args.ram_tag_thresholds,
+                                 device=device, dtype=weight_dtype)
         logger.info("RAM %s%s: image embeddings of the LR input; tags of the GT where no tag file is given",
                     args.ram_path, f" + DAPE {args.ram_ft_path}" if args.ram_ft_path else "")
     image_width = tagger.config.embed_width if tagger is not None else None

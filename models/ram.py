@@ -489,10 +489,14 @@ def load_tagger_state(model: RAMTagger, state: dict[str, torch.Tensor], source: 
     model.load_state_dict(mapped, strict=True)
 
 
+SEESR_RAM_DATA = Path("ram") / "data"  # where SeeSR's (and RAM's) code tree keeps the tag lists
+
+
 def _find_beside(name: str, *files: str | Path | None) -> Path:
-    """``name`` in the folder of the first given file that has it, else in the first file's folder."""
+    """``name`` beside the first given file that has it, else in SeeSR's ``ram/data/`` under the current folder
+    (where test_seesr.py finds it), else the path beside the first file (for the error message)."""
     folders = [Path(f).parent for f in files if f is not None]
-    for folder in folders:
+    for folder in [*folders, SEESR_RAM_DATA]:
         if (folder / name).is_file():
             return folder / name
     return folders[0] / name
@@ -510,7 +514,8 @@ def load_ram_tagger(
     """RAM from ``ram_swin_large_14m.pth`` (+ SeeSR's ``DAPE.pth`` merged in), ready for inference.
 
     The tag list (``ram_tag_list.txt``) and the thresholds (``ram_tag_list_threshold.txt``) are read from the given
-    paths, else from beside the RAM weights (or DAPE). Without a threshold file every class uses RAM's 0.68 (with
+    paths, else from beside the RAM weights (or DAPE), else from ``ram/data/`` under the current folder (SeeSR's code
+    tree). Without a threshold file every class uses RAM's 0.68 (with
     a warning: SeeSR always reads the file). ``config`` defaults to RAM Swin-L 384; tests pass a tiny one.
     """
     config = config or RAM_SWIN_L

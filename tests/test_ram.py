@@ -255,3 +255,15 @@ def test_pickled_release_needs_the_converter(tmp_path, tiny, images):
         convert_ram.convert(pickled, out, trust_pickle=True, config=TINY_RAM_CONFIG)
     converted = load_ram_tagger(out, config=TINY_RAM_CONFIG)
     torch.testing.assert_close(converted.image_embeddings(images), _load(tiny).image_embeddings(images))
+
+
+def test_tag_lists_found_in_seesrs_code_tree(tmp_path, monkeypatch):
+    """Weights in preset/models/, lists only in ram/data/ under the current folder: SeeSR's own layout."""
+    paths = write_tiny_ram(tmp_path / "preset/models")
+    (tmp_path / "ram/data").mkdir(parents=True)
+    for key in ("tag_list", "thresholds"):
+        paths[key].rename(tmp_path / "ram/data" / paths[key].name)
+    monkeypatch.chdir(tmp_path)
+    tagger = load_ram_tagger(paths["ram"], config=TINY_RAM_CONFIG)
+    assert tagger.tag_list == list(TINY_TAGS)
+    assert tagger.class_threshold[1].item() == pytest.approx(0.8)  # from the threshold file, not the 0.68 default

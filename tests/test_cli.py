@@ -159,6 +159,12 @@ def test_progress_is_plain_lines_when_the_output_is_not_a_terminal(capsys, monke
     lines = [line for line in captured.out.splitlines() if line.startswith("epoch 1/1 step")]
     assert len(lines) == 10 and lines[-1].startswith("epoch 1/1 step 100/100 | loss 0.0100")
     assert "\r" not in captured.err + captured.out
+    # A long epoch (hours at 256 px) still shows a line every LINE_SECONDS, checked at every refresh.
+    monkeypatch.setattr("utils.log.LINE_SECONDS", 0.0)
+    progress = TrainingProgress(1000, "epoch 1/1")
+    for _ in range(30):
+        progress.update(torch.tensor(1.0), 1e-3)
+    assert len([line for line in capsys.readouterr().out.splitlines() if "step" in line]) == 3  # steps 10, 20, 30
 
 
 # ---------------------------------------------------------------------------------------------- tensorboard

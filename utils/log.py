@@ -6,8 +6,8 @@ when the display is refreshed, not at every step.
 
 Progress in a terminal is a tqdm bar with loss / running average / LR. In a notebook's or a batch job's log
 (Kaggle, ``> train.log``, anything that is not a terminal) a bar redraws itself with carriage returns that
-pile up as thousands of lines, so there the bar is off and one plain line is logged every tenth of the epoch
-(:func:`interactive_output`; ``PROGRESS=bar`` or ``PROGRESS=lines`` in the environment forces either).
+pile up as thousands of lines, so there the bar is off and one plain line is logged every tenth of the epoch and
+at least every ``LINE_SECONDS`` (:func:`interactive_output`; ``PROGRESS=bar`` or ``PROGRESS=lines`` in the environment forces either).
 
 Experiment tracking goes through accelerate's trackers (``Accelerator(log_with=...)``): :func:`start_tracking`,
 :func:`log_scalars` and :func:`log_image` (through the tracker's own writer: TensorBoard's ``add_image``,
@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 LOGGER_NAME = "diffusion_lab"
+LINE_SECONDS = 60.0  # off a terminal, the longest wait between two progress lines (checked every refresh_every steps)
 
 
 def setup_logger(run_dir: str | Path | None, is_main: bool = True, filename: str = "train.log") -> logging.Logger:
@@ -91,7 +92,7 @@ class TrainingProgress:
 
     ``update(loss, lr)`` every optimiser step. In a terminal a tqdm bar whose postfix is refreshed every
     ``refresh_every`` steps (the only point where the loss is copied to the host); elsewhere one logged line every
-    tenth of ``total`` steps, ``desc step i/total | loss | avg | lr | s/step``.
+    tenth of ``total`` steps and at least every ``LINE_SECONDS``, ``desc step i/total | loss | avg | lr | s/step``.
     """
 
     def __init__(self, total: int, desc: str, enabled: bool = True, refresh_every: int = 10, initial: int = 0):
@@ -104,7 +105,7 @@ class TrainingProgress:
         self.latest: torch.Tensor | None = None
         self.steps = 0
         self.position = initial
-        self.started = time.perf_counter()
+        self.started = self.last_line = time.perf_counter()
 
     def update(self, loss: torch.Tensor, lr: float) -> None:
         self.latest = loss.detach()
@@ -116,10 +117,16 @@ class TrainingProgress:
             self.bar.set_postfix(
                 loss=f"{self.latest.float().item():.4f}", avg=f"{self.epoch_meter.mean():.4f}", lr=f"{lr:.2e}"
             )
-        elif self.enabled and not self.interactive and (self.steps % self.line_every == 0 or self.position == self.total):
-            seconds = (time.perf_counter() - self.started) / self.steps
+        elif self.enabled and not self.interactive and self._line_due():
+            self.last_line = time.perf_counter()
+            seconds = (self.last_line - self.started) / self.steps
             get_logger().info("%s step %d/%s | loss %.4f | avg %.4f | lr %.2e | %.2f s/step", self.desc, self.position,
                               self.total, self.latest.float().item(), self.epoch_meter.mean(), lr, seconds)
+
+    def _line_due(self) -> bool:
+        if self.steps % self.line_every == 0 or self.position == self.total:
+            return True
+        return self.steps % self.refresh_every == 0 and time.perf_counter() - self.last_line >= LINE_SECONDS
 
     def close(self) -> None:
         self.bar.close()

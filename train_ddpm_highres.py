@@ -193,7 +193,8 @@ def resolve_config(args: argparse.Namespace, checkpoint: dict | None, source: st
         if saved.get("model") is None and "model_preset" in saved:  # checkpoints written before the house names
             saved["model"] = saved["model_preset"]
     given = getattr(args, "given_flags", None)
-    given = set(vars(args)) if given is None else set(given)
+    if given is None:  # a Namespace not made by parse_args: every value that is set counts as given
+        given = {key for key, value in vars(args).items() if value is not None}
     config = resolve_resumed_config(args, given, saved, fixed=FIXED_ON_RESUME, session=("given_flags",), source=source)
     config.size = config.size or 32
     config.model = config.model or EXTRA_SIZE_PRESETS.get(config.size) or preset_for_size(config.size)

@@ -6,7 +6,7 @@
 
 Decodes one ``--latent_size`` x ``--latent_size`` latent (256 -> a 2048 px image) with a random-weight VAE in SD2's
 layout (``--config tiny``: the tests' block layout with 8-16 channels; ``sd2``: SD2-base's VAE config, 128-512
-channels, nothing downloaded) three ways: untiled, diffusers' ``AutoencoderKL`` tiling (``models.seesr.vae_tiling``:
+channels, nothing downloaded) three ways: untiled, diffusers' ``AutoencoderKL`` tiling (what ``models.seesr.vae_tiling`` sets:
 each tile normalised on its own statistics, overlaps blended over 1/4 tile) and ``models.tiled_vae.tiled_decode``
 (one GroupNorm estimate shared by all tiles; tiles wait on the CPU between norms when computing on a GPU, and on the
 GPU itself in the "GPU storage" row), both with ``--tile_size`` latent px (SeeSR's ``--vae_decoder_tiled_size``
@@ -96,7 +96,6 @@ def _resident_bytes() -> int:
 
 def run_method(method: str, args: argparse.Namespace, output_path: str, queue) -> None:
     """One decode in this (fresh) process; puts (seconds, peak bytes) on ``queue`` and saves the image."""
-    from models.seesr import vae_tiling
     from models.tiled_vae import tiled_decode
 
     device = resolve_device(args.device)
@@ -108,8 +107,8 @@ def run_method(method: str, args: argparse.Namespace, output_path: str, queue) -
         if method == "untiled":
             return vae.decode(z).sample
         if method == "diffusers tiling":
-            with vae_tiling(vae, args.tile_size * 8):
-                return vae.decode(z).sample
+            vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = True, args.tile_size * 8, args.tile_size
+            return vae.decode(z).sample
         storage = device if method.endswith("GPU storage") else None
         return tiled_decode(vae, z, args.tile_size, storage_device=storage)
 

@@ -250,7 +250,7 @@ def run_tiled(
     tiles = split_tiles(height, width, tile_size, padding, align)
     if len(tiles) == 1:  # nothing to pool across: keep the one tile where it computes
         storage_device = compute_device
-    # segments: (norm opening it or None, ops up to the next norm, zoom at its end)
+    # segments: [norm that opens it (None for the first), the ops up to the next norm]
     segments, zoom = [[None, []]], 1.0
     for op in ops:
         if op.kind == "norm":
@@ -267,7 +267,7 @@ def run_tiled(
         for op in segment:
             end_zoom *= op.zoom
         for number, tile in enumerate(tiles):
-            if states[number] is None:
+            if index == 0:
                 h = source[..., slice(*tile.read_y), slice(*tile.read_x)].to(compute_device, dtype)
                 stack = []
             else:

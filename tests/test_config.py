@@ -88,3 +88,20 @@ def test_explicitly_given_separates_flags_and_preset_keys_from_defaults(tmp_path
     assert explicitly_given(parser, ["--config", preset, "--no-amp"], args.config) == {"lr", "amp"}
     assert explicitly_given(parser, [], None) == set()
     assert args.batch_size == 8  # the probe does not disturb the real parser's defaults
+
+
+def test_alias_actions_in_presets(tmp_path):
+    """A house flag with aliases (utils/cli.py): the preset key of the destination reaches the house flag's checks,
+    a translating alias converts numbers, and a switch alias set to false leaves the house default alone."""
+    from utils.cli import add_training_arguments
+
+    def parser():
+        p = argparse.ArgumentParser()
+        add_training_arguments(p, defaults=dict(mixed_precision="auto", compile=True, report_to="none"))
+        return p
+
+    assert parse_with_config(parser(), ["--config", write(tmp_path, "precision: 32\n")]).mixed_precision == "no"
+    assert parse_with_config(parser(), ["--config", write(tmp_path, "no-amp: false\n")]).mixed_precision == "auto"
+    assert parse_with_config(parser(), ["--config", write(tmp_path, "no_compile: true\n")]).compile is False
+    with pytest.raises(UserError, match="'mixed_precision: fp8' is not a valid value"):
+        parse_with_config(parser(), ["--config", write(tmp_path, "mixed_precision: fp8\n")])

@@ -916,7 +916,8 @@ def main(args: argparse.Namespace) -> dict:
             written["validation"].append(path)
             logger.info("step %d: validation images %s", step, path)
         if bare_injector is not None:
-            from scripts.plot_timestep_weights import describe_injector, plot_timestep_weights
+            from models.timestep_adaptive import describe_injector
+            from utils.plots import plot_timestep_weights
 
             path = plot_timestep_weights(bare_injector, validation_dir / f"timestep_weights_step_{step:06d}.png",
                                          title=f"{output_dir.name}, step {step}")

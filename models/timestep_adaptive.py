@@ -361,6 +361,21 @@ def build_injector(
     )
 
 
+def describe_injector(injector) -> str:
+    """One line: the scale weights and w(t) at a few timesteps (for training logs)."""
+    parts = []
+    if injector.scale_weights is not None:
+        weights = injector.scale_weights.weights.detach().float().cpu().tolist()
+        parts.append("s = [" + ", ".join(f"{w:.3f}" for w in weights) + "]")
+    if injector.timestep_weights is not None:
+        for t in (999, 500, 1):
+            weights = injector.get_weight_at_step(t).detach().float().cpu()
+            shown = f"{weights[0]:.3f}" if injector.config.timestep_weights_shared else (
+                "[" + ", ".join(f"{w:.3f}" for w in weights.tolist()) + "]")
+            parts.append(f"w({t}) = {shown}")
+    return "injector " + ", ".join(parts)
+
+
 # ------------------------------------------------------------------------------------------------ save / load
 
 

@@ -75,8 +75,6 @@ CHECKPOINT_KIND = "ddpm"
 RESUME_PATTERNS = ["ddpm_last.pt", "ddpm_epoch_*.pt", "ddpm_final.pt"]
 # Settings a resumed run cannot change: the network and what it learns to generate.
 FIXED_ON_RESUME = ("size", "model", "dropout", "dataset")
-# Sizes without a paper model and the preset whose network serves them (STL-10's native 96 px).
-EXTRA_SIZE_PRESETS = {96: "64"}
 BEST_LOSS_SMOOTHING = 0.9
 LOG_EVERY = 10  # optimiser steps between tracker scalars (each one a host sync)
 
@@ -163,7 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--quick_every must not be negative")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         parser.error("--dropout must be in [0, 1)")
-    if args.size is not None and args.model is None and args.size not in EXTRA_SIZE_PRESETS:
+    if args.size is not None and args.model is None:
         try:
             preset_for_size(args.size)
         except UserError as err:
@@ -197,7 +195,7 @@ def resolve_config(args: argparse.Namespace, checkpoint: dict | None, source: st
         given = {key for key, value in vars(args).items() if value is not None}
     config = resolve_resumed_config(args, given, saved, fixed=FIXED_ON_RESUME, session=("given_flags",), source=source)
     config.size = config.size or 32
-    config.model = config.model or EXTRA_SIZE_PRESETS.get(config.size) or preset_for_size(config.size)
+    config.model = config.model or preset_for_size(config.size)
     config.learning_rate = config.learning_rate or default_learning_rate(config.model)
     return config
 

@@ -9,6 +9,7 @@ preset      channels per level           attention at            res blocks    d
 =========== ============================ ======================= ============= ======== ===========
 32          128, 256, 256, 256           16 px                   2             0.1      35.7M (paper)
 64          128, 256, 384, 512           16, 8 px                2             0.1      ~88M
+(96)        as 64                        24, 12 px               2             0.1      ~88M (STL-10's size)
 128         128, 128, 256, 384, 512      16, 8 px                2             0.0      ~91M
 256         128, 128, 256, 256, 512, 512 16 px                   2             0.0      ~114M (paper)
 tiny        32, 64                       8 px (lowest level)     1             0.0      tests, demo
@@ -17,6 +18,8 @@ tiny        32, 64                       8 px (lowest level)     1             0
 64 and 128 px have no DDPM-paper model; they follow Improved DDPM / ADM (Nichol & Dhariwal 2021): channel
 multipliers 1,2,3,4 (64 px) and 1,1,2,3,4 (128 px), attention at 16 and 8 px. Dropout 0.1 regularises the
 small-data regime (CIFAR-sized sets), as in the paper; the 128/256 px presets use none, as the paper's LSUN models.
+96 px (STL-10's native size) has no network of its own: it uses the 64 px one, whose four levels take 96 px down to
+12 px (attention at 24 and 12 px), so ``preset_for_size(96)`` is ``"64"``.
 
 Attention uses PyTorch's ``scaled_dot_product_attention`` (diffusers' ``AttnProcessor2_0``). DDPM's
 attention is single-headed: ``attention_head_dim=None`` gives one head as wide as the block.
@@ -44,14 +47,16 @@ DDPM_PRESETS: dict[str, dict] = {
         lr=2e-5,
     ),
 }
-SUPPORTED_SIZES = (32, 64, 128, 256)
+# Image size -> preset: the paper-sized network, and for STL-10's 96 px the 64 px network (no paper model at 96 px).
+SIZE_PRESETS = {32: "32", 64: "64", 96: "64", 128: "128", 256: "256"}
+SUPPORTED_SIZES = tuple(SIZE_PRESETS)
 
 
 def preset_for_size(size: int) -> str:
-    """The preset used at ``--size``: the paper-sized network for 32/64/128/256 px."""
-    if size not in SUPPORTED_SIZES:
+    """The preset used at ``--size``: the paper-sized network for 32/64/128/256 px, the 64 px one at 96 px."""
+    if size not in SIZE_PRESETS:
         raise UserError(f"--size {size} has no UNet preset; choose one of {', '.join(map(str, SUPPORTED_SIZES))} (or --model tiny).")
-    return str(size)
+    return SIZE_PRESETS[size]
 
 
 def ddpm_unet_config(preset: str, sample_size: int) -> dict:

@@ -23,7 +23,9 @@ def test_presets_halve_down_to_a_few_pixels():
         config = ddpm_unet_config(preset_for_size(size), size)
         assert size // 2 ** (len(config["block_out_channels"]) - 1) in (4, 8)
     assert len(ddpm_unet_config("256", 256)["block_out_channels"]) == 6  # the paper's 256 px models
-    with pytest.raises(UserError, match="--size 48 has no UNet preset"):
+    assert preset_for_size(96) == "64"  # STL-10's native size: the 64 px network, 96 -> 12 px
+    assert ddpm_unet_config(preset_for_size(96), 96)["block_out_channels"] == (128, 256, 384, 512)
+    with pytest.raises(UserError, match="--size 48 has no UNet preset; choose one of 32, 64, 96, 128, 256"):
         preset_for_size(48)
     with pytest.raises(UserError, match="multiple of 8"):
         ddpm_unet_config("32", 36)

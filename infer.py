@@ -314,7 +314,7 @@ def add_seesr_parser(subparsers) -> None:
                         help="SeeSR release folder (preset/models/seesr: unet/ + controlnet/), a checkpoint-<step>/ folder "
                         "(controlnet/ [+ unet/] [+ multi_scale_injector/]; a run folder picks its newest) or a ControlNet folder")
     parser.add_argument("--image_path", required=True, help="an LR image or a folder of LR images")
-    parser.add_argument("--output_dir", default="results/seesr", help="where the SR images go (default results/seesr)")
+    parser.add_argument("--output_dir", default="results/seesr", help="folder the SR images go to (default results/seesr)")
     parser.add_argument("--ram_path", default=SEESR_RAM_PATH,
                         help="RAM's weights ram_swin_large_14m.pth (default preset/models/ram_swin_large_14m.pth relative "
                         "to the current folder, where test_seesr.py reads it)")
@@ -339,53 +339,56 @@ def add_seesr_parser(subparsers) -> None:
     parser.add_argument("--start_point", choices=("lr", "noise"), default="lr",
                         help="lr: start from the VAE latent of the upscaled LR noised to --start_steps (SeeSR's "
                         "'LR embedding', default); noise: from pure noise")
-    parser.add_argument("--start_steps", type=int, default=999,
+    parser.add_argument("--start_steps", type=non_negative_int, default=999,
                         help="with --start_point lr: the timestep the LR latent is noised to; scheduled steps above it "
                         "are skipped (default 999: SeeSR's computation, all 50 steps 981..1 run; SeeSR parses this "
                         "flag but never uses it, here it means what it says)")
-    parser.add_argument("--lr_start_timestep", type=int, default=None,
+    parser.add_argument("--lr_start_timestep", type=non_negative_int, default=None,
                         help="this repository's earlier name of --start_steps; when given it replaces --start_steps")
-    parser.add_argument("--num_inference_steps", type=int, default=50, help="DDPM sampling steps: 20, 50 or 100 (default 50)")
-    parser.add_argument("--guidance_scale", type=float, default=5.5,
+    add_flag(parser, "--num_inference_steps", "--steps", "--num_steps", type=positive_int, default=50, metavar="N",
+             help="DDPM sampling steps, at most the training timesteps: 20, 50 or 100 (default 50, SeeSR's)")
+    parser.add_argument("--guidance_scale", type=non_negative_float, default=5.5,
                         help="classifier-free guidance, 3.0-8.0; <= 1 turns it off (default 5.5; 5.0-6.0 suggested "
                         "with the injector)")
-    parser.add_argument("--conditioning_scale", type=float, default=1.0, help="ControlNet residual scale (default 1.0)")
+    parser.add_argument("--conditioning_scale", type=non_negative_float, default=1.0,
+                        help="ControlNet residual scale (default 1.0)")
     parser.add_argument("--blending_alpha", type=float, default=1.0,
                         help="accepted for test_seesr.py command lines and has no effect: SeeSR parses it and never "
                         "uses it")
     parser.add_argument("--control_schedule", choices=("constant", "window", "linear"), default="constant",
                         help="hand-set ControlNet scale over the steps, to compare with the learned w(t): constant "
                         "(default), window (diffusers' control_guidance_start/end), linear (SUPIR: linear in the noise level)")
-    parser.add_argument("--control_guidance_start", type=float, default=0.0,
+    parser.add_argument("--control_guidance_start", type=fraction, default=0.0,
                         help="window: fraction of the steps after which the ControlNet starts acting (default 0.0)")
-    parser.add_argument("--control_guidance_end", type=float, default=1.0,
+    parser.add_argument("--control_guidance_end", type=fraction, default=1.0,
                         help="window: fraction of the steps after which it stops (default 1.0)")
-    parser.add_argument("--control_scale_start", type=float, default=0.0,
+    parser.add_argument("--control_scale_start", type=non_negative_float, default=0.0,
                         help="linear: ControlNet scale at the highest noise level, reaching --conditioning_scale at "
                         "none (default 0.0, SUPIR's)")
-    parser.add_argument("--process_size", type=int, default=512,
+    parser.add_argument("--process_size", type=int_at_least(8), default=512,
                         help="images whose short side times --upscale is below this are enlarged to it first (SeeSR's "
                         "rule, default 512); 256 halves the memory")
-    parser.add_argument("--upscale", type=int, default=4, help="super-resolution factor (default 4)")
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--upscale", type=positive_int, default=4, help="super-resolution factor (default 4)")
+    parser.add_argument("--seed", type=seed, default=None,
                         help="seed of each image's noise; every image restarts from it, so an image's result does not "
                         "depend on the others (default none: a random seed, printed so the run can be repeated)")
-    parser.add_argument("--sample_times", type=int, default=1,
+    parser.add_argument("--sample_times", type=positive_int, default=1,
                         help="samples per image, drawn one after another from the image's generator; N > 1 writes "
                         "OUTPUT_DIR/sample00..sample<N-1>/<name>.png as SeeSR (default 1: OUTPUT_DIR/<name>.png)")
     parser.add_argument("--align_method", choices=("adain", "wavelet", "nofix"), default="adain",
                         help="colour fix against the upscaled LR after decoding (default adain, SeeSR's)")
-    parser.add_argument("--latent_tiled_size", type=int, default=96,
+    parser.add_argument("--latent_tiled_size", type=positive_int, default=96,
                         help="latent tile side (latent px = image px / 8): larger latents are denoised in overlapping "
                         "Gaussian-weighted tiles (default 96; try 64 on 12 GB GPUs)")
-    parser.add_argument("--latent_tiled_overlap", type=int, default=4, help="latent pixels shared by tiles (default 4)")
-    parser.add_argument("--vae_encoder_tiled_size", type=int, default=1024,
+    parser.add_argument("--latent_tiled_overlap", type=non_negative_int, default=4,
+                        help="latent pixels shared by tiles, less than --latent_tiled_size (default 4)")
+    parser.add_argument("--vae_encoder_tiled_size", type=non_negative_int, default=1024,
                         help="VAE encoder tile in image px, 0 turns tiling off (default 1024)")
-    parser.add_argument("--vae_decoder_tiled_size", type=int, default=224,
+    parser.add_argument("--vae_decoder_tiled_size", type=non_negative_int, default=224,
                         help="VAE decoder tile in latent px, 0 turns tiling off (default 224; try 128 on 12 GB GPUs)")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto (GPU if present)")
-    parser.add_argument("--mixed_precision", choices=("auto", "fp16", "bf16", "no"), default="auto",
-                        help="network weights' precision: auto is fp16 on CUDA (SeeSR's default) and fp32 on CPU")
+    add_device_flag(parser)
+    add_precision_flags(parser, "auto", "network weights' precision: auto is fp16 on CUDA (SeeSR's default; bf16 and "
+                        "fp32 (no) on request) and fp32 on CPU")
 
 
 def _seesr_checks(args: argparse.Namespace) -> None:
@@ -394,22 +397,20 @@ def _seesr_checks(args: argparse.Namespace) -> None:
 
     from models.seesr import check_sd2_folder
 
-    if args.num_inference_steps < 1:
-        raise UserError(f"--num_inference_steps {args.num_inference_steps}: give at least 1 sampling step (20, 50, 100).")
-    if args.upscale < 1:
-        raise UserError(f"--upscale {args.upscale}: the super-resolution factor must be at least 1 (SeeSR: 4).")
-    if args.guidance_scale < 0:
-        raise UserError(f"--guidance_scale {args.guidance_scale} is negative; use 3.0-8.0, or 1 (or 0) for no guidance.")
-    if args.sample_times < 1:
-        raise UserError(f"--sample_times {args.sample_times}: give at least 1 sample per image.")
-    if args.process_size < 8 or min(args.latent_tiled_size, args.latent_tiled_overlap + 1) < 1:
-        raise UserError("--process_size must be at least 8 and --latent_tiled_size/--latent_tiled_overlap positive.")
+    # Single numbers are checked while parsing (utils/validators.py); here what needs another flag or the model.
+    check_output_dir(args.output_dir)
+    if args.control_schedule == "window" and args.control_guidance_start >= args.control_guidance_end:
+        raise UserError(f"--control_guidance_start {args.control_guidance_start:g} must be below --control_guidance_end "
+                        f"{args.control_guidance_end:g}: the window would never let the ControlNet act.")
     if args.latent_tiled_overlap >= args.latent_tiled_size:
         raise UserError(f"--latent_tiled_overlap {args.latent_tiled_overlap} must be smaller than --latent_tiled_size "
                         f"{args.latent_tiled_size}.")
     sd2 = check_sd2_folder(args.pretrained_model_path)
     schedule = json.loads((sd2 / "scheduler/scheduler_config.json").read_text())
     last = int(schedule.get("num_train_timesteps", 1000)) - 1
+    if args.num_inference_steps > last + 1:
+        raise UserError(f"--num_inference_steps {args.num_inference_steps} is more than the {last + 1} training timesteps "
+                        "of --pretrained_model_path; use at most that many (SeeSR: 50).")
     for flag in ("start_steps", "lr_start_timestep"):
         value = getattr(args, flag)
         if value is not None and not 0 <= value <= last:

@@ -19,7 +19,7 @@ earlier versions (no RAM needed). This script follows diffusers' ControlNet-trai
     python train_seesr_timestep.py --pretrained_model_path preset/models/stable-diffusion-2-base \\
         --train_data_dir datasets/HR --output_dir experience/timestep_multiscale --injector timestep_multiscale
     accelerate launch --multi_gpu train_seesr_timestep.py --config configs/seesr_sd2_base.yaml --train_data_dir HR
-    python train_seesr_timestep.py ... --resume_from_checkpoint latest
+    python train_seesr_timestep.py --resume_from_checkpoint latest --output_dir experience/timestep_multiscale
     python train_seesr_timestep.py ... --train_injector_only --controlnet_model_path experience/baseline/checkpoint-100000
     accelerate launch train_seesr_timestep.py --pretrained_model_name_or_path preset/models/stable-diffusion-2-base \
         --output_dir experience/seesr --root_folders preset/datasets/training_datasets \
@@ -42,12 +42,22 @@ SeeSR's flags that this script refuses, each with its reason: ``--revision``, ``
 ``--push_to_hub``, ``--hub_token``, ``--hub_model_id`` (nothing is downloaded or uploaded), ``--use_8bit_adam``
 (bitsandbytes is not a dependency), ``--dataset_name``, ``--dataset_config_name``, ``--image_column``,
 ``--conditioning_image_column``, ``--caption_column``, ``--max_train_samples`` (Hugging Face datasets: use
-``--root_folders``), ``--validation_prompt`` (validation prompts are RAM tags), ``--logging_dir``,
-``--tracker_project_name`` (the log, loss curve and validation images go to ``--output_dir``).
+``--root_folders``), ``--validation_prompt`` (validation prompts are RAM tags).
+
+The settings every trainer shares have the house names (utils/cli.py: diffusers' own, which SeeSR's script uses too)
+and the other trainers' spellings as aliases (``--batch_size``, ``--lr``, ``--resume``...). Resuming
+(``--resume_from_checkpoint latest --output_dir RUN``, or a checkpoint folder) takes every setting not given on the
+command line from the checkpoint's saved configuration (utils/resume.py), data and model paths included; a changed
+model setting (``--injector`` and its flags, ``--no_image_cross_attention``, ``--trainable_modules``,
+``--train_injector_only``) is refused in one line. ``--checkpointing_minutes M`` writes a checkpoint every M minutes
+as well (Kaggle's session limit). ``--report_to tensorboard`` (the default when tensorboard is installed) logs the loss,
+the learning rates, the injector's s and w(t) at a few timesteps, the validation images and the w(t) figure through
+accelerate's tracker into ``<output_dir>/<logging_dir>``.
 
 Writes into ``--output_dir`` (the run folder, ``experience/<name>``)::
 
-    args.yaml, train.log, loss_curve.png
+    args.yaml, train.log, loss_curve.png          the resolved settings of the (latest) session, log, loss curve
+    logs/<run name>/events.out.tfevents.*         TensorBoard (--report_to tensorboard, --logging_dir logs)
     checkpoint-<step>/controlnet/                 diffusers ControlNetModel (config.json + safetensors)
     checkpoint-<step>/unet/                       the whole UNet (diffusers folder) when it has image attention:
                                                   inference needs it, and its trained modules are in it
@@ -76,12 +86,14 @@ from pathlib import Path
 
 import torch
 
-from utils.accelerator import PRECISION_CHOICES, create_accelerator, log_run_header, reset_accelerate_state
+from utils.accelerator import create_accelerator, log_run_header, reset_accelerate_state
 from utils.checkpoint import atomic_write_text
-from utils.config import add_config_argument, config_to_dict, parse_with_config, save_config
+from utils.cli import add_training_arguments, check_training_arguments
+from utils.config import add_config_argument, config_to_dict, explicitly_given, parse_with_config, save_config
 from utils.errors import CheckpointError, UserError, run_cli
-from utils.log import LossMeter, TrainingProgress, setup_logger
-from utils.training import backward_and_step, check_finite, out_of_memory_message, unwrap
+from utils.log import LossMeter, TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
+from utils.resume import resolve_resumed_config
+from utils.training import CheckpointCadence, backward_and_step, check_finite, out_of_memory_message, unwrap
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_NAME = "training_state.json"
@@ -91,6 +103,13 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 RESUME_FIXED_FLAGS = ("injector", "timestep_weights", "injector_grouping", "timestep_weights_per_group",
                       "timestep_table_bins", "train_injector_only", "conditioning_embedding_channels",
                       "no_image_cross_attention", "trainable_modules")
+# Never taken from a checkpoint (beside utils.resume.SESSION_SETTINGS): settings of this machine and session.
+NOT_INHERITED = ("given_flags", "allow_tf32", "enable_xformers_memory_efficient_attention", "set_grads_to_none",
+                 "prompt_cache_size")
+# Alternatives: giving one of a group on a resumed run replaces the whole group's saved values.
+DATA_SOURCE_FLAGS = frozenset({"root_folders", "train_data_dir", "hr_dir", "lr_dir"})
+START_WEIGHT_FLAGS = frozenset({"seesr_model_path", "controlnet_model_path", "unet_model_path"})
+W_T_LOGGED_AT = (999, 750, 500, 250, 1)  # timesteps whose w(t) goes to the tracker as scalars
 UNET_FOLDER = "unet"
 DEFAULT_RAM_PATH = "preset/models/ram_swin_large_14m.pth"  # where SeeSR's train_seesr.py reads RAM (cwd-relative)
 # SeeSR's train_seesr.py flags refused here: flag -> (takes a value, reason).
@@ -109,8 +128,6 @@ REFUSED_SEESR_FLAGS = {
     "caption_column": (True, "Hugging Face datasets are not read: use --root_folders or --train_data_dir"),
     "max_train_samples": (True, "Hugging Face datasets are not read: pass a smaller folder"),
     "validation_prompt": (True, "validation prompts are the images' tags (tag files or RAM)"),
-    "logging_dir": (True, "the log, loss curve and validation images go to --output_dir"),
-    "tracker_project_name": (True, "the log, loss curve and validation images go to --output_dir"),
 }
 
 
@@ -173,9 +190,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "entries between neighbouring timesteps and see more samples each)")
     model.add_argument("--train_injector_only", action="store_true",
                        help="freeze the ControlNet (from --controlnet_model_path) and train the injector alone")
-    model.add_argument("--gradient_checkpointing", action="store_true",
+    model.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
                        help="recompute ControlNet and UNet activations in the backward pass: much less memory, "
-                       "about 20-30%% slower")
+                       "about 20-30%% slower (default off; --no-gradient_checkpointing turns off a resumed run's)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--root_folders", default=None,
@@ -204,23 +221,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "diffusers' --proportion_empty_prompts]")
     data.add_argument("--no_random_flip", dest="random_flip", action="store_false",
                       help="turn off random horizontal flips of the training crops")
-    data.add_argument("--dataloader_num_workers", type=int, default=None,
-                      help="data-loader worker processes: degradation runs on the CPU, so use several on a GPU "
-                      "server (default: up to 8 on CUDA, 0 on CPU)")
 
+    # torch.compile (--compile) is left out: the UNet runs outside accelerate's prepare() (the loss reads its
+    # attributes) and the ControlNet's image-attention inputs change shape with the tag count; untested here.
+    add_training_arguments(
+        parser,
+        defaults=dict(
+            train_batch_size=4, gradient_accumulation_steps=1, learning_rate=5e-5, lr_warmup_steps=500,
+            max_grad_norm=1.0, mixed_precision="auto", dataloader_num_workers=None, seed=42,
+            output_dir="experience/seesr", resume_from_checkpoint=None, checkpointing_steps=500,
+            checkpointing_minutes=0, checkpoints_total_limit=None, report_to=None, device="auto",
+        ),
+        help={
+            "learning_rate": "ControlNet (and trained UNet modules') learning rate after warm-up (SeeSR's)",
+            "lr_warmup_steps": "linear warm-up steps of the *_with_warmup, linear and cosine schedules",
+            "dataloader_num_workers": "data-loader worker processes: degradation runs on the CPU, so use several on a "
+                                      "GPU server (none given: up to 8 on CUDA, 0 on CPU)",
+            "seed": "seed of initialisation, data order, crops, degradations and noise; a resumed run continues "
+                    "exactly as if never stopped",
+            "output_dir": "the run folder: checkpoints, logs, validation images",
+            "resume_from_checkpoint": "'latest' (the newest checkpoint-<step> in --output_dir; a new run if there is "
+                                      "none) or a checkpoint-<step> folder; settings not given come from the checkpoint",
+            "checkpointing_steps": "write checkpoint-<step>/ every N optimiser steps and at the end, 0: only at the "
+                                   "end (and every --checkpointing_minutes)",
+            "checkpointing_minutes": "also write checkpoint-<step>/ every N minutes of training (Kaggle's session "
+                                     "limit: e.g. 30), 0 turns it off",
+            "checkpoints_total_limit": "keep only the newest N checkpoint folders, 0 or none keeps all",
+        },
+    )
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--train_batch_size", type=int, default=4, help="images per device and forward pass (default 4)")
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1,
-                       help="forward passes per optimiser step (default 1)")
-    optim.add_argument("--learning_rate", type=float, default=5e-5,
-                       help="ControlNet learning rate after warm-up (default 5e-5, SeeSR's)")
     optim.add_argument("--injector_learning_rate", type=float, default=1e-3,
                        help="injector learning rate (default 1e-3: a few dozen scalars starting at 1.0, and each "
                        "w(t) table entry only learns from the samples drawn at its timestep)")
     optim.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant",
                        help="learning-rate schedule (diffusers.optimization; default constant, as SeeSR)")
-    optim.add_argument("--lr_warmup_steps", type=int, default=500,
-                       help="linear warm-up steps of the *_with_warmup, linear and cosine schedules (default 500)")
     optim.add_argument("--lr_num_cycles", type=int, default=1, help="hard restarts of cosine_with_restarts (default 1)")
     optim.add_argument("--lr_power", type=float, default=1.0, help="power of the polynomial schedule (default 1.0)")
     optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1 (default 0.9)")
@@ -229,20 +263,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="AdamW weight decay of the ControlNet (default 1e-2); the injector gets none, since "
                        "decay would pull its weights towards 0 instead of their identity value 1")
     optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon (default 1e-8)")
-    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm, 0 turns it off (default 1.0)")
     optim.add_argument("--max_train_steps", type=int, default=None,
                        help="optimiser steps in total (default: --num_train_epochs epochs when given, else 100000)")
     optim.add_argument("--num_train_epochs", type=int, default=None,
                        help="passes over the data when --max_train_steps is not given (diffusers' meaning)")
     optim.add_argument("--scale_lr", action="store_true",
                        help="multiply --learning_rate by batch x accumulation x processes (diffusers' meaning)")
-    optim.add_argument("--seed", type=int, default=42,
-                       help="seed of initialisation, data order, crops, degradations and noise; a run resumed with "
-                       "the same seed continues exactly as if never stopped (default 42)")
 
     hardware = parser.add_argument_group("hardware")
-    hardware.add_argument("--mixed_precision", choices=PRECISION_CHOICES, default="auto",
-                          help="auto: bf16 where supported, else fp16 (loss-scaled) on CUDA, fp32 on CPU (default auto)")
     hardware.add_argument("--allow_tf32", dest="allow_tf32", action="store_true", default=True,
                           help="TF32 matmuls on Ampere+ GPUs (on by default here; kept for diffusers command lines)")
     hardware.add_argument("--no_tf32", dest="allow_tf32", action="store_false", help="turn TF32 off")
@@ -251,24 +279,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "PyTorch's scaled-dot-product attention (already memory-efficient) is used and logged")
     hardware.add_argument("--set_grads_to_none", action="store_true",
                           help="accepted for diffusers/SeeSR command lines: gradients are always set to None")
-    hardware.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                          help="auto uses the GPU when there is one (default auto)")
     hardware.add_argument("--prompt_cache_size", type=int, default=256,
                           help="text embeddings of this many distinct prompts kept on the device so the frozen text "
                           "encoder runs once per prompt (default 256; 0 turns the cache off)")
 
     out = parser.add_argument_group("checkpoints and logging")
-    out.add_argument("--output_dir", default="experience/seesr",
-                     help="the run folder: checkpoints, logs, validation images (default experience/seesr)")
-    out.add_argument("--checkpointing_steps", type=int, default=500,
-                     help="write checkpoint-<step>/ every N optimiser steps, and at the end (default 500)")
-    out.add_argument("--checkpoints_total_limit", type=int, default=None,
-                     help="keep only the newest N checkpoints (default: keep all)")
-    out.add_argument("--resume_from_checkpoint", default=None,
-                     help="'latest' (the newest checkpoint-<step> in --output_dir; a new run if there is none) or a "
-                     "checkpoint-<step> folder")
     out.add_argument("--logging_steps", type=int, default=50,
-                     help="log the mean loss (over all processes) every N steps; one point of loss_curve.png (default 50)")
+                     help="log the mean loss (over all processes) every N steps; one point of loss_curve.png and of "
+                     "the tracker's curves (default 50)")
+    out.add_argument("--logging_dir", default="logs",
+                     help="the tracker's folder, relative to --output_dir (default logs, SeeSR's)")
+    out.add_argument("--tracker_project_name", default=None,
+                     help="accelerate's init_trackers project name: TensorBoard writes to LOGGING_DIR/<name>/ "
+                     "(default: the run folder's name; SeeSR's was SeeSR)")
 
     val = parser.add_argument_group("validation")
     val.add_argument("--validation_steps", type=int, default=500,
@@ -289,45 +312,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         else:
             refused.add_argument(f"--{flag}", action="store_true", help=argparse.SUPPRESS)
     args = parse_with_config(parser, argv)
+    args.given_flags = sorted(explicitly_given(parser, argv, args.config))
+    check_training_arguments(parser, args)
 
     for flag, (_, reason) in REFUSED_SEESR_FLAGS.items():
         if getattr(args, flag) not in (None, False):
             parser.error(f"--{flag} is not supported: {reason}")
-
-    if not args.pretrained_model_path:
-        parser.error("--pretrained_model_path is required (a local diffusers Stable Diffusion 2 base folder)")
-    if args.lr_dir and not args.hr_dir:
-        parser.error("--lr_dir needs --hr_dir (prepared pairs are matched by file stem)")
-    if sum(bool(x) for x in (args.root_folders, args.train_data_dir, args.hr_dir)) > 1:
-        parser.error("give one data source: --root_folders, --train_data_dir (HR images degraded on the fly) or "
-                     "--hr_dir [--lr_dir]")
-    if not (args.root_folders or args.train_data_dir or args.hr_dir):
-        parser.error("no training data: give --root_folders (SeeSR's prepared folders), --train_data_dir (HR images) "
-                     "or --lr_dir and --hr_dir (prepared pairs)")
-    if args.seesr_model_path and (args.controlnet_model_path or args.unet_model_path):
-        parser.error("--seesr_model_path names both the ControlNet and the UNet; leave out --controlnet_model_path "
-                     "and --unet_model_path")
-    if args.no_image_cross_attention and args.unet_model_path:
-        parser.error("--unet_model_path starts from a UNet with image attention; it contradicts --no_image_cross_attention")
-    if args.train_injector_only:
-        if args.injector == "baseline":
-            parser.error("--train_injector_only trains the injector, which --injector baseline does not have")
-        if not (args.controlnet_model_path or args.seesr_model_path):
-            parser.error("--train_injector_only needs --controlnet_model_path or --seesr_model_path (a trained "
-                         "ControlNet to freeze)")
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
-                 "checkpointing_steps", "logging_steps", "validation_num_inference_steps", "scale"):
+    for flag in ("max_train_steps", "num_train_epochs", "logging_steps", "validation_num_inference_steps", "scale"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        parser.error("--checkpoints_total_limit must be at least 1 (leave it out to keep every checkpoint)")
     if args.validation_steps < 0 or args.num_validation_images < 0 or args.prompt_cache_size < 0:
         parser.error("--validation_steps, --num_validation_images and --prompt_cache_size cannot be negative")
     if not 0.0 <= args.null_text_ratio <= 1.0:
         parser.error("--null_text_ratio must be in [0, 1]")
-    if args.resolution % 8 or args.resolution % args.scale:
-        parser.error(f"--resolution must be divisible by 8 and by --scale {args.scale}")
+    # A resumed run takes the paths and the model settings from its checkpoint: main() checks them once merged.
+    message = settings_error(args)
+    if message and not args.resume_from_checkpoint:
+        parser.error(message)
     return args
+
+
+def settings_error(config: argparse.Namespace) -> str | None:
+    """The first combination of settings that cannot run, as one sentence (None when they can)."""
+    if not config.pretrained_model_path:
+        return "--pretrained_model_path is required (a local diffusers Stable Diffusion 2 base folder)"
+    if config.lr_dir and not config.hr_dir:
+        return "--lr_dir needs --hr_dir (prepared pairs are matched by file stem)"
+    if sum(bool(x) for x in (config.root_folders, config.train_data_dir, config.hr_dir)) > 1:
+        return ("give one data source: --root_folders, --train_data_dir (HR images degraded on the fly) or "
+                "--hr_dir [--lr_dir]")
+    if not (config.root_folders or config.train_data_dir or config.hr_dir):
+        return ("no training data: give --root_folders (SeeSR's prepared folders), --train_data_dir (HR images) "
+                "or --lr_dir and --hr_dir (prepared pairs)")
+    if config.seesr_model_path and (config.controlnet_model_path or config.unet_model_path):
+        return ("--seesr_model_path names both the ControlNet and the UNet; leave out --controlnet_model_path "
+                "and --unet_model_path")
+    if config.no_image_cross_attention and config.unet_model_path:
+        return "--unet_model_path starts from a UNet with image attention; it contradicts --no_image_cross_attention"
+    if config.train_injector_only:
+        if config.injector == "baseline":
+            return "--train_injector_only trains the injector, which --injector baseline does not have"
+        if not (config.controlnet_model_path or config.seesr_model_path):
+            return ("--train_injector_only needs --controlnet_model_path or --seesr_model_path (a trained "
+                    "ControlNet to freeze)")
+    if config.resolution % 8 or config.resolution % config.scale:
+        return f"--resolution must be divisible by 8 and by --scale {config.scale}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ set-up helpers
@@ -535,14 +565,53 @@ def read_training_state(checkpoint: Path) -> dict:
     return state
 
 
-def check_resume_compatible(state: dict, args, checkpoint: Path) -> None:
-    trained = state.get("config", {})
-    for flag in RESUME_FIXED_FLAGS:
-        if flag in trained and trained[flag] != getattr(args, flag):
-            raise CheckpointError(
-                f"{checkpoint} was trained with --{flag} {trained[flag]}, not {getattr(args, flag)}; resume with the "
-                "flags the run started with (see args.yaml in its run folder)."
-            )
+def resolve_run_config(args: argparse.Namespace) -> tuple[argparse.Namespace, Path | None, dict | None]:
+    """``(config, checkpoint folder or None, its training state)``: the flags, and on a resumed run the checkpoint's
+    saved settings for every flag not given (utils/resume.py); a changed model setting is a CheckpointError.
+
+    ``--resume_from_checkpoint PATH`` without ``--output_dir`` continues in the checkpoint's own run folder. Giving one
+    data source (or one starting-weight flag) replaces the saved ones of that group rather than adding to them.
+    """
+    given = getattr(args, "given_flags", None)
+    if given is None:  # a Namespace not made by parse_args: every value that is set counts as given
+        given = {key for key, value in vars(args).items() if value is not None}
+    given = set(given)
+    resume_dir = find_resume_checkpoint(args.resume_from_checkpoint, Path(args.output_dir))
+    state, saved = None, None
+    if resume_dir is not None:
+        state = read_training_state(resume_dir)
+        saved = dict(state.get("config") or {})
+        if "output_dir" not in given:
+            saved["output_dir"] = str(resume_dir.parent)
+        for group in (DATA_SOURCE_FLAGS, START_WEIGHT_FLAGS):
+            if given & group:
+                given |= group
+    config = resolve_resumed_config(args, given, saved, fixed=RESUME_FIXED_FLAGS, session=NOT_INHERITED,
+                                    source=str(resume_dir))
+    vars(config).pop("given_flags", None)
+    message = settings_error(config)
+    if message:
+        raise UserError(message[0].upper() + message[1:] + ".")
+    return config, resume_dir, state
+
+
+def injector_scalars(injector) -> dict[str, float]:
+    """The injector's level weights s and w(t) at a few timesteps, as tracker scalars."""
+    values = {}
+    groups = injector.num_groups
+    names = [f"{'level' if injector.config.grouping == 'level' else 'residual'}{i}" for i in range(groups - 1)] + ["mid"]
+    with torch.no_grad():
+        if injector.scale_weights is not None:
+            for name, weight in zip(names, injector.scale_weights.weights.float().cpu().tolist(), strict=True):
+                values[f"injector/s/{name}"] = weight
+        if injector.timestep_weights is not None:
+            for t in W_T_LOGGED_AT:
+                weights = injector.get_weight_at_step(t).float().cpu().tolist()
+                if injector.config.timestep_weights_shared:
+                    values[f"injector/w/t{t}"] = weights[0]
+                else:
+                    values.update({f"injector/w/t{t}/{name}": w for name, w in zip(names, weights, strict=True)})
+    return values
 
 
 def publish_checkpoint(staging: Path, final: Path) -> None:
@@ -645,90 +714,89 @@ def main(args: argparse.Namespace) -> dict:
     )
 
     reset_accelerate_state()
-    output_dir = Path(args.output_dir)
     # Everything a user can get wrong is checked before the models load.
-    check_sd2_folder(args.pretrained_model_path)
-    sources = resolve_model_sources(args)
-    dataset = build_training_dataset(args, args.seed)
+    config, resume_dir, resume_state = resolve_run_config(args)
+    output_dir = Path(config.output_dir)
+    check_sd2_folder(config.pretrained_model_path)
+    sources = resolve_model_sources(config)
+    dataset = build_training_dataset(config, config.seed)
     dataset.check_images()
-    validation_set = load_validation_set(args)
-    use_ram = not args.no_image_cross_attention
+    validation_set = load_validation_set(config)
+    use_ram = not config.no_image_cross_attention
     if use_ram:
-        check_ram_files(args)
-    resume_dir = find_resume_checkpoint(args.resume_from_checkpoint, output_dir)
-    resume_state = None
-    if resume_dir is not None:
-        resume_state = read_training_state(resume_dir)
-        check_resume_compatible(resume_state, args, resume_dir)
+        check_ram_files(config)
 
     accelerator = create_accelerator(
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        cpu=args.device == "cpu",
-        seed=args.seed,
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        cpu=config.device == "cpu",
+        seed=config.seed,
+        project_dir=str(output_dir),
+        report_to=config.report_to,
+        logging_dir=str(output_dir / config.logging_dir),
     )
-    if args.device == "cuda" and accelerator.device.type != "cuda":
+    if config.device == "cuda" and accelerator.device.type != "cuda":
         raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto.")
-    if not args.allow_tf32:
+    if not config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     is_main = accelerator.is_main_process
     logger = setup_logger(output_dir, is_main)
-    if args.resume_from_checkpoint == "latest" and resume_dir is None:
+    if config.resume_from_checkpoint == "latest" and resume_dir is None:
         logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run", output_dir)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
 
     # Frozen SD2 parts in the compute dtype; trainable weights in fp32 (autocast computes in half precision). The
     # ControlNet copies the UNet's encoder before the UNet is cast, so it starts from the full-precision weights.
-    sd2 = load_sd2_components(args.pretrained_model_path, device)
+    sd2 = load_sd2_components(config.pretrained_model_path, device)
     tagger = None
     if use_ram:
         from models.ram import load_ram_tagger
 
-        tagger = load_ram_tagger(args.ram_path, args.ram_ft_path, args.ram_tag_list, args.ram_tag_thresholds,
+        tagger = load_ram_tagger(config.ram_path, config.ram_ft_path, config.ram_tag_list, config.ram_tag_thresholds,
                                  device=device, dtype=weight_dtype)
         logger.info("RAM %s%s: image embeddings of the LR input; tags of the GT where no tag file is given",
-                    args.ram_path, f" + DAPE {args.ram_ft_path}" if args.ram_ft_path else "")
+                    config.ram_path, f" + DAPE {config.ram_ft_path}" if config.ram_ft_path else "")
     image_width = tagger.config.embed_width if tagger is not None else None
-    unet, controlnet, loaded_injector = build_models(args, sources, sd2.unet, logger, image_width)
+    unet, controlnet, loaded_injector = build_models(config, sources, sd2.unet, logger, image_width)
     unet.to(device)
     sd2.unet = unet
-    train_unet = use_ram and not args.train_injector_only and bool(args.trainable_modules)
+    train_unet = use_ram and not config.train_injector_only and bool(config.trainable_modules)
     unet_parameters = []
     if train_unet:
-        unet_parameters = list(unet_trainable_parameters(unet, args.trainable_modules).values())
+        unet_parameters = list(unet_trainable_parameters(unet, config.trainable_modules).values())
         if not unet_parameters:
-            raise UserError(f"--trainable_modules {' '.join(args.trainable_modules)} names no module of the UNet; "
+            raise UserError(f"--trainable_modules {' '.join(config.trainable_modules)} names no module of the UNet; "
                             "SeeSR's default is image_attentions.")
         for parameter in unet_parameters:
             parameter.requires_grad_(True)
         logger.info("UNet: %.2fM parameters trained (modules ending in %s), the rest frozen",
-                    sum(p.numel() for p in unet_parameters) / 1e6, ", ".join(args.trainable_modules))
+                    sum(p.numel() for p in unet_parameters) / 1e6, ", ".join(config.trainable_modules))
     frozen_models = [sd2.vae, sd2.text_encoder] + ([] if train_unet else [unet])  # a trained UNet stays fp32
     if weight_dtype != torch.float32:
         for frozen in frozen_models:
             frozen.to(dtype=weight_dtype)
-    if args.enable_xformers_memory_efficient_attention:
+    if config.enable_xformers_memory_efficient_attention:
         enable_xformers(logger, unet, controlnet)
     injector = build_injector(
-        args.injector,
+        config.injector,
         residual_levels_of(controlnet),
-        timestep_weights=args.timestep_weights,
-        grouping=args.injector_grouping,
-        timestep_weights_shared=not args.timestep_weights_per_group,
-        table_bins=args.timestep_table_bins,
+        timestep_weights=config.timestep_weights,
+        grouping=config.injector_grouping,
+        timestep_weights_shared=not config.timestep_weights_per_group,
+        table_bins=config.timestep_table_bins,
     )
     if loaded_injector is not None and injector is not None:
         try:
             injector.load_state_dict(loaded_injector.state_dict())
         except RuntimeError as error:
             raise CheckpointError(
-                f"The injector in {sources['injector']} does not fit --injector {args.injector} with these injector "
+                f"The injector in {sources['injector']} does not fit --injector {config.injector} with these injector "
                 f"flags: {str(error).splitlines()[0]}"
             ) from None
         logger.info("injector weights from %s", sources["injector"])
-    if args.train_injector_only:
+    if config.train_injector_only:
         controlnet.requires_grad_(False)
         controlnet.to(device).eval()
         if weight_dtype != torch.float32:
@@ -737,47 +805,47 @@ def main(args: argparse.Namespace) -> dict:
         controlnet.to(device).train()
     if injector is not None:
         injector.to(device).train()
-    if args.gradient_checkpointing:
-        set_gradient_checkpointing(True, *([sd2.unet] if args.train_injector_only else [controlnet, sd2.unet]))
+    if config.gradient_checkpointing:
+        set_gradient_checkpointing(True, *([sd2.unet] if config.train_injector_only else [controlnet, sd2.unet]))
     if train_unet:
         unet.train()
 
-    learning_rate = args.learning_rate
-    if args.scale_lr:
-        learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    trainables = ([] if args.train_injector_only else [controlnet]) + ([injector] if injector is not None else [])
+    learning_rate = config.learning_rate
+    if config.scale_lr:
+        learning_rate *= config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    trainables = ([] if config.train_injector_only else [controlnet]) + ([injector] if injector is not None else [])
     parameter_groups = []
-    if not args.train_injector_only:
+    if not config.train_injector_only:
         parameter_groups.append({"params": list(controlnet.parameters()) + unet_parameters, "lr": learning_rate,
-                                 "weight_decay": args.adam_weight_decay})
+                                 "weight_decay": config.adam_weight_decay})
     if injector is not None:
-        parameter_groups.append({"params": list(injector.parameters()), "lr": args.injector_learning_rate,
+        parameter_groups.append({"params": list(injector.parameters()), "lr": config.injector_learning_rate,
                                  "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(
-        parameter_groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+        parameter_groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
         fused=device.type == "cuda",
     )
-    workers = args.dataloader_num_workers
+    workers = config.dataloader_num_workers
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
-    if len(dataset) < args.train_batch_size * accelerator.num_processes:
+    if len(dataset) < config.train_batch_size * accelerator.num_processes:
         raise UserError(
-            f"The training data has {len(dataset)} images, fewer than one batch of {args.train_batch_size} per "
+            f"The training data has {len(dataset)} images, fewer than one batch of {config.train_batch_size} per "
             f"device on {accelerator.num_processes} process(es); add images or lower --train_batch_size."
         )
     # Not persistent: each epoch's workers get the dataset with that epoch's seed (see data/sr_pairs.py).
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.train_batch_size, shuffle=True, num_workers=workers,
+        dataset, batch_size=config.train_batch_size, shuffle=True, num_workers=workers,
         pin_memory=device.type == "cuda", drop_last=True,
     )
-    max_train_steps = args.max_train_steps
+    max_train_steps = config.max_train_steps
     if max_train_steps is None:
-        per_epoch = math.ceil(len(dataset) // (args.train_batch_size * accelerator.num_processes)
-                              / args.gradient_accumulation_steps)
-        max_train_steps = args.num_train_epochs * per_epoch if args.num_train_epochs else 100000
+        per_epoch = math.ceil(len(dataset) // (config.train_batch_size * accelerator.num_processes)
+                              / config.gradient_accumulation_steps)
+        max_train_steps = config.num_train_epochs * per_epoch if config.num_train_epochs else 100000
     lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-        num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power,
+        config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=max_train_steps, num_cycles=config.lr_num_cycles, power=config.lr_power,
     )
 
     # accelerate.save_state would write every prepared model as model_<i>.safetensors; the ControlNet and the
@@ -806,7 +874,7 @@ def main(args: argparse.Namespace) -> dict:
                     ) from None
 
     frozen_sources = {"controlnet": None, "unet": None}
-    if args.train_injector_only:
+    if config.train_injector_only:
         from models.seesr import controlnet_folder
 
         start = sources["seesr"]
@@ -822,14 +890,14 @@ def main(args: argparse.Namespace) -> dict:
     prepared = accelerator.prepare(*trainables, optimizer, loader, lr_scheduler)
     prepared_models = list(prepared[: len(trainables)])
     optimizer, loader, lr_scheduler = prepared[len(trainables):]
-    if not args.train_injector_only:
+    if not config.train_injector_only:
         controlnet = prepared_models.pop(0)
     if injector is not None:
         injector = prepared_models.pop(0)
     trainables = list(prepared[: len(trainables)])  # the DDP-wrapped ones: accumulate() skips their all-reduce
     trained_parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
-    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     global_step, micro_step, first_epoch, skip_batches, history = 0, 0, 0, 0, []
     if resume_dir is not None:
@@ -853,21 +921,22 @@ def main(args: argparse.Namespace) -> dict:
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_dir, global_step, first_epoch,
                     skip_batches)
     if is_main:
-        save_config(args, output_dir / "args.yaml")
+        save_config(config, output_dir / "args.yaml")
+    start_tracking(accelerator, config.tracker_project_name or output_dir.name, config_to_dict(config))
 
     controlnet_params = sum(p.numel() for p in unwrap(accelerator, controlnet).parameters())
     injector_params = sum(p.numel() for p in unwrap(accelerator, injector).parameters()) if injector is not None else 0
     logger.info(
         "injector %s%s | ControlNet %.1fM parameters (%s) | injector %d parameters | %d images, %d steps per epoch",
-        args.injector,
-        "" if injector is None else f" ({unwrap(accelerator, injector).variant}, {args.timestep_weights}, "
-        f"{args.injector_grouping})",
-        controlnet_params / 1e6, "frozen" if args.train_injector_only else "trained", injector_params,
+        config.injector,
+        "" if injector is None else f" ({unwrap(accelerator, injector).variant}, {config.timestep_weights}, "
+        f"{config.injector_grouping})",
+        controlnet_params / 1e6, "frozen" if config.train_injector_only else "trained", injector_params,
         len(dataset), steps_per_epoch,
     )
-    log_run_header(logger, accelerator, args.train_batch_size,
-                   f"{max_train_steps} steps, lr {learning_rate:g} / injector {args.injector_learning_rate:g}")
-    embed_prompts = PromptEmbeddingCache(sd2.tokenizer, sd2.text_encoder, device, args.prompt_cache_size)
+    log_run_header(logger, accelerator, config.train_batch_size,
+                   f"{max_train_steps} steps, lr {learning_rate:g} / injector {config.injector_learning_rate:g}")
+    embed_prompts = PromptEmbeddingCache(sd2.tokenizer, sd2.text_encoder, device, config.prompt_cache_size)
     validation_dir = output_dir / "validation"
     written: dict[str, list] = {"checkpoints": [], "validation": []}
 
@@ -895,11 +964,11 @@ def main(args: argparse.Namespace) -> dict:
                         tags, image_embeds = tagger(item["lr"][None].to(device=device, dtype=tagger.dtype))
                         prompt = prompt if item["tag_source"] == "file" else tags[0]
                     result = super_resolve_image(
-                        pipeline, item["lr"], upscale=args.scale,
-                        process_size=args.validation_process_size or args.resolution, image_embeds=image_embeds,
-                        prompt=prompt, num_inference_steps=args.validation_num_inference_steps,
-                        guidance_scale=args.validation_guidance_scale,
-                        generator=torch.Generator().manual_seed((args.seed or 0) + index),
+                        pipeline, item["lr"], upscale=config.scale,
+                        process_size=config.validation_process_size or config.resolution, image_embeds=image_embeds,
+                        prompt=prompt, num_inference_steps=config.validation_num_inference_steps,
+                        guidance_scale=config.validation_guidance_scale,
+                        generator=torch.Generator().manual_seed((config.seed or 0) + index),
                     )
                     tiles += [bicubic_upsample(item["lr"], result.shape[-2:]), result]
                     captions += [f"{item['name']} LR", f"SR step {step}"]
@@ -914,6 +983,7 @@ def main(args: argparse.Namespace) -> dict:
             path = save_grid(tiles, validation_dir / f"step_{step:06d}.png", nrow=per_row, value_range=(0.0, 1.0),
                              captions=captions)
             written["validation"].append(path)
+            log_image(accelerator, "validation/LR_SR_HR", path, step)
             logger.info("step %d: validation images %s", step, path)
         if bare_injector is not None:
             from models.timestep_adaptive import describe_injector
@@ -921,6 +991,7 @@ def main(args: argparse.Namespace) -> dict:
 
             path = plot_timestep_weights(bare_injector, validation_dir / f"timestep_weights_step_{step:06d}.png",
                                          title=f"{output_dir.name}, step {step}")
+            log_image(accelerator, "injector/timestep_weights", path, step)
             logger.info("step %d: %s | %s", step, describe_injector(bare_injector), path)
 
     def save_checkpoint(step: int, epoch: int, batches_in_epoch: int) -> None:
@@ -932,7 +1003,7 @@ def main(args: argparse.Namespace) -> dict:
         accelerator.save_state(str(staging))  # optimiser, LR schedule, loss scaler, RNG of every process
         accelerator.wait_for_everyone()  # every rank's files are in before the folder is renamed
         if is_main:
-            if args.train_injector_only:  # the frozen models exactly as loaded, not half-precision copies
+            if config.train_injector_only:  # the frozen models exactly as loaded, not half-precision copies
                 shutil.copytree(frozen_sources["controlnet"], staging / "controlnet")
                 if frozen_sources["unet"] is not None:
                     shutil.copytree(frozen_sources["unet"], staging / UNET_FOLDER)
@@ -946,12 +1017,12 @@ def main(args: argparse.Namespace) -> dict:
             state = {
                 "kind": CHECKPOINT_KIND, "step": step, "micro_step": micro_step, "epoch": epoch,
                 "batches_in_epoch": batches_in_epoch, "num_processes": accelerator.num_processes,
-                "loss_history": history, "config": config_to_dict(args),
+                "loss_history": history, "config": config_to_dict(config),
             }
             atomic_write_text(json.dumps(state, indent=1), staging / TRAINING_STATE_NAME)
             publish_checkpoint(staging, final)
-            for removed in rotate_checkpoint_folders(output_dir, args.checkpoints_total_limit):
-                logger.info("removed %s (--checkpoints_total_limit %d)", removed, args.checkpoints_total_limit)
+            for removed in rotate_checkpoint_folders(output_dir, config.checkpoints_total_limit):
+                logger.info("removed %s (--checkpoints_total_limit %d)", removed, config.checkpoints_total_limit)
             written["checkpoints"].append(final)
             logger.info("step %d: saved %s", step, final)
         accelerator.wait_for_everyone()
@@ -965,6 +1036,7 @@ def main(args: argparse.Namespace) -> dict:
                     parameter.grad = accelerator.reduce(parameter.grad, "mean")
 
     progress = TrainingProgress(max_train_steps, "SeeSR training", enabled=is_main, initial=global_step)
+    cadence = CheckpointCadence(config.checkpointing_steps, config.checkpointing_minutes)
     meter = LossMeter()
     micro_losses: list[torch.Tensor] = []
     last_saved = last_validated = global_step if resume_dir is not None else -1
@@ -989,13 +1061,13 @@ def main(args: argparse.Namespace) -> dict:
                         loss = seesr_training_loss(
                             batch, unet=sd2.unet, vae=sd2.vae, text_encoder=sd2.text_encoder, tokenizer=sd2.tokenizer,
                             controlnet=controlnet, injector=injector, noise_scheduler=sd2.noise_scheduler,
-                            generator=loss_generator(args.seed, micro_step, accelerator),
+                            generator=loss_generator(config.seed, micro_step, accelerator),
                         )
-                    backward_and_step(accelerator, loss, optimizer, trained_parameters, args.max_grad_norm,
+                    backward_and_step(accelerator, loss, optimizer, trained_parameters, config.max_grad_norm,
                                       before_clip=sync_unet_gradients)
             except torch.OutOfMemoryError as error:
                 raise UserError(out_of_memory_message(
-                    args.train_batch_size,
+                    config.train_batch_size,
                     "; or add --gradient_checkpointing, use --mixed_precision fp16/bf16 or a smaller --resolution",
                 )) from error
             micro_step += 1
@@ -1009,7 +1081,7 @@ def main(args: argparse.Namespace) -> dict:
             meter.update(step_loss)
             progress.update(step_loss, lr_scheduler.get_last_lr()[0])
             done = global_step >= max_train_steps
-            if global_step % args.logging_steps == 0 or done:
+            if global_step % config.logging_steps == 0 or done:
                 mean_loss = float(accelerator.reduce(meter.total / meter.count, "mean"))
                 meter.reset()
                 check_finite(mean_loss, global_step, ", or train with bf16 or fp32 instead of fp16")
@@ -1017,26 +1089,34 @@ def main(args: argparse.Namespace) -> dict:
                 seconds = (time.perf_counter() - started) / max(1, global_step - started_step)
                 logger.info("step %d/%d | loss %.4f | lr %.2e | %.2f s/step", global_step, max_train_steps,
                             mean_loss, lr_scheduler.get_last_lr()[0], seconds)
-            if args.validation_steps and global_step % args.validation_steps == 0:
+                if accelerator.trackers:
+                    rates = lr_scheduler.get_last_lr()
+                    scalars = {"train/loss": mean_loss, "train/lr": rates[0], "train/seconds_per_step": seconds}
+                    if injector is not None:
+                        scalars["train/lr_injector"] = rates[-1]
+                        scalars.update(injector_scalars(unwrap(accelerator, injector)))
+                    log_scalars(accelerator, scalars, global_step)
+            if config.validation_steps and global_step % config.validation_steps == 0:
                 validate(global_step)
                 last_validated = global_step
-            if global_step % args.checkpointing_steps == 0 or done:
+            if done or cadence.due(global_step, accelerator):
                 save_checkpoint(global_step, epoch, batches_in_epoch)
+                cadence.saved()
                 last_saved = global_step
             if done:
                 break
     progress.close()
     if last_saved != global_step:  # resumed at or past --max_train_steps
         save_checkpoint(global_step, epoch, 0)
-    if args.validation_steps and last_validated != global_step:
+    if config.validation_steps and last_validated != global_step:
         validate(global_step)
     if is_main and history:
         from utils.plots import plot_curves
 
         steps = [point[0] for point in history]
         plot_curves({"train loss (epsilon MSE)": [point[1] for point in history]}, output_dir / "loss_curve.png",
-                    title=f"{output_dir.name}: steps {steps[0]}..{steps[-1]}, a point every {args.logging_steps}",
-                    xlabel=f"logging interval ({args.logging_steps} optimiser steps)", log_y=True)
+                    title=f"{output_dir.name}: steps {steps[0]}..{steps[-1]}, a point every {config.logging_steps}",
+                    xlabel=f"logging interval ({config.logging_steps} optimiser steps)", log_y=True)
     logger.info("done: %d steps, checkpoints in %s", global_step, output_dir)
     accelerator.end_training()
     return {

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -119,6 +121,28 @@ def test_checkpoint_layout_keys_and_limit(runs, workspace, name):
     assert ("injector s = [" in log) == (name == "timestep_multiscale")  # the w(t) and s summary at validation
 
 
+def test_report_to_tensorboard_logs_loss_injector_and_images(runs, workspace):
+    """--report_to's default (tensorboard, installed here) in the variants' runs: loss and LR every logging step, the
+    injector's s and w(t) as scalars, the validation grid and the w(t) figure as images."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = workspace["root"] / "experience/timestep_multiscale"
+    events = EventAccumulator(str(run / "logs" / run.name)).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/lr_injector", "injector/s/level0", "injector/s/mid",
+            "injector/w/t999", "injector/w/t1"} <= scalars
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]  # --logging_steps 1
+    np.testing.assert_allclose([e.value for e in events.Scalars("train/loss")],
+                               [loss for _, loss in runs["timestep_multiscale"]["history"]], rtol=1e-6)
+    injector = load_file(run / "checkpoint-2/multi_scale_injector/model.safetensors")
+    assert events.Scalars("injector/s/mid")[-1].value == pytest.approx(float(injector["scale_weights.weights"][-1]))
+    assert {"validation/LR_SR_HR", "injector/timestep_weights"} <= set(events.Tags()["images"])
+    baseline = workspace["root"] / "experience/baseline"
+    assert not any(tag.startswith("injector/") for tag in
+                   EventAccumulator(str(baseline / "logs" / baseline.name)).Reload().Tags()["scalars"])
+
+
 def test_injector_only_training_keeps_the_controlnet(runs, workspace):
     baseline = workspace["root"] / "experience/baseline/checkpoint-2"
     output = workspace["root"] / "experience/injector_only"
@@ -160,6 +184,25 @@ def test_resume_latest_continues_exactly(workspace):
     with pytest.raises(CheckpointError, match="was trained with --injector timestep_multiscale, not timestep_only"):
         train.main(tiny_args(workspace, root / "paused", "--injector", "timestep_only", "--max_train_steps", "6",
                              "--resume_from_checkpoint", "latest", "--validation_steps", "0"))
+
+    # From the checkpoint alone: the uninterrupted run's checkpoint-2 in a new run folder, resumed with no setting
+    # repeated (--device is this machine's, never taken from a checkpoint). Paths, resolution, batch, LR warm-up,
+    # injector flags and --max_train_steps 5 come from checkpoint-2's saved configuration.
+    alone = root / "alone"
+    shutil.copytree(root / "straight/checkpoint-2", alone / "checkpoint-2")
+    resumed = train.main(train.parse_args(["--resume_from_checkpoint", "latest", "--output_dir", str(alone),
+                                           "--device", "cpu", "--report_to", "none"]))
+    assert resumed["resumed_from"] == alone / "checkpoint-2" and resumed["step"] == 5
+    np.testing.assert_allclose([loss for _, loss in resumed["history"]],
+                               [loss for _, loss in straight["history"]], rtol=1e-5)
+    saved = yaml.safe_load((alone / "args.yaml").read_text())
+    assert (saved["output_dir"], saved["train_data_dir"], saved["resolution"], saved["lr_warmup_steps"]) == (
+        str(alone), str(workspace["hr"]), 64, 0)
+    assert saved["conditioning_embedding_channels"] == [4, 8, 8, 8] and saved["injector"] == "timestep_multiscale"
+    # A changed model setting is one line naming the flag, before anything loads.
+    with pytest.raises(CheckpointError, match="was trained with --trainable_modules image_attentions, not attn2"):
+        train.main(train.parse_args(["--resume_from_checkpoint", "latest", "--output_dir", str(alone),
+                                     "--device", "cpu", "--trainable_modules", "attn2"]))
 
 
 def spec_command(workspace, checkpoint, output_dir, *overrides):
@@ -230,8 +273,6 @@ def test_the_checkpoints_injector_scales_the_control(runs, workspace):
     differ from one another only below 8-bit rounding. The difference is made large by construction instead:
     the zero convolutions get O(1) weights, and only the injector's level weights differ between the two copies.
     """
-    import shutil
-
     from safetensors.torch import save_file
 
     source = workspace["root"] / "experience/timestep_multiscale/checkpoint-2"
@@ -546,8 +587,6 @@ def test_seesr_flags(seesr_release, workspace, tiny_ram, tmp_path, monkeypatch, 
 
 
 def test_bad_seesr_inputs_are_one_line(runs, seesr_release, workspace, tmp_path, capsys):
-    import shutil
-
     baseline = workspace["root"] / "experience/baseline/checkpoint-2"
     other_base = tmp_path / "sd15_controlnet"
     shutil.copytree(baseline, other_base)
@@ -555,22 +594,35 @@ def test_bad_seesr_inputs_are_one_line(runs, seesr_release, workspace, tmp_path,
     (other_base / "controlnet/config.json").write_text(json.dumps({**config, "cross_attention_dim": 768}))
     ddpm = tmp_path / "ddpm_best.pt"
     torch.save({"model": {"conv.weight": torch.zeros(1)}}, ddpm)
-    cases = [
+    file = tmp_path / "a_file"
+    file.write_text("")
+    cases = [  # numbers alone are refused while parsing, with the flag's name; the rest before anything loads
         (["--lr_start_timestep", "1000"], "--lr_start_timestep 1000 is beyond the noise schedule"),
-        (["--start_steps", "-1"], "--start_steps -1 is beyond the noise schedule"),
-        (["--num_inference_steps", "0"], "--num_inference_steps 0"),
-        (["--upscale", "0"], "--upscale 0"),
-        (["--guidance_scale", "-1"], "--guidance_scale -1.0 is negative"),
+        (["--start_steps", "-1"], "argument --start_steps: must be at least 0, got -1"),
+        (["--num_inference_steps", "0"], "argument --num_inference_steps/--steps/--num_steps: must be at least 1, got 0"),
+        (["--steps", "5000"], "--num_inference_steps 5000 is more than the 1000 training timesteps"),
+        (["--upscale", "0"], "argument --upscale: must be at least 1, got 0"),
+        (["--guidance_scale", "-1"], "argument --guidance_scale: must be at least 0, got -1"),
+        (["--process_size", "4"], "argument --process_size: must be at least 8, got 4"),
+        (["--sample_times", "0"], "argument --sample_times: must be at least 1, got 0"),
+        (["--seed", "-3"], "argument --seed: must be a seed between 0 and"),
+        (["--latent_tiled_overlap", "-5"], "argument --latent_tiled_overlap: must be at least 0, got -5"),
+        (["--latent_tiled_size", "4", "--latent_tiled_overlap", "4"], "must be smaller than --latent_tiled_size 4"),
+        (["--control_schedule", "window", "--control_guidance_start", "0.8", "--control_guidance_end", "0.2"],
+         "--control_guidance_start 0.8 must be below --control_guidance_end 0.2"),
+        (["--control_guidance_end", "1.5"], "argument --control_guidance_end: must be between 0 and 1, got 1.5"),
+        (["--mixed_precision", "fp8"], "argument --mixed_precision: 'fp8' is not one of"),
+        (["--output_dir", str(file)], f"--output_dir {file} is a file"),
         (["--seesr_model_path", str(other_base)], "built for text embeddings of width 768"),
         (["--seesr_model_path", str(ddpm)], f"--seesr_model_path {ddpm} is a file"),
     ]
     for flags, fragment in cases:
-        args = spec_command(workspace, baseline, tmp_path / "out", *flags)
         with pytest.raises(SystemExit) as exit_info:
-            run_cli(lambda args=args: infer.main(args))
+            run_cli(lambda flags=flags: infer.main(spec_command(workspace, baseline, tmp_path / "out", *flags)))
         error = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(error) == 1 and error[0].startswith("error: "), (flags, error)
         assert fragment in error[0], (fragment, error[0])
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
 def test_a_corrupt_lr_image_is_skipped_with_a_warning(runs, workspace, tmp_path, capsys):
@@ -650,6 +702,22 @@ def test_seesr_training_flags_parse_or_are_refused(workspace, capsys):
     assert args.trainable_modules == ["image_attentions", "attn2"] and args.num_train_epochs == 3
     root = train.parse_args(["--pretrained_model_path", "sd2", "--root_folders", "a,b", "--null_text_ratio", "0.5"])
     assert root.root_folders == "a,b" and root.max_train_steps is None and root.trainable_modules == ["image_attentions"]
+    # The house names' aliases (the other trainers' spellings), SeeSR's tracker flags, the time-based checkpoints.
+    house = train.parse_args(["--pretrained_model_path", "sd2", "--root_folders", "a", "--batch_size", "8", "--lr", "1e-4",
+                              "--grad_accum", "2", "--warmup_steps", "0", "--grad_clip", "0.5", "--keep_last", "3",
+                              "--resume", "latest", "--precision", "16-mixed", "--checkpointing_minutes", "30",
+                              "--logging_dir", "tb", "--tracker_project_name", "SeeSR", "--report_to", "none"])
+    assert (house.train_batch_size, house.learning_rate, house.gradient_accumulation_steps, house.lr_warmup_steps,
+            house.max_grad_norm, house.checkpoints_total_limit, house.resume_from_checkpoint, house.mixed_precision,
+            house.checkpointing_minutes, house.logging_dir) == (8, 1e-4, 2, 0, 0.5, 3, "latest", "fp16", 30.0, "tb")
+    assert {"train_batch_size", "learning_rate", "resume_from_checkpoint"} <= set(house.given_flags)
+    assert (root.learning_rate, root.lr_warmup_steps, root.train_batch_size, root.seed) == (5e-5, 500, 4, 42)
+    for flag, fragment in ((["--lr", "0"], "--learning_rate must be positive"),
+                           (["--checkpointing_minutes", "-1"], "--checkpointing_minutes must not be negative")):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--pretrained_model_path", "sd2", "--root_folders", "a", *flag])
+        assert fragment in capsys.readouterr().err
+    train.parse_args(["--resume_from_checkpoint", "latest", "--output_dir", "run"])  # paths come from the checkpoint
     for flag in (["--use_8bit_adam"], ["--revision", "main"], ["--dataset_name", "x"]):
         with pytest.raises(SystemExit):
             train.parse_args(["--pretrained_model_path", "sd2", "--root_folders", "a", *flag])

@@ -1,0 +1,235 @@
+"""The Kaggle notebook cells of docs/*.md, run as written on CPU with tiny data (issue 11, item 7).
+
+Each family's doc has a "Kaggle" section whose cells are fenced ``bash`` blocks after an HTML comment
+``<!-- kaggle-cell: ROLE -->``; a cell is a ``%%bash`` notebook cell. This test reads the cells, swaps
+``/kaggle/input`` and ``/kaggle/working`` for temporary folders (``working/lab`` is a link to this repository, where
+the set-up cell would have cloned it), writes tiny data where the cells expect the Kaggle data sets, and runs each
+cell with bash, in document order:
+
+* ``setup`` (git clone, pip install) is skipped;
+* the cells name their sizes as shell variables with defaults (``EPOCHS=${EPOCHS:-50}``, ``GPUS``, ``PRECISION``,
+  ``EXTRA_ARGS``): the test sets them in the environment (tiny presets, ``PRECISION`` fp32 on CPU), so the commands
+  are the users' own;
+* the two-process training cells run as two processes on CPU (torchrun, gloo; ``CUDA_VISIBLE_DEVICES`` is empty
+  so a GPU machine runs the same);
+* before a ``resume`` cell the session ends: everything the previous cells wrote in ``/kaggle/working`` moves to
+  ``/kaggle/input/previous-run`` (a previous version's output attached as a data set), as in a new Kaggle session,
+  and the ``data`` cells (links into ``/kaggle/working``) run again, as a user runs them in every session.
+
+The output of every cell must be free of carriage returns (readable progress in a notebook's log). SeeSR's cells
+load RAM from its weight file, which does not record the architecture: a ``sitecustomize`` in the cells'
+``PYTHONPATH`` swaps RAM's Swin-L for the tiny configuration of tests/ram_tiny.py, as the ``tiny_ram`` fixture of
+tests/test_train_seesr.py does in-process. Each family is a few training and inference processes (10-30 s each on
+a shared 2-core CPU), so the file is marked slow.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CELL = re.compile(r"<!-- kaggle-cell: ([\w-]+) -->\s*\n```bash\n(.*?)```", re.S)
+ROLES = {"setup", "data", "extract", "train", "resume", "infer"}
+SKIPPED = {"setup"}  # git clone and pip install: the test runs in this checkout with its environment
+
+pytestmark = pytest.mark.slow
+
+TINY_RAM_SITECUSTOMIZE = '''
+"""Test-only: RAM's Swin-L becomes the tiny configuration of tests/ram_tiny.py when models.ram is imported."""
+import importlib.abc
+import importlib.machinery
+import sys
+
+
+class _TinyRAM(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "models.ram":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            from tests.ram_tiny import TINY_RAM_CONFIG
+
+            module.RAM_SWIN_L = TINY_RAM_CONFIG
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _TinyRAM())
+'''
+
+
+def read_cells(doc: str) -> list[tuple[str, str]]:
+    """(role, bash text) of every marked cell of ``docs/<doc>``, in order, without the ``%%bash`` line."""
+    text = (ROOT / "docs" / doc).read_text(encoding="utf-8")
+    cells = []
+    for role, body in CELL.findall(text):
+        assert role in ROLES, f"docs/{doc}: unknown cell role {role!r} (known: {sorted(ROLES)})"
+        lines = body.splitlines()
+        assert lines and lines[0].strip() == "%%bash", f"docs/{doc}: a {role} cell must start with %%bash"
+        cells.append((role, "\n".join(lines[1:]) + "\n"))
+    return cells
+
+
+class KaggleSession:
+    """A stand-in for a Kaggle notebook: /kaggle/input and /kaggle/working in a temporary folder."""
+
+    def __init__(self, root: Path):
+        self.input = root / "input"
+        self.working = root / "working"
+        self.home = root / "home"
+        for folder in (self.input, self.working, self.home):
+            folder.mkdir(parents=True)
+        (self.working / "lab").symlink_to(ROOT, target_is_directory=True)
+        self.site = root / "site"
+        self.site.mkdir()
+
+    def path(self, kaggle_path: str) -> Path:
+        return Path(self.rewrite(kaggle_path))
+
+    def rewrite(self, text: str) -> str:
+        return text.replace("/kaggle/input", str(self.input)).replace("/kaggle/working", str(self.working))
+
+    def new_session(self) -> None:
+        """A new session: what the previous one wrote in /kaggle/working comes back as /kaggle/input/previous-run."""
+        previous = self.input / "previous-run"
+        previous.mkdir()
+        for entry in self.working.iterdir():
+            if entry.name != "lab":
+                shutil.move(str(entry), previous / entry.name)
+
+    def run(self, role: str, cell: str, env: dict[str, str], tiny_ram: bool = False) -> str:
+        """Runs one cell with bash; ``env`` sets the cell's variables (Kaggle paths in them are rewritten too)."""
+        environment = dict(
+            os.environ,
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            OMP_NUM_THREADS="1",
+            CUDA_VISIBLE_DEVICES="",
+            HOME=str(self.home),
+            PYTHONPATH=os.pathsep.join([str(self.site)] if tiny_ram else []),
+            **{name: self.rewrite(value) for name, value in env.items()},
+        )
+        environment.pop("PROGRESS", None)
+        if tiny_ram:
+            (self.site / "sitecustomize.py").write_text(TINY_RAM_SITECUSTOMIZE)
+        result = subprocess.run(["bash", "-e", "-c", self.rewrite(cell)], capture_output=True, text=True, env=environment,
+                                timeout=600)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"{role} cell failed:\n{self.rewrite(cell)}\n{output[-4000:]}"
+        assert "\r" not in output, f"{role} cell: carriage returns in the output (a progress bar off a terminal)"
+        return output
+
+
+def run_cells(session: KaggleSession, doc: str, env_per_role: dict[str, dict[str, str]], tiny_ram: bool = False) -> dict:
+    """Runs every cell of ``doc`` but the set-up; returns each role's output (the last cell of a role wins)."""
+    cells = read_cells(doc)
+    roles = [role for role, _ in cells]
+    assert {"setup", "train", "resume"} <= set(roles), f"docs/{doc}: a Kaggle section needs setup, train and resume cells"
+    outputs = {}
+    for role, cell in cells:
+        if role in SKIPPED:
+            continue
+        if role == "resume":  # a new session: the user runs the set-up and data cells again, then this one
+            session.new_session()
+            for data_role, data_cell in cells:
+                if data_role == "data":
+                    session.run(data_role, data_cell, env_per_role.get(data_role, {}), tiny_ram=tiny_ram)
+        outputs[role] = session.run(role, cell, env_per_role.get(role, {}), tiny_ram=tiny_ram)
+    return outputs
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_cells_are_marked_in_every_family_doc():
+    for doc in ("ddpm.md", "phaseformer.md", "user_generation.md", "seesr.md"):
+        cells = read_cells(doc)
+        roles = [role for role, _ in cells]
+        assert roles[0] == "setup" and "train" in roles and "resume" in roles, (doc, roles)
+        assert roles.index("train") < roles.index("resume"), doc
+        for role, cell in cells:
+            if role in ("train", "resume"):
+                assert "--checkpointing_minutes" in cell, f"{doc} {role}: no time-based checkpoints"
+                assert "--nproc_per_node ${GPUS:-2}" in cell or "--devices ${GPUS:-2}" in cell, f"{doc} {role}: not two processes"
+            assert "/kaggle/working/lab" in cell or role == "setup", f"{doc} {role}: the cell does not cd to the code"
+
+
+def test_ddpm_cells(tmp_path):
+    from data.demo_data import build_demo_image_folder
+
+    session = KaggleSession(tmp_path)
+    build_demo_image_folder(session.path("/kaggle/input/images"), size=16, count=8, seed=0)
+    common = {"DATASET": "folder", "DATA": "/kaggle/input/images", "SIZE": "16", "PRECISION": "no", "RUN": "tiny"}
+    tiny = "--model tiny --train_batch_size 2 --effective_batch 4 --lr_warmup_steps 1 --num_samples 2 --sample_steps 2 " \
+           "--quick_every 0 --report_to none"
+    env = {
+        "train": {**common, "EPOCHS": "1", "EXTRA_ARGS": tiny},
+        "resume": {**common, "EXTRA_ARGS": "--epochs 2"},
+        "infer": {**common, "EXTRA_ARGS": "--steps 2 --device cpu"},
+    }
+    outputs = run_cells(session, "ddpm.md", env)
+    assert "x 2 process(es)" in outputs["train"]
+    assert "resumed at epoch 1" in outputs["resume"]
+    run = session.path("/kaggle/working/checkpoints/tiny")
+    assert load(run / "ddpm_last.pt")["epoch"] == 2
+    assert session.path("/kaggle/working/samples.png").is_file()
+
+
+def test_phaseformer_cells(tmp_path):
+    from data.underwater import build_synthetic_underwater
+
+    session = KaggleSession(tmp_path)
+    pairs = build_synthetic_underwater(tmp_path / "synthetic", size=32, train_count=6, test_count=2, seed=0)
+    lsui = session.path("/kaggle/input/lsui/LSUI")
+    for kaggle_name, name in (("input", "input"), ("GT", "gt")):  # LSUI ships one folder of pairs, GT in capitals
+        (lsui / kaggle_name).mkdir(parents=True)
+        for split in ("train", "test"):
+            for image in (pairs / split / name).iterdir():
+                shutil.copy(image, lsui / kaggle_name / f"{split}_{image.name}")
+    common = {"CONFIG": "configs/phaseformer_tiny.yaml", "BATCH": "2", "PRECISION": "no"}
+    env = {
+        "train": {**common, "EXTRA_ARGS": "--test_split 2 --no_perceptual --stop_epoch 1 --report_to none"},
+        "resume": {**common, "EXTRA_ARGS": "--stop_epoch 2"},
+        "infer": {"EXTRA_ARGS": "--device cpu"},
+    }
+    outputs = run_cells(session, "phaseformer.md", env)
+    assert "x 2 process" in outputs["train"]
+    run = session.path("/kaggle/working/checkpoint/LSUI")
+    assert load(run / "netG_model_latest.pth")["epoch"] == 2
+    assert (session.path("/kaggle/working/results") / "metrics.csv").is_file()
+
+
+def test_user_generation_cells(tmp_path):
+    from tests.user_pipeline_data import write_tiny_vavae, write_user_folders
+
+    session = KaggleSession(tmp_path)
+    write_user_folders(session.path("/kaggle/input/micro-doppler/data_split"), [1, 2, 3, 4, 5], 3)
+    vavae = session.path("/kaggle/input/vavae/vavae-imagenet256-f16d32-dinov2.pt")
+    vavae.parent.mkdir(parents=True)
+    write_tiny_vavae(vavae)
+    tiny = "--vavae_config tiny"
+    env = {
+        "extract": {"EXTRA_ARGS": f"{tiny} --image_size 32 --val_fraction 0.34 --device cpu"},
+        "train": {"BATCH": "4", "EPOCHS": "1", "PRECISION": "32",
+                  "EXTRA_ARGS": f"{tiny} --model_size tiny --preview_samples 1 --preview_steps 2 --report_to none"},
+        "resume": {"PRECISION": "32", "EXTRA_ARGS": "--max_epochs 2"},
+        "infer": {"EXTRA_ARGS": f"{tiny} --num_steps 2 --device cpu"},
+    }
+    outputs = run_cells(session, "user_generation.md", env)
+    assert "x 2 process" in outputs["train"]
+    run = session.path("/kaggle/working/trained_models/checkpoints")
+    assert load(run / "last.ckpt")["epoch"] == 2
+    generated = session.path("/kaggle/working/generated_images")
+    assert (generated / "micro_doppler_grid.png").is_file() and (generated / "micro_doppler_user05_004.png").is_file()

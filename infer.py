@@ -482,6 +482,7 @@ def run_seesr(args: argparse.Namespace) -> dict:
     from utils.accelerator import resolve_device
     from utils.errors import DataError
     from utils.images import tensor_to_pil
+    from utils.log import interactive_output
 
     images = _seesr_images(Path(args.image_path))
     _seesr_checks(args)
@@ -525,7 +526,9 @@ def run_seesr(args: argparse.Namespace) -> dict:
     if args.save_prompts:
         (output_dir / "txt").mkdir(parents=True, exist_ok=True)
     written, skipped, prompts = [], [], {}
-    for path in tqdm(images, desc=f"SeeSR x{args.upscale}", disable=len(images) == 1):
+    # Bars only in a terminal: in a notebook's or a log file's output they would pile up as carriage-return lines.
+    bars = interactive_output()
+    for path in tqdm(images, desc=f"SeeSR x{args.upscale}", disable=len(images) == 1 or not bars, dynamic_ncols=True):
         try:
             lr = load_image_tensor(path)
         except DataError as error:
@@ -561,7 +564,7 @@ def run_seesr(args: argparse.Namespace) -> dict:
                 vae_decoder_tiled_size=args.vae_decoder_tiled_size or None, align_method=args.align_method,
                 control_schedule=args.control_schedule, control_guidance_start=args.control_guidance_start,
                 control_guidance_end=args.control_guidance_end, control_scale_start=args.control_scale_start,
-                generator=generator, progress_bar=True,
+                generator=generator, progress_bar=bars,
             )
             target = folder / f"{path.stem}.png"
             tensor_to_pil(result, (0.0, 1.0)).save(target)

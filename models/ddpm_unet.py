@@ -66,7 +66,8 @@ def ddpm_unet_config(preset: str, sample_size: int) -> dict:
     spec = DDPM_PRESETS[preset]
     levels = len(spec["channels"])
     if sample_size % 2 ** (levels - 1):
-        raise UserError(f"The '{preset}' UNet halves the image {levels - 1} times; --size {sample_size} must be a multiple of {2 ** (levels - 1)}.")
+        raise UserError(f"The '{preset}' UNet halves the image {levels - 1} times; --size {sample_size} must be a multiple "
+                        f"of {2 ** (levels - 1)}.")
     down = tuple("AttnDownBlock2D" if attn else "DownBlock2D" for attn in spec["attention"])
     up = tuple("AttnUpBlock2D" if attn else "UpBlock2D" for attn in reversed(spec["attention"]))
     return dict(

@@ -148,9 +148,10 @@ def test_injector_only_training_keeps_the_controlnet(runs, workspace):
     output = workspace["root"] / "experience/injector_only"
     result = train.main(tiny_args(
         workspace, output, "--injector", "timestep_multiscale", "--train_injector_only", "--controlnet_model_path",
-        str(baseline), "--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_steps", "0",
-        "--gradient_accumulation_steps", "2",
+        str(baseline), "--max_train_steps", "2", "--checkpointing_steps", "0", "--validation_steps", "0",
+        "--gradient_accumulation_steps", "2", "--checkpointing_minutes", "1e-9",  # time-based: due after every step
     ))
+    assert [p.name for p in result["checkpoints"]] == ["checkpoint-1", "checkpoint-2"]
     checkpoint = result["checkpoints"][-1]
     assert files_under(checkpoint) == CONTROLNET_FILES | ACCELERATE_STATE | INJECTOR_FILES
     state = json.loads((checkpoint / "training_state.json").read_text())

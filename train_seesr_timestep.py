@@ -93,7 +93,7 @@ from utils.config import add_config_argument, config_to_dict, explicitly_given, 
 from utils.errors import CheckpointError, UserError, run_cli
 from utils.log import LossMeter, TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
 from utils.resume import resolve_resumed_config
-from utils.training import CheckpointCadence, backward_and_step, check_finite, out_of_memory_message, unwrap
+from utils.training import CheckpointCadence, NonFiniteGuard, backward_and_step, out_of_memory_message, unwrap
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_NAME = "training_state.json"
@@ -1039,6 +1039,9 @@ def main(args: argparse.Namespace) -> dict:
     cadence = CheckpointCadence(config.checkpointing_steps, config.checkpointing_minutes)
     meter = LossMeter()
     micro_losses: list[torch.Tensor] = []
+    # Every step's loss is watched on the device (no host sync); it is read at logging and before each checkpoint, so
+    # a NaN never reaches a saved checkpoint. An fp16 gradient overflow keeps the loss finite: the scaler skips it.
+    guard = NonFiniteGuard(accelerator.device, ", or train with bf16 or fp32 instead of fp16")
     last_saved = last_validated = global_step if resume_dir is not None else -1
     started, started_step = time.perf_counter(), global_step
     done = global_step >= max_train_steps
@@ -1071,6 +1074,7 @@ def main(args: argparse.Namespace) -> dict:
                     "; or add --gradient_checkpointing, use --mixed_precision fp16/bf16 or a smaller --resolution",
                 )) from error
             micro_step += 1
+            guard.update(loss, global_step + 1)
             micro_losses.append(loss.detach())
             if not accelerator.sync_gradients:
                 continue
@@ -1084,7 +1088,7 @@ def main(args: argparse.Namespace) -> dict:
             if global_step % config.logging_steps == 0 or done:
                 mean_loss = float(accelerator.reduce(meter.total / meter.count, "mean"))
                 meter.reset()
-                check_finite(mean_loss, global_step, ", or train with bf16 or fp32 instead of fp16")
+                guard.check(accelerator)
                 history.append([global_step, mean_loss])
                 seconds = (time.perf_counter() - started) / max(1, global_step - started_step)
                 logger.info("step %d/%d | loss %.4f | lr %.2e | %.2f s/step", global_step, max_train_steps,
@@ -1100,6 +1104,7 @@ def main(args: argparse.Namespace) -> dict:
                 validate(global_step)
                 last_validated = global_step
             if done or cadence.due(global_step, accelerator):
+                guard.check(accelerator)
                 save_checkpoint(global_step, epoch, batches_in_epoch)
                 cadence.saved()
                 last_saved = global_step

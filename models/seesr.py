@@ -127,6 +127,14 @@ def load_sd2_components(
     """Load SD2's UNet, VAE, CLIP text encoder, tokenizer and DDPM scheduler, frozen and in eval mode."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from utils.log import interactive_output
+
+    if not interactive_output():  # a notebook or log file: no weight-loading bars drawn with carriage returns
+        import diffusers.utils.logging
+        import transformers.utils.logging
+
+        transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()
     path = check_sd2_folder(pretrained_model_path)
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")

@@ -784,3 +784,23 @@ def test_seesr_proper_in_fp16_on_cuda(seesr_release, workspace, tiny_ram, tmp_pa
                                      "--ram_ft_path", str(ram["dape"])))
     pixels = np.asarray(Image.open(output["written"][0]))
     assert output["tagger"] and pixels.shape == (48, 40, 3) and pixels.std() > 0
+
+
+def test_a_nan_loss_stops_before_it_reaches_a_checkpoint(workspace, tmp_path, monkeypatch):
+    """A NaN at step 2 with logging every 5 steps: found before checkpoint-2 is written, checkpoint-1 kept."""
+    import models.seesr
+
+    real_loss = models.seesr.seesr_training_loss
+    calls = []
+
+    def loss_with_a_nan_at_step_2(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(models.seesr, "seesr_training_loss", loss_with_a_nan_at_step_2)
+    output = tmp_path / "nan_run"
+    with pytest.raises(UserError, match="The loss became nan by optimiser step 2"):
+        train.main(tiny_args(workspace, output, "--injector", "timestep_multiscale", "--max_train_steps", "4",
+                             "--checkpointing_steps", "1", "--logging_steps", "5", "--validation_steps", "0"))
+    assert (output / "checkpoint-1").is_dir() and not (output / "checkpoint-2").exists()

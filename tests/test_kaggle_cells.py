@@ -11,7 +11,8 @@ cell with bash, in document order:
   ``EXTRA_ARGS``): the test sets them in the environment (tiny presets, ``PRECISION`` fp32 on CPU), so the commands
   are the users' own;
 * the two-process training cells run as two processes on CPU (torchrun, gloo; ``CUDA_VISIBLE_DEVICES`` is empty
-  so a GPU machine runs the same);
+  so a GPU machine runs the same); the resume cells run with ``GPUS=1`` to save two interpreter start-ups per
+  family (the two-process path is the training cell's; a checkpoint of two processes resumes on one);
 * before a ``resume`` cell the session ends: everything the previous cells wrote in ``/kaggle/working`` moves to
   ``/kaggle/input/previous-run`` (a previous version's output attached as a data set), as in a new Kaggle session,
   and the ``data`` cells (links into ``/kaggle/working``) run again, as a user runs them in every session.
@@ -162,7 +163,8 @@ def test_cells_are_marked_in_every_family_doc():
         for role, cell in cells:
             if role in ("train", "resume"):
                 assert "--checkpointing_minutes" in cell, f"{doc} {role}: no time-based checkpoints"
-                assert "--nproc_per_node ${GPUS:-2}" in cell or "--devices ${GPUS:-2}" in cell, f"{doc} {role}: not two processes"
+                assert "torchrun --standalone --nproc_per_node ${GPUS:-2}" in cell, f"{doc} {role}: not one process per GPU"
+                assert "--mixed_precision ${PRECISION:-fp16}" in cell, f"{doc} {role}: not fp16 on the T4s"
             assert "/kaggle/working/lab" in cell or role == "setup", f"{doc} {role}: the cell does not cd to the code"
 
 
@@ -176,7 +178,7 @@ def test_ddpm_cells(tmp_path):
            "--quick_every 0 --report_to none"
     env = {
         "train": {**common, "EPOCHS": "1", "EXTRA_ARGS": tiny},
-        "resume": {**common, "EXTRA_ARGS": "--epochs 2"},
+        "resume": {**common, "GPUS": "1", "EXTRA_ARGS": "--epochs 2"},
         "infer": {**common, "EXTRA_ARGS": "--steps 2 --device cpu"},
     }
     outputs = run_cells(session, "ddpm.md", env)
@@ -201,11 +203,12 @@ def test_phaseformer_cells(tmp_path):
     common = {"CONFIG": "configs/phaseformer_tiny.yaml", "BATCH": "2", "PRECISION": "no"}
     env = {
         "train": {**common, "EXTRA_ARGS": "--test_split 2 --no_perceptual --stop_epoch 1 --report_to none"},
-        "resume": {**common, "EXTRA_ARGS": "--stop_epoch 2"},
+        "resume": {**common, "GPUS": "1", "EXTRA_ARGS": "--stop_epoch 2"},
         "infer": {"EXTRA_ARGS": "--device cpu"},
     }
     outputs = run_cells(session, "phaseformer.md", env)
     assert "x 2 process" in outputs["train"]
+    assert "resumed at epoch 1" in outputs["resume"]
     run = session.path("/kaggle/working/checkpoint/LSUI")
     assert load(run / "netG_model_latest.pth")["epoch"] == 2
     assert (session.path("/kaggle/working/results") / "metrics.csv").is_file()
@@ -222,14 +225,46 @@ def test_user_generation_cells(tmp_path):
     tiny = "--vavae_config tiny"
     env = {
         "extract": {"EXTRA_ARGS": f"{tiny} --image_size 32 --val_fraction 0.34 --device cpu"},
-        "train": {"BATCH": "4", "EPOCHS": "1", "PRECISION": "32",
+        "train": {"BATCH": "4", "EPOCHS": "1", "PRECISION": "no",
                   "EXTRA_ARGS": f"{tiny} --model_size tiny --preview_samples 1 --preview_steps 2 --report_to none"},
-        "resume": {"PRECISION": "32", "EXTRA_ARGS": "--max_epochs 2"},
+        "resume": {"PRECISION": "no", "GPUS": "1", "EXTRA_ARGS": "--max_epochs 2"},
         "infer": {"EXTRA_ARGS": f"{tiny} --num_steps 2 --device cpu"},
     }
     outputs = run_cells(session, "user_generation.md", env)
     assert "x 2 process" in outputs["train"]
+    assert "resumed at epoch 1" in outputs["resume"]
     run = session.path("/kaggle/working/trained_models/checkpoints")
     assert load(run / "last.ckpt")["epoch"] == 2
     generated = session.path("/kaggle/working/generated_images")
     assert (generated / "micro_doppler_grid.png").is_file() and (generated / "micro_doppler_user05_004.png").is_file()
+
+
+def test_seesr_cells(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from data.demo_data import build_demo_image_folder
+    from tests.ram_tiny import write_tiny_ram
+    from tests.sd2_tiny import build_tiny_sd2
+
+    session = KaggleSession(tmp_path)
+    build_tiny_sd2(session.path("/kaggle/input/sd2-base"), light_attention=True)
+    write_tiny_ram(session.path("/kaggle/input/ram"))
+    build_demo_image_folder(session.path("/kaggle/input/div2k/DIV2K_train_HR"), size=64, count=4, seed=0)
+    lr = session.path("/kaggle/input/div2k/DIV2K_valid_LR_bicubic/X4")
+    lr.mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(lr / "0801x4.png")
+    tiny = "--resolution 64 --conditioning_embedding_channels 4 8 8 8 --train_batch_size 2 --gradient_accumulation_steps 1 " \
+           "--lr_warmup_steps 0 --validation_steps 0 --logging_steps 1 --report_to none"
+    env = {
+        "train": {"STEPS": "2", "PRECISION": "no", "EXTRA_ARGS": tiny},
+        "resume": {"PRECISION": "no", "GPUS": "1", "EXTRA_ARGS": "--max_train_steps 3"},
+        "infer": {"EXTRA_ARGS": "--num_inference_steps 2 --process_size 64 --device cpu"},
+    }
+    outputs = run_cells(session, "seesr.md", env, tiny_ram=True)
+    assert "x 2 process" in outputs["train"] and "DAPE" in outputs["train"]  # SeeSR proper: RAM + DAPE embeddings
+    assert "at step 2" in outputs["resume"]
+    run = session.path("/kaggle/working/experience/timestep_multiscale")
+    assert sorted(path.name for path in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    results = session.path("/kaggle/working/results/timestep_multiscale")
+    assert (results / "0801x4.png").is_file() and (results / "w_t.png").is_file()

@@ -22,8 +22,9 @@ What this file adds or changes:
   means what it says); ``lr_start_timestep`` is the same setting under this repository's earlier name;
 * tiles are placed by size (a tile side is used whenever a latent side exceeds it; SeeSR tiles by area) with
   a symmetric Gaussian window (SeeSR's is off by half a pixel vertically);
-* the VAE is tiled by diffusers' ``AutoencoderKL`` tiling with separate encoder (pixels) and decoder
-  (latents) tile sizes; unlike SeeSR's VAEHook it normalises each tile on its own statistics;
+* the VAE is tiled as SeeSR's ``utils/vaehook.py`` does, all tiles sharing one GroupNorm estimate (no colour
+  seams), with exact merged statistics and receptive-field padding (:mod:`models.tiled_vae`), separate encoder
+  (pixels) and decoder (latents) tile sizes;
 * the LR latent for ``start_point="lr"`` is sampled with the caller's generator (SeeSR's is unseeded);
 * SeeSR's image cross-attention (:mod:`models.seesr_unet`): the RAM image embeddings (``image_embeds``,
   ``[B, 145, 512]``) reach the ControlNet and the UNet in training and sampling, through both guidance halves
@@ -37,7 +38,6 @@ What this file adds or changes:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +57,7 @@ from models.seesr_unet import (
     unet_trainable_parameters,  # noqa: F401  (re-exported: the trainer's --trainable_modules)
     unet_with_image_attention,  # noqa: F401  (re-exported: SD2 UNet -> SeeSR UNet with image attention)
 )
+from models.tiled_vae import shared_norm_vae_tiling
 from models.timestep_adaptive import (
     INJECTOR_FOLDER,
     MultiScaleInjector,
@@ -508,27 +509,6 @@ def tiled_prediction(
     return output / total_weight
 
 
-@contextlib.contextmanager
-def vae_tiling(vae: AutoencoderKL, tile_pixels: int | None):
-    """Temporarily tile ``vae`` with tiles of ``tile_pixels`` image pixels (``None``: no tiling).
-
-    diffusers' AutoencoderKL describes one tile twice (pixels for the image side, latents for the latent
-    side); both are set so that encoding and decoding can use different tile sizes.
-    """
-    if not tile_pixels or not hasattr(vae, "use_tiling"):
-        yield
-        return
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    saved = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size)
-    vae.use_tiling = True
-    vae.tile_sample_min_size = int(tile_pixels)
-    vae.tile_latent_min_size = int(tile_pixels) // factor
-    try:
-        yield
-    finally:
-        vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = saved
-
-
 # ------------------------------------------------------------------------------------------------ inference
 
 CONTROL_SCHEDULES = ("constant", "window", "linear")
@@ -772,7 +752,7 @@ class SeeSRPipeline:
         latent_shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
         noise = randn_tensor(latent_shape, generator=generator, device=device, dtype=torch.float32)
         if start_point == "lr":
-            with vae_tiling(self.vae, vae_encoder_tiled_size):
+            with shared_norm_vae_tiling(self.vae, vae_encoder_tiled_size):
                 posterior = self.vae.encode((image * 2 - 1).to(self.vae.dtype)).latent_dist
             lr_latents = posterior.sample(generator).float() * self.vae.config.scaling_factor
             start = int(timesteps[0]) if start_steps is None else int(start_steps)
@@ -819,7 +799,7 @@ class SeeSRPipeline:
             if callback is not None:
                 callback(index, int(t), latents)
 
-        with vae_tiling(self.vae, vae_decoder_tiled_size * factor if vae_decoder_tiled_size else None):
+        with shared_norm_vae_tiling(self.vae, vae_decoder_tiled_size * factor if vae_decoder_tiled_size else None):
             decoded = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
         result = (decoded.float() / 2 + 0.5).clamp(0, 1)
         return apply_color_fix(result, image, align_method)

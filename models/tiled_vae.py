@@ -32,7 +32,7 @@ Inference only (``torch.no_grad``); runs on CPU or GPU. Supports diffusers ``Aut
 (``DownEncoderBlock2D``/``UpDecoderBlock2D`` of ``ResnetBlock2D`` with GroupNorm, ``Downsample2D``/
 ``Upsample2D``), which is SD2's and SeeSR's.
 
-    with shared_norm_vae_tiling(vae, 1024):   # same call shape as models.seesr.vae_tiling
+    with shared_norm_vae_tiling(vae, 1024):   # what SeeSRPipeline uses
         posterior = vae.encode(x).latent_dist
 """
 
@@ -53,6 +53,8 @@ from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 from utils.errors import UserError
+
+NO_TILING = "turn VAE tiling off (--vae_encoder_tiled_size 0 --vae_decoder_tiled_size 0)."
 
 
 @dataclass
@@ -86,9 +88,9 @@ def _conv_reach(conv: nn.Conv2d) -> int:
 def _resnet_ops(block: nn.Module) -> list[_Op]:
     """ResnetBlock2D without time embedding or resampling (a VAE block) as push, norm, act, conv, ..., add."""
     if not isinstance(block, ResnetBlock2D) or block.upsample is not None or block.downsample is not None:
-        raise UserError(f"Tiled VAE expects plain ResnetBlock2D blocks, found {type(block).__name__}; use vae_tiling.")
+        raise UserError(f"Tiled VAE expects plain ResnetBlock2D blocks, found {type(block).__name__}; {NO_TILING}")
     if block.time_emb_proj is not None or not isinstance(block.norm1, nn.GroupNorm):
-        raise UserError("Tiled VAE expects VAE resnets with GroupNorm and no time embedding; use vae_tiling.")
+        raise UserError(f"Tiled VAE expects VAE resnets with GroupNorm and no time embedding; {NO_TILING}")
     shortcut = block.conv_shortcut
     return [
         _Op("push", fn=shortcut if shortcut is not None else (lambda h: h),
@@ -114,7 +116,7 @@ def _resample_ops(samplers: nn.ModuleList | None) -> list[_Op]:
             reach = _conv_reach(sampler.conv) / 2 if sampler.use_conv else 0  # the conv runs at twice the size
             ops.append(_Op("apply", fn=sampler, zoom=2.0, reach=reach))
         else:
-            raise UserError(f"Tiled VAE does not support {type(sampler).__name__} resampling; use vae_tiling.")
+            raise UserError(f"Tiled VAE does not support {type(sampler).__name__} resampling; {NO_TILING}")
     return ops
 
 
@@ -124,7 +126,7 @@ def _encoder_ops(vae: AutoencoderKL) -> list[_Op]:
     ops = [_Op("apply", fn=encoder.conv_in, reach=_conv_reach(encoder.conv_in))]
     for block in encoder.down_blocks:
         if getattr(block, "attentions", None):
-            raise UserError("Tiled VAE supports down blocks without attention (DownEncoderBlock2D); use vae_tiling.")
+            raise UserError(f"Tiled VAE supports down blocks without attention (DownEncoderBlock2D); {NO_TILING}")
         for resnet in block.resnets:
             ops += _resnet_ops(resnet)
         ops += _resample_ops(block.downsamplers)
@@ -135,11 +137,11 @@ def _decoder_ops(vae: AutoencoderKL) -> list[_Op]:
     """Decoder from the first up block to ``conv_out`` (1/8 to full resolution): the tiled stage."""
     decoder = vae.decoder
     if not isinstance(decoder.conv_norm_out, nn.GroupNorm):
-        raise UserError("Tiled VAE supports the GroupNorm decoder (norm_type 'group'), not spatial norms; use vae_tiling.")
+        raise UserError(f"Tiled VAE supports the GroupNorm decoder (norm_type 'group'), not spatial norms; {NO_TILING}")
     ops = []
     for block in decoder.up_blocks:
         if getattr(block, "attentions", None):
-            raise UserError("Tiled VAE supports up blocks without attention (UpDecoderBlock2D); use vae_tiling.")
+            raise UserError(f"Tiled VAE supports up blocks without attention (UpDecoderBlock2D); {NO_TILING}")
         for resnet in block.resnets:
             ops += _resnet_ops(resnet)
         ops += _resample_ops(block.upsamplers)
@@ -359,7 +361,7 @@ def tiled_decode(
 @contextlib.contextmanager
 def shared_norm_vae_tiling(vae: AutoencoderKL, tile_pixels: int | None, storage_device=None):
     """Temporarily make ``vae.encode``/``vae.decode`` tile with shared GroupNorm statistics; drop-in for
-    :func:`models.seesr.vae_tiling` (``tile_pixels`` image pixels; the decoder tiles ``tile_pixels // 8``
+    the tiling ``SeeSRPipeline`` used before (``tile_pixels`` image pixels; the decoder tiles ``tile_pixels // 8``
     latent pixels; ``None`` or 0: no tiling)."""
     if not tile_pixels:
         yield

@@ -338,13 +338,12 @@ def test_tiled_inference_close_to_untiled(stack):
     # Tiles see their own GroupNorm statistics, so they are not bit-exact; but the tiled result must be far
     # closer to the untiled one than another seed is.
     assert tiling_error < 0.25 * seed_spread
-    # Tiled VAE encode/decode (diffusers AutoencoderKL tiling) also stays close.
+    # Tiled VAE encode/decode (tiles share GroupNorm statistics: models/tiled_vae.py) also stays close.
     vae_tiled = pipeline(
         image, generator=torch.Generator().manual_seed(0), latent_tiled_size=96, num_inference_steps=3,
         align_method="nofix", vae_encoder_tiled_size=64, vae_decoder_tiled_size=8,
     )
     assert (vae_tiled - untiled).abs().mean() < 0.5 * seed_spread
-    assert not pipeline.vae.use_tiling  # tiling is switched off again after each call
 
 
 def test_checkpoint_round_trip_and_old_checkpoint(stack, sd2_path, tmp_path):

@@ -136,8 +136,8 @@ def test_too_small_encoder_tile_is_refused(vae):
 
 
 @torch.no_grad()
-def test_seesr_pipeline_with_shared_norm_tiling_matches_untiled(tmp_path, monkeypatch):
-    """The one-line switch in models/seesr.py (vae_tiling -> shared_norm_vae_tiling) keeps SeeSR's output."""
+def test_seesr_pipeline_with_shared_norm_tiling_matches_untiled(tmp_path):
+    """SeeSRPipeline's VAE tiles (shared GroupNorm statistics) give the untiled pipeline's output."""
     import models.seesr as seesr
     from tests.sd2_tiny import build_tiny_sd2
 
@@ -155,7 +155,6 @@ def test_seesr_pipeline_with_shared_norm_tiling_matches_untiled(tmp_path, monkey
         )
 
     untiled = run(None, None)
-    monkeypatch.setattr(seesr, "vae_tiling", shared_norm_vae_tiling)
     tiled = run(64, 8)  # 3 x 2 encoder tiles, 3 x 2 decoder tiles
     # measured max difference 3e-6 (float32 summation order through 2 steps; diffusers' tiling: 0.74); outputs in [0, 1]
     torch.testing.assert_close(tiled, untiled, atol=TOLERANCE, rtol=0)

@@ -56,7 +56,7 @@ from utils.errors import UserError, run_cli
 from utils.images import save_grid
 from utils.log import TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
 from utils.plots import plot_curves
-from utils.resume import resolve_resumed_config
+from utils.resume import given_flags, resolve_resumed_config
 from utils.training import (
     BestMetric,
     CheckpointCadence,
@@ -190,10 +190,7 @@ def resolve_config(args: argparse.Namespace, checkpoint: dict | None, source: st
         saved = dict(checkpoint["config"])
         if saved.get("model") is None and "model_preset" in saved:  # checkpoints written before the house names
             saved["model"] = saved["model_preset"]
-    given = getattr(args, "given_flags", None)
-    if given is None:  # a Namespace not made by parse_args: every value that is set counts as given
-        given = {key for key, value in vars(args).items() if value is not None}
-    config = resolve_resumed_config(args, given, saved, fixed=FIXED_ON_RESUME, session=("given_flags",), source=source)
+    config = resolve_resumed_config(args, None, saved, fixed=FIXED_ON_RESUME, source=source)
     config.size = config.size or 32
     config.model = config.model or preset_for_size(config.size)
     config.learning_rate = config.learning_rate or default_learning_rate(config.model)
@@ -272,7 +269,7 @@ def main(args: argparse.Namespace) -> dict:
     logger.info("UNet '%s' at %d px (dropout %g): %.1fM parameters", config.model, config.size, unet.config.dropout,
                 sum(p.numel() for p in unet.parameters()) / 1e6)
 
-    keeps_plan = checkpoint is not None and not {"train_batch_size", "effective_batch"} & set(getattr(args, "given_flags", ()))
+    keeps_plan = checkpoint is not None and not {"train_batch_size", "effective_batch"} & given_flags(args)
     saved_plan = checkpoint.get("batch_plan", checkpoint["config"].get("batch_plan")) if keeps_plan else None
     plan = plan_batch_size(config, unet, scheduler, accelerator, logger, saved_plan)
     accelerator.gradient_accumulation_steps = plan.accumulation
@@ -302,7 +299,7 @@ def main(args: argparse.Namespace) -> dict:
         logger.info("resumed at epoch %d%s, optimiser step %d, lr %.3e", start_epoch,
                     f" (+{skip_batches} batches)" if skip_batches else "", step, lr_scheduler.get_last_lr()[0])
         del checkpoint
-    run_config = {k: v for k, v in vars(config).items() if k != "given_flags"}
+    run_config = dict(vars(config))
     if is_main:
         save_config(run_config, paths["run"] / "args.yaml")
     start_tracking(accelerator, paths["run"].name, run_config)

@@ -398,12 +398,8 @@ def load_latents(args, logger) -> tuple[LatentStats, LatentDataset, LatentDatase
 
 def resolve_config(args: argparse.Namespace, checkpoint: dict | None, source: str) -> argparse.Namespace:
     """The run's settings: the flags, and (resuming) the checkpoint's for every flag not given."""
-    given = getattr(args, "given_flags", None)
-    if given is None:  # a Namespace not made by parse_args: every value that is set counts as given
-        given = {key for key, value in vars(args).items() if value is not None}
     saved = checkpoint["config"] if checkpoint is not None else None
-    config = resolve_resumed_config(args, given, saved, fixed=FIXED_ON_RESUME, session=NOT_INHERITED, source=source)
-    vars(config).pop("given_flags", None)
+    config = resolve_resumed_config(args, None, saved, fixed=FIXED_ON_RESUME, session=NOT_INHERITED, source=source)
     config.backbone = config.backbone or "dit"
     config.model_size = config.model_size or DEFAULT_SIZES[config.backbone]
     if config.qk_norm is None:

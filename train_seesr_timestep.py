@@ -92,7 +92,7 @@ from utils.cli import add_training_arguments, check_training_arguments
 from utils.config import add_config_argument, config_to_dict, explicitly_given, parse_with_config, save_config
 from utils.errors import CheckpointError, UserError, run_cli
 from utils.log import LossMeter, TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
-from utils.resume import resolve_resumed_config
+from utils.resume import given_flags, resolve_resumed_config
 from utils.training import CheckpointCadence, NonFiniteGuard, backward_and_step, out_of_memory_message, unwrap
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -572,10 +572,7 @@ def resolve_run_config(args: argparse.Namespace) -> tuple[argparse.Namespace, Pa
     ``--resume_from_checkpoint PATH`` without ``--output_dir`` continues in the checkpoint's own run folder. Giving one
     data source (or one starting-weight flag) replaces the saved ones of that group rather than adding to them.
     """
-    given = getattr(args, "given_flags", None)
-    if given is None:  # a Namespace not made by parse_args: every value that is set counts as given
-        given = {key for key, value in vars(args).items() if value is not None}
-    given = set(given)
+    given = given_flags(args)
     resume_dir = find_resume_checkpoint(args.resume_from_checkpoint, Path(args.output_dir))
     state, saved = None, None
     if resume_dir is not None:
@@ -588,7 +585,6 @@ def resolve_run_config(args: argparse.Namespace) -> tuple[argparse.Namespace, Pa
                 given |= group
     config = resolve_resumed_config(args, given, saved, fixed=RESUME_FIXED_FLAGS, session=NOT_INHERITED,
                                     source=str(resume_dir))
-    vars(config).pop("given_flags", None)
     message = settings_error(config)
     if message:
         raise UserError(message[0].upper() + message[1:] + ".")

@@ -39,26 +39,36 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def given_flags(args: argparse.Namespace) -> set[str]:
+    """The settings given on the command line or in ``--config`` (``args.given_flags``, which each trainer's
+    ``parse_args`` records); for a Namespace built in code (tests, notebooks), every value that is set."""
+    given = getattr(args, "given_flags", None)
+    if given is None:
+        return {key for key, value in vars(args).items() if value is not None}
+    return set(given)
+
+
 def resolve_resumed_config(
     args: argparse.Namespace,
-    given: Iterable[str],
+    given: Iterable[str] | None,
     saved: dict | None,
     *,
     fixed: Iterable[str] = (),
     session: Iterable[str] = (),
     source: str = "the checkpoint",
 ) -> argparse.Namespace:
-    """The run's configuration: ``args`` with every setting not in ``given`` taken from ``saved``.
+    """The run's configuration: ``args`` with every setting not in ``given`` (default :func:`given_flags`) taken
+    from ``saved``; the bookkeeping ``given_flags`` itself is not part of it.
 
     ``fixed`` names the settings that may not change within a run: giving one with another value than ``saved``
     raises :class:`CheckpointError` naming the flag. ``session`` adds trainer-specific settings that are never
     inherited (beside :data:`SESSION_SETTINGS`). ``saved`` of ``None`` (a new run) returns a copy of ``args``.
     """
-    config = argparse.Namespace(**vars(args))
+    config = argparse.Namespace(**{key: value for key, value in vars(args).items() if key != "given_flags"})
     if saved is None:
         return config
     saved = upgrade_saved_config(saved)
-    given = set(given)
+    given = given_flags(args) if given is None else set(given)
     for key in fixed:
         if key in given and key in saved and not _same(getattr(args, key), saved[key]):
             raise CheckpointError(

@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.common import autocast_dtype, precision_name, scaled_optimizer_step, synchronize, time_steps  # noqa: E402
 from models.ddpm_sampling import ddpm_loss, make_noise_scheduler, sample_ddpm  # noqa: E402
 from models.ddpm_unet import build_ddpm_unet, preset_for_size  # noqa: E402
-from bench.common import autocast_dtype, precision_name, scaled_optimizer_step, synchronize, time_steps  # noqa: E402
 from utils.accelerator import describe_device, enable_fast_math, resolve_device  # noqa: E402
 from utils.ema import EMA  # noqa: E402
 

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.common import autocast_dtype, scaled_optimizer_step, synchronize, time_steps  # noqa: E402
 from models.dit import DIT_SIZES, build_dit  # noqa: E402
 from models.user_generation import flow_matching_loss, flow_time_grid, generate_latents  # noqa: E402
-from bench.common import autocast_dtype, scaled_optimizer_step, synchronize, time_steps  # noqa: E402
 from utils.accelerator import describe_device, enable_fast_math, resolve_device  # noqa: E402
 from utils.ema import EMA  # noqa: E402
 

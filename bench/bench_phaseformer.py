@@ -37,11 +37,11 @@ import types  # noqa: E402
 
 import torch  # noqa: E402
 
+from bench.common import autocast_dtype, scaled_optimizer_step, synchronize, time_steps  # noqa: E402
 from losses import PhaseformerLoss, optimizer_param_groups  # noqa: E402
 from losses.perceptual import default_vgg16_weights_path  # noqa: E402
 from models.phaseformer import PHASEFORMER_PRESETS, build_phaseformer  # noqa: E402
 from models.phaseformer_enhance import enhance  # noqa: E402
-from bench.common import autocast_dtype, scaled_optimizer_step, synchronize, time_steps  # noqa: E402
 from utils.accelerator import describe_device, enable_fast_math, resolve_device  # noqa: E402
 
 

@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.common import synchronize  # noqa: E402
 from models.seesr import SeeSRPipeline, build_controlnet, predict_noise  # noqa: E402
 from models.timestep_adaptive import build_injector, residual_levels_of  # noqa: E402
-from bench.common import synchronize  # noqa: E402
 from utils.accelerator import describe_device, resolve_device  # noqa: E402
 
 # stabilityai/stable-diffusion-2-base: unet/, vae/ and text_encoder/ config.json (OpenCLIP ViT-H text tower).

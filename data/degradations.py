@@ -108,12 +108,12 @@ class DegradationConfig:
             raise UserError("Expected scale >= 1 and an odd max_kernel_size >= 7 in the degradation config.")
 
     @classmethod
-    def seesr(cls) -> "DegradationConfig":
+    def seesr(cls) -> DegradationConfig:
         """SeeSR's ControlNet training pairs (``utils_data/make_paired_data.py``): x4plus ranges on the USM-sharpened GT."""
         return cls(usm_sharpen=True)
 
     @classmethod
-    def dape(cls) -> "DegradationConfig":
+    def dape(cls) -> DegradationConfig:
         """SeeSR's milder settings for training its tagger (``dataloaders/params_realesrgan.yml``)."""
         return cls(
             resize_range=(0.3, 1.5),
@@ -128,7 +128,7 @@ class DegradationConfig:
         )
 
     @classmethod
-    def from_dict(cls, values: dict) -> "DegradationConfig":
+    def from_dict(cls, values: dict) -> DegradationConfig:
         """Build from a (YAML) dict; unknown keys are an error naming them."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)

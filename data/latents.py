@@ -166,7 +166,7 @@ class LatentStats:
         return {"mean": self.mean.clone(), "std": self.std.clone(), "vae_fingerprint": self.vae_fingerprint, "num_samples": int(self.num_samples)}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "LatentStats":
+    def from_dict(cls, values: dict) -> LatentStats:
         return cls(values["mean"].float(), values["std"].float(), values.get("vae_fingerprint"), int(values.get("num_samples", 0)))
 
     def save(self, path: str | Path) -> None:
@@ -176,7 +176,7 @@ class LatentStats:
         _atomic_save({"mean": self.mean.float().cpu(), "std": self.std.float().cpu()}, Path(path), metadata)
 
     @classmethod
-    def load(cls, path: str | Path) -> "LatentStats":
+    def load(cls, path: str | Path) -> LatentStats:
         path = Path(path)
         if path.is_dir():
             path = path / STATS_FILENAME

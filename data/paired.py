@@ -25,8 +25,9 @@ crop, the reference code). Test items are resized to ``eval_size`` or kept at fu
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

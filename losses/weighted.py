@@ -20,7 +20,7 @@ Learned weights belong in their own optimiser group without weight decay: :func:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

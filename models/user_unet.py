@@ -108,7 +108,7 @@ class UserConditionedUNet(nn.Module):
         self.condition_encoder.save_pretrained(directory / "condition_encoder")
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "UserConditionedUNet":
+    def from_pretrained(cls, directory: str | Path) -> UserConditionedUNet:
         directory = Path(directory)
         for part in ("unet", "condition_encoder"):
             if not (directory / part / "config.json").is_file():

@@ -32,10 +32,9 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
-
-import train_phaseformer  # noqa: E402
 import torch  # noqa: E402
 
+import train_phaseformer  # noqa: E402
 from data.underwater import build_synthetic_underwater  # noqa: E402
 from losses.weighted import WEIGHTING_MODES  # noqa: E402
 from models.phaseformer import ECA_GATES  # noqa: E402

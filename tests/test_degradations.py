@@ -29,7 +29,6 @@ from data.sr_pairs import (
 from utils.errors import DataError, UserError
 
 
-
 def smooth_image(size=64, seed=0):
     generator = torch.Generator().manual_seed(seed)
     coarse = torch.rand(1, 3, size // 8, size // 8, generator=generator)

@@ -7,7 +7,6 @@ from models.dit import DIT_SIZES, LightningDiT, build_dit, dit_config, load_ligh
 from utils.errors import CheckpointError, UserError
 
 
-
 def tiny(**overrides):
     torch.manual_seed(0)
     config = dict(input_size=8, patch_size=1, in_channels=4, hidden_size=64, depth=1, num_heads=4, num_classes=5, class_dropout_prob=0.1)

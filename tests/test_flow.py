@@ -20,7 +20,6 @@ from models.user_generation import (
 from utils.errors import UserError
 
 
-
 class VelocityField(torch.nn.Module):
     """A smooth, label-dependent, non-linear velocity field standing in for a trained model."""
 

@@ -24,7 +24,6 @@ from losses.msssim import MS_SSIM_SCALE_WEIGHTS, msssim_levels
 from utils.errors import UserError
 
 
-
 def test_charbonnier_by_hand():
     prediction = torch.tensor([0.0, 0.004, -0.5, 0.2]).view(1, 1, 2, 2)
     target = torch.zeros(1, 1, 2, 2)

@@ -25,7 +25,6 @@ from models.timestep_adaptive import (
 from utils.errors import CheckpointError, UserError
 
 
-
 def sd2_like_residuals(batch=2, dtype=torch.float32, seed=0):
     """12 down residuals at 4 resolutions (3 each) + mid, like SD2's ControlNet at 64 px latents / 8."""
     generator = torch.Generator().manual_seed(seed)

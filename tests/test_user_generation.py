@@ -19,7 +19,6 @@ from models.user_unet import build_user_unet
 from utils.errors import UserError
 
 
-
 def perturb(model, scale=0.05, seed=1):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

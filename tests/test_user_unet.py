@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from models.user_unet import UNET_SIZES, UserConditionEncoder, UserConditionedUNet, build_user_unet, load_condition_encoder
+from models.user_unet import UNET_SIZES, UserConditionedUNet, UserConditionEncoder, build_user_unet, load_condition_encoder
 from utils.errors import CheckpointError, UserError
-
 
 
 def tiny_unet(num_users=4):

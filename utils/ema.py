@@ -40,7 +40,7 @@ class EMA:
     def current_decay(self) -> float:
         return self.averager.get_decay(self.averager.optimization_step)
 
-    def to(self, device: torch.device | str) -> "EMA":
+    def to(self, device: torch.device | str) -> EMA:
         self.averager.to(device=device)
         return self
 

@@ -8,7 +8,7 @@ as one sentence on stderr, never as a traceback. Anything else is a bug and keep
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 class UserError(Exception):

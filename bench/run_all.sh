@@ -19,3 +19,5 @@ run ddpm 70 "$PY" bench/bench_ddpm.py --no-compile --batch 8 --train_steps 10 --
 run dit_user 60 "$PY" bench/bench_dit_user.py --batch 32 --train_steps 10 --warmup 3 --sample_sizes B XL
 run phaseformer 40 "$PY" bench/bench_phaseformer.py --batch 8 --train_steps 10 --warmup 3
 run seesr_injector 70 "$PY" bench/bench_seesr_injector.py --repeats 30
+run seesr_tiled_vae 600 "$PY" bench/bench_seesr_tiled_vae.py
+run seesr_pipeline 900 "$PY" bench/bench_seesr_pipeline.py

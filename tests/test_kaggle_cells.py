@@ -118,7 +118,7 @@ class KaggleSession:
             OMP_NUM_THREADS="1",
             CUDA_VISIBLE_DEVICES="",
             HOME=str(self.home),
-            PYTHONPATH=os.pathsep.join([str(self.site)] if tiny_ram else []),
+            PYTHONPATH=os.pathsep.join(([str(self.site)] if tiny_ram else []) + [os.environ.get("PYTHONPATH", "")]).strip(os.pathsep),
             **{name: self.rewrite(value) for name, value in env.items()},
         )
         environment.pop("PROGRESS", None)

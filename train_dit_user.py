@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model_size", default=None,
                        help=f"DiT: {', '.join(DIT_SIZES)} (default B); UNet: {', '.join(UNET_SIZES)} (default default); "
                        "XL is the released LightningDiT-XL/1 (use it with --init_from)")
-    model.add_argument("--patch_size", type=int, default=1, help="DiT patch size on the latent grid (default 1, as LightningDiT on 16x16 latents)")
+    model.add_argument("--patch_size", type=int, default=1,
+                       help="DiT patch size on the latent grid (default 1, as LightningDiT on 16x16 latents)")
     model.add_argument("--num_users", type=int, default=None,
                        help="users the model knows, IDs 1..N (default: recorded in the latent files; must agree with them)")
     model.add_argument("--cfg_dropout", type=float, default=0.1,
@@ -184,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--val_time_bins", type=float, nargs="+", default=DEFAULT_VAL_BINS,
                        help="flow times (0 noise, 1 data) at which the validation loss is measured with seeded noise "
                        "(default 0.1 0.3 0.5 0.7 0.9; for the UNet, timestep = (1 - t) x num_train_timesteps)")
-    check.add_argument("--preview_every", type=int, default=5, help="preview grid every N epochs and at the end; 0 turns it off (default 5)")
+    check.add_argument("--preview_every", type=int, default=5,
+                       help="preview grid every N epochs and at the end; 0 turns it off (default 5)")
     check.add_argument("--preview_users", type=int, nargs="+", default=None, help="user IDs in the preview grid (default the first 8)")
     check.add_argument("--preview_samples", type=int, default=4, help="samples per user in the preview grid (default 4)")
     check.add_argument("--preview_steps", type=int, default=50, help="sampling steps of the previews (default 50)")
@@ -194,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--vavae_path", default=None,
                        help="VA-VAE used for extraction, to decode previews (its fingerprint must match the latents); "
                        "without it previews show latent channels")
-    check.add_argument("--vavae_config", choices=sorted(VAVAE_CONFIGS), default="f16d32", help="architecture of a .pt VA-VAE (default f16d32)")
+    check.add_argument("--vavae_config", choices=sorted(VAVAE_CONFIGS), default="f16d32",
+                       help="architecture of a .pt VA-VAE (default f16d32)")
 
     sample = parser.add_argument_group("sampling defaults (stored in checkpoints, used by previews and infer.py user)")
     sample.add_argument("--sampler", choices=FLOW_SAMPLERS + DDPM_SAMPLERS, default=None,
@@ -293,7 +296,10 @@ def resolve_sampling(args, backbone: str) -> dict:
     if settings["guidance_channels"] is not None and settings["guidance_channels"] < 1:
         raise UserError("--guidance_channels must be a positive channel count (leave it out to guide all channels).")
     if args.cfg_dropout == 0 and settings["guidance_scale"] != 1.0:
-        raise UserError("--cfg_dropout 0 trains no null user, so guidance is impossible; pass --guidance_scale 1 or a --cfg_dropout above 0.")
+        raise UserError(
+            "--cfg_dropout 0 trains no null user, so guidance is impossible; "
+            "pass --guidance_scale 1 or a --cfg_dropout above 0."
+        )
     return settings
 
 

@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--test_split", type=test_split_type, default=400,
                       help="for a folder of input/ and gt/ without train/test: test pairs held out, a count or a fraction "
                       "(default 400, the LSUI convention 3879/400); the split is saved in the run folder")
-    data.add_argument("--split_seed", type=int, default=0, help="seed of that split, apart from --seed so the test set stays put (default 0)")
+    data.add_argument("--split_seed", type=int, default=0,
+                      help="seed of that split, apart from --seed so the test set stays put (default 0)")
 
     model = parser.add_argument_group("model and optimisation")
     model.add_argument("--model", choices=list(PHASEFORMER_PRESETS), default="phaseformer",
@@ -184,12 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
                       "unless given explicitly")
 
     evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--eval_every", type=int, default=1, help="PSNR/SSIM on the test split every N epochs and at the end (default 1)")
+    evaluation.add_argument("--eval_every", type=int, default=1,
+                            help="PSNR/SSIM on the test split every N epochs and at the end (default 1)")
     evaluation.add_argument("--eval_size", type=eval_size_type, default=256,
                             help="test images resized to NxN (default 256, as the reference) or 'full' for full resolution (batch 1)")
     evaluation.add_argument("--test_y_channel", action="store_true", help="score the BT.601 Y channel instead of RGB (default RGB)")
     evaluation.add_argument("--crop_border", type=int, default=0, help="pixels cropped from each border before scoring (default 0)")
-    evaluation.add_argument("--num_preview", type=int, default=4, help="test images in each samples/epoch_N.png grid, 0 for none (default 4)")
+    evaluation.add_argument("--num_preview", type=int, default=4,
+                            help="test images in each samples/epoch_N.png grid, 0 for none (default 4)")
 
     add_training_arguments(
         parser,
@@ -452,7 +455,8 @@ def main(args: argparse.Namespace) -> dict:
         skip_batches, partial = int(checkpoint.get("batches_done", 0)), checkpoint.get("epoch_log_sums")
         if checkpoint.get("steps_per_epoch") != steps_per_epoch:
             logger.warning("%s had %s optimiser steps per epoch, this run has %d (another batch size or data): the LR "
-                           "schedule is followed by step count, so its epochs shift", resume_path, checkpoint.get("steps_per_epoch"), steps_per_epoch)
+                           "schedule is followed by step count, so its epochs shift",
+                           resume_path, checkpoint.get("steps_per_epoch"), steps_per_epoch)
         restore_rng(checkpoint, accelerator)
         logger.info("resumed at epoch %d%s, optimiser step %d, lr %.3e", start_epoch,
                     f" (+{skip_batches} batches)" if skip_batches else "", step, lr_scheduler.get_last_lr()[0])

@@ -148,7 +148,7 @@ def bench_step(unet, controlnet, device, dtype, resolution: int, repeats: int, w
     for _ in range(repeats):
         shuffle.shuffle(order)
         for label in order:
-            times[label].append(timer(lambda: step(injectors[label])))
+            times[label].append(timer(lambda injector=injectors[label]: step(injector)))
 
     memory = {}
     if device.type == "cuda":
@@ -169,7 +169,7 @@ def bench_step(unet, controlnet, device, dtype, resolution: int, repeats: int, w
         for _ in range(warmup):
             with torch.no_grad():
                 injector(down, mid, timestep)
-        samples = [timer(lambda: injector(down, mid, timestep)) for _ in range(repeats)]
+        samples = [timer(lambda injector=injector: injector(down, mid, timestep)) for _ in range(repeats)]
         alone[label] = statistics.median(samples)
 
     plain = times["no injector"]

@@ -110,7 +110,10 @@ def load_latent_file(path: str | Path) -> LatentFile:
     """Read a latent file written by :func:`save_latent_file` (or by LightningDiT's extractor)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"Latent file {path} does not exist; run scripts/extract_features.py first (it writes train.safetensors and val.safetensors).")
+        raise DataError(
+            f"Latent file {path} does not exist; "
+            "run scripts/extract_features.py first (it writes train.safetensors and val.safetensors)."
+        )
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
@@ -122,13 +125,19 @@ def load_latent_file(path: str | Path) -> LatentFile:
             raise DataError(f"Latent file {path} has no '{key}' tensor (found {sorted(tensors)}); expected 'latents' and 'labels'.")
     latents, labels = tensors[LATENTS_KEY].float(), tensors[LABELS_KEY].long().flatten()
     if latents.ndim != 4 or latents.shape[0] != labels.shape[0]:
-        raise DataError(f"Latent file {path} holds latents {tuple(latents.shape)} and {labels.shape[0]} labels; expected (N,C,H,W) and N labels.")
+        raise DataError(
+            f"Latent file {path} holds latents {tuple(latents.shape)} and {labels.shape[0]} labels; "
+            "expected (N,C,H,W) and N labels."
+        )
     flips = tensors.get(FLIP_KEY)
     if flips is not None and flips.shape != latents.shape:
         raise DataError(f"Latent file {path}: latents_flip {tuple(flips.shape)} does not match latents {tuple(latents.shape)}.")
     result = LatentFile(latents, labels, None if flips is None else flips.float(), metadata, path)
     if labels.numel() and (labels.min() < 0 or (result.num_users is not None and labels.max() >= result.num_users)):
-        raise DataError(f"Latent file {path} has labels outside 0..{(result.num_users or 0) - 1} (user ID - 1); re-run the feature extraction.")
+        raise DataError(
+            f"Latent file {path} has labels outside 0..{(result.num_users or 0) - 1} (user ID - 1); "
+            "re-run the feature extraction."
+        )
     return result
 
 
@@ -163,7 +172,12 @@ class LatentStats:
 
     def to_dict(self) -> dict:
         """Tensors and plain Python only, for checkpoints read with ``weights_only=True``."""
-        return {"mean": self.mean.clone(), "std": self.std.clone(), "vae_fingerprint": self.vae_fingerprint, "num_samples": int(self.num_samples)}
+        return {
+            "mean": self.mean.clone(),
+            "std": self.std.clone(),
+            "vae_fingerprint": self.vae_fingerprint,
+            "num_samples": int(self.num_samples),
+        }
 
     @classmethod
     def from_dict(cls, values: dict) -> LatentStats:
@@ -181,7 +195,10 @@ class LatentStats:
         if path.is_dir():
             path = path / STATS_FILENAME
         if not path.is_file():
-            raise DataError(f"Latent statistics {path} do not exist; run scripts/extract_features.py, which writes {STATS_FILENAME} beside train.safetensors.")
+            raise DataError(
+                f"Latent statistics {path} do not exist; run scripts/extract_features.py, "
+                f"which writes {STATS_FILENAME} beside train.safetensors."
+            )
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
             if not {"mean", "std"} <= set(handle.keys()):
@@ -208,7 +225,10 @@ def compute_latent_stats(latents: torch.Tensor, vae_fingerprint: str | None, chu
     if not torch.isfinite(mean).all() or not torch.isfinite(std).all():
         raise DataError("The latents contain NaN or infinite values; check the VA-VAE file and the input images.")
     if (std == 0).any():
-        raise DataError(f"Latent channels {torch.nonzero(std == 0).flatten().tolist()} are constant; the extraction produced degenerate latents.")
+        raise DataError(
+            f"Latent channels {torch.nonzero(std == 0).flatten().tolist()} are constant; "
+            "the extraction produced degenerate latents."
+        )
     return LatentStats(mean.float().view(1, channels, 1, 1), std.float().view(1, channels, 1, 1), vae_fingerprint, latents.shape[0])
 
 
@@ -224,7 +244,10 @@ class LatentDataset(Dataset):
         where = data.path or "the latent file"
         stats.check_fingerprint(data.vae_fingerprint, f"the latents in {where}")
         if stats.mean.shape[1] != data.latents.shape[1]:
-            raise UserError(f"The latent statistics have {stats.mean.shape[1]} channels but {where} has {data.latents.shape[1]}; re-extract.")
+            raise UserError(
+                f"The latent statistics have {stats.mean.shape[1]} channels but {where} has {data.latents.shape[1]}; "
+                "re-extract."
+            )
         if use_flip and data.latents_flip is None:
             raise DataError(f"Flips were requested but {where} has no 'latents_flip'; extract with flips enabled or train without them.")
         self.stats = stats

@@ -55,7 +55,10 @@ def find_pairs(input_dir: str | Path, gt_dir: str | Path) -> list[tuple[str, Pat
             raise DataError(f"Input image {path} has no ground truth with the stem {stem!r} in {gt_dir}; add it or remove the input.")
     for stem, path in targets.items():
         if stem not in inputs:
-            raise DataError(f"Ground-truth image {path} has no input with the stem {stem!r} in {input_dir}; add it or remove the ground truth.")
+            raise DataError(
+                f"Ground-truth image {path} has no input with the stem {stem!r} in {input_dir}; "
+                "add it or remove the ground truth."
+            )
     return [(stem, inputs[stem], targets[stem]) for stem in sorted(inputs)]
 
 
@@ -119,11 +122,15 @@ def single_folder_split(
         train, test = read_split_file(split_path)
         for stem in train + test:
             if stem not in by_stem:
-                raise DataError(f"Split file {split_path} lists {stem!r}, which has no pair in {root}; delete the file to draw a new split.")
+                raise DataError(
+                    f"Split file {split_path} lists {stem!r}, "
+                    f"which has no pair in {root}; delete the file to draw a new split."
+                )
         unlisted = set(by_stem) - set(train) - set(test)
         if unlisted:
             raise DataError(
-                f"{len(unlisted)} pairs in {root} (e.g. {sorted(unlisted)[0]!r}) are not in split file {split_path}; delete the file to draw a new split."
+                f"{len(unlisted)} pairs in {root} (e.g. {sorted(unlisted)[0]!r}) are not in split file {split_path}; "
+                "delete the file to draw a new split."
             )
     else:
         train, test = split_stems(list(by_stem), test_split, seed)
@@ -168,7 +175,9 @@ class PairedImageFolder(Dataset):
     ):
         if split not in SPLITS:
             raise DataError(f"split must be one of {SPLITS}, got {split!r}.")
-        for name, value, choices in (("resize_mode", resize_mode, RESIZE_MODES), ("flips", flips, FLIP_MODES), ("h_target", h_target, H_TARGETS)):
+        for name, value, choices in (
+            ("resize_mode", resize_mode, RESIZE_MODES), ("flips", flips, FLIP_MODES), ("h_target", h_target, H_TARGETS)
+        ):
             if value not in choices:
                 raise DataError(f"{name} must be one of {', '.join(choices)}, got {value!r}.")
         self.root = Path(root)
@@ -191,7 +200,8 @@ class PairedImageFolder(Dataset):
             self.pairs, self.split_file = single_folder_split(self.root, split, test_split, split_seed, split_file)
         else:
             raise DataError(
-                f"{self.root} has neither {split}/{INPUT_DIR} + {split}/{GT_DIR} (LSUI layout) nor {INPUT_DIR}/ + {GT_DIR}/ (one folder of pairs)."
+                f"{self.root} has neither {split}/{INPUT_DIR} + {split}/{GT_DIR} (LSUI layout) "
+                f"nor {INPUT_DIR}/ + {GT_DIR}/ (one folder of pairs)."
             )
         if not self.pairs:
             raise DataError(f"The {split} split of {self.root} is empty; add image pairs or check the path.")
@@ -212,7 +222,10 @@ class PairedImageFolder(Dataset):
         else:
             width, height = image.size
             if width < size or height < size:
-                raise DataError(f"Image {path} is {width}x{height}, smaller than the crop size {size}; pass a smaller --crop_size or --resize_mode resize.")
+                raise DataError(
+                    f"Image {path} is {width}x{height}, smaller than the crop size {size}; "
+                    "pass a smaller --crop_size or --resize_mode resize."
+                )
             # torch's RNG: DataLoader seeds it per worker, so crops are reproducible under a fixed seed.
             left, top = int(torch.randint(0, width - size + 1, ())), int(torch.randint(0, height - size + 1, ()))
             box = (left, top, left + size, top + size)
@@ -236,7 +249,10 @@ class PairedImageFolder(Dataset):
                 target_2x_image = target.resize((2 * self.eval_size, 2 * self.eval_size), Image.BILINEAR)
             image, target = image.resize(size, Image.BILINEAR), target.resize(size, Image.BILINEAR)
         elif image.size != target.size:
-            raise DataError(f"{input_path} is {image.size} but its ground truth {gt_path} is {target.size}; full-resolution evaluation needs equal sizes.")
+            raise DataError(
+                f"{input_path} is {image.size} but its ground truth {gt_path} is {target.size}; "
+                "full-resolution evaluation needs equal sizes."
+            )
         elif self.h_target == "resize_gt" and self.with_target_2x:
             target_2x_image = target.resize((2 * target.width, 2 * target.height), Image.BILINEAR)
 

@@ -116,7 +116,10 @@ def build_synthetic_underwater(
 ) -> Path:
     """Write ``out_dir/{train,test}/{input,gt}/*.png``; the test photographs are not in the training split."""
     if size < 16 or train_count < 1 or test_count < 1:
-        raise UserError(f"Need size >= 16 and at least one train and one test image (got size {size}, {train_count} train, {test_count} test).")
+        raise UserError(
+            f"Need size >= 16 and at least one train and one test image (got size {size}, "
+            f"{train_count} train, {test_count} test)."
+        )
     out_dir = Path(out_dir)
     photos = load_sample_photographs()
     test_photos = {name: image for name, image in photos.items() if name in TEST_PHOTOGRAPHS}

@@ -57,7 +57,10 @@ def scan_user_folders(root: str | Path) -> dict[int, list[Path]]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"Data folder {root} does not exist; expected one folder per user named ID_1, ID_2, ... (or train/ and val/ holding them).")
+        raise DataError(
+            f"Data folder {root} does not exist; "
+            "expected one folder per user named ID_1, ID_2, ... (or train/ and val/ holding them)."
+        )
     users: dict[int, list[Path]] = {}
     folders: dict[int, str] = {}
     unknown = []

@@ -82,11 +82,17 @@ def load_vgg16_features(weights_path: str | Path | None = None) -> nn.Sequential
     selected = {key: state.get(prefix + key) for key in wanted}
     missing = [prefix + key for key, value in selected.items() if value is None]
     if missing:
-        raise UserError(f"{path} is not a VGG16 state dict (missing {', '.join(missing[:3])}); pass torchvision's {VGG16_WEIGHTS_FILE} with --vgg_weights.")
+        raise UserError(
+            f"{path} is not a VGG16 state dict (missing {', '.join(missing[:3])}); "
+            f"pass torchvision's {VGG16_WEIGHTS_FILE} with --vgg_weights."
+        )
     try:
         features.load_state_dict(selected, strict=True)
     except RuntimeError:
-        raise UserError(f"{path} has tensors of the wrong shapes for VGG16; pass torchvision's {VGG16_WEIGHTS_FILE} with --vgg_weights.") from None
+        raise UserError(
+            f"{path} has tensors of the wrong shapes for VGG16; "
+            f"pass torchvision's {VGG16_WEIGHTS_FILE} with --vgg_weights."
+        ) from None
     return features
 
 

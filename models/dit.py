@@ -457,9 +457,15 @@ def load_lightningdit_init(model: LightningDiT, path: str | Path, num_users: int
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"--init_from checkpoint {path} does not exist; expected a LightningDiT .pt file such as lightningdit-xl-imagenet256-800ep.pt.")
+        raise CheckpointError(
+            f"--init_from checkpoint {path} does not exist; "
+            "expected a LightningDiT .pt file such as lightningdit-xl-imagenet256-800ep.pt."
+        )
     if num_users is not None and model.num_classes != num_users:
-        raise UserError(f"The model was built for {model.num_classes} users but --num_users is {num_users}; build it with num_users={num_users}.")
+        raise UserError(
+            f"The model was built for {model.num_classes} users but --num_users is {num_users}; "
+            f"build it with num_users={num_users}."
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -468,7 +474,10 @@ def load_lightningdit_init(model: LightningDiT, path: str | Path, num_users: int
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:
-            raise CheckpointError(f"Cannot read {path} with weights_only=True ({type(err).__name__}); expected a LightningDiT checkpoint of tensors.") from err
+            raise CheckpointError(
+                f"Cannot read {path} with weights_only=True ({type(err).__name__}); "
+                "expected a LightningDiT checkpoint of tensors."
+            ) from err
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict; expected a LightningDiT checkpoint.")
     source = _unwrap_lightningdit_state(state, path)

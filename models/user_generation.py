@@ -153,7 +153,9 @@ def flow_matching_loss(
 # --------------------------------------------------------------------------------------------------
 
 
-def build_noise_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear", prediction_type: str = "epsilon") -> DDPMScheduler:
+def build_noise_scheduler(
+    num_train_timesteps: int = 1000, beta_schedule: str = "linear", prediction_type: str = "epsilon"
+) -> DDPMScheduler:
     """The DDPM noise scheduler for the latent UNet; DDIM sampling is derived from its config.
 
     ``clip_sample`` is off: normalised latents are not bounded to [-1, 1] like pixels.
@@ -383,7 +385,9 @@ def sample_seed(seed: int, user_id: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, user_id, index]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def initial_noise(seed: int, user_ids: Sequence[int], indices: Sequence[int], shape: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Generator]]:
+def initial_noise(
+    seed: int, user_ids: Sequence[int], indices: Sequence[int], shape: tuple[int, ...]
+) -> tuple[torch.Tensor, list[torch.Generator]]:
     """Per-sample N(0, I) noise drawn on the CPU (identical on every device) and the generators that drew it."""
     generators = [torch.Generator().manual_seed(sample_seed(seed, user, index)) for user, index in zip(user_ids, indices)]
     noise = torch.stack([torch.randn(shape, generator=g) for g in generators])

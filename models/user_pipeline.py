@@ -74,7 +74,10 @@ def build_backbone(backbone: str, model_config: dict) -> nn.Module:
             unet = UNet2DConditionModel(**model_config["unet"])
             return UserConditionedUNet(unet, UserConditionEncoder(**model_config["condition_encoder"]))
     except (TypeError, KeyError, ValueError) as err:
-        raise CheckpointError(f"The checkpoint's {backbone} configuration does not build a model ({err}); it was written by another version.") from err
+        raise CheckpointError(
+            f"The checkpoint's {backbone} configuration does not build a model ({err}); "
+            "it was written by another version."
+        ) from err
     raise CheckpointError(f"The checkpoint names an unknown backbone {backbone!r}; expected dit or unet.")
 
 
@@ -121,7 +124,10 @@ def load_user_checkpoint(path: str | Path, *, use_ema: bool = True, command: str
         names = [name for name, _ in model.named_parameters()]
         absent = [name for name in names if name not in averaged]
         if absent:
-            raise CheckpointError(f"The EMA weights in {path} lack {len(absent)} parameters (e.g. {absent[0]}); use --no_ema for the raw weights.")
+            raise CheckpointError(
+                f"The EMA weights in {path} lack {len(absent)} parameters (e.g. {absent[0]}); "
+                "use --no_ema for the raw weights."
+            )
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 parameter.copy_(averaged[name])
@@ -167,11 +173,17 @@ def load_user_unet_folder(
         candidates = [root / "condition_encoder", root / "condition_encoder.pt", root / "condition_encoder.safetensors"]
         condition_encoder_path = next((c for c in candidates if c.exists()), None)
         if condition_encoder_path is None:
-            raise CheckpointError(f"No condition encoder beside {root}; pass --condition_encoder_path (e.g. {root / 'condition_encoder.pt'}).")
+            raise CheckpointError(
+                f"No condition encoder beside {root}; "
+                f"pass --condition_encoder_path (e.g. {root / 'condition_encoder.pt'})."
+            )
     encoder = load_condition_encoder(condition_encoder_path, num_users, unet.config.cross_attention_dim)
     stats_path = Path(latent_stats_path) if latent_stats_path else root / STATS_FILENAME
     if not stats_path.exists():
-        raise DataError(f"Latent statistics {stats_path} do not exist; pass --latent_stats with the {STATS_FILENAME} the UNet was trained with.")
+        raise DataError(
+            f"Latent statistics {stats_path} do not exist; "
+            f"pass --latent_stats with the {STATS_FILENAME} the UNet was trained with."
+        )
     stats = LatentStats.load(stats_path)
     scheduler_file = next((p for p in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json") if p.is_file()), None)
     scheduler = DDPMScheduler.from_pretrained(str(scheduler_file.parent)) if scheduler_file else build_noise_scheduler()

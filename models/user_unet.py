@@ -118,7 +118,9 @@ class UserConditionedUNet(nn.Module):
         return cls(unet, encoder)
 
 
-def build_user_unet(size: str = "default", *, num_users: int, in_channels: int = 32, sample_size: int = 16, dropout_prob: float = 0.1, **overrides) -> UserConditionedUNet:
+def build_user_unet(
+    size: str = "default", *, num_users: int, in_channels: int = 32, sample_size: int = 16, dropout_prob: float = 0.1, **overrides
+) -> UserConditionedUNet:
     """A freshly initialised user-conditioned latent UNet of a named size (``default`` or ``tiny``)."""
     if num_users < 1:
         raise UserError(f"num_users must be at least 1, got {num_users}.")
@@ -146,8 +148,13 @@ def load_condition_encoder(path: str | Path, num_users: int, cross_attention_dim
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         if not isinstance(state, dict) or "embedding.weight" not in state:
             found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
-            raise CheckpointError(f"Condition encoder {path} has no 'embedding.weight' (found {found}); expected a UserConditionEncoder state dict.")
-        encoder = UserConditionEncoder(num_users=state["embedding.weight"].shape[0] - 1, cross_attention_dim=state["embedding.weight"].shape[1])
+            raise CheckpointError(
+                f"Condition encoder {path} has no 'embedding.weight' (found {found}); "
+                "expected a UserConditionEncoder state dict."
+            )
+        encoder = UserConditionEncoder(
+            num_users=state["embedding.weight"].shape[0] - 1, cross_attention_dim=state["embedding.weight"].shape[1]
+        )
         encoder.load_state_dict(state, strict=True)
     rows, width = encoder.embedding.weight.shape
     if rows != num_users + 1 or width != cross_attention_dim:

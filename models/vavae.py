@@ -122,7 +122,9 @@ def ldm_to_diffusers_key(key: str, num_levels: int = 5) -> str | None:
     LDM numbers decoder levels by resolution (``up.4`` is the 16 px level, run first); diffusers numbers
     them in execution order, so ``decoder.up.{i}`` becomes ``decoder.up_blocks.{num_levels - 1 - i}``.
     """
-    if re.fullmatch(r"(quant_conv|post_quant_conv|encoder\.conv_in|decoder\.conv_in|encoder\.conv_out|decoder\.conv_out)\.(weight|bias)", key):
+    if re.fullmatch(
+        r"(quant_conv|post_quant_conv|encoder\.conv_in|decoder\.conv_in|encoder\.conv_out|decoder\.conv_out)\.(weight|bias)", key
+    ):
         return key
     m = re.fullmatch(r"(encoder|decoder)\.norm_out\.(weight|bias)", key)
     if m:
@@ -136,7 +138,9 @@ def ldm_to_diffusers_key(key: str, num_levels: int = 5) -> str | None:
     m = re.fullmatch(r"(encoder\.down|decoder\.up)\.(\d+)\.(block|attn)\.(\d+)\.(\w+)\.(weight|bias)", key)
     if m:
         part, level, kind, index, layer, param = m.groups()
-        side, blocks, level = ("encoder", "down_blocks", int(level)) if part == "encoder.down" else ("decoder", "up_blocks", num_levels - 1 - int(level))
+        side, blocks, level = (
+            ("encoder", "down_blocks", int(level)) if part == "encoder.down" else ("decoder", "up_blocks", num_levels - 1 - int(level))
+        )
         table = _RESNET_LDM_TO_DIFFUSERS if kind == "block" else _ATTN_LDM_TO_DIFFUSERS
         if layer not in table:
             return None
@@ -153,7 +157,9 @@ def ldm_to_diffusers_key(key: str, num_levels: int = 5) -> str | None:
 
 def diffusers_to_ldm_key(key: str, num_levels: int = 5) -> str:
     """Inverse of :func:`ldm_to_diffusers_key` (used to name missing keys the way the checkpoint names them)."""
-    if re.fullmatch(r"(quant_conv|post_quant_conv|encoder\.conv_in|decoder\.conv_in|encoder\.conv_out|decoder\.conv_out)\.(weight|bias)", key):
+    if re.fullmatch(
+        r"(quant_conv|post_quant_conv|encoder\.conv_in|decoder\.conv_in|encoder\.conv_out|decoder\.conv_out)\.(weight|bias)", key
+    ):
         return key
     m = re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(weight|bias)", key)
     if m:
@@ -300,7 +306,10 @@ def load_vavae(
         )
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path} is a folder without config.json; expected a diffusers AutoencoderKL folder or the .pt file itself.")
+            raise CheckpointError(
+                f"{path} is a folder without config.json; "
+                "expected a diffusers AutoencoderKL folder or the .pt file itself."
+            )
         try:
             autoencoder = AutoencoderKL.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False)
         except Exception as err:
@@ -308,7 +317,10 @@ def load_vavae(
     else:
         state = read_state_dict(path, "VA-VAE checkpoint")
         if not isinstance(state, dict):
-            raise CheckpointError(f"VA-VAE checkpoint {path} holds a {type(state).__name__}, not a state dict; expected vavae-imagenet256-f16d32-dinov2.pt.")
+            raise CheckpointError(
+                f"VA-VAE checkpoint {path} holds a {type(state).__name__}, "
+                "not a state dict; expected vavae-imagenet256-f16d32-dinov2.pt."
+            )
         autoencoder = build_vavae_autoencoder(config)
         load_vavae_state_dict(autoencoder, state, source=f"checkpoint {path}")
     autoencoder = autoencoder.to(device)

@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data_dir", required=True,
                         help="folder of user folders ID_1, ID_2, ... (or user_1, ...), or a folder with train/ and val/ holding them")
     parser.add_argument("--val_dir", default=None,
-                        help="validation user folders elsewhere (default: DATA_DIR/val if DATA_DIR has train/, else a --val_fraction split)")
+                        help="validation user folders elsewhere "
+                        "(default: DATA_DIR/val if DATA_DIR has train/, else a --val_fraction split)")
     parser.add_argument("--vavae_path", required=True,
                         help="VA-VAE weights: vavae-imagenet256-f16d32-dinov2.pt (LDM state dict), an LDM-key .safetensors, "
                         "or a diffusers AutoencoderKL folder")
@@ -110,7 +111,10 @@ def collect_splits(args) -> tuple[dict, list, list]:
         val_users = scan_user_folders(val_root)
         unseen = sorted(set(val_users) - set(train_users))
         if unseen:
-            raise DataError(f"Users {unseen} have validation images in {val_root} but no training folder in {train_root}; add their training images.")
+            raise DataError(
+                f"Users {unseen} have validation images in {val_root} but no training folder in {train_root}; "
+                "add their training images."
+            )
         train_items, val_items = as_user_images(train_users), as_user_images(val_users)
         folders["val"] = {str(user): len(paths) for user, paths in val_users.items()}
         split = f"folders {train_root} and {val_root}"

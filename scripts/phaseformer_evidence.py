@@ -114,7 +114,8 @@ def markdown_table(rows: list[dict], args) -> str:
         f"loss weights lr {args.loss_weights_lr:g}, no perceptual term, CPU. Metrics: RGB, 8-bit, no border crop, "
         "BasicSR SSIM (11 px Gaussian window), L output at the input resolution, last epoch.",
         "",
-        "| weighting | ECA gate | input PSNR | input SSIM | output PSNR | output SSIM | best PSNR | final term weights (pixel / gradient / MS-SSIM) | L / H weights | minutes |",
+        "| weighting | ECA gate | input PSNR | input SSIM | output PSNR | output SSIM | best PSNR "
+        "| final term weights (pixel / gradient / MS-SSIM) | L / H weights | minutes |",
         "|---|---|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for row in rows:

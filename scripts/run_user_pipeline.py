@@ -96,7 +96,10 @@ def main(args: argparse.Namespace) -> dict:
     if args.devices > 1:
         code = train_dit_user.launch(train_argv)  # N processes through torch.distributed.run
         if code:
-            raise UserError(f"training stopped with exit status {code} (its message is above); fix it and rerun with --skip_extraction --resume.")
+            raise UserError(
+                f"training stopped with exit status {code} (its message is above); "
+                "fix it and rerun with --skip_extraction --resume."
+            )
     else:
         train_dit_user.main(train_dit_user.parse_args(train_argv))
 

@@ -70,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=32, help="diffusion training batch (default 32)")
     parser.add_argument("--lr", type=float, default=1e-3, help="diffusion learning rate (default 1e-3 for the tiny model)")
     parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay (default 0.999, with warm-up)")
-    parser.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="guidance scales to evaluate (default 1 2 4)")
+    parser.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 2.0, 4.0],
+                        help="guidance scales to evaluate (default 1 2 4)")
     parser.add_argument("--samples_per_user", type=int, default=60, help="generated samples per user and guidance scale (default 60)")
     parser.add_argument("--num_steps", type=int, default=50, help="Euler steps (default 50)")
     parser.add_argument("--classifier_epochs", type=int, default=30, help="epochs of the judging classifier (default 30)")

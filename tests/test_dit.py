@@ -68,7 +68,12 @@ def test_state_dict_uses_lightningdit_names_and_shapes():
 
 @pytest.mark.parametrize(
     "options",
-    [dict(), dict(use_swiglu=True, use_rope=True, use_rmsnorm=True), dict(use_qknorm=True, wo_shift=True), dict(patch_size=2, learn_sigma=True)],
+    [
+        dict(),
+        dict(use_swiglu=True, use_rope=True, use_rmsnorm=True),
+        dict(use_qknorm=True, wo_shift=True),
+        dict(patch_size=2, learn_sigma=True),
+    ],
 )
 def test_forward_shapes_and_adaln_zero_init(options):
     model = tiny(**options).eval()
@@ -175,7 +180,8 @@ def test_init_from_mismatch_lists_the_tensors(tmp_path):
     path = tmp_path / "release.pt"
     _release_checkpoint(path)
     wider = build_dit("tiny", num_users=31, input_size=8, in_channels=4, hidden_size=32, num_heads=2)
-    with pytest.raises(CheckpointError, match=r"35 tensors with other shapes \[blocks.0.adaLN_modulation.1.bias \(384,\) vs model \(192,\)") as info:
+    match = r"35 tensors with other shapes \[blocks.0.adaLN_modulation.1.bias \(384,\) vs model \(192,\)"
+    with pytest.raises(CheckpointError, match=match) as info:
         load_lightningdit_init(wider, path)
     assert "x_embedder.proj.weight (64, 4, 1, 1) vs model (32, 4, 1, 1)" in info.value.mismatched_keys
     gelu = build_dit("tiny", num_users=31, input_size=8, in_channels=4, use_swiglu=False)

@@ -7,7 +7,7 @@ from utils.ema import EMA
 def test_warmup_decay_follows_the_power_law():
     model = torch.nn.Linear(2, 2)
     ema = EMA(model, decay=0.9999, warmup=True, power=0.75)
-    for step in range(1, 1001):
+    for _step in range(1, 1001):
         ema.update(model)
     # diffusers: step counts from the second update; decay = 1 - (1 + step) ** -power
     assert ema.current_decay == pytest.approx(1 - (1 + 999) ** -0.75)

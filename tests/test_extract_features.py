@@ -44,7 +44,8 @@ def test_folder_names_map_to_user_ids_by_number():
     names = [f"ID_{n}" for n in range(1, 13)]
     assert sorted(names)[:4] == ["ID_1", "ID_10", "ID_11", "ID_12"]  # the string order that shifted labels
     assert sorted(map(user_id_from_folder, names)) == list(range(1, 13))
-    assert [p.name for p in sorted(map(Path, ["img10.png", "img2.png", "img1.png"]), key=natural_key)] == ["img1.png", "img2.png", "img10.png"]
+    ordered = sorted(map(Path, ["img10.png", "img2.png", "img1.png"]), key=natural_key)
+    assert [p.name for p in ordered] == ["img1.png", "img2.png", "img10.png"]
 
 
 def test_id_1_to_12_latents_carry_their_folders_user(tmp_path, vavae):

@@ -28,7 +28,9 @@ def test_latent_file_round_trip_uses_lightningdit_names(tmp_path):
     latents, flips = make_latents(), make_latents(seed=1)
     user_ids = torch.arange(40) % 12 + 1
     path = tmp_path / "train.safetensors"
-    save_latent_file(path, latents, user_ids, num_users=12, vae_fingerprint=FINGERPRINT, posterior="mode", image_size=256, latents_flip=flips)
+    save_latent_file(
+        path, latents, user_ids, num_users=12, vae_fingerprint=FINGERPRINT, posterior="mode", image_size=256, latents_flip=flips
+    )
     data = load_latent_file(path)
     assert torch.equal(data.latents, latents) and torch.equal(data.latents_flip, flips)
     assert torch.equal(data.labels, user_ids - 1) and torch.equal(data.user_ids, user_ids)  # rows = user ID - 1
@@ -50,7 +52,10 @@ def test_lightningdit_files_without_metadata_are_readable(tmp_path):
 
 def test_bad_user_ids_and_files_are_errors(tmp_path):
     with pytest.raises(UserError, match=r"\[0, 13\] are outside 1\.\.12"):
-        save_latent_file(tmp_path / "x.safetensors", make_latents(3), [0, 5, 13], num_users=12, vae_fingerprint=FINGERPRINT, posterior="mode", image_size=256)
+        save_latent_file(
+            tmp_path / "x.safetensors", make_latents(3), [0, 5, 13],
+            num_users=12, vae_fingerprint=FINGERPRINT, posterior="mode", image_size=256,
+        )
     with pytest.raises(DataError, match="run scripts/extract_features.py"):
         load_latent_file(tmp_path / "missing.safetensors")
     path = tmp_path / "nolabels.safetensors"
@@ -107,7 +112,10 @@ def test_dataset_refuses_statistics_of_another_vae_and_missing_flips(tmp_path):
 def test_dataset_flips_when_asked(tmp_path):
     latents = make_latents(4)
     path = tmp_path / "train.safetensors"
-    save_latent_file(path, latents, [1, 2, 1, 2], num_users=2, vae_fingerprint=FINGERPRINT, posterior="mode", image_size=256, latents_flip=latents + 100)
+    save_latent_file(
+        path, latents, [1, 2, 1, 2],
+        num_users=2, vae_fingerprint=FINGERPRINT, posterior="mode", image_size=256, latents_flip=latents + 100,
+    )
     stats = LatentStats(torch.zeros(1, 6, 1, 1), torch.ones(1, 6, 1, 1), FINGERPRINT)
     dataset = LatentDataset(path, stats, use_flip=True)
     torch.manual_seed(0)

@@ -73,7 +73,9 @@ def pixels(path):
 def test_dit_run_writes_the_run_folder_and_a_self_contained_checkpoint(dit_run, stage1):
     output, result = dit_run
     files = {str(p.relative_to(output)) for p in output.rglob("*") if p.is_file() and p.parts[len(output.parts)] != "logs"}
-    assert files == {"args.yaml", "train.log", "loss_curves.png", "previews/epoch_0002.png", "checkpoints/best.ckpt", "checkpoints/last.ckpt"}
+    assert files == {
+        "args.yaml", "train.log", "loss_curves.png", "previews/epoch_0002.png", "checkpoints/best.ckpt", "checkpoints/last.ckpt"
+    }
     if importlib.util.find_spec("tensorboard") is not None:  # --report_to defaults to tensorboard when installed
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -90,7 +92,8 @@ def test_dit_run_writes_the_run_folder_and_a_self_contained_checkpoint(dit_run, 
     assert checkpoint["latent_stats"]["mean"].shape == (1, 8, 1, 1) and checkpoint["latent_shape"] == [8, 2, 2]
     assert checkpoint["sampling"]["num_steps"] == 250 and checkpoint["sampling"]["shift"] == 0.3
     assert checkpoint["preview"]["users"] == [1, 3] and checkpoint["config"]["backbone"] == "dit"
-    assert set(checkpoint["ema"]["weights"]) == {n for n, _ in build_dit("tiny", num_users=3, input_size=2, in_channels=8, use_qknorm=True).named_parameters()}
+    model = build_dit("tiny", num_users=3, input_size=2, in_channels=8, use_qknorm=True)
+    assert set(checkpoint["ema"]["weights"]) == {n for n, _ in model.named_parameters()}
     assert checkpoint["best"]["on"] == "val" and {"optimizer", "rng", "lr_scheduler", "step", "epoch"} <= set(checkpoint)
     log = (output / "train.log").read_text()
     assert "batch 6 per device x 1 process(es)" in log and "| val " in log
@@ -113,7 +116,9 @@ def test_inference_reproduces_the_training_preview_exactly(dit_run, stage1, tmp_
     assert manifest["seed"] == 42 and manifest["sampling"]["sampler"] == "euler" and manifest["sampling"]["num_steps"] == 3
     assert manifest["vae"]["fingerprint"] == file_fingerprint(stage1["vavae"])
     assert manifest["model"]["fingerprint"] == file_fingerprint(output / "checkpoints/last.ckpt") and manifest["model"]["weights"] == "ema"
-    assert manifest["files"][3] == {"user_id": 3, "index": 1, "file": "micro_doppler_user03_002.png", "folder_file": "user_03/generated_001.png"}
+    assert manifest["files"][3] == {
+        "user_id": 3, "index": 1, "file": "micro_doppler_user03_002.png", "folder_file": "user_03/generated_001.png"
+    }
     # A later batch continues the numbering and reproduces the same sample for the same (seed, user, index).
     later = infer.main(infer.parse_args([
         "user", "--dit_checkpoint", str(output / "checkpoints/last.ckpt"), *vae_flags(stage1), "--output_dir", str(tmp_path / "later"),
@@ -202,7 +207,9 @@ def test_mismatches_are_errors_not_fallbacks(dit_run, stage1, tmp_path):
     checkpoint = str(output / "checkpoints/last.ckpt")
     other_vae = write_tiny_vavae(tmp_path / "other-vavae.pt", seed=1)
     with pytest.raises(UserError, match="latent statistics belong to the VA-VAE with fingerprint .* --vavae_path .*other-vavae.pt"):
-        infer.main(infer.parse_args(["user", "--dit_checkpoint", checkpoint, "--vavae_path", str(other_vae), "--vavae_config", "tiny", "--device", "cpu"]))
+        infer.main(infer.parse_args([
+            "user", "--dit_checkpoint", checkpoint, "--vavae_path", str(other_vae), "--vavae_config", "tiny", "--device", "cpu",
+        ]))
     with pytest.raises(UserError, match="latent statistics belong to the VA-VAE"):
         train_run(stage1, tmp_path / "run", "--vavae_path", str(other_vae), "--vavae_config", "tiny")
     with pytest.raises(UserError, match="--num_users 31 disagrees with the 3 users"):

@@ -276,7 +276,8 @@ def test_bad_input_is_one_line_in_process(tmp_path, capsys, monkeypatch, lsui):
     assert "Cannot read image" in (line := one_line_error(capsys, train_on(unreadable))) and "b.png" in line
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no VGG weights in the hub cache
-    line = one_line_error(capsys, lambda: train.main(train.parse_args(["--dataset_path", str(lsui), *TINY, "--output_dir", str(tmp_path / "v")])))
+    argv = ["--dataset_path", str(lsui), *TINY, "--output_dir", str(tmp_path / "v")]
+    line = one_line_error(capsys, lambda: train.main(train.parse_args(argv)))
     assert "needs ImageNet VGG16 weights" in line and "--vgg_weights PATH" in line and "--no_perceptual" in line
 
     ddpm = tmp_path / "ddpm_last.pt"

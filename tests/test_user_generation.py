@@ -98,7 +98,9 @@ def test_three_channel_guidance_only_when_asked():
 
 def test_guidance_interval_skips_the_unconditional_pass():
     probe = LabelProbe()
-    sample_flow(probe, torch.zeros(2, 3, 2, 2), torch.tensor([0, 1]), null_label=3, num_steps=4, guidance_scale=2.0, guidance_interval=(0.5, 1.0))
+    sample_flow(
+        probe, torch.zeros(2, 3, 2, 2), torch.tensor([0, 1]), null_label=3, num_steps=4, guidance_scale=2.0, guidance_interval=(0.5, 1.0)
+    )
     assert [(batch, t) for batch, t, _ in probe.calls] == [(2, 0.0), (2, 0.25), (4, 0.5), (4, 0.75)]
     probe.calls.clear()
     sample_flow(probe, torch.zeros(2, 3, 2, 2), torch.tensor([0, 1]), null_label=3, num_steps=3, sampler="heun", guidance_scale=1.0)

@@ -189,7 +189,9 @@ def test_safetensors_without_wrapper_loads(tmp_path):
     vae = load_vavae(path, config="tiny")
     loaded = vae.autoencoder.state_dict()
     # The q projection of the last encoder level lands in diffusers' to_q as a linear weight.
-    torch.testing.assert_close(loaded["encoder.down_blocks.4.attentions.0.to_q.weight"], state["encoder.down.4.attn.0.q.weight"][:, :, 0, 0])
+    torch.testing.assert_close(
+        loaded["encoder.down_blocks.4.attentions.0.to_q.weight"], state["encoder.down.4.attn.0.q.weight"][:, :, 0, 0]
+    )
     # LDM's decoder level 4 (16 px) is diffusers' first up block.
     torch.testing.assert_close(loaded["decoder.up_blocks.0.resnets.1.conv1.weight"], state["decoder.up.4.block.1.conv1.weight"])
     torch.testing.assert_close(loaded["decoder.up_blocks.4.resnets.1.conv1.weight"], state["decoder.up.0.block.1.conv1.weight"])

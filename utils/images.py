@@ -128,7 +128,9 @@ def make_grid_image(
         raise ValueError("make_grid_image needs at least one image")
     side = tile_size or max(max(t.shape[-2:]) for t in tiles)
     tiles = [
-        t if tuple(t.shape[-2:]) == (side, side) else F.interpolate(t[None].float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False)[0]
+        t
+        if tuple(t.shape[-2:]) == (side, side)
+        else F.interpolate(t[None].float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False)[0]
         for t in tiles
     ]
     batch = to_uint8(torch.stack(tiles), value_range).float() / 255.0

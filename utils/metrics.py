@@ -85,7 +85,10 @@ def _gaussian_window(device: torch.device) -> torch.Tensor:
 def _ssim_8bit(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
     channels = images.shape[1]
     if min(images.shape[-2:]) < SSIM_WINDOW_SIZE:
-        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW_SIZE}x{SSIM_WINDOW_SIZE} px after the border crop, got {tuple(images.shape[-2:])}")
+        raise ValueError(
+            f"SSIM needs images of at least {SSIM_WINDOW_SIZE}x{SSIM_WINDOW_SIZE} px after the border crop, "
+            f"got {tuple(images.shape[-2:])}"
+        )
     window = _gaussian_window(images.device).expand(channels, 1, SSIM_WINDOW_SIZE, SSIM_WINDOW_SIZE)
 
     def blur(x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +127,9 @@ def batch_ssim(
     return _ssim_8bit(*_prepare(images, references, crop_border, test_y_channel))
 
 
-def calculate_psnr(image: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor, crop_border: int = 0, test_y_channel: bool = False) -> float:
+def calculate_psnr(
+    image: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor, crop_border: int = 0, test_y_channel: bool = False
+) -> float:
     """BasicSR's ``calculate_psnr`` for one pair (numpy HWC in [0, 255] or tensors in [0, 1])."""
     value = _psnr_8bit(*_prepare(to_8bit_tensor(image), to_8bit_tensor(reference), crop_border, test_y_channel))
     if value.numel() != 1:
@@ -132,7 +137,9 @@ def calculate_psnr(image: np.ndarray | torch.Tensor, reference: np.ndarray | tor
     return float(value)
 
 
-def calculate_ssim(image: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor, crop_border: int = 0, test_y_channel: bool = False) -> float:
+def calculate_ssim(
+    image: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor, crop_border: int = 0, test_y_channel: bool = False
+) -> float:
     """BasicSR's ``calculate_ssim`` for one pair (numpy HWC in [0, 255] or tensors in [0, 1])."""
     value = _ssim_8bit(*_prepare(to_8bit_tensor(image), to_8bit_tensor(reference), crop_border, test_y_channel))
     if value.numel() != 1:

@@ -20,8 +20,9 @@ cell with bash, in document order:
 The output of every cell must be free of carriage returns (readable progress in a notebook's log). SeeSR's cells
 load RAM from its weight file, which does not record the architecture: a ``sitecustomize`` in the cells'
 ``PYTHONPATH`` swaps RAM's Swin-L for the tiny configuration of tests/ram_tiny.py, as the ``tiny_ram`` fixture of
-tests/test_train_seesr.py does in-process. Each family is a few training and inference processes (10-30 s each on
-a shared 2-core CPU), so the file is marked slow.
+tests/test_train_seesr.py does in-process. The file starts 18 Python processes that import torch and diffusers
+(about 9 s of CPU each, most of its ~200 CPU-seconds) and 8 torchrun launchers: about 3 minutes on a shared 2-core
+CPU, so it is marked slow.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CELL = re.compile(r"<!-- kaggle-cell: ([\w-]+) -->\s*\n```bash\n(.*?)```", re.S)
 ROLES = {"setup", "data", "extract", "train", "resume", "infer"}
+PROGRESS_LINE = re.compile(r"step \d+/\d+ \| loss \d")
 SKIPPED = {"setup"}  # git clone and pip install: the test runs in this checkout with its environment
 
 pytestmark = pytest.mark.slow
@@ -147,6 +149,8 @@ def run_cells(session: KaggleSession, doc: str, env_per_role: dict[str, dict[str
                 if data_role == "data":
                     session.run(data_role, data_cell, env_per_role.get(data_role, {}), tiny_ram=tiny_ram)
         outputs[role] = session.run(role, cell, env_per_role.get(role, {}), tiny_ram=tiny_ram)
+    for role in ("train", "resume"):  # the plain progress lines a notebook shows instead of a tqdm bar
+        assert PROGRESS_LINE.search(outputs[role]), f"docs/{doc} {role}: no progress line in\n{outputs[role][-3000:]}"
     return outputs
 
 

@@ -200,16 +200,25 @@ def resolve_config(args: argparse.Namespace, checkpoint: dict | None, source: st
 def plan_batch_size(config, unet, scheduler, accelerator, logger, saved_plan: list[int] | None) -> BatchPlan:
     """Probe the largest batch on the GPU (unless --train_batch_size), then accumulate to --effective_batch.
 
-    A resumed run keeps its batch plan (``saved_plan``) unless the batch flags were given again.
+    A resumed run keeps its batch plan (``saved_plan``: batch, accumulation, processes) unless the batch flags were
+    given again; on another number of processes (a Kaggle session with one GPU instead of two) it keeps the batch and
+    recomputes the accumulation, so the effective batch stays what the run was started with.
     """
     device = accelerator.device
     processes = accelerator.num_processes
-    if saved_plan is not None:
-        plan = BatchPlan(saved_plan[0], saved_plan[1], processes)
-        logger.info("%s (the resumed run's plan)", plan.describe(describe_device(device)))
-        return plan
     effective = config.effective_batch
     probed = None
+    if saved_plan is not None:
+        batch, accumulation, *planned_processes = saved_plan
+        if not planned_processes or planned_processes[0] == processes:  # older checkpoints carry no process count
+            plan = BatchPlan(batch, accumulation, processes)
+            logger.info("%s (the resumed run's plan)", plan.describe(describe_device(device)))
+            return plan
+        effective = batch * accumulation * planned_processes[0]
+        plan = plan_batches(effective, batch, processes)
+        logger.info("%s (the resumed run's effective batch, planned for %d processes, now on %d)",
+                    plan.describe(describe_device(device)), planned_processes[0], processes)
+        return plan
     if config.train_batch_size:
         max_batch = config.train_batch_size
         effective = max(effective, config.train_batch_size * processes)
@@ -315,7 +324,7 @@ def main(args: argparse.Namespace) -> dict:
             loss_history=history,
             best=best.state_dict(),
             best_loss=best.best,
-            batch_plan=[plan.batch_size, plan.accumulation],
+            batch_plan=[plan.batch_size, plan.accumulation, plan.num_processes],
             batches_done=batches_done,
             epoch_loss_sum=[float(meter.total), meter.count] if meter is not None and meter.count else None,
         )

@@ -46,7 +46,7 @@ def test_tiny_run_writes_every_file_the_spec_lists(trained):
     assert result["step"] == 2 * 3  # 24 images, batches of 8
     checkpoint = torch.load(output / name / "ddpm_final.pt", weights_only=True)
     assert checkpoint["kind"] == "ddpm" and checkpoint["epoch"] == 2 and checkpoint["step"] == 6
-    assert checkpoint["config"]["size"] == 16 and checkpoint["batch_plan"] == [8, 1]
+    assert checkpoint["config"]["size"] == 16 and checkpoint["batch_plan"] == [8, 1, 1]
     assert checkpoint["config"]["learning_rate"] == 1e-3 and checkpoint["config"]["model"] == "tiny"  # resolved values
     assert "given_flags" not in checkpoint["config"]
     assert checkpoint["scheduler_config"]["beta_end"] == 0.02
@@ -80,7 +80,7 @@ def test_resume_from_the_checkpoint_alone_keeps_every_setting(demo_images, tmp_p
     straight = train.main(train.parse_args(flags))
     run = tmp_path / "folder_16x16"
     final = torch.load(run / "ddpm_final.pt", weights_only=True)
-    assert final["batch_plan"] == [4, 2] and final["step"] == 9  # 24 images: 6 batches of 4, accumulation 2
+    assert final["batch_plan"] == [4, 2, 1] and final["step"] == 9  # 24 images: 6 batches of 4, accumulation 2
     resumed = train.main(train.parse_args(["--resume_from_checkpoint", str(run / "ddpm_epoch_1.pt"), "--device", "cpu"]))
     config = resumed["config"]
     inherited = (config.lr_warmup_steps, config.max_grad_norm, config.effective_batch, config.learning_rate, config.seed)
@@ -238,3 +238,19 @@ def test_two_processes_through_torchrun(demo_images, tmp_path):
     checkpoint = torch.load(tmp_path / "folder_16x16/ddpm_final.pt", weights_only=True)
     assert checkpoint["num_processes"] == 2 and len(checkpoint["rng"]) == 2
     assert checkpoint["step"] == 3  # 24 images / (4 per process x 2 processes)
+
+
+def test_a_resumed_plan_keeps_its_effective_batch_on_another_number_of_processes():
+    """Two GPUs in one session, one in the next: the batch stays, the accumulation doubles (and old plans stay)."""
+    import logging
+    from types import SimpleNamespace
+
+    from train_ddpm_highres import plan_batch_size
+
+    one_process = SimpleNamespace(device=torch.device("cpu"), num_processes=1)
+    config = SimpleNamespace(effective_batch=32, train_batch_size=None)  # the new default must not win over the run's
+    logger = logging.getLogger("test")
+    plan = plan_batch_size(config, None, None, one_process, logger, [2, 1, 2])
+    assert (plan.batch_size, plan.accumulation, plan.effective) == (2, 2, 4)
+    plan = plan_batch_size(config, None, None, one_process, logger, [2, 1])  # a checkpoint without a process count
+    assert (plan.batch_size, plan.accumulation, plan.effective) == (2, 1, 2)

@@ -291,10 +291,11 @@ def run_phaseformer(args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ seesr
-SEESR_RAM_PATH = "preset/models/ram_swin_large_14m.pth"  # where test_seesr.py hard-codes RAM's weights (cwd-relative)
 
 
 def add_seesr_parser(subparsers) -> None:
+    from utils.cli import add_ram_arguments
+
     parser = subparsers.add_parser(
         "seesr",
         help="super-resolve images with SeeSR (a release folder or a train_seesr_timestep.py checkpoint, + injector)",
@@ -315,18 +316,7 @@ def add_seesr_parser(subparsers) -> None:
                         "(controlnet/ [+ unet/] [+ multi_scale_injector/]; a run folder picks its newest) or a ControlNet folder")
     parser.add_argument("--image_path", required=True, help="an LR image or a folder of LR images")
     parser.add_argument("--output_dir", default="results/seesr", help="folder the SR images go to (default results/seesr)")
-    parser.add_argument("--ram_path", default=SEESR_RAM_PATH,
-                        help="RAM's weights ram_swin_large_14m.pth (default preset/models/ram_swin_large_14m.pth relative "
-                        "to the current folder, where test_seesr.py reads it)")
-    parser.add_argument("--ram_ft_path", default=None,
-                        help="SeeSR's DAPE.pth, loaded over RAM (degradation-aware tags and embeddings); default none: "
-                        "plain RAM, as test_seesr.py")
-    parser.add_argument("--ram_tag_list", default=None,
-                        help="RAM's tag list ram_tag_list.txt, one tag per line (default: ram_tag_list.txt beside "
-                        "--ram_path, else ram/data/ram_tag_list.txt under the current folder, as in SeeSR's code tree)")
-    parser.add_argument("--ram_tag_thresholds", default=None,
-                        help="RAM's per-tag thresholds ram_tag_list_threshold.txt (default: beside the tag list; 0.68 "
-                        "for every tag when there is none)")
+    add_ram_arguments(parser)
     parser.add_argument("--prompt", default="",
                         help="text put after each image's tags: '{tags}, {prompt},' + added_prompt (default ''; "
                         "SeeSR's test_seesr.sh passes the word None, which then appears in the prompt, as there)")

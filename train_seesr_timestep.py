@@ -88,7 +88,7 @@ import torch
 
 from utils.accelerator import create_accelerator, log_run_header, reset_accelerate_state
 from utils.checkpoint import atomic_write_text
-from utils.cli import add_training_arguments, check_training_arguments
+from utils.cli import add_ram_arguments, add_training_arguments, check_training_arguments
 from utils.config import add_config_argument, config_to_dict, explicitly_given, parse_with_config, save_config
 from utils.errors import CheckpointError, UserError, run_cli
 from utils.log import LossMeter, TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
@@ -111,7 +111,6 @@ DATA_SOURCE_FLAGS = frozenset({"root_folders", "train_data_dir", "hr_dir", "lr_d
 START_WEIGHT_FLAGS = frozenset({"seesr_model_path", "controlnet_model_path", "unet_model_path"})
 W_T_LOGGED_AT = (999, 750, 500, 250, 1)  # timesteps whose w(t) goes to the tracker as scalars
 UNET_FOLDER = "unet"
-DEFAULT_RAM_PATH = "preset/models/ram_swin_large_14m.pth"  # where SeeSR's train_seesr.py reads RAM (cwd-relative)
 # SeeSR's train_seesr.py flags refused here: flag -> (takes a value, reason).
 REFUSED_SEESR_FLAGS = {
     "revision": (True, "nothing is downloaded: pass local folders"),
@@ -161,15 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--trainable_modules", nargs="*", default=["image_attentions"],
                        help="UNet modules trained with the ControlNet: those whose names end with one of these (default "
                        "image_attentions, as SeeSR; give the flag alone to freeze the whole UNet)")
-    model.add_argument("--ram_path", default=DEFAULT_RAM_PATH,
-                       help="RAM's weights ram_swin_large_14m.pth (default preset/models/ram_swin_large_14m.pth relative "
-                       "to the current folder, where SeeSR reads it)")
-    model.add_argument("--ram_ft_path", default=None,
-                       help="SeeSR's DAPE.pth loaded over RAM (default none: plain RAM, as SeeSR)")
-    model.add_argument("--ram_tag_list", default=None,
-                       help="RAM's ram_tag_list.txt (default: beside --ram_path, else ram/data/ram_tag_list.txt)")
-    model.add_argument("--ram_tag_thresholds", default=None,
-                       help="RAM's ram_tag_list_threshold.txt (default: beside the tag list; else 0.68 for every tag)")
+    add_ram_arguments(model)
     model.add_argument("--conditioning_embedding_channels", type=int, nargs=4, default=None, metavar="C",
                        help="channels of a new ControlNet's LR-image encoder, 4 stages down to the latent size "
                        "(default diffusers' 16 32 96 256, as SeeSR; tiny presets use fewer)")

@@ -194,3 +194,23 @@ def upgrade_saved_config(saved: dict) -> dict:
         else:
             upgraded[key] = value
     return upgraded
+
+
+# Where SeeSR's test_seesr.py and train_seesr.py hard-code RAM's weights (relative to the current folder).
+SEESR_RAM_PATH = "preset/models/ram_swin_large_14m.pth"
+
+
+def add_ram_arguments(parser) -> None:
+    """RAM/DAPE tagger flags of SeeSR, shared by ``infer.py seesr`` and ``train_seesr_timestep.py`` (a parser or group)."""
+    parser.add_argument("--ram_path", default=SEESR_RAM_PATH,
+                        help="RAM's weights ram_swin_large_14m.pth (default preset/models/ram_swin_large_14m.pth relative "
+                        "to the current folder, where SeeSR's scripts read it)")
+    parser.add_argument("--ram_ft_path", default=None,
+                        help="SeeSR's DAPE.pth, loaded over RAM (degradation-aware tags and embeddings); default none: "
+                        "plain RAM, as SeeSR")
+    parser.add_argument("--ram_tag_list", default=None,
+                        help="RAM's tag list ram_tag_list.txt, one tag per line (default: beside --ram_path, else "
+                        "ram/data/ram_tag_list.txt under the current folder, as in SeeSR's code tree)")
+    parser.add_argument("--ram_tag_thresholds", default=None,
+                        help="RAM's per-tag thresholds ram_tag_list_threshold.txt (default: beside the tag list; 0.68 "
+                        "for every tag when there is none)")

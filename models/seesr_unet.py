@@ -125,7 +125,12 @@ def _extends_signature(parent_init):
 
 
 class _ImageCrossAttentionMixin:
-    """The forward-time part shared by the UNet and the ControlNet."""
+    """What the UNet and the ControlNet share: building the image attentions and the forward-time checks."""
+
+    def _init_image_attentions(self, enabled: bool, image_cross_attention_dim: int) -> None:
+        self._image_states = _ImageStates()
+        if enabled:
+            self._image_states = _add_image_attentions(self, image_cross_attention_dim)
 
     def _check_image_states(self, image_encoder_hidden_states, sample):
         if image_encoder_hidden_states is None:
@@ -161,9 +166,7 @@ class SeeSRUNet2DConditionModel(_ImageCrossAttentionMixin, UNet2DConditionModel)
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self._image_states = _ImageStates()
-        if use_image_cross_attention:
-            self._image_states = _add_image_attentions(self, image_cross_attention_dim)
+        self._init_image_attentions(use_image_cross_attention, image_cross_attention_dim)
 
     def forward(self, sample, timestep, encoder_hidden_states, *args, image_encoder_hidden_states=None, **kwargs):
         return self._forward_with_images(
@@ -183,9 +186,7 @@ class SeeSRControlNetModel(_ImageCrossAttentionMixin, ControlNetModel):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self._image_states = _ImageStates()
-        if use_image_cross_attention:
-            self._image_states = _add_image_attentions(self, image_cross_attention_dim)
+        self._init_image_attentions(use_image_cross_attention, image_cross_attention_dim)
 
     def forward(
         self, sample, timestep, encoder_hidden_states, controlnet_cond, *args, image_encoder_hidden_states=None,

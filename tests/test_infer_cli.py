@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import infer
+import pipelines.user
 from models.ddpm_sampling import SAMPLERS, make_noise_scheduler, make_sampler, sample_ddpm
 from utils.errors import UserError
 
@@ -338,7 +339,7 @@ def test_user_flags_the_model_cannot_honour(backbone, flags, message):
     settings = {"sampler": flags.get("sampler"), "num_steps": flags.get("num_inference_steps", 50),
                 "guidance_channels": flags.get("guidance_channels")}
     with pytest.raises(UserError) as error:
-        infer._check_user_sampling(args, bundle, settings)
+        pipelines.user.check_sampling(args, bundle, settings)
     assert message in str(error.value)
 
 

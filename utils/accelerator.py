@@ -21,6 +21,7 @@ import torch
 from utils.errors import UserError
 
 PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
+PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # accelerate's names -> autocast dtypes; "no" is fp32
 
 
 def resolve_device(choice: str = "auto") -> torch.device:
@@ -42,13 +43,19 @@ def resolve_mixed_precision(requested: str, device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type != "cuda":
         if requested == "fp16":
-            raise UserError("fp16 mixed precision needs a CUDA GPU; use 'no' (or 'bf16') on CPU.")
+            raise UserError("--mixed_precision fp16 needs a CUDA GPU; use no, bf16 or auto on the CPU.")
         return "bf16" if requested == "bf16" else "no"
     if requested == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if requested == "bf16" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"{torch.cuda.get_device_name(device)} does not support bf16; use fp16 (loss-scaled) or auto.")
+        raise UserError(f"--mixed_precision bf16: {torch.cuda.get_device_name(device)} does not support bf16; use fp16 "
+                        "(loss-scaled) or auto.")
     return requested
+
+
+def autocast_dtype(requested: str, device: torch.device | str) -> torch.dtype | None:
+    """``--mixed_precision`` -> the autocast dtype on ``device`` (None: fp32), by :func:`resolve_mixed_precision`'s rules."""
+    return PRECISION_DTYPES.get(resolve_mixed_precision(requested, device))
 
 
 def enable_fast_math() -> None:

@@ -214,3 +214,35 @@ def add_ram_arguments(parser) -> None:
     parser.add_argument("--ram_tag_thresholds", default=None,
                         help="RAM's per-tag thresholds ram_tag_list_threshold.txt (default: beside the tag list; 0.68 "
                         "for every tag when there is none)")
+
+
+# ------------------------------------------------------------------------------------------ inference vocabulary
+# infer.py's subcommands share one name per setting, diffusers' where it has one: --num_inference_steps,
+# --mixed_precision no|fp16|bf16|auto (autocast while sampling), --device auto|cuda|cpu, --seed, --output_dir,
+# --batch_size. A subcommand's older spelling stays as an alias: an extra option string of the same flag (--steps,
+# --num_steps), or a flag of its own that writes the house value (--no-amp is --mixed_precision no).
+def add_flag(parser, name: str, *aliases: str, help: str, **kwargs) -> argparse.Action:  # noqa: A002 - argparse's word
+    """``name`` with the older spellings ``aliases`` as extra option strings of the same flag, listed in --help."""
+    if aliases:
+        help = f"{help} [alias: {', '.join(aliases)}]"
+    return parser.add_argument(name, *aliases, help=help.replace("%", "%%"), **kwargs)
+
+
+def add_precision_flags(parser, default: str, help: str, *, no_amp: bool = False, amp: bool = False, precision: bool = False) -> None:  # noqa: A002
+    """``--mixed_precision no|fp16|bf16|auto`` and a subcommand's older spellings of it."""
+    parser.add_argument("--mixed_precision", type=precision_value, choices=PRECISION_CHOICES, default=default,
+                        metavar="{no,fp16,bf16,auto}", help=f"{help} (default {default})")
+    if no_amp:
+        parser.add_argument("--no-amp", dest="mixed_precision", action="store_const", const="no",
+                            help="alias of --mixed_precision no: sample in fp32")
+    if amp:
+        parser.add_argument("--amp", dest="mixed_precision", action="store_const", const="auto",
+                            help="alias of --mixed_precision auto: bf16 autocast where the GPU supports it, else fp16")
+    if precision:
+        parser.add_argument("--precision", dest="mixed_precision", type=precision_value, metavar="P",
+                            help="alias of --mixed_precision: fp32 -> no, fp16, bf16, auto (Lightning's 32, 16-mixed, "
+                            "bf16-mixed work too)")
+
+
+def add_device_flag(parser) -> None:
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto (GPU if present)")

@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 __all__ = [
+    "check_output_dir",
     "fraction",
     "int_at_least",
     "non_negative_float",
@@ -96,3 +98,13 @@ def fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value:g}")
     return value
+
+
+def check_output_dir(path: str | Path, flag: str = "--output_dir") -> Path:
+    """``path`` as a folder to write into: an existing file there is an error (raised before any work is done)."""
+    from utils.errors import UserError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file; pass a folder to write into.")
+    return path

@@ -1,0 +1,142 @@
+"""``infer.py ddpm``: sample, interpolate or compare pixel-space DDPM checkpoints (ours or diffusers folders).
+
+Sampling is ``models.ddpm_sampling.sample_ddpm``, the function the training sample grids call (DDIM, DDPM, DPM-Solver++,
+UniPC through diffusers' schedulers); this module parses the flags, loads and checks every checkpoint before the first
+is sampled, and writes the PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from utils.accelerator import autocast_dtype
+from utils.cli import add_device_flag, add_flag, add_precision_flags
+from utils.errors import UserError
+from utils.validators import check_output_dir, fraction, int_at_least, positive_int, seed
+
+
+def add_parser(subparsers) -> None:
+    from models.ddpm_sampling import DEFAULT_STEPS, SAMPLERS, TIMESTEP_SPACINGS
+
+    parser = subparsers.add_parser(
+        "ddpm",
+        help="sample, interpolate or compare pixel-space DDPM checkpoints",
+        description="Sample from a train_ddpm_highres.py checkpoint (EMA weights) or a diffusers DDPM folder with "
+        "models.ddpm_sampling.sample_ddpm, the function the training sample grids call.",
+    )
+    parser.add_argument("--model", help="our ddpm_*.pt checkpoint, or a diffusers folder with a UNet2DModel and "
+                        "scheduler_config.json (e.g. google/ddpm-cifar10-32 downloaded beforehand)")
+    parser.add_argument("--compare", nargs="+", metavar="CKPT", default=None,
+                        help="checkpoints to compare: one row each, same seed, shown at a common size (all are loaded and "
+                        "checked before the first is sampled)")
+    add_flag(parser, "--num_samples", "--samples", type=positive_int, default=None, metavar="N",
+             help="images to generate (default 16; with --compare, images per checkpoint row, default 8)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                        help="ddim (deterministic at --eta 0, default), ddpm (ancestral, the paper's sampler), dpmsolver++ "
+                        "or unipc (diffusers' multistep solvers: good images in 10-25 steps)")
+    defaults = ", ".join(f"{steps} for {name}" for name, steps in DEFAULT_STEPS.items())
+    add_flag(parser, "--num_inference_steps", "--steps", "--num_steps", type=positive_int, default=None, metavar="N",
+             help=f"denoising steps, at most the model's training timesteps (default {defaults}); more steps, higher quality")
+    parser.add_argument("--eta", type=fraction, default=None,
+                        help="DDIM only: fresh noise mixed in at each step, 0 deterministic .. 1 as much as DDPM (default 0)")
+    parser.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default="trailing",
+                        help="where the steps fall in the training timesteps. trailing (default) starts at t=999, the pure "
+                        "noise the model learned to start from; leading (diffusers' DDIM default) starts at t=990 with 100 "
+                        "steps, handing the model pure noise labelled as less noisy (Lin et al. 2024); linspace spreads them evenly")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the starting and per-step noise (default 0)")
+    parser.add_argument("--output_dir", default=".", help="folder the PNG is written to (default: the current folder)")
+    parser.add_argument("--output", default=None,
+                        help="PNG file name inside --output_dir, or a path (default ddpm_samples.png, "
+                        "ddpm_interpolation.png or ddpm_comparison.png)")
+    parser.add_argument("--batch_size", type=positive_int, default=64, help="images denoised at once (default 64)")
+    parser.add_argument("--interpolate", action="store_true",
+                        help="one strip: spherical interpolation between two seeded noises, denoised with the same "
+                        "per-step noise for every frame, so the strip varies only through its starting noise")
+    parser.add_argument("--frames", type=int_at_least(2), default=None, help="images in the --interpolate strip (default 8)")
+    add_device_flag(parser)
+    add_precision_flags(parser, "auto", "autocast while sampling: auto is bf16 on GPUs that support it, else fp16; fp32 "
+                        "(no) on the CPU", no_amp=True)
+
+
+def _output_path(args: argparse.Namespace) -> Path:
+    from utils.images import IMAGE_EXTENSIONS
+
+    default = "ddpm_comparison.png" if args.compare else "ddpm_interpolation.png" if args.interpolate else "ddpm_samples.png"
+    output_dir = check_output_dir(args.output_dir)
+    path = output_dir / (args.output or default)  # an absolute --output stays as given
+    if path.is_dir():
+        raise UserError(f"--output {path} is a folder; pass a file name such as {default}.")
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise UserError(f"--output {path} is not an image file name; end it in one of {', '.join(IMAGE_EXTENSIONS)}.")
+    return path
+
+
+def run(args: argparse.Namespace) -> Path:
+    from tqdm.auto import tqdm
+
+    from models.ddpm_sampling import DEFAULT_STEPS, interpolation_noise, load_ddpm_for_sampling, sample_ddpm
+    from utils.accelerator import resolve_device
+    from utils.images import save_grid
+
+    if bool(args.model) == bool(args.compare):
+        raise UserError("infer.py ddpm needs --model CKPT or --compare CKPT [CKPT ...], one of the two.")
+    if args.interpolate and args.compare:
+        raise UserError("--interpolate and --compare are separate modes; give one of them.")
+    if args.frames is not None and not args.interpolate:
+        raise UserError("--frames sets the length of an --interpolate strip; add --interpolate or drop --frames.")
+    if args.interpolate and args.num_samples is not None:
+        raise UserError("--num_samples does not apply to --interpolate (the strip has --frames images); drop it.")
+    if args.eta is not None and args.sampler != "ddim":
+        raise UserError(f"--eta applies to --sampler ddim only ({args.sampler} has its own noise); drop it or use --sampler ddim.")
+    output = _output_path(args)
+    steps = args.num_inference_steps or DEFAULT_STEPS[args.sampler]
+    device = resolve_device(args.device)
+    autocast = autocast_dtype(args.mixed_precision, device)
+
+    models = []  # every checkpoint is loaded and checked against the flags before the first one is sampled
+    for path in args.compare or [args.model]:
+        unet, scheduler_config, description = load_ddpm_for_sampling(path)
+        total = int(scheduler_config.get("num_train_timesteps", 1000))
+        if steps > total:
+            raise UserError(f"--num_inference_steps {steps} is more than the {total} timesteps {path} was trained with; use 1..{total}.")
+        print(f"loaded {description}")
+        models.append((path, unet, scheduler_config))
+
+    def generate(unet, scheduler_config, count, noise=None, shared_step_noise=False):
+        bar = lambda timesteps: tqdm(timesteps, desc=f"{args.sampler} {steps} steps", leave=False)  # noqa: E731
+        return sample_ddpm(unet.to(device), scheduler_config, count, steps, args.sampler, args.seed, noise=noise,
+                           batch_size=args.batch_size, autocast_dtype=autocast, progress=bar, eta=args.eta or 0.0,
+                           timestep_spacing=args.timestep_spacing, shared_step_noise=shared_step_noise)
+
+    if args.compare:
+        per_row = args.num_samples or 8
+        rows, labels = [], []
+        for path, unet, scheduler_config in models:
+            rows.extend(generate(unet, scheduler_config, per_row))
+            labels.append(_checkpoint_label(path, unet.config.sample_size))
+            unet.cpu()
+        output = save_grid(rows, output, nrow=per_row, row_labels=labels)
+    elif args.interpolate:
+        _, unet, scheduler_config = models[0]
+        frames = args.frames or 8
+        noise = interpolation_noise(unet.config.in_channels, unet.config.sample_size, frames, args.seed)
+        images = generate(unet, scheduler_config, frames, noise=noise, shared_step_noise=True)
+        captions = [f"{a:.2f}" for a in torch.linspace(0, 1, frames).tolist()]
+        output = save_grid(images, output, nrow=frames, captions=captions)
+    else:
+        _, unet, scheduler_config = models[0]
+        count = args.num_samples or 16
+        images = generate(unet, scheduler_config, count)
+        output = save_grid(images, output, nrow=math.ceil(math.sqrt(count)))
+    print(f"wrote {output}")
+    return output
+
+
+def _checkpoint_label(path: str, size: int) -> str:
+    path = Path(path)
+    name = f"{path.parent.name}/{path.stem}" if path.is_file() else path.name
+    return f"{name} ({size} px)"

@@ -1,0 +1,199 @@
+"""``infer.py user``: spectrograms for chosen users from a train_dit_user.py checkpoint (DiT or latent UNet).
+
+Sampling is ``models.user_pipeline.generate_user_images``, what the training previews call, with the sampler settings
+the checkpoint carries (flags override them); this module checks the flags against the loaded model before the VA-VAE
+loads, and writes the images, the grid and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from utils.accelerator import autocast_dtype
+from utils.cli import add_device_flag, add_flag, add_precision_flags
+from utils.errors import UserError
+from utils.validators import check_output_dir, fraction, non_negative_float, non_negative_int, positive_float, positive_int, seed
+
+
+def add_parser(subparsers) -> None:
+    # Choices written out (models.user_generation.FLOW_SAMPLERS/DDPM_SAMPLERS, models.vavae.VAVAE_CONFIGS,
+    # models.user_pipeline.OUTPUT_LAYOUTS) so that building the parser imports no model code.
+    parser = subparsers.add_parser(
+        "user",
+        help="generate spectrograms for chosen users from a train_dit_user.py checkpoint (DiT or latent UNet)",
+        description="Generate images for user IDs 1..num_users with the training-time sampler: the checkpoint carries its "
+        "backbone, configuration, EMA weights, latent statistics and sampling defaults; flags override the defaults. "
+        "Writes micro_doppler_userXX_NNN.png, user_XX/generated_NNN.png, micro_doppler_grid.png (a row per user) and "
+        "manifest.json. The UNet note's flags work too: --unet_path (a checkpoint, or a diffusers UNet folder with "
+        "--condition_encoder_path and --num_users), and the aliases --vae_path, --num_images_per_user; the DiT note's "
+        "--num_steps and --precision are aliases of --num_inference_steps and --mixed_precision.",
+    )
+    add_flag(parser, "--dit_checkpoint", "--checkpoint", dest="checkpoint", default=None, metavar="CKPT",
+             help="checkpoints/best.ckpt or last.ckpt of train_dit_user.py (either backbone)")
+    parser.add_argument("--unet_path", default=None,
+                        help="a train_dit_user.py checkpoint of the UNet backbone, or a diffusers UNet2DConditionModel folder "
+                        "(then also --num_users, and --condition_encoder_path / --latent_stats unless inside the folder)")
+    parser.add_argument("--condition_encoder_path", default=None,
+                        help="with a UNet folder: condition_encoder.pt (a UserConditionEncoder state dict with num_users + 1 rows)")
+    parser.add_argument("--latent_stats", default=None, help="with a UNet folder: the latents_stats.safetensors it was trained with")
+    parser.add_argument("--num_users", type=positive_int, default=None,
+                        help="users the model knows; read from a checkpoint (a different value is an error), required with a UNet folder")
+    add_flag(parser, "--vavae_path", "--vae_path", default=None, metavar="PATH",
+             help="the VA-VAE the latents were extracted with (its fingerprint must match the checkpoint's statistics)")
+    parser.add_argument("--vavae_config", choices=("f16d32", "tiny"), default="f16d32",
+                        help="architecture of a .pt VA-VAE (default f16d32)")
+    parser.add_argument("--output_dir", default="generated_images", help="where images, grid and manifest go (default ./generated_images)")
+    parser.add_argument("--user_ids", type=int, nargs="+", default=None,  # the range comes from the checkpoint
+                        help="user IDs 1..num_users to generate, each once (default: all)")
+    add_flag(parser, "--num_samples_per_user", "--num_images_per_user", type=positive_int, default=4, metavar="N",
+             help="images per user (default 4)")
+    parser.add_argument("--start_index", type=non_negative_int, default=0,
+                        help="index of each user's first sample: continue a set without repeating it (default 0)")
+    parser.add_argument("--guidance_scale", type=non_negative_float, default=None,
+                        help="classifier-free guidance, 1 = none (default: the checkpoint's, 4.0)")
+    parser.add_argument("--guidance_interval", type=fraction, nargs=2, default=None, metavar=("START", "END"),
+                        help="flow times where guidance acts, 0 noise .. 1 data, START <= END (default: the checkpoint's; DiT 0.11 1.0)")
+    parser.add_argument("--guidance_channels", type=positive_int, default=None,
+                        help="guide only the first N latent channels (the reference's 3-channel behaviour; default all)")
+    add_flag(parser, "--num_inference_steps", "--num_steps", "--steps", type=positive_int, default=None, metavar="N",
+             help="sampler updates (default: the checkpoint's, 250 for the DiT, 50 for the UNet; at most the UNet's "
+             "training timesteps)")
+    parser.add_argument("--sampler", choices=("euler", "heun", "ddim"), default=None,
+                        help="DiT: euler or heun; UNet: ddim (default: the checkpoint's)")
+    parser.add_argument("--shift", type=positive_float, default=None,
+                        help="DiT timestep shift, LightningDiT's convention (default: the checkpoint's, 0.3)")
+    parser.add_argument("--eta", type=fraction, default=None, help="UNet DDIM eta, 0 = deterministic .. 1 (default 0)")
+    parser.add_argument("--seed", type=seed, default=None,
+                        help="run seed; sample (seed, user, index) is the same whatever else is generated (default: the "
+                        "training seed, so the training previews are reproduced)")
+    parser.add_argument("--batch_size", type=positive_int, default=64,
+                        help="samples generated and decoded at once (default 64, as the previews)")
+    add_device_flag(parser)
+    add_precision_flags(parser, "auto", "autocast while sampling: auto is the previews' precision on a GPU and fp32 on "
+                        "the CPU", precision=True)
+    parser.add_argument("--no_ema", action="store_true", help="sample with the raw weights instead of the EMA weights")
+    parser.add_argument("--layout", choices=("both", "flat", "folders"), default="both",
+                        help="both (default): micro_doppler_userXX_NNN.png and user_XX/generated_NNN.png; flat or folders: one of them")
+    parser.add_argument("--save_latents", action="store_true",
+                        help="also write generated_latents.safetensors (VA-VAE scale, LightningDiT tensor names)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    import json
+
+    from models.user_generation import validate_user_ids
+    from models.user_pipeline import (
+        check_vae_matches,
+        generate_user_images,
+        load_user_checkpoint,
+        load_user_unet_folder,
+        sampling_kwargs,
+        save_user_grid,
+        write_user_images,
+    )
+    from models.vavae import file_fingerprint, load_vavae
+    from utils.accelerator import resolve_device
+    from utils.checkpoint import atomic_save_safetensors, atomic_write_text
+    from utils.errors import CheckpointError
+
+    if bool(args.checkpoint) == bool(args.unet_path):
+        raise UserError("infer.py user needs one model: --dit_checkpoint CKPT (either backbone) or --unet_path (checkpoint or "
+                        "UNet folder).")
+    source = Path(args.checkpoint or args.unet_path)
+    if args.user_ids is not None and len(set(args.user_ids)) != len(args.user_ids):
+        repeated = sorted({user for user in args.user_ids if args.user_ids.count(user) > 1})
+        raise UserError(f"--user_ids lists {repeated[0]} more than once; give each user once and raise --num_samples_per_user instead.")
+    if args.guidance_interval is not None and args.guidance_interval[0] > args.guidance_interval[1]:
+        raise UserError(f"--guidance_interval {args.guidance_interval[0]:g} {args.guidance_interval[1]:g}: START must not be after END.")
+    if not source.exists():
+        flag = "--dit_checkpoint" if args.checkpoint else "--unet_path"
+        raise CheckpointError(f"{flag} {source} does not exist; pass checkpoints/best.ckpt or last.ckpt of train_dit_user.py.")
+    check_output_dir(args.output_dir)
+    if source.is_dir():
+        bundle = load_user_unet_folder(source, num_users=args.num_users, condition_encoder_path=args.condition_encoder_path,
+                                       latent_stats_path=args.latent_stats)
+    else:
+        if args.condition_encoder_path or args.latent_stats:
+            raise UserError(f"{source} is a checkpoint that carries its own condition encoder and latent statistics; drop "
+                            "--condition_encoder_path/--latent_stats (they go with a diffusers UNet folder).")
+        bundle = load_user_checkpoint(source, use_ema=not args.no_ema)
+        if args.num_users is not None and args.num_users != bundle.num_users:
+            raise UserError(f"--num_users {args.num_users} disagrees with the {bundle.num_users} users {source} was trained for; "
+                            "drop the flag.")
+    users = validate_user_ids(args.user_ids if args.user_ids is not None else range(1, bundle.num_users + 1), bundle.num_users)
+    settings = dict(bundle.sampling)
+    for key, flag in (("sampler", "sampler"), ("num_steps", "num_inference_steps"), ("guidance_scale", "guidance_scale"),
+                      ("shift", "shift"), ("guidance_channels", "guidance_channels"), ("eta", "eta")):
+        if getattr(args, flag) is not None:
+            settings[key] = getattr(args, flag)
+    if args.guidance_interval is not None:
+        settings["guidance_interval"] = list(args.guidance_interval)
+    check_sampling(args, bundle, settings)
+    seed = args.seed if args.seed is not None else int(bundle.checkpoint.get("preview", {}).get("seed", 0))
+    if not args.vavae_path:
+        raise UserError("--vavae_path is required: the model generates VA-VAE latents; pass the VA-VAE file the latents were "
+                        "extracted with.")
+    vae_fingerprint = check_vae_matches(bundle.stats, args.vavae_path)  # before the (large) VA-VAE is loaded
+    device = resolve_device(args.device)
+    precision = args.mixed_precision
+    if precision == "auto" and device.type == "cuda":  # the previews' precision, recorded in the checkpoint
+        preview = bundle.checkpoint.get("preview", {}).get("autocast")
+        precision = preview if preview in ("bf16", "fp16") else "no"
+    dtype = autocast_dtype(precision, device)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]  # as manifests record it
+    vae = load_vavae(args.vavae_path, device=device, config=args.vavae_config)
+    channels = bundle.stats.mean.shape[1]
+    if vae.latent_channels != channels:
+        raise UserError(f"The VA-VAE {args.vavae_path} has {vae.latent_channels} latent channels, the model {channels}; "
+                        "check --vavae_config.")
+    print(f"loaded {bundle.backbone} model from {source} ({bundle.weights} weights, {bundle.num_users} users); "
+          f"users {users}, {args.num_samples_per_user} each, {settings['sampler']} {settings['num_steps']} steps, "
+          f"guidance {settings['guidance_scale']}, seed {seed}, {device}")
+    images, latents = generate_user_images(
+        bundle.model.to(device), bundle.backbone, users, args.num_samples_per_user, stats=bundle.stats, vae=vae, seed=seed,
+        batch_size=args.batch_size, first_index=args.start_index, device=device, autocast_dtype=dtype,
+        noise_scheduler=bundle.noise_scheduler, progress=True, **sampling_kwargs(settings),
+    )
+    output_dir = Path(args.output_dir)
+    records = write_user_images(images, users, args.num_samples_per_user, output_dir, first_index=args.start_index, layout=args.layout)
+    grid = save_user_grid(images, users, args.num_samples_per_user, output_dir / "micro_doppler_grid.png")
+    if args.save_latents:
+        labels = torch.tensor([record["user_id"] - 1 for record in records])
+        atomic_save_safetensors({"latents": latents, "labels": labels}, output_dir / "generated_latents.safetensors",
+                                {"vae_fingerprint": vae_fingerprint, "labels": "user_id - 1", "seed": str(seed)})
+    manifest = {
+        "model": {"path": str(source), "fingerprint": file_fingerprint(source), "backbone": bundle.backbone, "weights": bundle.weights,
+                  "num_users": bundle.num_users, "epoch": bundle.checkpoint.get("epoch"), "step": bundle.checkpoint.get("step")},
+        "vae": {"path": str(args.vavae_path), "fingerprint": vae_fingerprint, "config": args.vavae_config},
+        "seed": seed, "sampling": settings, "precision": precision, "device": str(device), "batch_size": args.batch_size,
+        "user_ids": users, "num_samples_per_user": args.num_samples_per_user, "start_index": args.start_index,
+        "grid": grid.name, "files": records,
+    }
+    atomic_write_text(json.dumps(manifest, indent=2) + "\n", output_dir / "manifest.json")
+    print(f"wrote {len(records)} images, {grid} and manifest.json to {output_dir}")
+    return {"output_dir": output_dir, "grid": grid, "files": records, "manifest": manifest, "latents": latents}
+
+
+def check_sampling(args: argparse.Namespace, bundle, settings: dict) -> None:
+    """Flags that the loaded model cannot honour, refused before the VA-VAE loads or anything is sampled."""
+    from models.user_generation import DDPM_SAMPLERS, FLOW_SAMPLERS
+
+    allowed = FLOW_SAMPLERS if bundle.backbone == "dit" else DDPM_SAMPLERS
+    if settings.get("sampler") not in (None, *allowed):
+        raise UserError(f"--sampler {settings['sampler']}: the {bundle.backbone} backbone samples with {', '.join(allowed)}.")
+    if bundle.backbone == "dit" and args.eta is not None:
+        raise UserError("--eta applies to the UNet backbone's DDIM sampler; this DiT checkpoint samples an ODE, drop --eta.")
+    if bundle.backbone == "unet" and args.shift is not None:
+        raise UserError("--shift applies to the DiT backbone's flow sampler; this UNet checkpoint uses DDIM, drop --shift.")
+    if bundle.backbone == "unet":
+        total = int(bundle.noise_scheduler.config.num_train_timesteps)
+        if int(settings["num_steps"]) > total:
+            raise UserError(f"--num_inference_steps {settings['num_steps']} is more than the {total} timesteps the UNet was "
+                            f"trained with; use 1..{total}.")
+    channels = bundle.stats.mean.shape[1]
+    if settings.get("guidance_channels") is not None and int(settings["guidance_channels"]) > channels:
+        raise UserError(f"--guidance_channels {settings['guidance_channels']} is more than the model's {channels} latent "
+                        "channels; drop the flag to guide all of them.")

@@ -23,18 +23,18 @@ from __future__ import annotations
 import argparse
 
 from pipelines import ddpm, phaseformer, seesr, user
-from utils.config import one_line_errors
+from utils.config import ArgumentParser
 from utils.errors import run_cli
 
 COMMANDS = {"ddpm": ddpm, "phaseformer": phaseformer, "seesr": seesr, "user": user}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for module in COMMANDS.values():
         module.add_parser(subparsers)
-    return one_line_errors(parser).parse_args(argv)
+    return parser.parse_args(argv)
 
 
 def main(args: argparse.Namespace):

@@ -46,11 +46,11 @@ from diffusers import UNet2DModel
 from data.image_datasets import DATASET_CHOICES, build_image_dataset, random_hflip
 from models.ddpm_sampling import SAMPLERS, ddpm_loss, make_noise_scheduler, sample_ddpm
 from models.ddpm_unet import DDPM_PRESETS, ddpm_unet_config, default_learning_rate, preset_for_size
-from utils.accelerator import create_accelerator, describe_device, log_run_header, reset_accelerate_state
+from utils.accelerator import PRECISION_DTYPES, create_accelerator, describe_device, log_run_header, reset_accelerate_state
 from utils.batch_size import BatchPlan, plan_batches, probe_max_batch_size
 from utils.checkpoint import load_checkpoint, resolve_resume, save_checkpoint_files
 from utils.cli import add_training_arguments, check_training_arguments
-from utils.config import add_config_argument, explicitly_given, parse_with_config, save_config
+from utils.config import ArgumentParser, add_config_argument, explicitly_given, parse_with_config, save_config
 from utils.ema import EMA
 from utils.errors import UserError, run_cli
 from utils.images import save_grid
@@ -80,7 +80,7 @@ LOG_EVERY = 10  # optimiser steps between tracker scalars (each one a host sync)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     add_config_argument(parser)
@@ -419,7 +419,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def _autocast_dtype(accelerator) -> torch.dtype | None:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    return PRECISION_DTYPES.get(accelerator.mixed_precision)
 
 
 if __name__ == "__main__":

@@ -39,14 +39,16 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from data.latents import STATS_FILENAME, LatentDataset, LatentStats, load_latent_file
-from models.dit import DIT_SIZES, build_dit, load_lightningdit_init
+from models.dit import DIT_SIZES, build_dit, load_lightningdit_init, read_lightningdit_release, release_uses_qknorm
 from models.user_generation import (
     DDPM_SAMPLERS,
     FLOW_SAMPLERS,
@@ -66,16 +68,16 @@ from models.user_pipeline import (
     model_config_of,
     plain_config,
     sampling_kwargs,
-    save_user_grid,
 )
 from models.user_unet import UNET_SIZES, build_user_unet
 from models.vavae import VAVAE_CONFIGS
+from pipelines.user_io import export_unet_folder, save_user_grid
 from utils.accelerator import create_accelerator, log_run_header, reset_accelerate_state
 from utils.checkpoint import load_checkpoint, resolve_resume, save_checkpoint_files
 from utils.cli import add_training_arguments, check_training_arguments
-from utils.config import add_config_argument, explicitly_given, parse_with_config, save_config
+from utils.config import ArgumentParser, add_config_argument, explicitly_given, parse_with_config, save_config
 from utils.ema import EMA
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, one_line, run_cli
 from utils.log import TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
 from utils.plots import plot_curves
 from utils.resume import resolve_resumed_config
@@ -102,10 +104,11 @@ LOG_EVERY = 10  # optimiser steps between tracker scalars (each one a host sync)
 NAN_HINT = ", or train with bf16 or fp32 (or --qk_norm) instead of fp16"
 DEFAULT_SIZES = {"dit": "B", "unet": "default"}
 DEFAULT_VAL_BINS = [0.1, 0.3, 0.5, 0.7, 0.9]
+UNET_FOLDER = "best_unet"  # checkpoints/best_unet/: config.json + weights, condition_encoder.pt, scheduler and latent stats
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_config_argument(parser)
     data = parser.add_argument_group("data")
     data.add_argument("--latent_dir", default=None,
@@ -130,12 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="probability of replacing a user by the null user in training, for classifier-free guidance "
                        "(default 0.1, as DiT/LightningDiT; 0 makes guidance impossible)")
     model.add_argument("--qk_norm", action=argparse.BooleanOptionalAction, default=None,
-                       help="DiT QK-norm, recommended for fp16 (default: on, off with --init_from to match the release)")
+                       help="DiT QK-norm, recommended for fp16 (default: on; with --init_from, the release's setting)")
     model.add_argument("--gradient_checkpointing", action="store_true",
                        help="recompute activations in the backward pass: less memory, about 30%% slower")
     model.add_argument("--init_from", default=None,
-                       help="DiT only: start from a released LightningDiT checkpoint (every tensor but the class table, which "
-                       "gets num_users + 1 rows); pick the matching --model_size (XL for lightningdit-xl-imagenet256-*.pt)")
+                       help="DiT only: start from a released LightningDiT checkpoint: every tensor, and its trained null class (row 1000) "
+                       "as the null user (row num_users); user rows start new; pick the matching --model_size (XL for "
+                       "lightningdit-xl-imagenet256-*.pt); the log lists what was loaded, resized and left new")
 
     objective = parser.add_argument_group("objective")
     objective.add_argument("--time_sampling", choices=TIME_SAMPLINGS, default="logit_normal",
@@ -246,14 +250,64 @@ def under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+ERROR_DIR_ENV = "TRAIN_DIT_USER_ERROR_DIR"  # where launched processes leave their one-line user errors for the parent
+# torch.distributed.run, but ending quietly when a process fails: the parent reports the process's own message once,
+# instead of every process printing it and torchrun adding a ChildFailedError traceback.
+_QUIET_TORCHRUN = (
+    "import sys\n"
+    "from torch.distributed.elastic.multiprocessing.errors import ChildFailedError\n"
+    "from torch.distributed.run import main\n"
+    "try:\n"
+    "    main(sys.argv[1:])\n"
+    "except ChildFailedError as err:\n"
+    "    sys.exit(next((f.exitcode for f in err.failures.values() if f.exitcode), 1))\n"
+)
+
+
 def launch_command(argv: list[str], processes: int) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc_per_node N train_dit_user.py ARGV``."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+    """``torch.distributed.run --standalone --nproc_per_node N train_dit_user.py ARGV`` (without its failure traceback)."""
+    return [sys.executable, "-c", _QUIET_TORCHRUN, "--standalone", f"--nproc_per_node={processes}",
             str(Path(__file__).resolve()), *argv]
 
 
+def run_processes(argv: list[str], processes: int) -> int:
+    """Run ``processes`` copies of this script; a user error in any of them becomes one UserError here."""
+    with tempfile.TemporaryDirectory(prefix="train_dit_user_errors_") as error_dir:
+        # LOGLEVEL: torchrun's own "failed (exitcode ...)" log lines; the processes' output is untouched.
+        env = dict(os.environ, **{ERROR_DIR_ENV: error_dir, "LOGLEVEL": os.environ.get("LOGLEVEL", "CRITICAL")})
+        code = subprocess.run(launch_command(argv, processes), env=env).returncode
+        if code == 0:
+            return 0
+        messages = []
+        for file in sorted(Path(error_dir).glob("rank*.txt")):
+            message = file.read_text().strip()
+            if message and message not in messages:
+                messages.append(message)
+    if messages:
+        raise UserError(messages[0])  # every process checks the same things: one message, once
+    raise UserError(f"a training process stopped with exit status {code}; its message or traceback is above.")
+
+
+def cli() -> None:
+    """``python train_dit_user.py``: one ``error:`` line for a user error, also from a launched process."""
+    error_dir = os.environ.get(ERROR_DIR_ENV)
+    if not (error_dir and under_launcher()):
+        run_cli(lambda: sys.exit(launch()))
+        return
+    try:
+        launch()
+    except UserError as err:
+        rank = os.environ.get("RANK", "0")
+        Path(error_dir, f"rank{rank}.txt").write_text(one_line(str(err)) + "\n")
+        sys.exit(2)
+
+
 def launch(argv: list[str] | None = None) -> int:
-    """Command-line entry: one process, or ``--devices N`` processes through torch.distributed.run."""
+    """Command-line entry: one process, or ``--devices N`` processes through torch.distributed.run.
+
+    With N > 1 every flag, path and file check (:func:`prepare_run`) runs here, in the parent, before any process
+    starts; a user error found later inside a process is raised here once as a UserError.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     processes = args.num_processes
@@ -264,9 +318,10 @@ def launch(argv: list[str] | None = None) -> int:
         if use_cuda and processes > torch.cuda.device_count():
             raise UserError(f"--num_processes {processes} asks for more GPUs than the {torch.cuda.device_count()} visible; "
                             "lower --num_processes (--devices).")
+        prepare_run(args)  # the checks, once, before N processes repeat them
         where = "GPUs" if use_cuda else "CPU processes (gloo)"
         print(f"starting {processes} {where} with torch.distributed.run", flush=True)
-        return subprocess.run(launch_command(argv, processes), env=dict(os.environ)).returncode
+        return run_processes(argv, processes)
     main(args)
     return 0
 
@@ -295,27 +350,36 @@ def resolve_sampling(args, backbone: str) -> dict:
         raise UserError("--sample_steps must be at least 1, --guidance_scale at least 0 and --shift positive.")
     if settings["guidance_channels"] is not None and settings["guidance_channels"] < 1:
         raise UserError("--guidance_channels must be a positive channel count (leave it out to guide all channels).")
-    if args.cfg_dropout == 0 and settings["guidance_scale"] != 1.0:
-        raise UserError(
-            "--cfg_dropout 0 trains no null user, so guidance is impossible; "
-            "pass --guidance_scale 1 or a --cfg_dropout above 0."
-        )
+    if args.cfg_dropout == 0:
+        if args.guidance_scale not in (None, 1.0):
+            raise UserError(f"--cfg_dropout 0 trains no null user, so --guidance_scale {args.guidance_scale:g} is impossible; "
+                            "drop --guidance_scale (no guidance) or pass a --cfg_dropout above 0.")
+        settings["guidance_scale"] = 1.0  # the users' latent-UNet layout: no null row, unguided sampling
     return settings
 
 
 def build_new_model(args, num_users: int, channels: int, size: int, logger):
+    """A new model; with --init_from, a LightningDiT release's weights (its QK-norm setting unless --qk_norm/--no-qk_norm)."""
     if args.backbone == "dit":
+        release = None
+        qk_norm = args.qk_norm if args.qk_norm is not None else True
+        if args.init_from:
+            release = read_lightningdit_release(args.init_from)
+            if args.qk_norm is None:
+                qk_norm = release_uses_qknorm(release)
         model = build_dit(
             args.model_size, num_users=num_users, input_size=size, in_channels=channels, patch_size=args.patch_size,
-            class_dropout_prob=args.cfg_dropout, use_qknorm=args.qk_norm, use_checkpoint=args.gradient_checkpointing,
+            class_dropout_prob=args.cfg_dropout, use_qknorm=qk_norm, use_checkpoint=args.gradient_checkpointing,
         )
-        if args.init_from:
-            report = load_lightningdit_init(model, args.init_from, num_users=num_users)
-            logger.info("--init_from %s: %s", args.init_from, report.summary())
-        return model
+        if release is not None:
+            report = load_lightningdit_init(model, release, num_users=num_users)
+            logger.info("--init_from %s (QK-norm %s%s): %s", args.init_from, "on" if qk_norm else "off",
+                        ", as the release" if args.qk_norm is None else ", from --qk_norm", report.summary())
+        return model, qk_norm
     if args.init_from:
         raise UserError("--init_from loads LightningDiT weights and works with --backbone dit only.")
-    return build_user_unet(args.model_size, num_users=num_users, in_channels=channels, sample_size=size, dropout_prob=args.cfg_dropout)
+    model = build_user_unet(args.model_size, num_users=num_users, in_channels=channels, sample_size=size, dropout_prob=args.cfg_dropout)
+    return model, args.qk_norm
 
 
 def val_noise(seed: int, time_bin: int, indices: list[int], shape) -> torch.Tensor:
@@ -392,8 +456,6 @@ def load_latents(args, logger) -> tuple[LatentStats, LatentDataset, LatentDatase
                         f"drop the flag or re-extract with --num_users {args.num_users}.")
     if val_set is not None and val_set.num_users not in (None, recorded):
         raise UserError(f"{val_path} records {val_set.num_users} users but train.safetensors {recorded}; re-extract both together.")
-    if val_set is None:
-        logger.warning("no %s: no validation loss; best.ckpt follows the training loss", val_path)
     return stats, train_set, val_set, recorded
 
 
@@ -408,24 +470,38 @@ def resolve_config(args: argparse.Namespace, checkpoint: dict | None, source: st
     config = resolve_resumed_config(args, None, saved, fixed=FIXED_ON_RESUME, session=NOT_INHERITED, source=source)
     config.backbone = config.backbone or "dit"
     config.model_size = config.model_size or DEFAULT_SIZES[config.backbone]
-    if config.qk_norm is None:
-        config.qk_norm = config.init_from is None
+    if config.qk_norm is None and config.init_from is None:
+        config.qk_norm = True
     return config
 
 
-def main(args: argparse.Namespace) -> dict:
-    if args.num_processes > 1 and not under_launcher():
-        raise UserError(f"--devices {args.num_processes} starts {args.num_processes} processes from the command line "
-                        "(python train_dit_user.py ... --devices N); from Python call train_dit_user.launch(argv) or use torchrun.")
-    reset_accelerate_state()
+@dataclass
+class RunPlan:
+    """What :func:`prepare_run` checked and read: the run's settings, its data and the checkpoint it resumes."""
+
+    config: argparse.Namespace
+    checkpoint: dict | None
+    resume_path: Path | None
+    stats: LatentStats
+    train_set: LatentDataset
+    val_set: LatentDataset | None
+    num_users: int
+    sampling: dict
+    preview_users: list[int]
+
+
+def prepare_run(args: argparse.Namespace, logger=None) -> RunPlan:
+    """Every check that needs no process group: flags, the resumed checkpoint, the latents, the VA-VAE, --init_from.
+
+    ``launch`` runs it in the parent before ``--devices N`` processes start, so a user error is one line, once.
+    """
     checkpoint, resume_path = None, None
     resume = args.resume_from_checkpoint
     if resume and resume != "latest":
         resume_path = resolve_resume(resume, ".", RESUME_PATTERNS)
         checkpoint = load_checkpoint(resume_path, CHECKPOINT_KIND, "train_dit_user.py --resume_from_checkpoint")
     config = resolve_config(args, checkpoint, str(resume_path))
-    output = Path(config.output_dir)
-    checkpoint_dir = output / "checkpoints"
+    checkpoint_dir = Path(config.output_dir) / "checkpoints"
     if resume == "latest":
         resume_path = resolve_resume("latest", checkpoint_dir, RESUME_PATTERNS)
         if resume_path is not None:
@@ -438,24 +514,16 @@ def main(args: argparse.Namespace) -> dict:
     sizes = DIT_SIZES if config.backbone == "dit" else UNET_SIZES
     if config.model_size.lower() not in {name.lower() for name in sizes}:
         raise UserError(f"--model_size {config.model_size} is not a {config.backbone} size; choose one of {', '.join(sizes)}.")
+    if config.init_from and config.backbone != "dit":
+        raise UserError("--init_from loads LightningDiT weights and works with --backbone dit only.")
+    if config.init_from and checkpoint is None and not Path(config.init_from).is_file():
+        raise UserError(f"--init_from {config.init_from} does not exist; expected a LightningDiT .pt file such as "
+                        "lightningdit-xl-imagenet256-800ep.pt.")
     sampling = resolve_sampling(config, config.backbone)
-
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto.")
-    accelerator = create_accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
-        cpu=config.device == "cpu", seed=config.seed, compile_model=config.compile, project_dir=str(output),
-        report_to=config.report_to,
-    )
-    is_main = accelerator.is_main_process
-    logger = setup_logger(output, is_main)
-    if under_launcher() and config.num_processes not in (1, accelerator.num_processes):
-        logger.warning("--num_processes %d, but the launcher started %d processes; training on %d", config.num_processes,
-                       accelerator.num_processes, accelerator.num_processes)
-    logger.info("run %s: %s", output, f"resuming from {resume_path}" if resume_path else "new run")
 
     stats, train_set, val_set, num_users = load_latents(config, logger)
-    config.num_users = num_users
     channels, height, width = train_set.latents.shape[1:]
     if height != width:
         raise UserError(f"The latents are {height}x{width}; the DiT and UNet here need square latents "
@@ -471,6 +539,36 @@ def main(args: argparse.Namespace) -> dict:
                             "VA-VAE); resume with the same --latent_dir or start a new --output_dir.")
         if int(checkpoint["num_users"]) != num_users:
             raise UserError(f"{resume_path} was trained for {checkpoint['num_users']} users, the latents have {num_users}.")
+    return RunPlan(config, checkpoint, resume_path, stats, train_set, val_set, num_users, sampling, preview_users)
+
+
+def main(args: argparse.Namespace) -> dict:
+    if args.num_processes > 1 and not under_launcher():
+        raise UserError(f"--devices {args.num_processes} starts {args.num_processes} processes from the command line "
+                        "(python train_dit_user.py ... --devices N); from Python call train_dit_user.launch(argv) or use torchrun.")
+    reset_accelerate_state()
+    plan = prepare_run(args)
+    config, checkpoint, resume_path = plan.config, plan.checkpoint, plan.resume_path
+    stats, train_set, val_set, num_users = plan.stats, plan.train_set, plan.val_set, plan.num_users
+    sampling, preview_users = plan.sampling, plan.preview_users
+    del plan
+    config.num_users = num_users
+    channels, height, width = train_set.latents.shape[1:]
+    output = Path(config.output_dir)
+    checkpoint_dir = output / "checkpoints"
+    accelerator = create_accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        cpu=config.device == "cpu", seed=config.seed, compile_model=config.compile, project_dir=str(output),
+        report_to=config.report_to,
+    )
+    is_main = accelerator.is_main_process
+    logger = setup_logger(output, is_main)
+    if under_launcher() and config.num_processes not in (1, accelerator.num_processes):
+        logger.warning("--num_processes %d, but the launcher started %d processes; training on %d", config.num_processes,
+                       accelerator.num_processes, accelerator.num_processes)
+    logger.info("run %s: %s", output, f"resuming from {resume_path}" if resume_path else "new run")
+    if val_set is None:
+        logger.warning("no %s: no validation loss; best.ckpt follows the training loss", Path(config.latent_dir) / "val.safetensors")
 
     # Model, objective, optimiser.
     if checkpoint is not None:
@@ -478,7 +576,7 @@ def main(args: argparse.Namespace) -> dict:
         if config.gradient_checkpointing and config.backbone == "dit":
             model.gradient_checkpointing = True
     else:
-        model = build_new_model(config, num_users, channels, height, logger)
+        model, config.qk_norm = build_new_model(config, num_users, channels, height, logger)
     if config.gradient_checkpointing and config.backbone == "unet":
         model.unet.enable_gradient_checkpointing()
     noise_scheduler = None
@@ -491,8 +589,9 @@ def main(args: argparse.Namespace) -> dict:
             noise_scheduler = build_noise_scheduler(config.num_train_timesteps, config.beta_schedule, config.prediction_type)
     model_config = model_config_of(model, config.backbone)
     model = model.to(accelerator.device)
-    logger.info("%s %s: %.2fM parameters, %d users (+ null user), latents %dx%dx%d", config.backbone, config.model_size,
-                sum(p.numel() for p in model.parameters()) / 1e6, num_users, channels, height, width)
+    logger.info("%s %s: %.2fM parameters, %d users%s, latents %dx%dx%d", config.backbone, config.model_size,
+                sum(p.numel() for p in model.parameters()) / 1e6, num_users,
+                " (+ null user)" if model.null_label is not None else " (no null user: unguided sampling)", channels, height, width)
 
     vae = None
     if config.vavae_path and is_main and config.preview_every:
@@ -560,6 +659,9 @@ def main(args: argparse.Namespace) -> dict:
             copies.append(checkpoint_dir / f"epoch_{epoch:04d}.ckpt")
         save_checkpoint_files(state, checkpoint_dir / "last.ckpt", copies, rotate_pattern="epoch_*.ckpt",
                               keep=config.checkpoints_total_limit, variants=variants)
+        if is_best and config.backbone == "unet":  # the users' latent-UNet layout, EMA weights, for their generation script
+            with ema.averaged_weights(bare):
+                export_unet_folder(bare, noise_scheduler, stats, checkpoint_dir / UNET_FOLDER)
 
     def write_preview(epoch: int) -> Path:
         with ema.averaged_weights(bare):
@@ -654,4 +756,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    run_cli(lambda: sys.exit(launch()))
+    cli()

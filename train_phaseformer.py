@@ -67,7 +67,7 @@ from models.phaseformer_enhance import (
 from utils.accelerator import create_accelerator, log_run_header, reset_accelerate_state
 from utils.checkpoint import atomic_write, load_checkpoint, resolve_resume, save_checkpoint_files
 from utils.cli import add_training_arguments, check_training_arguments
-from utils.config import add_config_argument, explicitly_given, parse_with_config, save_config
+from utils.config import ArgumentParser, add_config_argument, explicitly_given, parse_with_config, save_config
 from utils.errors import CheckpointError, UserError, run_cli
 from utils.images import save_grid
 from utils.log import TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
@@ -126,7 +126,7 @@ def test_split_type(value: str) -> int | float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_config_argument(parser)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_path", nargs="+", default=None,

@@ -89,7 +89,7 @@ import torch
 from utils.accelerator import create_accelerator, log_run_header, reset_accelerate_state
 from utils.checkpoint import atomic_write_text
 from utils.cli import add_ram_arguments, add_training_arguments, check_training_arguments
-from utils.config import add_config_argument, config_to_dict, explicitly_given, parse_with_config, save_config
+from utils.config import ArgumentParser, add_config_argument, config_to_dict, explicitly_given, parse_with_config, save_config
 from utils.errors import CheckpointError, UserError, run_cli
 from utils.log import LossMeter, TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
 from utils.resume import given_flags, resolve_resumed_config
@@ -131,7 +131,7 @@ REFUSED_SEESR_FLAGS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     add_config_argument(parser)

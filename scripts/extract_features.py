@@ -45,14 +45,14 @@ from data.user_images import (  # noqa: E402
 from models.vavae import VAVAE_CONFIGS, file_fingerprint, load_vavae  # noqa: E402
 from utils.accelerator import resolve_device  # noqa: E402
 from utils.checkpoint import atomic_write_text  # noqa: E402
-from utils.config import add_config_argument, parse_with_config  # noqa: E402
+from utils.config import ArgumentParser, add_config_argument, parse_with_config  # noqa: E402
 from utils.errors import DataError, UserError, run_cli  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_config_argument(parser)
     parser.add_argument("--data_dir", required=True,
                         help="folder of user folders ID_1, ID_2, ... (or user_1, ...), or a folder with train/ and val/ holding them")

@@ -21,7 +21,7 @@ import train_ddpm_highres
 import train_dit_user
 import train_phaseformer
 from utils.cli import add_training_arguments, upgrade_saved_config
-from utils.config import explicitly_given, parse_with_config
+from utils.config import ArgumentParser, explicitly_given, parse_with_config
 from utils.errors import CheckpointError
 from utils.resume import resolve_resumed_config
 
@@ -104,7 +104,7 @@ def test_bad_house_values_are_one_line(capsys):
 
 # ---------------------------------------------------------------------------------------------- presets
 def make_parser():
-    parser = argparse.ArgumentParser()
+    parser = ArgumentParser()
     add_training_arguments(parser, defaults=dict(train_batch_size=8, learning_rate=1e-4, mixed_precision="auto", compile=True,
                                                  max_grad_norm=1.0, report_to="none"))
     return parser

@@ -1,14 +1,13 @@
-import argparse
 
 import pytest
 import yaml
 
-from utils.config import config_to_dict, load_config, parse_with_config, save_config
+from utils.config import ArgumentParser, config_to_dict, load_config, parse_with_config, save_config
 from utils.errors import UserError
 
 
 def make_parser():
-    parser = argparse.ArgumentParser()
+    parser = ArgumentParser()
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
@@ -96,7 +95,7 @@ def test_alias_actions_in_presets(tmp_path):
     from utils.cli import add_training_arguments
 
     def parser():
-        p = argparse.ArgumentParser()
+        p = ArgumentParser()
         add_training_arguments(p, defaults=dict(mixed_precision="auto", compile=True, report_to="none"))
         return p
 

@@ -5,6 +5,10 @@ the command line. A YAML key is a flag's destination (``batch_size``) or the fla
 ``no_amp``: ``true`` means "the flag is given"). An unknown key or a value outside a flag's choices is an error
 that names the file and the key, so a typo in a preset never passes silently.
 
+Parsers are :class:`ArgumentParser`, argparse's own with two additions: a bad flag is one ``error:`` line, and the
+parser keeps a public list of its flags (``parser.flags``), which the YAML mapping and :func:`explicitly_given` read
+(argparse keeps its list private).
+
 The resolved configuration is plain data (``config_to_dict``): it is written as ``args.yaml`` beside every run's
 outputs and stored inside every checkpoint, where ``torch.load(weights_only=True)`` can read it back.
 """
@@ -12,7 +16,6 @@ outputs and stored inside every checkpoint, where ``torch.load(weights_only=True
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,14 +49,60 @@ def _load_yaml(path: str) -> dict:
     return values
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` that reports a bad flag in one line and records its flags in ``self.flags``.
+
+    Every action added through ``add_argument``, also inside argument groups, is appended to ``flags`` in order, so a
+    destination's first action is its house flag and later ones its aliases (utils/cli.py). Sub-command parsers are
+    of this class too (argparse builds them with the parent's class).
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.flags: list[argparse.Action] = []  # before super().__init__, which adds -h/--help
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.flags.append(action)
+        return action
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        add_to_group = group.add_argument
+
+        def add_argument(*names, **options) -> argparse.Action:
+            action = add_to_group(*names, **options)
+            self.flags.append(action)
+            return action
+
+        group.add_argument = add_argument
+        return group
+
+    def error(self, message: str):
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def _flags_of(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    if not isinstance(parser, ArgumentParser):
+        raise TypeError("build the parser with utils.config.ArgumentParser: YAML presets and resumes need its list of flags")
+    return parser.flags
+
+
+def _is_switch(action: argparse.Action) -> bool:
+    """A flag that takes no value: store_true/false/const, and each half of --x/--no-x."""
+    return action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction)
+
+
 def _yaml_defaults(parser: argparse.ArgumentParser, values: dict, path: str) -> dict:
     """Map YAML keys to parser destinations, checking names and choices."""
+    flags = _flags_of(parser)
     by_dest = {}
-    for action in parser._actions:  # the first action of a destination is its house flag, later ones its aliases
+    for action in flags:  # the first action of a destination is its house flag, later ones its aliases
         if action.dest not in ("help", "config"):
             by_dest.setdefault(action.dest, action)
     by_option = {}
-    for action in parser._actions:
+    for action in flags:
         for option in action.option_strings:
             name = option.lstrip("-")
             by_option[name] = action
@@ -67,7 +116,7 @@ def _yaml_defaults(parser: argparse.ArgumentParser, values: dict, path: str) -> 
         elif key in by_option:
             action = by_option[key]
             # `no-amp: true` in YAML means the flag `--no-amp` is given; `no-compile: true` means `--no-compile`.
-            if isinstance(action, (argparse._StoreConstAction, argparse.BooleanOptionalAction)):
+            if _is_switch(action):
                 if not isinstance(value, bool):
                     raise UserError(f"--config {path}: key '{key}' is a switch; give true or false, not {value!r}.")
                 if isinstance(action, argparse.BooleanOptionalAction):
@@ -100,24 +149,23 @@ def _yaml_defaults(parser: argparse.ArgumentParser, values: dict, path: str) -> 
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Report a bad flag as one line, ``error: ... (see PROG --help)``, instead of the usage block; sub-commands too."""
+    """A plain argparse parser (no sub-commands) that reports a bad flag as one line, ``error: ... (see PROG --help)``.
+
+    Parsers built as :class:`ArgumentParser` do this already, sub-commands included.
+    """
 
     def error(message: str) -> None:
         sys.stderr.write(f"error: {message} (see {parser.prog} --help)\n")
         sys.exit(2)
 
-    parser.error = error
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for subparser in action.choices.values():
-                one_line_errors(subparser)
+    if not isinstance(parser, ArgumentParser):
+        parser.error = error
     return parser
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` with the YAML file named by ``--config`` (if any) supplying the defaults."""
-    one_line_errors(parser)
-    if not any(a.dest == "config" for a in parser._actions):
+    if not any(action.dest == "config" for action in _flags_of(parser)):
         add_config_argument(parser)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
@@ -127,18 +175,27 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     return parser.parse_args(argv)
 
 
+class _NothingDefaulted(argparse.Namespace):
+    """A namespace on which every attribute seems present, so argparse fills in no default: only given flags land.
+
+    Unset attributes read as None, which is what argparse's append and count actions expect of a fresh destination;
+    argparse's own bookkeeping attributes (``_unrecognized_args``) and dunders stay absent.
+    """
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return None
+
+
 def explicitly_given(parser: argparse.ArgumentParser, argv: Sequence[str] | None, config_path: str | None = None) -> set[str]:
     """Destinations set on the command line or in the ``--config`` file rather than left at their defaults.
 
     A resumed run takes every other setting from its checkpoint.
     """
-    probe = copy.deepcopy(parser)
-    probe._defaults.clear()
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    given = set(vars(probe.parse_args(argv)))
+    given = set(vars(parser.parse_args(argv, namespace=_NothingDefaulted())))
     if config_path:
-        given |= set(_yaml_defaults(probe, _load_yaml(config_path), config_path))
+        given |= set(_yaml_defaults(parser, _load_yaml(config_path), config_path))
     return given - {"config"}
 
 

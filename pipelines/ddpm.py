@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> Path:
     from models.ddpm_sampling import DEFAULT_STEPS, interpolation_noise, load_ddpm_for_sampling, sample_ddpm
     from utils.accelerator import resolve_device
     from utils.images import save_grid
+    from utils.log import progress_kwargs
 
     if bool(args.model) == bool(args.compare):
         raise UserError("infer.py ddpm needs --model CKPT or --compare CKPT [CKPT ...], one of the two.")
@@ -107,7 +108,8 @@ def run(args: argparse.Namespace) -> Path:
         models.append((path, unet, scheduler_config))
 
     def generate(unet, scheduler_config, count, noise=None, shared_step_noise=False):
-        bar = lambda timesteps: tqdm(timesteps, desc=f"{args.sampler} {steps} steps", leave=False)  # noqa: E731
+        # a bar only in a terminal: in a notebook's or a log file's output it would pile up carriage-return lines
+        bar = lambda timesteps: tqdm(timesteps, desc=f"{args.sampler} {steps} steps", leave=False, **progress_kwargs())  # noqa: E731
         return sample_ddpm(unet.to(device), scheduler_config, count, steps, args.sampler, args.seed, noise=noise,
                            batch_size=args.batch_size, autocast_dtype=autocast, progress=bar, eta=args.eta or 0.0,
                            timestep_spacing=args.timestep_spacing, shared_step_noise=shared_step_noise)

@@ -180,6 +180,7 @@ def enhance_folder(
     from tqdm.auto import tqdm
 
     from utils.images import images_by_stem, tensor_to_pil
+    from utils.log import progress_kwargs
     from utils.metrics import batch_psnr, batch_ssim
 
     if outputs not in OUTPUT_CHOICES:
@@ -219,7 +220,8 @@ def enhance_folder(
     device = next(model.parameters()).device
     written: list[Path] = []
     rows: list[dict[str, Any]] = []
-    for stem, path in tqdm(images.items(), desc="phaseformer", disable=not progress, dynamic_ncols=True):
+    bar = progress_kwargs() if progress else {"disable": True}  # no carriage-return bars in notebooks and log files
+    for stem, path in tqdm(images.items(), desc="phaseformer", **bar):
         image = _load(path, resize).to(device)
         try:
             result = enhance(model, image, value_range=value_range, return_high="H" in heads, tile=tile,

@@ -203,8 +203,9 @@ class SeeSROracleUNet(nn.Module):
         self.clean, self.fn, self.alphas = clean_latents, fn, scaled_linear_alphas_cumprod()
         self.inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def forward(self, noisy, timesteps, *, encoder_hidden_states, down_block_additional_residuals,
-                mid_block_additional_residual, return_dict):
+    def forward(
+        self, noisy, timesteps, *, encoder_hidden_states, down_block_additional_residuals, mid_block_additional_residual, return_dict
+    ):
         self.inputs.append((noisy.detach().clone(), timesteps.clone()))
         eps = true_noise(noisy, self.clean, timesteps, self.alphas)
         v = true_velocity(noisy, self.clean, timesteps, self.alphas)
@@ -223,8 +224,15 @@ def seesr_loss_with(fn, prediction_type: str, batch: int = 256):
         "prompt_embeds": torch.zeros(batch, 77, 8),
     }
     loss = seesr_training_loss(
-        data, unet=unet, vae=StubVAE(raw), text_encoder=None, tokenizer=None, controlnet=controlnet, injector=None,
-        noise_scheduler=scheduler, generator=torch.Generator().manual_seed(1),
+        data,
+        unet=unet,
+        vae=StubVAE(raw),
+        text_encoder=None,
+        tokenizer=None,
+        controlnet=controlnet,
+        injector=None,
+        noise_scheduler=scheduler,
+        generator=torch.Generator().manual_seed(1),
     )
     return loss, unet, controlnet
 
@@ -416,8 +424,14 @@ def test_seesr_objective_overfits_one_batch(tmp_path):
 
     def loss():
         return seesr_training_loss(
-            batch, unet=sd2.unet, vae=sd2.vae, text_encoder=sd2.text_encoder, tokenizer=sd2.tokenizer,
-            controlnet=controlnet, injector=None, noise_scheduler=sd2.noise_scheduler,
+            batch,
+            unet=sd2.unet,
+            vae=sd2.vae,
+            text_encoder=sd2.text_encoder,
+            tokenizer=sd2.tokenizer,
+            controlnet=controlnet,
+            injector=None,
+            noise_scheduler=sd2.noise_scheduler,
             generator=torch.Generator().manual_seed(0),
         )
 

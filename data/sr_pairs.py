@@ -11,6 +11,9 @@ Both datasets return per sample::
 * :class:`HRFolderDegradedDataset` -- random ``resolution`` crops of every image under a folder (recursive),
   degraded by :func:`data.degradations.degrade` (Real-ESRGAN two-stage pipeline; with
   ``DegradationConfig.seesr()`` as SeeSR's ``make_paired_data.py``: USM-sharpened GT, which is also the target).
+  With ``degrade_on_device=True`` its items hold only the HR crop (``hr``, not sharpened) and their drawn degradation
+  (``degradation``: :class:`data.degradations.DegradationParams` as tensors), and the training loop completes the
+  batch on its device (:func:`data.degradations_batched.degrade_training_batch`, as Real-ESRGAN does on the GPU).
 * :class:`SeeSRPreparedDataset` -- SeeSR's prepared training folders (``train_seesr.py --root_folders``), each
   with ``gt/``, ``sr_bicubic/`` (the LR already bicubic-upsampled to the GT size), optionally ``lr/``, and
   ``tag/<stem>.txt`` (``make_tags.py``: RAM tags of the GT); matched by stem, not zipped unsorted as SeeSR does.
@@ -43,7 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data.degradations import DegradationConfig, bicubic_upsample, degrade, usm_sharpen
+from data.degradations import DegradationConfig, bicubic_upsample, degrade_batch, sample_degradation, usm_sharpen
 from utils.errors import DataError, UserError
 from utils.images import images_by_stem, list_images, load_rgb, pil_to_tensor, require_images
 
@@ -165,8 +168,12 @@ class HRFolderDegradedDataset(_SRDataset):
         null_prompt_ratio: float = 0.0,
         seed: int | None = None,
         random_flip: bool = True,
+        degrade_on_device: bool = False,
     ):
         self.degradation = degradation or DegradationConfig()
+        # True: items carry the HR crop and their drawn degradation only; the training loop sharpens and degrades
+        # the batch on its device (data.degradations_batched.degrade_training_batch).
+        self.degrade_on_device = degrade_on_device
         super().__init__(resolution, self.degradation.scale, null_prompt_ratio, seed, random_flip)
         self.files = require_images(hr_dir, "HR image folder")
 
@@ -194,9 +201,15 @@ class HRFolderDegradedDataset(_SRDataset):
         hr = image[:, top : top + size, left : left + size]
         if self.random_flip and rng.uniform() < 0.5:
             hr = hr.flip(-1)
+        # The same draws in the same order on both paths: item i gets the same degradation either way.
+        params = sample_degradation(self.degradation, rng)
+        if self.degrade_on_device:
+            prompt, tag_source = self._prompt(rng, path)
+            return {"hr": hr * 2.0 - 1.0, "degradation": params.to_tensors(), "prompt": prompt,
+                    "tag_source": tag_source, "path": str(path)}
         if self.degradation.usm_sharpen:
             hr = usm_sharpen(hr)
-        lr = degrade(hr, self.degradation, rng)
+        lr = degrade_batch(hr[None], [params], self.degradation)[0]
         return self._sample(lr, hr, self._prompt(rng, path), path)
 
 

@@ -23,14 +23,23 @@ epoch, and a resume from it continues at the next batch (exactly, unless ``--use
 
 ``--num_processes N`` (``--devices N``, N > 1) re-launches this script as N processes through ``torch.distributed.run``
 (DDP through accelerate, one process per GPU, each with ``--train_batch_size`` latents); ``torchrun`` and
-``accelerate launch`` work directly too. Latents are normalised with ``LATENT_DIR/latents_stats.safetensors`` (the VA-VAE fingerprint of the
-latents, the statistics and ``--vavae_path`` must agree). Every epoch: the validation loss at fixed times with
-seeded noise and the EMA weights (``val.safetensors``), ``checkpoints/last.ckpt`` and, when the validation loss
-improves, ``checkpoints/best.ckpt``. Every ``--preview_every`` epochs: a grid with a row per user in
-``previews/`` (decoded with ``--vavae_path``; without it the grid shows latent channels 0-2, not images).
+``accelerate launch`` work directly too. Every flag, path and file check runs in the parent before the processes
+start, and a user error found inside a process is printed once, by the parent, as one ``error:`` line. Latents are
+normalised with ``LATENT_DIR/latents_stats.safetensors`` (the VA-VAE fingerprint of the latents, the statistics and
+``--vavae_path`` must agree).
+
+Every epoch the log shows three numbers that can be compared: ``train`` (the epoch mean of the training objective,
+raw weights), ``val`` (the same objective on ``val.safetensors``: same loss, label dropout and time distribution, on
+draws seeded per validation latent, raw weights at the end of the epoch) and ``val EMA`` (the same with the EMA
+weights, which ``best.ckpt`` is chosen by and inference samples with). ``checkpoints/last.ckpt`` is rewritten every
+epoch and ``checkpoints/best.ckpt`` when ``val EMA`` improves; for the UNet backbone ``checkpoints/best_unet/`` then also
+gets the users' folder layout (diffusers UNet, ``condition_encoder.pt``, scheduler and latent statistics) that
+``infer.py user --unet_path`` and their own generation script read. Every ``--preview_every`` epochs: a grid with a
+row per user in ``previews/`` (decoded with ``--vavae_path``; without it the grid shows latent channels 0-2, not images).
+``--cfg_dropout 0`` trains without a null user (the users' latent-UNet note): sampling is then unguided.
 
 Writes: OUTPUT_DIR/args.yaml, train.log, logs/ (tensorboard), loss_curves.png, previews/epoch_NNNN.png,
-checkpoints/{last,best}.ckpt (and epoch_NNNN.ckpt with --save_every).
+checkpoints/{last,best}.ckpt (and epoch_NNNN.ckpt with --save_every, best_unet/ for the UNet).
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ from models.user_generation import (
     DDPM_SAMPLERS,
     FLOW_SAMPLERS,
     TIME_SAMPLINGS,
+    TIMESTEP_SPACINGS,
     build_noise_scheduler,
     ddpm_loss,
     flow_matching_loss,
@@ -103,7 +113,6 @@ NOT_INHERITED = ("init_from",)
 LOG_EVERY = 10  # optimiser steps between tracker scalars (each one a host sync)
 NAN_HINT = ", or train with bf16 or fp32 (or --qk_norm) instead of fp16"
 DEFAULT_SIZES = {"dit": "B", "unet": "default"}
-DEFAULT_VAL_BINS = [0.1, 0.3, 0.5, 0.7, 0.9]
 UNET_FOLDER = "best_unet"  # checkpoints/best_unet/: config.json + weights, condition_encoder.pt, scheduler and latent stats
 
 
@@ -186,9 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = parser.add_argument_group("validation and previews")
     check.add_argument("--val_every", type=int, default=1, help="validation loss every N epochs and at the end (default 1)")
-    check.add_argument("--val_time_bins", type=float, nargs="+", default=DEFAULT_VAL_BINS,
-                       help="flow times (0 noise, 1 data) at which the validation loss is measured with seeded noise "
-                       "(default 0.1 0.3 0.5 0.7 0.9; for the UNet, timestep = (1 - t) x num_train_timesteps)")
+    check.add_argument("--val_time_bins", type=float, nargs="+", default=None,
+                       help="also log the EMA validation loss at these flow times (0 noise, 1 data) with seeded noise, a "
+                       "diagnostic (e.g. 0.1 0.3 0.5 0.7 0.9; for the UNet, timestep = (1 - t) x num_train_timesteps; default off). "
+                       "The validation loss itself is the training objective on seeded draws, with raw and EMA weights")
     check.add_argument("--preview_every", type=int, default=5,
                        help="preview grid every N epochs and at the end; 0 turns it off (default 5)")
     check.add_argument("--preview_users", type=int, nargs="+", default=None, help="user IDs in the preview grid (default the first 8)")
@@ -211,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("START", "END"),
                         help="flow-time interval where guidance acts (default 0.11 1.0 for the DiT as LightningDiT, 0 1 for the UNet)")
     sample.add_argument("--shift", type=float, default=None, help="DiT timestep shift, LightningDiT's convention (default 0.3)")
+    sample.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=None,
+                        help="UNet DDIM step placement: trailing (default: the first of 50 steps is t=999) or leading "
+                        "(DDIMScheduler.from_config of the DDPM config, the note's: t=980) or linspace")
     sample.add_argument("--guidance_channels", type=int, default=None,
                         help="guide only the first N latent channels (the reference's 3-channel bug; default: all)")
 
@@ -235,7 +248,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag} must be at least 1")
     if not 0.0 <= args.cfg_dropout < 1.0:
         parser.error("--cfg_dropout must be in [0, 1)")
-    if any(not 0.0 <= t <= 1.0 for t in args.val_time_bins):
+    if any(not 0.0 <= t <= 1.0 for t in args.val_time_bins or []):
         parser.error("--val_time_bins must lie in [0, 1]")
     return args
 
@@ -340,7 +353,7 @@ def resolve_sampling(args, backbone: str) -> dict:
             raise UserError(f"--sampler {args.sampler} does not sample the {backbone} backbone; use {' or '.join(allowed)}.")
         settings["sampler"] = args.sampler
     for flag, key in (("sample_steps", "num_steps"), ("guidance_scale", "guidance_scale"), ("shift", "shift"),
-                      ("guidance_channels", "guidance_channels")):
+                      ("guidance_channels", "guidance_channels"), ("timestep_spacing", "timestep_spacing")):
         if getattr(args, flag) is not None:
             settings[key] = getattr(args, flag)
     if args.guidance_interval is not None:
@@ -382,18 +395,79 @@ def build_new_model(args, num_users: int, channels: int, size: int, logger):
     return model, args.qk_norm
 
 
+def _seeded(seed: int, salt: int, index: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, salt, index]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)
+    return torch.Generator().manual_seed(int(state))
+
+
 def val_noise(seed: int, time_bin: int, indices: list[int], shape) -> torch.Tensor:
     """The same N(0, I) noise for validation sample ``index`` at ``time_bin`` in every epoch and process."""
-    noise = []
+    return torch.stack([torch.randn(shape, generator=_seeded(seed, 104729 + time_bin, index)) for index in indices])
+
+
+def validation_draws(seed: int, indices: list[int], shape, *, backbone: str, time_sampling: str, num_train_timesteps: int,
+                     cfg_dropout: float) -> dict[str, torch.Tensor]:
+    """Per validation sample, drawn as the training step draws them but seeded by the sample's index: the label
+    dropout, the time (logit-normal or uniform flow time; uniform DDPM timestep) and the noise, so every epoch
+    and every process measures the training objective on the same draws."""
+    from models.user_generation import sample_flow_times
+
+    drops, times, noises = [], [], []
     for index in indices:
-        state = np.random.SeedSequence([seed, 104729, time_bin, index]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)
-        noise.append(torch.randn(shape, generator=torch.Generator().manual_seed(int(state))))
-    return torch.stack(noise)
+        generator = _seeded(seed, 7919, index)
+        drops.append(bool(torch.rand((), generator=generator) < cfg_dropout))
+        if backbone == "dit":
+            times.append(sample_flow_times(1, time_sampling, generator=generator)[0])
+        else:
+            times.append(torch.randint(0, num_train_timesteps, (), generator=generator))
+        noises.append(torch.randn(shape, generator=generator))
+    return {"drop": torch.tensor(drops), "t": torch.stack(times), "noise": torch.stack(noises)}
 
 
 @torch.no_grad()
-def validation_loss(model, args, val_set: LatentDataset, accelerator, noise_scheduler=None) -> tuple[float, list[float]]:
-    """The training objective at fixed times with seeded noise, averaged over the validation set (all processes)."""
+def validation_objective(model, config, val_set: LatentDataset, accelerator, noise_scheduler=None) -> float:
+    """The training objective on the validation set: the same loss, label dropout and time distribution as the
+    training step, on seeded draws (:func:`validation_draws`), averaged over all processes. Run it with the raw
+    weights to compare with the training loss, with the EMA weights to judge what inference samples with."""
+    device = accelerator.device
+    inner = model
+    null_label = inner.null_label
+    indices = list(range(accelerator.process_index, len(val_set), accelerator.num_processes))
+    shape = tuple(val_set.latents.shape[1:])
+    num_train = noise_scheduler.config.num_train_timesteps if noise_scheduler is not None else 1000
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    was_training = model.training
+    model.eval()  # eval: no label dropout inside the model; the seeded draws apply it instead
+    try:
+        for start in range(0, len(indices), config.train_batch_size):
+            chunk = indices[start:start + config.train_batch_size]
+            draws = validation_draws(config.seed, chunk, shape, backbone=config.backbone, time_sampling=config.time_sampling,
+                                     num_train_timesteps=num_train, cfg_dropout=config.cfg_dropout if null_label is not None else 0.0)
+            latents = val_set.latents[chunk].to(device)
+            labels = val_set.labels[chunk].clone()
+            if null_label is not None:
+                labels[draws["drop"]] = null_label
+            labels = labels.to(device)
+            with accelerator.autocast():
+                if config.backbone == "dit":
+                    terms = flow_matching_loss(model, latents, labels, t=draws["t"].to(device), noise=draws["noise"].to(device),
+                                               use_cosine_loss=config.cosine_loss)
+                else:
+                    terms = ddpm_loss(model, noise_scheduler, latents, labels, timesteps=draws["t"].to(device),
+                                      noise=draws["noise"].to(device))
+            per_sample = terms["mse_per_sample"].double()
+            if terms.get("cos") is not None:  # the cosine term of the DiT objective, per sample as well
+                per_sample = per_sample + terms["cos_per_sample"].double()
+            total += per_sample.sum()
+    finally:
+        model.train(was_training)
+    total = accelerator.reduce(total, reduction="sum") if accelerator.num_processes > 1 else total
+    return float(total) / max(len(val_set), 1)
+
+
+@torch.no_grad()
+def validation_at_times(model, args, val_set: LatentDataset, accelerator, noise_scheduler=None) -> list[float]:
+    """A diagnostic: the objective at each of ``--val_time_bins`` with seeded noise and no label dropout."""
     device = accelerator.device
     indices = list(range(accelerator.process_index, len(val_set), accelerator.num_processes))
     shape = tuple(val_set.latents.shape[1:])
@@ -420,8 +494,7 @@ def validation_loss(model, args, val_set: LatentDataset, accelerator, noise_sche
     finally:
         model.train(was_training)
     totals = accelerator.reduce(totals, reduction="sum") if accelerator.num_processes > 1 else totals
-    per_bin = (totals / max(len(val_set), 1)).tolist()
-    return float(np.mean(per_bin)), per_bin
+    return (totals / max(len(val_set), 1)).tolist()
 
 
 def _connect_gaps(values: list[float]) -> list[float]:
@@ -613,14 +686,15 @@ def main(args: argparse.Namespace) -> dict:
     steps_per_epoch = max(1, len(loader) // config.gradient_accumulation_steps)
 
     step, start_epoch = 0, 0
-    history = {"train": [], "val": [], "val_per_bin": []}
-    best_on = "val" if val_set is not None else "train"
+    history = {"train": [], "val": [], "val_ema": [], "val_per_bin": []}
+    best_on = "val_ema" if val_set is not None else "train"  # best.ckpt is sampled with its EMA weights
     best = BestMetric("min")
     skip_batches, partial = 0, None  # a checkpoint written within an epoch: batches done, their loss sum
     if checkpoint is not None:
         restore_training_checkpoint(checkpoint, accelerator, model, optimizer, lr_scheduler, ema)
         step, start_epoch = checkpoint["step"], checkpoint["epoch"]
-        history = {k: list(v) for k, v in checkpoint["history"].items()}
+        history = dict({"val_ema": [float("nan")] * len(checkpoint["history"]["train"])},
+                       **{k: list(v) for k, v in checkpoint["history"].items()})
         best_on, best.best, best.epoch = checkpoint["best"]["on"], checkpoint["best"]["metric"], checkpoint["best"]["epoch"]
         skip_batches, partial = int(checkpoint.get("batches_done", 0)), checkpoint.get("epoch_loss_sum")
         logger.info("resumed at epoch %d%s, optimiser step %d", start_epoch, f" (+{skip_batches} batches)" if skip_batches else "", step)
@@ -721,29 +795,35 @@ def main(args: argparse.Namespace) -> dict:
         history["train"].append(epoch_loss)
         done = epoch + 1
         is_final = done == config.max_epochs
-        val_loss = None
+        val_loss = val_ema = None
         if val_set is not None and (done % config.val_every == 0 or is_final):
+            val_loss = validation_objective(bare, config, val_set, accelerator, noise_scheduler)
             with ema.averaged_weights(bare):
-                val_loss, per_bin = validation_loss(bare, config, val_set, accelerator, noise_scheduler)
+                val_ema = validation_objective(bare, config, val_set, accelerator, noise_scheduler)
+                if config.val_time_bins:
+                    history["val_per_bin"].append(validation_at_times(bare, config, val_set, accelerator, noise_scheduler))
             check_finite(val_loss, step)
-            history["val_per_bin"].append(per_bin)
+            check_finite(val_ema, step)
         history["val"].append(val_loss if val_loss is not None else float("nan"))
-        metric = val_loss if best_on == "val" else epoch_loss
+        history["val_ema"].append(val_ema if val_ema is not None else float("nan"))
+        metric = epoch_loss if best_on == "train" else val_ema
         is_best = metric is not None and best.update(metric, done)
-        val_text = f" | val {val_loss:.4f}" if val_loss is not None else ""
-        logger.info("epoch %d/%d | train %.4f%s | best %s %.4f (epoch %d) | step %d | lr %.2e | %.1f s, %.0f latents/s",
+        val_text = f" | val {val_loss:.4f} (raw weights, same objective) | val EMA {val_ema:.4f}" if val_loss is not None else ""
+        logger.info("epoch %d/%d | train %.4f (raw weights, epoch mean)%s | best %s %.4f (epoch %d) | step %d | lr %.2e | "
+                    "%.1f s, %.0f latents/s",
                     done, config.max_epochs, epoch_loss, val_text, best_on, best.best, best.epoch, step,
                     lr_scheduler.get_last_lr()[0], seconds,
                     progress.steps * config.train_batch_size * accelerator.num_processes / max(seconds, 1e-9))
-        scalars = {"epoch/train_loss": epoch_loss, "epoch/val_loss": val_loss}
-        if val_loss is not None:
-            scalars.update({f"val/t_{t:g}": value for t, value in zip(config.val_time_bins, per_bin)})
+        scalars = {"epoch/train_loss": epoch_loss, "epoch/val_loss": val_loss, "epoch/val_loss_ema": val_ema}
+        if val_loss is not None and config.val_time_bins:
+            scalars.update({f"val_ema/t_{t:g}": value for t, value in zip(config.val_time_bins, history["val_per_bin"][-1])})
         log_scalars(accelerator, scalars, step)
         save(done, is_best)
         if is_main:
-            curves = {"train": history["train"]}
+            curves = {"train (raw weights)": history["train"]}
             if val_set is not None:
-                curves["validation (EMA, fixed times)"] = _connect_gaps(history["val"])
+                curves["validation (raw weights)"] = _connect_gaps(history["val"])
+                curves["validation (EMA weights)"] = _connect_gaps(history["val_ema"])
             plot_curves(curves, output / "loss_curves.png", title=f"{config.backbone} {config.model_size}: training objective", log_y=True)
             if config.preview_every and (done % config.preview_every == 0 or is_final):
                 write_preview(done)

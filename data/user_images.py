@@ -4,6 +4,10 @@ The users' data: one folder per person named ``ID_<n>`` (or ``user_<n>``), n = 1
 ``train/`` and ``val/``. Folder names are mapped to user IDs explicitly with :func:`user_id_from_folder`;
 sorting the names as strings would put ``ID_10`` before ``ID_2`` and silently shift every label.
 
+A split made here (no ``train/``/``val/`` folders) is seeded, per user, and by recording: crops of one recording
+(by default the subfolder inside the user folder; ``--group_pattern`` or ``--split_manifest`` otherwise) stay on
+one side, and a validation file identical to a training file is an error (:func:`check_no_duplicates`).
+
 Preprocessing follows hustvl/LightningDiT ``tokenizer/vavae.py`` (``img_transform``): ADM's
 ``center_crop_arr`` (box-halve while the image is at least twice the target, bicubic-resize the short side to
 the target, crop the centre), then [0, 1] -> [-1, 1]. ``resize="stretch"`` instead resizes the whole image to a
@@ -98,26 +102,106 @@ def find_split_folders(root: str | Path) -> tuple[Path, Path | None] | None:
     return train, val
 
 
-def split_train_val(users: dict[int, list[Path]], val_fraction: float, seed: int) -> tuple[list[UserImage], list[UserImage]]:
-    """Seeded split, stratified per user: ``round(n * val_fraction)`` images of each user go to validation.
+def recording_groups(
+    users: dict[int, list[Path]], root: str | Path, *, pattern: str | None = None, manifest: dict[Path, str] | None = None
+) -> dict[Path, str]:
+    """The recording (session) each image comes from, so that a split keeps a recording's crops on one side.
 
-    A user with at least two images keeps at least one image on each side (when ``val_fraction > 0``). The
-    draw for a user depends only on (seed, user ID, its file list), not on the other users.
+    Default: the first subfolder inside the user folder (``ID_3/session_2/crop_07.png`` -> ``session_2``); an image
+    directly in the user folder is a recording of its own. ``pattern`` (a regular expression searched in the path
+    relative to the user folder; its first group, or the whole match, names the recording) or ``manifest`` (path ->
+    group, from :func:`read_split_manifest`) replace that.
+    """
+    root = Path(root)
+    regex = re.compile(pattern) if pattern else None
+    groups = {}
+    for user, paths in users.items():
+        for path in paths:
+            if manifest is not None:
+                if path.resolve() not in manifest:
+                    raise DataError(f"--split_manifest does not list {path}; list every image (path,group) or drop the flag.")
+                groups[path] = manifest[path.resolve()]
+                continue
+            user_dir = next((parent for parent in path.parents if user_id_from_folder(parent.name) == user), path.parent)
+            relative = path.relative_to(user_dir).as_posix()
+            if regex is not None:
+                match = regex.search(relative)
+                if match is None:
+                    raise DataError(f"--group_pattern {pattern!r} does not match {relative} (in {user_dir}); write a pattern that "
+                                    "matches every image path relative to its user folder.")
+                groups[path] = match.group(1) if regex.groups else match.group(0)
+            else:
+                parts = relative.split("/")
+                groups[path] = parts[0] if len(parts) > 1 else relative
+    return groups
+
+
+def read_split_manifest(path: str | Path, data_dir: str | Path) -> tuple[dict[Path, str], str]:
+    """A CSV with a header ``path,group`` or ``path,split`` (train/val); paths relative to ``data_dir`` or absolute.
+
+    Returns ``({resolved path: group or split}, column)``.
+    """
+    import csv
+
+    path, data_dir = Path(path), Path(data_dir)
+    if not path.is_file():
+        raise DataError(f"--split_manifest {path} does not exist; expected a CSV with columns path,group or path,split.")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = set(rows[0]) if rows else set()
+    column = "split" if "split" in columns else "group"
+    if not rows or "path" not in columns or column not in columns:
+        raise DataError(f"--split_manifest {path} needs a header path,group or path,split and one row per image.")
+    table = {}
+    for row in rows:
+        file = Path(row["path"])
+        value = (row[column] or "").strip()
+        if column == "split" and value not in ("train", "val"):
+            raise DataError(f"--split_manifest {path}: split {value!r} for {row['path']}; use train or val.")
+        table[(file if file.is_absolute() else data_dir / file).resolve()] = value
+    return table, column
+
+
+def split_train_val(
+    users: dict[int, list[Path]], val_fraction: float, seed: int, groups: dict[Path, str] | None = None
+) -> tuple[list[UserImage], list[UserImage]]:
+    """Seeded split, stratified per user and grouped by recording: ``round(k * val_fraction)`` of a user's ``k``
+    recordings (``groups``, from :func:`recording_groups`; each image its own when None) go to validation whole.
+
+    A user with at least two recordings keeps at least one on each side (when ``val_fraction > 0``). The draw for
+    a user depends only on (seed, user ID, its recordings), not on the other users.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val_fraction must be in [0, 1), got {val_fraction}.")
     train, val = [], []
     for user, paths in users.items():
-        count = len(paths)
+        keys = [groups[path] if groups is not None else str(index) for index, path in enumerate(paths)]
+        recordings = list(dict.fromkeys(keys))  # first-seen order, i.e. the natural order of the files
+        count = len(recordings)
         n_val = int(round(count * val_fraction))
         if val_fraction > 0 and count >= 2:
             n_val = min(max(n_val, 1), count - 1)
         else:
             n_val = min(n_val, max(count - 1, 0))
-        chosen = set(np.random.default_rng([seed, user]).permutation(count)[:n_val].tolist())
-        for index, path in enumerate(paths):
-            (val if index in chosen else train).append(UserImage(path, user))
+        chosen = {recordings[i] for i in np.random.default_rng([seed, user]).permutation(count)[:n_val].tolist()}
+        for key, path in zip(keys, paths):
+            (val if key in chosen else train).append(UserImage(path, user))
     return train, val
+
+
+def check_no_duplicates(train: list[UserImage], val: list[UserImage]) -> None:
+    """A DataError when a validation image is byte for byte a training image (a copied file, a re-exported crop)."""
+    import hashlib
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    seen = {digest(item.path): item.path for item in train}
+    copies = [(item.path, seen[key]) for item in val if (key := digest(item.path)) in seen]
+    if copies:
+        example = f"{copies[0][0]} = {copies[0][1]}"
+        raise DataError(f"{len(copies)} validation image(s) are identical to training images (e.g. {example}); remove the copies "
+                        "or keep them in one recording group (--group_pattern / --split_manifest).")
 
 
 def as_user_images(users: dict[int, list[Path]]) -> list[UserImage]:

@@ -13,8 +13,9 @@ PyTorch's scaled-dot-product attention. Time ``t`` runs over [0, 1] (0 = noise, 
 as is, like SiT. The label table has ``num_classes + 1`` rows when ``class_dropout_prob > 0``; the last row
 is the null label used for classifier-free guidance (here: the null user, index ``num_users``).
 
-:func:`load_lightningdit_init` starts a user model from a released LightningDiT checkpoint: every tensor
-except the ImageNet class table, which keeps its new ``num_users + 1`` rows.
+:func:`load_lightningdit_init` starts a user model from a released LightningDiT checkpoint: every tensor is copied;
+of the ImageNet class table (1001 rows) only the trained null row 1000 is, into the null user's row ``num_users``
+(the user rows are new). :func:`release_uses_qknorm` reads the release's QK-norm setting so the model can keep it.
 """
 
 from __future__ import annotations
@@ -411,6 +412,7 @@ def build_dit(size: str, *, num_users: int, input_size: int = 16, in_channels: i
 # --------------------------------------------------------------------------------------------------
 
 LABEL_TABLE_KEY = "y_embedder.embedding_table.weight"
+RELEASE_CLASSES = 1000  # ImageNet: the release's table has 1001 rows, row 1000 the trained null class
 
 
 @dataclass
@@ -418,13 +420,14 @@ class InitReport:
     """What :func:`load_lightningdit_init` did, tensor by tensor name."""
 
     loaded: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)  # partly copied (the label table: its null row)
     new: list[str] = field(default_factory=list)  # kept their fresh initialisation
     skipped: list[str] = field(default_factory=list)  # in the checkpoint, not used
 
     def summary(self) -> str:
         return (
-            f"loaded {len(self.loaded)} tensors; {len(self.new)} new ({', '.join(self.new) or 'none'}); "
-            f"{len(self.skipped)} skipped ({', '.join(self.skipped) or 'none'})"
+            f"loaded {len(self.loaded)} tensors; {len(self.resized)} resized ({'; '.join(self.resized) or 'none'}); "
+            f"{len(self.new)} new ({', '.join(self.new) or 'none'}); {len(self.skipped)} skipped ({', '.join(self.skipped) or 'none'})"
         )
 
 
@@ -442,29 +445,17 @@ def _unwrap_lightningdit_state(state: dict, path: Path) -> dict:
                 key = key[len(prefix):]
         tensors[key] = value
     if not tensors:
-        raise CheckpointError(f"{path} holds no tensors under 'ema', 'model' or 'state_dict'; expected a LightningDiT checkpoint.")
+        raise CheckpointError(f"{path} holds no tensors; expected a LightningDiT checkpoint.")
     return tensors
 
 
-def load_lightningdit_init(model: LightningDiT, path: str | Path, num_users: int | None = None) -> InitReport:
-    """Copy every tensor of a LightningDiT checkpoint into ``model`` except the class table (``--init_from``).
-
-    The checkpoint may keep its weights under ``ema`` (preferred), ``model`` or ``state_dict``. The label
-    table keeps the model's fresh ``num_users + 1`` rows. A tensor whose shape differs, or a checkpoint
-    tensor with no place in the model, means the size or options do not match the release: that is a
-    CheckpointError listing them. Model tensors absent from the checkpoint (e.g. QK-norm gains when
-    ``use_qknorm`` is turned on) keep their initialisation and are reported as new.
-    """
+def read_lightningdit_release(path: str | Path) -> dict[str, torch.Tensor]:
+    """The (EMA) tensors of a released LightningDiT checkpoint (``.pt`` read with ``weights_only=True``, or safetensors)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
             f"--init_from checkpoint {path} does not exist; "
             "expected a LightningDiT .pt file such as lightningdit-xl-imagenet256-800ep.pt."
-        )
-    if num_users is not None and model.num_classes != num_users:
-        raise UserError(
-            f"The model was built for {model.num_classes} users but --num_users is {num_users}; "
-            f"build it with num_users={num_users}."
         )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -480,19 +471,48 @@ def load_lightningdit_init(model: LightningDiT, path: str | Path, num_users: int
             ) from err
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict; expected a LightningDiT checkpoint.")
-    source = _unwrap_lightningdit_state(state, path)
+    return _unwrap_lightningdit_state(state, path)
+
+
+def release_uses_qknorm(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a LightningDiT state dict has QK-norm gains (``blocks.N.attn.q_norm.*``)."""
+    return any(".attn.q_norm." in key for key in state)
+
+
+def load_lightningdit_init(model: LightningDiT, path_or_state, num_users: int | None = None,
+                           release_classes: int = RELEASE_CLASSES) -> InitReport:
+    """Copy a LightningDiT checkpoint into ``model`` (``--init_from``): every tensor, and the trained null row.
+
+    The checkpoint may keep its weights under ``ema`` (preferred), ``model`` or ``state_dict``; pass its path or
+    :func:`read_lightningdit_release`'s tensors. Of the label table, the release's null row ``release_classes``
+    (1000 for ImageNet, trained by label dropout to mean "no class") is copied into the null user's row
+    ``num_users``; the user rows keep their fresh initialisation. A tensor whose shape differs, or a checkpoint
+    tensor with no place in the model, means the size or options do not match the release: that is a
+    CheckpointError listing them. Model tensors absent from the checkpoint (e.g. QK-norm gains when
+    ``use_qknorm`` is turned on) keep their initialisation and are reported as new.
+    """
+    path = Path(path_or_state) if not isinstance(path_or_state, dict) else Path("--init_from")
+    if num_users is not None and model.num_classes != num_users:
+        raise UserError(
+            f"The model was built for {model.num_classes} users but --num_users is {num_users}; "
+            f"build it with num_users={num_users}."
+        )
+    source = path_or_state if isinstance(path_or_state, dict) else read_lightningdit_release(path)
     target = model.state_dict()
     report = InitReport()
     mismatched, unused = [], []
     for key, value in source.items():
         if key == LABEL_TABLE_KEY:
-            report.skipped.append(f"{key} {tuple(value.shape)}")
-        elif key not in target:
+            continue
+        if key not in target:
             unused.append(key)
         elif value.shape != target[key].shape:
             mismatched.append(f"{key} {tuple(value.shape)} vs model {tuple(target[key].shape)}")
         else:
             report.loaded.append(key)
+    table = source.get(LABEL_TABLE_KEY)
+    if table is not None and LABEL_TABLE_KEY in target and table.shape[1] != target[LABEL_TABLE_KEY].shape[1]:
+        mismatched.append(f"{LABEL_TABLE_KEY} {tuple(table.shape)} vs model {tuple(target[LABEL_TABLE_KEY].shape)}")
     if mismatched or unused:
         mismatched, unused = sorted(mismatched), sorted(unused)
         problems = []
@@ -512,8 +532,18 @@ def load_lightningdit_init(model: LightningDiT, path: str | Path, num_users: int
     with torch.no_grad():
         for key in report.loaded:
             target[key].copy_(source[key])
-    report.new = [key for key in target if key not in report.loaded]
-    report.new = [f"{k} ({target[k].shape[0]} rows)" if k == LABEL_TABLE_KEY else k for k in report.new]
+        if table is not None:
+            rows = target[LABEL_TABLE_KEY].shape[0]
+            null_row = model.null_label
+            if null_row is not None and table.shape[0] == release_classes + 1:
+                target[LABEL_TABLE_KEY][null_row].copy_(table[release_classes])
+                report.resized.append(f"{LABEL_TABLE_KEY} {tuple(table.shape)} -> ({rows}, {table.shape[1]}): the release's null "
+                                      f"row {release_classes} copied to row {null_row}, {model.num_classes} user rows new")
+            else:
+                why = "the model has no null row" if null_row is None else f"the release's table has no null row ({table.shape[0]} rows)"
+                report.skipped.append(f"{LABEL_TABLE_KEY} {tuple(table.shape)} ({why})")
+    done = set(report.loaded) | {LABEL_TABLE_KEY for _ in report.resized}
+    report.new = [f"{k} ({target[k].shape[0]} rows)" if k == LABEL_TABLE_KEY else k for k in target if k not in done]
     return report
 
 

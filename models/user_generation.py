@@ -42,6 +42,10 @@ from utils.errors import UserError
 BACKBONES = ("dit", "unet")
 FLOW_SAMPLERS = ("euler", "heun")
 DDPM_SAMPLERS = ("ddim",)
+# DDIM step placement (diffusers' timestep_spacing). trailing (default) starts at t = T - 1, the pure noise the UNet
+# learned to start from; leading (what DDIMScheduler.from_config of a DDPM config gives, the users' note) starts at
+# T - T/steps, e.g. 980 of 1000 with 50 steps (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed").
+TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
 TIME_SAMPLINGS = ("logit_normal", "uniform")
 
 
@@ -144,6 +148,7 @@ def flow_matching_loss(
         "mse": mse.mean().detach(),
         "cos": None if cos is None else cos.mean().detach(),
         "mse_per_sample": mse.detach(),
+        "cos_per_sample": None if cos is None else cos.detach(),
         "t": t.detach(),
     }
 
@@ -344,18 +349,22 @@ def sample_ddim(
     guidance_interval: tuple[float, float] = (0.0, 1.0),
     guidance_channels: int | None = None,
     eta: float = 0.0,
+    timestep_spacing: str = "trailing",
     generators: list[torch.Generator] | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """DDIM sampling with ``DDIMScheduler.from_config(noise_scheduler.config)`` and the same guidance rules.
 
-    The guidance interval is read on the flow time scale ``t = 1 - timestep / num_train_timesteps``
+    ``timestep_spacing`` overrides the config's (see :data:`TIMESTEP_SPACINGS`; ``leading`` is the users'
+    note exactly). The guidance interval is read on the flow time scale ``t = 1 - timestep / num_train_timesteps``
     (0 = noise, 1 = data). ``eta > 0`` draws its per-step noise from ``generators`` (one per sample).
     """
     if num_steps < 1:
         raise UserError(f"The number of sampling steps must be at least 1, got {num_steps}.")
-    scheduler = DDIMScheduler.from_config(noise_scheduler.config)
+    if timestep_spacing not in TIMESTEP_SPACINGS:
+        raise UserError(f"Unknown DDIM timestep spacing {timestep_spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}.")
+    scheduler = DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing=timestep_spacing)
     scheduler.set_timesteps(num_steps)
     timesteps = scheduler.timesteps.tolist()  # on the CPU: no device sync inside the loop
     num_train = scheduler.config.num_train_timesteps
@@ -435,6 +444,7 @@ def generate_latents(
     guidance_channels: int | None = None,
     noise_scheduler: DDPMScheduler | None = None,
     eta: float = 0.0,
+    timestep_spacing: str = "trailing",
     batch_size: int = 64,
     first_index: int = 0,
     device: torch.device | str | None = None,
@@ -450,7 +460,7 @@ def generate_latents(
     the latent statistics (``data/latents.py``) and decode with the VA-VAE to get images.
 
     ``backbone`` is ``dit`` (rectified flow, ``sampler`` euler | heun, ``shift``) or ``unet`` (DDPM
-    noise prediction, ``sampler`` ddim, ``noise_scheduler`` required, ``eta``). The model runs in eval
+    noise prediction, ``sampler`` ddim, ``noise_scheduler`` required, ``eta``, ``timestep_spacing``). The model runs in eval
     mode (its mode is restored afterwards); pass the EMA model.
     """
     if backbone not in BACKBONES:
@@ -498,7 +508,8 @@ def generate_latents(
             if backbone == "dit":
                 latents = sample_flow(model, noise, labels, sampler=sampler, shift=shift, **common)
             else:
-                latents = sample_ddim(model, noise_scheduler, noise, labels, eta=eta, generators=generators, **common)
+                latents = sample_ddim(model, noise_scheduler, noise, labels, eta=eta, timestep_spacing=timestep_spacing,
+                                      generators=generators, **common)
             outputs.append(latents.float().cpu())
     finally:
         model.train(was_training)

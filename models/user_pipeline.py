@@ -8,9 +8,9 @@ the VA-VAE fingerprint, the DDPM noise-scheduler config (UNet) and the sampling 
 from that configuration and loaded strictly; anything that does not fit is a one-line CheckpointError.
 
 :func:`generate_user_images` is the one path from a model to images (``generate_latents`` in
-``models/user_generation.py``, denormalise with the checkpoint's statistics, decode with the VA-VAE), and
-:func:`save_user_grid` the one grid layout (a labelled row per user), so a preview and ``infer.py user`` with
-the same seed, users and settings write identical pixels.
+``models/user_generation.py``, denormalise with the checkpoint's statistics, decode with the VA-VAE), so a
+preview and ``infer.py user`` with the same seed, users and settings compute identical pixels. Reading the
+users' folder layouts and writing images and grids is folder I/O and lives in ``pipelines/user_io.py``.
 """
 
 from __future__ import annotations
@@ -23,14 +23,13 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from data.latents import STATS_FILENAME, LatentStats
+from data.latents import LatentStats
 from models.dit import LightningDiT
 from models.user_generation import backbone_num_users, build_noise_scheduler, generate_latents
-from models.user_unet import UserConditionedUNet, UserConditionEncoder, load_condition_encoder
+from models.user_unet import UserConditionedUNet, UserConditionEncoder
 from utils.checkpoint import load_checkpoint
 from utils.config import config_to_dict
-from utils.errors import CheckpointError, DataError, UserError
-from utils.images import save_grid
+from utils.errors import CheckpointError, UserError
 
 CHECKPOINT_KIND = "user_generation"
 
@@ -41,7 +40,7 @@ SAMPLING_DEFAULTS = {
     "dit": {"sampler": "euler", "num_steps": 250, "guidance_scale": 4.0, "guidance_interval": [0.11, 1.0], "shift": 0.3,
             "guidance_channels": None, "eta": 0.0},
     "unet": {"sampler": "ddim", "num_steps": 50, "guidance_scale": 4.0, "guidance_interval": [0.0, 1.0], "shift": 1.0,
-             "guidance_channels": None, "eta": 0.0},
+             "guidance_channels": None, "eta": 0.0, "timestep_spacing": "trailing"},
 }
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -93,7 +92,7 @@ class UserModel:
     model: nn.Module
     backbone: str
     num_users: int
-    stats: LatentStats
+    stats: LatentStats | None  # None for a UNet folder until pipelines.user_io.folder_latent_stats sets it
     noise_scheduler: DDPMScheduler | None
     sampling: dict
     source: str
@@ -102,7 +101,7 @@ class UserModel:
 
     @property
     def vae_fingerprint(self) -> str | None:
-        return self.stats.vae_fingerprint
+        return self.stats.vae_fingerprint if self.stats is not None else None
 
 
 def load_user_checkpoint(path: str | Path, *, use_ema: bool = True, command: str = "infer.py user") -> UserModel:
@@ -145,52 +144,6 @@ def load_user_checkpoint(path: str | Path, *, use_ema: bool = True, command: str
                      str(path), weights, rest)
 
 
-def load_user_unet_folder(
-    unet_path: str | Path,
-    *,
-    num_users: int | None,
-    condition_encoder_path: str | Path | None = None,
-    latent_stats_path: str | Path | None = None,
-) -> UserModel:
-    """The users' second note's layout: a diffusers UNet folder + ``condition_encoder.pt`` (+ latent statistics).
-
-    ``unet_path`` is a ``UNet2DConditionModel`` folder (or holds one as ``unet/``); the encoder defaults to
-    ``condition_encoder.pt`` or ``condition_encoder/`` inside it, the statistics to ``latents_stats.safetensors``
-    inside it, the DDPM schedule to its ``scheduler_config.json`` (diffusers' default DDPM otherwise). The
-    encoder must have ``num_users + 1`` rows of the UNet's cross-attention width, or it is an error.
-    """
-    root = Path(unet_path)
-    if num_users is None:
-        raise UserError("--num_users is required with a UNet folder (--unet_path DIR): the folder does not record how many users it knows.")
-    unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
-    if not (unet_dir / "config.json").is_file():
-        raise CheckpointError(f"--unet_path {root} is neither a train_dit_user.py checkpoint nor a diffusers UNet folder (no config.json).")
-    try:
-        unet = UNet2DConditionModel.from_pretrained(str(unet_dir), local_files_only=True)
-    except Exception as err:
-        raise CheckpointError(f"Cannot load the diffusers UNet2DConditionModel in {unet_dir} ({type(err).__name__}: {err}).") from err
-    if condition_encoder_path is None:
-        candidates = [root / "condition_encoder", root / "condition_encoder.pt", root / "condition_encoder.safetensors"]
-        condition_encoder_path = next((c for c in candidates if c.exists()), None)
-        if condition_encoder_path is None:
-            raise CheckpointError(
-                f"No condition encoder beside {root}; "
-                f"pass --condition_encoder_path (e.g. {root / 'condition_encoder.pt'})."
-            )
-    encoder = load_condition_encoder(condition_encoder_path, num_users, unet.config.cross_attention_dim)
-    stats_path = Path(latent_stats_path) if latent_stats_path else root / STATS_FILENAME
-    if not stats_path.exists():
-        raise DataError(
-            f"Latent statistics {stats_path} do not exist; "
-            f"pass --latent_stats with the {STATS_FILENAME} the UNet was trained with."
-        )
-    stats = LatentStats.load(stats_path)
-    scheduler_file = next((p for p in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json") if p.is_file()), None)
-    scheduler = DDPMScheduler.from_pretrained(str(scheduler_file.parent)) if scheduler_file else build_noise_scheduler()
-    model = UserConditionedUNet(unet, encoder).eval().requires_grad_(False)
-    return UserModel(model, "unet", num_users, stats, scheduler, dict(SAMPLING_DEFAULTS["unet"]), str(root), "folder")
-
-
 # --------------------------------------------------------------------------------------------------
 # Latents -> images
 # --------------------------------------------------------------------------------------------------
@@ -207,6 +160,7 @@ def sampling_kwargs(settings: dict) -> dict:
         "shift": float(settings.get("shift", 1.0)),
         "guidance_channels": settings.get("guidance_channels"),
         "eta": float(settings.get("eta", 0.0)),
+        "timestep_spacing": settings.get("timestep_spacing", "trailing"),
     }
 
 
@@ -266,12 +220,6 @@ def generate_user_images(
     return decode_latents(vae, vae_latents, batch_size, device), vae_latents
 
 
-def save_user_grid(images: torch.Tensor, user_ids, num_per_user: int, path: str | Path) -> Path:
-    """A grid with one row per user, labelled ``user 01`` etc."""
-    labels = [f"user {user:02d}" for user in user_ids]
-    return save_grid(list(images), path, nrow=num_per_user, row_labels=labels)
-
-
 def check_vae_matches(stats: LatentStats, vae_path: str | Path, what: str = "--vavae_path") -> str:
     """Fingerprint of ``vae_path``; a UserError if the latent statistics were computed with another VA-VAE file."""
     from models.vavae import file_fingerprint
@@ -279,38 +227,3 @@ def check_vae_matches(stats: LatentStats, vae_path: str | Path, what: str = "--v
     fingerprint = file_fingerprint(vae_path)
     stats.check_fingerprint(fingerprint, f"{what} {vae_path}")
     return fingerprint
-
-
-OUTPUT_LAYOUTS = ("both", "flat", "folders")
-
-
-def write_user_images(images: torch.Tensor, user_ids, num_per_user: int, output_dir: str | Path, *, first_index: int = 0,
-                      layout: str = "both") -> list[dict]:
-    """Write ``micro_doppler_userXX_NNN.png`` (flat, NNN from 001) and/or ``user_XX/generated_NNN.png`` (from 000).
-
-    ``images`` are user-major as :func:`generate_user_images` returns them; NNN comes from the sample index, so
-    a later run with ``first_index`` continues the numbering instead of overwriting. Returns one record per image.
-    """
-    from utils.images import tensor_to_pil
-
-    if layout not in OUTPUT_LAYOUTS:
-        raise UserError(f"Unknown output layout {layout!r}; choose one of {', '.join(OUTPUT_LAYOUTS)}.")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    records = []
-    for position, image in enumerate(images):
-        user = list(user_ids)[position // num_per_user]
-        index = first_index + position % num_per_user
-        record = {"user_id": int(user), "index": int(index)}
-        picture = tensor_to_pil(image)
-        if layout in ("both", "flat"):
-            name = f"micro_doppler_user{user:02d}_{index + 1:03d}.png"
-            picture.save(output_dir / name)
-            record["file"] = name
-        if layout in ("both", "folders"):
-            name = f"user_{user:02d}/generated_{index:03d}.png"
-            (output_dir / name).parent.mkdir(parents=True, exist_ok=True)
-            picture.save(output_dir / name)
-            record["folder_file"] = name
-        records.append(record)
-    return records

@@ -2,7 +2,17 @@
 
 Sampling is ``models.user_pipeline.generate_user_images``, what the training previews call, with the sampler settings
 the checkpoint carries (flags override them); this module checks the flags against the loaded model before the VA-VAE
-loads, and writes the images, the grid and ``manifest.json``.
+loads, and writes the images, the grid and ``manifest.json`` (``pipelines/user_io.py``).
+
+It also runs the users' latent-UNet note (``generate_training_style.py``) flag for flag on their files::
+
+    python infer.py user --vae_path /kaggle/input/final-model --unet_path /kaggle/input/diffusion-final-model \
+        --condition_encoder_path /kaggle/input/diffusion-final-model/condition_encoder.pt --num_users 31 \
+        --user_ids 1 5 10 15 --num_images_per_user 5 --num_inference_steps 20 --output_dir generated --device auto --seed 42
+
+A diffusers UNet folder, ``condition_encoder.pt`` with ``num_users`` rows (no null row: no guidance) or
+``num_users + 1`` (the last is the null user), a diffusers VAE folder whose ``scaling_factor`` scaled the latents
+(or a VA-VAE file with ``--latent_stats``); see ``pipelines.user_io.folder_latent_stats``.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from utils.validators import check_output_dir, fraction, non_negative_float, non
 
 def add_parser(subparsers) -> None:
     # Choices written out (models.user_generation.FLOW_SAMPLERS/DDPM_SAMPLERS, models.vavae.VAVAE_CONFIGS,
-    # models.user_pipeline.OUTPUT_LAYOUTS) so that building the parser imports no model code.
+    # pipelines.user_io.OUTPUT_LAYOUTS) so that building the parser imports no model code.
     parser = subparsers.add_parser(
         "user",
         help="generate spectrograms for chosen users from a train_dit_user.py checkpoint (DiT or latent UNet)",
@@ -35,14 +45,24 @@ def add_parser(subparsers) -> None:
              help="checkpoints/best.ckpt or last.ckpt of train_dit_user.py (either backbone)")
     parser.add_argument("--unet_path", default=None,
                         help="a train_dit_user.py checkpoint of the UNet backbone, or a diffusers UNet2DConditionModel folder "
-                        "(then also --num_users, and --condition_encoder_path / --latent_stats unless inside the folder)")
+                        "(the note's diffusion-final-model, or checkpoints/best_unet of train_dit_user.py; then also --num_users)")
     parser.add_argument("--condition_encoder_path", default=None,
-                        help="with a UNet folder: condition_encoder.pt (a UserConditionEncoder state dict with num_users + 1 rows)")
-    parser.add_argument("--latent_stats", default=None, help="with a UNet folder: the latents_stats.safetensors it was trained with")
+                        help="with a UNet folder: condition_encoder.pt (default: inside the folder), a state dict of an "
+                        "nn.Embedding with num_users rows (no null row: unguided) or num_users + 1 (the last is the null user)")
+    parser.add_argument("--trust_pickle", action="store_true",
+                        help="read a condition_encoder.pt saved as a whole module (torch.save(encoder)), which unpickles "
+                        "Python objects: only for files from a trusted source (default off)")
+    parser.add_argument("--latent_stats", default=None,
+                        help="with a UNet folder: the latents_stats.safetensors it was trained with (default: inside the folder, "
+                        "else the diffusers VAE's scaling_factor)")
+    parser.add_argument("--scaling_factor", type=positive_float, default=None,
+                        help="with a UNet folder: the factor its training multiplied the VAE latents by (default: the "
+                        "diffusers VAE folder's config.json scaling_factor)")
     parser.add_argument("--num_users", type=positive_int, default=None,
                         help="users the model knows; read from a checkpoint (a different value is an error), required with a UNet folder")
     add_flag(parser, "--vavae_path", "--vae_path", default=None, metavar="PATH",
-             help="the VA-VAE the latents were extracted with (its fingerprint must match the checkpoint's statistics)")
+             help="the VAE the latents were made with: a VA-VAE file (its fingerprint must match the checkpoint's "
+             "statistics) or, with a UNet folder, a diffusers AutoencoderKL folder such as the note's final-model")
     parser.add_argument("--vavae_config", choices=("f16d32", "tiny"), default="f16d32",
                         help="architecture of a .pt VA-VAE (default f16d32)")
     parser.add_argument("--output_dir", default="generated_images", help="where images, grid and manifest go (default ./generated_images)")
@@ -66,6 +86,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--shift", type=positive_float, default=None,
                         help="DiT timestep shift, LightningDiT's convention (default: the checkpoint's, 0.3)")
     parser.add_argument("--eta", type=fraction, default=None, help="UNet DDIM eta, 0 = deterministic .. 1 (default 0)")
+    parser.add_argument("--timestep_spacing", choices=("trailing", "leading", "linspace"), default=None,
+                        help="UNet DDIM step placement: trailing (default: the first of 50 steps is t=999, pure noise) or "
+                        "leading (DDIMScheduler.from_config of a DDPM config, as the note: t=980) or linspace")
     parser.add_argument("--seed", type=seed, default=None,
                         help="run seed; sample (seed, user, index) is the same whatever else is generated (default: the "
                         "training seed, so the training previews are reproduced)")
@@ -85,16 +108,9 @@ def run(args: argparse.Namespace) -> dict:
     import json
 
     from models.user_generation import validate_user_ids
-    from models.user_pipeline import (
-        check_vae_matches,
-        generate_user_images,
-        load_user_checkpoint,
-        load_user_unet_folder,
-        sampling_kwargs,
-        save_user_grid,
-        write_user_images,
-    )
+    from models.user_pipeline import check_vae_matches, generate_user_images, load_user_checkpoint, sampling_kwargs
     from models.vavae import file_fingerprint, load_vavae
+    from pipelines.user_io import folder_latent_stats, load_user_unet_folder, resolve_vae_folder, save_user_grid, write_user_images
     from utils.accelerator import resolve_device
     from utils.checkpoint import atomic_save_safetensors, atomic_write_text
     from utils.errors import CheckpointError
@@ -112,13 +128,21 @@ def run(args: argparse.Namespace) -> dict:
         flag = "--dit_checkpoint" if args.checkpoint else "--unet_path"
         raise CheckpointError(f"{flag} {source} does not exist; pass checkpoints/best.ckpt or last.ckpt of train_dit_user.py.")
     check_output_dir(args.output_dir)
+    if not args.vavae_path:
+        raise UserError("--vavae_path (--vae_path) is required: the model generates VAE latents; pass the VAE the latents were "
+                        "made with.")
+    if not Path(args.vavae_path).exists():
+        raise CheckpointError(f"--vavae_path {args.vavae_path} does not exist; pass the VA-VAE file or diffusers VAE folder.")
+    stats_note = None
     if source.is_dir():
         bundle = load_user_unet_folder(source, num_users=args.num_users, condition_encoder_path=args.condition_encoder_path,
-                                       latent_stats_path=args.latent_stats)
+                                       trust_pickle=args.trust_pickle)
+        bundle.stats, stats_note = folder_latent_stats(source, args.vavae_path, int(bundle.model.unet.config.in_channels),
+                                                       latent_stats_path=args.latent_stats, scaling_factor=args.scaling_factor)
     else:
-        if args.condition_encoder_path or args.latent_stats:
+        if args.condition_encoder_path or args.latent_stats or args.scaling_factor is not None or args.trust_pickle:
             raise UserError(f"{source} is a checkpoint that carries its own condition encoder and latent statistics; drop "
-                            "--condition_encoder_path/--latent_stats (they go with a diffusers UNet folder).")
+                            "--condition_encoder_path/--latent_stats/--scaling_factor/--trust_pickle (they go with a UNet folder).")
         bundle = load_user_checkpoint(source, use_ema=not args.no_ema)
         if args.num_users is not None and args.num_users != bundle.num_users:
             raise UserError(f"--num_users {args.num_users} disagrees with the {bundle.num_users} users {source} was trained for; "
@@ -126,17 +150,17 @@ def run(args: argparse.Namespace) -> dict:
     users = validate_user_ids(args.user_ids if args.user_ids is not None else range(1, bundle.num_users + 1), bundle.num_users)
     settings = dict(bundle.sampling)
     for key, flag in (("sampler", "sampler"), ("num_steps", "num_inference_steps"), ("guidance_scale", "guidance_scale"),
-                      ("shift", "shift"), ("guidance_channels", "guidance_channels"), ("eta", "eta")):
+                      ("shift", "shift"), ("guidance_channels", "guidance_channels"), ("eta", "eta"),
+                      ("timestep_spacing", "timestep_spacing")):
         if getattr(args, flag) is not None:
             settings[key] = getattr(args, flag)
     if args.guidance_interval is not None:
         settings["guidance_interval"] = list(args.guidance_interval)
     check_sampling(args, bundle, settings)
     seed = args.seed if args.seed is not None else int(bundle.checkpoint.get("preview", {}).get("seed", 0))
-    if not args.vavae_path:
-        raise UserError("--vavae_path is required: the model generates VA-VAE latents; pass the VA-VAE file the latents were "
-                        "extracted with.")
-    vae_fingerprint = check_vae_matches(bundle.stats, args.vavae_path)  # before the (large) VA-VAE is loaded
+    vae_dir = resolve_vae_folder(args.vavae_path)
+    vae_path = vae_dir if vae_dir is not None else Path(args.vavae_path)
+    vae_fingerprint = check_vae_matches(bundle.stats, vae_path)  # before the (large) VAE is loaded
     device = resolve_device(args.device)
     precision = args.mixed_precision
     if precision == "auto" and device.type == "cuda":  # the previews' precision, recorded in the checkpoint
@@ -144,11 +168,17 @@ def run(args: argparse.Namespace) -> dict:
         precision = preview if preview in ("bf16", "fp16") else "no"
     dtype = autocast_dtype(precision, device)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]  # as manifests record it
-    vae = load_vavae(args.vavae_path, device=device, config=args.vavae_config)
+    vae = load_vavae(vae_path, device=device, config=args.vavae_config)
     channels = bundle.stats.mean.shape[1]
     if vae.latent_channels != channels:
         raise UserError(f"The VA-VAE {args.vavae_path} has {vae.latent_channels} latent channels, the model {channels}; "
                         "check --vavae_config.")
+    if bundle.weights == "folder":
+        null = bundle.checkpoint["null_row"]
+        rows = bundle.num_users + int(null)
+        print(f"condition encoder {bundle.checkpoint['encoder_path']}: {rows} rows = users 1..{bundle.num_users}"
+              f"{f' + a null row (row {rows})' if null else ', no null row: unguided sampling'}; latents scaled by {stats_note}; "
+              f"DDPM schedule from {bundle.checkpoint['scheduler_file'] or 'the default (no scheduler_config.json)'}")
     print(f"loaded {bundle.backbone} model from {source} ({bundle.weights} weights, {bundle.num_users} users); "
           f"users {users}, {args.num_samples_per_user} each, {settings['sampler']} {settings['num_steps']} steps, "
           f"guidance {settings['guidance_scale']}, seed {seed}, {device}")
@@ -186,6 +216,11 @@ def check_sampling(args: argparse.Namespace, bundle, settings: dict) -> None:
         raise UserError(f"--sampler {settings['sampler']}: the {bundle.backbone} backbone samples with {', '.join(allowed)}.")
     if bundle.backbone == "dit" and args.eta is not None:
         raise UserError("--eta applies to the UNet backbone's DDIM sampler; this DiT checkpoint samples an ODE, drop --eta.")
+    if bundle.backbone == "dit" and args.timestep_spacing is not None:
+        raise UserError("--timestep_spacing applies to the UNet backbone's DDIM sampler; this DiT checkpoint samples an ODE, drop it.")
+    if bundle.model.null_label is None and float(settings["guidance_scale"]) != 1.0:
+        raise UserError(f"--guidance_scale {float(settings['guidance_scale']):g}: this model has no null user (its condition "
+                        "encoder was trained without label dropout), so there is nothing to guide against; drop --guidance_scale.")
     if bundle.backbone == "unet" and args.shift is not None:
         raise UserError("--shift applies to the DiT backbone's flow sampler; this UNet checkpoint uses DDIM, drop --shift.")
     if bundle.backbone == "unet":

@@ -39,7 +39,8 @@ from torch import nn  # noqa: E402
 import train_dit_user  # noqa: E402
 from data.latents import STATS_FILENAME, compute_latent_stats, save_latent_file  # noqa: E402
 from models.user_generation import generate_latents  # noqa: E402
-from models.user_pipeline import load_user_checkpoint, sampling_kwargs, save_user_grid  # noqa: E402
+from models.user_pipeline import load_user_checkpoint, sampling_kwargs  # noqa: E402
+from pipelines.user_io import save_user_grid  # noqa: E402
 from utils.checkpoint import atomic_write_text  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 

@@ -93,7 +93,7 @@ def test_split_is_seeded_per_user():
 
 def test_train_val_folders_user_names_flips_and_sampled_posterior(tmp_path, vavae):
     write_user_folders(tmp_path / "data/train", [1, 2, 3], 2, prefix="user_", pattern="ramp")
-    write_user_folders(tmp_path / "data/val", [1, 3], 1, prefix="user_", pattern="ramp")
+    write_user_folders(tmp_path / "data/val", [1, 3], 1, prefix="user_", pattern="ramp", size=(52, 48))  # not copies of train
     run(tmp_path / "data", tmp_path / "out", vavae, "--flip", "--num_users", "4")
     train = load_latent_file(tmp_path / "out/train.safetensors")
     val = load_latent_file(tmp_path / "out/val.safetensors")

@@ -80,10 +80,10 @@ def test_dit_run_writes_the_run_folder_and_a_self_contained_checkpoint(dit_run, 
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         events = EventAccumulator(str(output / "logs" / "dit_run")).Reload()
-        assert {"epoch/train_loss", "epoch/val_loss", "val/t_0.5"} <= set(events.Tags()["scalars"])
+        assert {"epoch/train_loss", "epoch/val_loss", "epoch/val_loss_ema"} <= set(events.Tags()["scalars"])
         assert "previews" in events.Tags()["images"]
     assert result["step"] == 2 * 2  # 15 training latents (3 users x 5), batches of 6, drop_last
-    assert len(result["history"]["train"]) == 2 and all(np.isfinite(result["history"]["val"]))
+    assert len(result["history"]["train"]) == 2 and all(np.isfinite(result["history"]["val"] + result["history"]["val_ema"]))
     checkpoint = torch.load(output / "checkpoints/last.ckpt", weights_only=True)
     assert checkpoint["kind"] == "user_generation" and checkpoint["backbone"] == "dit" and checkpoint["num_users"] == 3
     assert checkpoint["model_config"]["num_classes"] == 3 and checkpoint["model_config"]["in_channels"] == 8
@@ -94,9 +94,10 @@ def test_dit_run_writes_the_run_folder_and_a_self_contained_checkpoint(dit_run, 
     assert checkpoint["preview"]["users"] == [1, 3] and checkpoint["config"]["backbone"] == "dit"
     model = build_dit("tiny", num_users=3, input_size=2, in_channels=8, use_qknorm=True)
     assert set(checkpoint["ema"]["weights"]) == {n for n, _ in model.named_parameters()}
-    assert checkpoint["best"]["on"] == "val" and {"optimizer", "rng", "lr_scheduler", "step", "epoch"} <= set(checkpoint)
+    assert checkpoint["best"]["on"] == "val_ema" and {"optimizer", "rng", "lr_scheduler", "step", "epoch"} <= set(checkpoint)
     log = (output / "train.log").read_text()
-    assert "batch 6 per device x 1 process(es)" in log and "| val " in log
+    assert "batch 6 per device x 1 process(es)" in log
+    assert "| train " in log and " (raw weights, epoch mean) | val " in log and " (raw weights, same objective) | val EMA " in log
 
 
 def test_inference_reproduces_the_training_preview_exactly(dit_run, stage1, tmp_path):
@@ -185,18 +186,17 @@ def test_unet_backbone_end_to_end_and_the_folder_layout(stage1, tmp_path):
     assert np.array_equal(pixels(out / "micro_doppler_grid.png"), pixels(output / "previews/epoch_0001.png"))
     assert json.loads((out / "manifest.json").read_text())["sampling"]["sampler"] == "ddim"
 
-    # The users' note's layout: a diffusers UNet folder + condition_encoder.pt (+ the latent statistics).
-    bundle = load_user_checkpoint(checkpoint)
-    folder = tmp_path / "diffusion-final-model"
-    bundle.model.unet.save_pretrained(folder)
-    torch.save(bundle.model.condition_encoder.state_dict(), folder / "condition_encoder.pt")
-    bundle.stats.save(folder / "latents_stats.safetensors")
+    # The users' note's layout, written beside the checkpoint: a diffusers UNet folder + condition_encoder.pt (+ stats).
+    folder = output / "checkpoints/best_unet"
+    assert {p.name for p in folder.iterdir()} == {"config.json", "diffusion_pytorch_model.safetensors", "condition_encoder.pt",
+                                                  "condition_encoder_config.json", "scheduler_config.json", "latents_stats.safetensors"}
+    assert set(torch.load(folder / "condition_encoder.pt", weights_only=True)) == {"embedding.weight"}  # a plain state dict
     from_folder = infer.main(infer.parse_args(["user", "--unet_path", str(folder), "--num_users", "3", *vae_flags(stage1),
                                                "--user_ids", "2", "--num_images_per_user", "2", "--num_inference_steps", "3",
                                                "--seed", "42", "--output_dir", str(tmp_path / "folder_out"), "--device", "cpu"]))
     assert from_folder["manifest"]["model"]["weights"] == "folder"
     assert np.array_equal(pixels(tmp_path / "folder_out/micro_doppler_grid.png"), pixels(out / "micro_doppler_grid.png"))
-    with pytest.raises(CheckpointError, match=r"has 4 rows of width 32, but 5 users \(\+1 null row\)"):
+    with pytest.raises(UserError, match=r"--num_users 5 disagrees with the 3 users recorded with .*condition_encoder.pt"):
         infer.main(infer.parse_args(["user", "--unet_path", str(folder), "--num_users", "5", *vae_flags(stage1), "--device", "cpu"]))
     with pytest.raises(UserError, match="--num_users is required"):
         infer.main(infer.parse_args(["user", "--unet_path", str(folder), *vae_flags(stage1), "--device", "cpu"]))
@@ -216,8 +216,8 @@ def test_mismatches_are_errors_not_fallbacks(dit_run, stage1, tmp_path):
         infer.main(infer.parse_args(["user", "--dit_checkpoint", checkpoint, "--num_users", "31", *vae_flags(stage1)]))
     with pytest.raises(UserError, match="--num_users 4 disagrees with the 3 users recorded"):
         train_run(stage1, tmp_path / "run", "--num_users", "4")
-    with pytest.raises(UserError, match="--cfg_dropout 0 trains no null user"):
-        train_run(stage1, tmp_path / "run", "--cfg_dropout", "0")
+    with pytest.raises(UserError, match="--cfg_dropout 0 trains no null user, so --guidance_scale 4 is impossible"):
+        train_run(stage1, tmp_path / "run", "--cfg_dropout", "0", "--guidance_scale", "4")
     with pytest.raises(UserError, match="--init_from loads LightningDiT weights and works with --backbone dit only"):
         train_run(stage1, tmp_path / "run", "--backbone", "unet", "--init_from", checkpoint)
     wrong = tmp_path / "ddpm.pt"
@@ -227,18 +227,32 @@ def test_mismatches_are_errors_not_fallbacks(dit_run, stage1, tmp_path):
 
 
 def test_init_from_a_lightningdit_release(stage1, tmp_path):
-    release = build_dit("tiny", num_users=1000, input_size=2, in_channels=8)  # LightningDiT layout, 1000 ImageNet classes
+    """The release's trained null class (row 1000 of 1001) becomes the null user (row num_users); its QK-norm is kept."""
+    torch.manual_seed(0)
+    release = build_dit("tiny", num_users=1000, input_size=2, in_channels=8, use_qknorm=True)  # 1000 ImageNet classes + null
+    table = release.y_embedder.embedding_table.weight
     torch.save({"model": release.state_dict(), "ema": release.state_dict()}, tmp_path / "lightningdit-tiny.pt")
     output = tmp_path / "run"
     train_run(stage1, output, "--max_epochs", "1", "--preview_every", "0", "--init_from", str(tmp_path / "lightningdit-tiny.pt"),
-              "--slim_best")
+              "--slim_best", "--lr", "1e-12")  # a learning rate that leaves the copied weights as they were (to 1e-10)
     log = (output / "train.log").read_text()
-    assert "1 new (y_embedder.embedding_table.weight (4 rows))" in log and "1 skipped (y_embedder.embedding_table.weight (1001, 64))" in log
-    assert torch.load(output / "checkpoints/last.ckpt", weights_only=True)["config"]["qk_norm"] is False  # matches the release
+    assert "(QK-norm on, as the release)" in log
+    assert ("1 resized (y_embedder.embedding_table.weight (1001, 64) -> (4, 64): the release's null row 1000 copied to row 3, "
+            "3 user rows new); 0 new (none); 0 skipped (none)") in log
+    last = torch.load(output / "checkpoints/last.ckpt", weights_only=True)
+    assert last["config"]["qk_norm"] is True and last["model_config"]["use_qknorm"] is True
+    rows = last["model"]["y_embedder.embedding_table.weight"]
+    torch.testing.assert_close(rows[3], table[1000].detach(), atol=1e-9, rtol=0)  # Adam's first step moves it by ~lr
+    # The user rows are new, none of the 1000 ImageNet rows: row distances are ~0.23 (64 dims, std 0.02 each), the
+    # closest of the 3000 pairs ~0.16; a copied row would be at ~1e-10.
+    assert torch.cdist(rows[:3], table[:1000].detach()).min() > 0.05
     best = torch.load(output / "checkpoints/best.ckpt", weights_only=True)  # --slim_best: inference only
     assert "optimizer" not in best and "rng" not in best and load_user_checkpoint(output / "checkpoints/best.ckpt").weights == "ema"
     with pytest.raises(UserError, match="written with --slim_best"):
         train_run(stage1, output, "--max_epochs", "2", "--resume", str(output / "checkpoints/best.ckpt"))
+    # --no-qk_norm overrides the release: its q_norm/k_norm gains then have no place, one line naming them.
+    with pytest.raises(CheckpointError, match=r"tensors the model has no place for \[blocks.0.attn.k_norm.weight"):
+        train_run(stage1, tmp_path / "off", "--max_epochs", "1", "--init_from", str(tmp_path / "lightningdit-tiny.pt"), "--no-qk_norm")
 
 
 def test_pipeline_runs_all_three_stages(stage1, tmp_path):

@@ -150,8 +150,8 @@ def test_unet_ddim_generation_follows_the_same_rules(unet):
     settings = dict(seed=3, num_steps=4, guidance_scale=2.0, noise_scheduler=scheduler, guidance_interval=(0.0, 0.6))
     together = generate_latents(recorder, "unet", [1, 3], 2, batch_size=4, **settings)
     assert together.shape == (4, 4, 8, 8)
-    # DDIM timesteps 750, 500, 250, 0 are flow times 0.25, 0.5, 0.75, 1.0: the null user only inside (0, 0.6).
-    assert [len(labels) for labels in recorder.labels] == [8, 8, 4, 4]
+    # Trailing DDIM timesteps 999, 749, 499, 249 are flow times 0.001, 0.251, 0.501, 0.751: the null user only inside (0, 0.6).
+    assert [len(labels) for labels in recorder.labels] == [8, 8, 8, 4]
     assert recorder.labels[0] == [0, 0, 2, 2, 3, 3, 3, 3]
     alone = generate_latents(unet, "unet", [3], 2, batch_size=1, **settings)
     torch.testing.assert_close(alone, together[2:], atol=1e-4, rtol=1e-4)  # batched GEMMs round differently
@@ -159,6 +159,29 @@ def test_unet_ddim_generation_follows_the_same_rules(unet):
     assert torch.equal(generate_latents(unet, "unet", [1], 2, **noisy), generate_latents(unet, "unet", [1], 2, **noisy))
     with pytest.raises(UserError, match="samples with ddim"):
         generate_latents(unet, "unet", [1], 1, seed=0, num_steps=2, sampler="euler", noise_scheduler=scheduler)
+
+
+class TimestepProbe(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.timesteps = []
+
+    def forward(self, x, t, y):
+        self.timesteps.append(int(t[0]))
+        return torch.zeros_like(x)
+
+
+def test_ddim_spacing_trailing_by_default_and_leading_as_the_note():
+    """50 DDIM steps of a 1000-step DDPM: trailing starts at t=999 (pure noise), leading (from_config's default) at 980."""
+    scheduler = build_noise_scheduler()
+    noise = torch.randn(1, 2, 2, 2)
+    for spacing, first, last in (("trailing", 999, 19), ("leading", 980, 0)):
+        probe = TimestepProbe()
+        kwargs = {} if spacing == "trailing" else {"timestep_spacing": spacing}
+        sample_ddim(probe, scheduler, noise, torch.zeros(1, dtype=torch.long), null_label=None, num_steps=50, **kwargs)
+        assert (len(probe.timesteps), probe.timesteps[0], probe.timesteps[-1]) == (50, first, last)
+    with pytest.raises(UserError, match="Unknown DDIM timestep spacing 'even'"):
+        sample_ddim(probe, scheduler, noise, torch.zeros(1, dtype=torch.long), null_label=None, num_steps=5, timestep_spacing="even")
 
 
 def test_ddim_with_the_true_noise_recovers_the_data():

@@ -1,9 +1,11 @@
-"""Helpers shared by the benchmarks: device sync, autocast choice, the timed training-step loop."""
+"""Helpers shared by the benchmarks: device sync, autocast choice, the timed training-step loop; for the side-by-side
+benchmarks also reference checkouts, per-step clocks on a trainer's progress bar, interleaved rounds and FLOP counts."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -50,3 +52,140 @@ def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return seconds, peak
+
+
+# ------------------------------------------------------------------------------------------ side-by-side benchmarks
+# What the side-by-side benchmarks (bench_*_vs_*.py, bench_loop_overhead.py, bench_throughput.py) share: reference
+# code imported from a local checkout given by flag (never committed), per-step clocks on a trainer's own progress
+# bar, interleaved rounds, FLOP counts and the device's peak for model FLOP utilisation.
+
+
+def missing_checkout(flag: str, root: str | None, needed: str, fetch_hint: str) -> bool:
+    """True (after printing one line naming the flag) when the reference checkout ``root`` lacks ``needed``."""
+    if root and (Path(root) / needed).is_file():
+        return False
+    where = f"{root} has no {needed}" if root else "no checkout given"
+    print(f"reference row skipped: {where}; pass {flag} DIR (a checkout of {fetch_hint})")
+    return True
+
+
+def import_file(path: str | Path, name: str, search_root: str | Path | None = None):
+    """Import one file of a reference checkout as module ``name``; ``search_root`` goes first on ``sys.path`` for its
+    own imports (e.g. ``from models.x import ...`` inside the checkout). Our own packages of the same name (``models``)
+    are moved out of the way while it imports and put back after, so both can be used in one process."""
+    import importlib.util
+    import sys
+
+    shadowed = {}
+    if search_root is not None:
+        root = str(Path(search_root).resolve())
+        top_levels = {p.name for p in Path(root).iterdir() if p.is_dir() or p.suffix == ".py"}
+        top_levels = {n.removesuffix(".py") for n in top_levels}
+        for key in list(sys.modules):
+            if key.split(".")[0] in top_levels:
+                shadowed[key] = sys.modules.pop(key)
+        sys.path.insert(0, root)
+    try:
+        spec = importlib.util.spec_from_file_location(name, str(path))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    finally:
+        if search_root is not None:
+            sys.path.remove(root)
+            for key in [k for k in sys.modules if k.split(".")[0] in top_levels and k != name]:
+                # the checkout's own modules stay reachable through the imported module's globals
+                sys.modules[f"_reference_{key}"] = sys.modules.pop(key)
+            sys.modules.update(shadowed)
+    return module
+
+
+class StepClock:
+    """Timestamps of a training loop's steps, taken where its progress bar advances (``update``).
+
+    ``patch(module)`` swaps ``module.tqdm`` for a subclass that stamps the time on every ``update`` call (also when the
+    bar is disabled, as ours is outside a terminal), so a trainer is timed exactly as it runs, data, EMA, logging and
+    all, without editing it. ``intervals(skip)`` drops the first ``skip`` steps of each bar (warm-up, the loader
+    starting) and the gaps between bars (end-of-epoch work, timed apart by the trainers' own logs).
+    """
+
+    def __init__(self):
+        self.bars: list[list[float]] = []
+
+    def patch(self, module) -> Callable[[], None]:
+        original = module.tqdm
+        clock = self
+
+        class StampedTqdm(original):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self._stamps: list[float] = []
+                clock.bars.append(self._stamps)
+
+            def update(self, n=1):
+                self._stamps.append(time.perf_counter())
+                return super().update(n)
+
+        module.tqdm = StampedTqdm
+
+        def restore() -> None:
+            module.tqdm = original
+
+        return restore
+
+    def intervals(self, skip: int = 2) -> list[float]:
+        out = []
+        for stamps in self.bars:
+            kept = stamps[skip:]
+            out += [b - a for a, b in zip(kept, kept[1:])]
+        return out
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
+
+
+def interleave(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Call each run once per round, in turn (so load on a shared machine hits all alike); each returns seconds."""
+    results: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            results[name].append(run())
+    return results
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    """FLOPs of one call of ``fn`` (forward and backward, as it runs), counted by ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# Dense peak TFLOP/s per device and compute dtype (vendor data sheets, no sparsity): MFU = achieved / peak.
+PEAK_TFLOPS = {
+    "H200": {torch.bfloat16: 989.0, torch.float16: 989.0, None: 67.0},
+    "H100": {torch.bfloat16: 989.0, torch.float16: 989.0, None: 67.0},
+    "A100": {torch.bfloat16: 312.0, torch.float16: 312.0, None: 19.5},
+    "L4": {torch.bfloat16: 121.0, torch.float16: 121.0, None: 30.3},
+    "T4": {torch.float16: 65.0, None: 8.1},
+    "P100": {torch.float16: 18.7, None: 9.3},
+}
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype | None, override: float | None = None) -> float | None:
+    """The device's dense peak for ``dtype`` (None = fp32; TF32 matmuls count as fp32 here), or None when unknown."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, table in PEAK_TFLOPS.items():
+        if key in name:
+            return table.get(dtype)
+    return None

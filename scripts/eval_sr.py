@@ -37,102 +37,40 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
-from utils.errors import CheckpointError, DataError, UserError, run_cli  # noqa: E402
+from utils.errors import DataError, run_cli  # noqa: E402
 from utils.iqa_metrics import (  # noqa: E402
+    ALEXNET_FILE,
     DISTS_WEIGHTS_FILE,
+    LPIPS_CHANNELS,  # noqa: F401 (tests build the heads from it)
     PYIQA_FILES,
     VGG16_FILE,
+    LPIPSAlex,
     load_dists,
     load_pyiqa_metrics,
     markdown_table,
 )
+from utils.iqa_metrics import default_lpips_paths as lpips_default_paths  # noqa: E402
+from utils.iqa_metrics import load_lpips as load_lpips_model  # noqa: E402
 
-ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
-LPIPS_CHANNELS = (64, 192, 384, 256, 256)
 TABLE_ORDER = ("psnr", "ssim", "lpips", "dists", "fid", "niqe", "musiq", "maniqa", "clipiqa")  # the SeeSR/OSEDiff tables' order
 MAX_SIZE_MISMATCH = 8  # px: SR of an LR whose side was floored by the scale can miss a few GT pixels
 
 
-class LPIPSAlex(nn.Module):
-    """LPIPS v0.1 with AlexNet: unit-normalised features of 5 ReLU layers, squared differences, 1x1 linear heads,
-    spatial mean, summed over layers (Zhang et al. 2018, ``lpips/lpips.py``)."""
-
-    def __init__(self):
-        super().__init__()
-        from torchvision.models import alexnet
-
-        self.backbone = alexnet(weights=None)
-        features = self.backbone.features
-        # conv-relu (64) | pool-conv-relu (192) | pool-conv-relu (384) | conv-relu (256) | conv-relu (256)
-        self.slices = [features[0:2], features[2:5], features[5:8], features[8:10], features[10:12]]
-        self.lins = nn.ModuleList(nn.Conv2d(channels, 1, 1, bias=False) for channels in LPIPS_CHANNELS)
-        # The "ScalingLayer" of LPIPS v0.1: inputs in [-1, 1] to ImageNet-normalised ones.
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
-        self.eval().requires_grad_(False)
-
-    def load_weights(self, heads: dict[str, torch.Tensor], backbone: dict[str, torch.Tensor]) -> None:
-        """``heads``: lpips' ``alex.pth`` (``lin<k>.model.<i>.weight``); ``backbone``: torchvision's AlexNet."""
-        self.backbone.load_state_dict(backbone)
-        for index, lin in enumerate(self.lins):
-            keys = [key for key in heads if key.startswith(f"lin{index}.") and key.endswith(".weight")]
-            if len(keys) != 1 or heads[keys[0]].shape != lin.weight.shape:
-                raise CheckpointError(
-                    f"Expected one lin{index}.model.*.weight of shape {list(lin.weight.shape)} in the LPIPS weights "
-                    f"(lpips/weights/v0.1/alex.pth), found {keys or 'none'}."
-                )
-            lin.weight.data.copy_(heads[keys[0]])
-
-    @torch.no_grad()
-    def forward(self, image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """LPIPS distance per image of two ``[B, 3, H, W]`` batches in [-1, 1]."""
-        x, y = (image - self.shift) / self.scale, (reference - self.shift) / self.scale
-        total = torch.zeros(image.shape[0], device=image.device)
-        for layer, lin in zip(self.slices, self.lins):
-            x, y = layer(x), layer(y)
-            x_unit = x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            y_unit = y / (y.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            total += lin((x_unit - y_unit) ** 2).mean(dim=(1, 2, 3))
-        return total
-
-
 def default_lpips_paths() -> tuple[Path | None, Path]:
     """Where the LPIPS heads (an installed lpips package) and torchvision's AlexNet (torch hub cache) would be."""
-    heads = None
-    spec = importlib.util.find_spec("lpips")
-    if spec is not None and spec.origin:
-        heads = Path(spec.origin).parent / "weights" / "v0.1" / "alex.pth"
-    return heads, Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
+    return lpips_default_paths()
 
 
 def load_lpips(weights: str | None, backbone: str | None, device: torch.device) -> tuple[LPIPSAlex | None, str]:
     """The LPIPS network, or None and the reason it is skipped. Explicitly named files must exist."""
-    from utils.checkpoint import load_state_file
-
-    default_heads, default_backbone = default_lpips_paths()
-    for flag, given in (("--lpips_weights", weights), ("--lpips_backbone", backbone)):
-        if given and not Path(given).is_file():
-            raise UserError(f"{flag} {given} does not exist; pass the file or leave the flag out to skip LPIPS.")
-    heads_path = Path(weights) if weights else default_heads
-    backbone_path = Path(backbone) if backbone else default_backbone
-    if heads_path is None or not heads_path.is_file():
-        return None, ("LPIPS skipped: no linear-head weights (pass --lpips_weights lpips/weights/v0.1/alex.pth, or "
-                      "install the lpips package)")
-    if not backbone_path.is_file():
-        return None, (f"LPIPS skipped: no AlexNet weights at {backbone_path} (pass --lpips_backbone "
-                      f"{ALEXNET_FILE})")
-    model = LPIPSAlex()
-    model.load_weights(load_state_file(heads_path), load_state_file(backbone_path))
-    return model.to(device), f"LPIPS (v0.1, AlexNet): heads {heads_path}, backbone {backbone_path}"
+    return load_lpips_model(weights, backbone, device, defaults=default_lpips_paths())
 
 
 def match_by_stem(results_dir: Path, gt_dir: Path) -> tuple[list[tuple[str, Path, Path]], list[str]]:

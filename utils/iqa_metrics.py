@@ -4,6 +4,9 @@ The tables of SeeSR (Wu et al., CVPR 2024) and OSEDiff (Wu et al., NeurIPS 2024)
 crop), LPIPS, DISTS, FID (SR vs HR) and the no-reference NIQE, MUSIQ, MANIQA and CLIP-IQA, all computed with pyiqa
 (chaofengc/IQA-PyTorch). Here:
 
+* LPIPS (Zhang et al., CVPR 2018) v0.1 with AlexNet, the setting SeeSR reports: :class:`LPIPSAlex` on torchvision's
+  AlexNet, equal to the ``lpips`` package on the same weights (tested), so that LPIPS needs no extra package; its
+  files are lpips' ``weights/v0.1/alex.pth`` heads and torchvision's ``alexnet-owt-7be5be79.pth``.
 * DISTS (Ding et al., TPAMI 2020) by piq (photosynthesis-team/piq ``piq.DISTS``): VGG16 features with the DISTS
   alpha/beta weights. Its two files: piq's ``dists_weights.pt`` and torchvision's ``vgg16-397923af.pth``.
 * NIQE, MUSIQ, MANIQA, CLIP-IQA by pyiqa itself (heavy dependencies: install it apart, see requirements-eval.txt),
@@ -18,11 +21,13 @@ naming the flag, the file and where to get it.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from utils.errors import CheckpointError, UserError
 
@@ -42,8 +47,86 @@ PYIQA_FILES = {
     "maniqa": [("pyiqa/ckpt_koniq10k.pt", PYIQA_WEIGHTS_URL + "ckpt_koniq10k.pt")],
     "clipiqa": [("clip/RN50.pt", CLIP_RN50_URL)],
 }
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+LPIPS_CHANNELS = (64, 192, 384, 256, 256)
 LOWER_IS_BETTER = {"psnr": False, "ssim": False, "lpips": True, "dists": True, "fid": True,
                    "niqe": True, "musiq": False, "maniqa": False, "clipiqa": False}
+
+
+class LPIPSAlex(nn.Module):
+    """LPIPS v0.1 with AlexNet: unit-normalised features of 5 ReLU layers, squared differences, 1x1 linear heads,
+    spatial mean, summed over layers (Zhang et al. 2018, ``lpips/lpips.py``)."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models import alexnet
+
+        self.backbone = alexnet(weights=None)
+        features = self.backbone.features
+        # conv-relu (64) | pool-conv-relu (192) | pool-conv-relu (384) | conv-relu (256) | conv-relu (256)
+        self.slices = [features[0:2], features[2:5], features[5:8], features[8:10], features[10:12]]
+        self.lins = nn.ModuleList(nn.Conv2d(channels, 1, 1, bias=False) for channels in LPIPS_CHANNELS)
+        # The "ScalingLayer" of LPIPS v0.1: inputs in [-1, 1] to ImageNet-normalised ones.
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+        self.eval().requires_grad_(False)
+
+    def load_weights(self, heads: dict[str, torch.Tensor], backbone: dict[str, torch.Tensor]) -> None:
+        """``heads``: lpips' ``alex.pth`` (``lin<k>.model.<i>.weight``); ``backbone``: torchvision's AlexNet."""
+        self.backbone.load_state_dict(backbone)
+        for index, lin in enumerate(self.lins):
+            keys = [key for key in heads if key.startswith(f"lin{index}.") and key.endswith(".weight")]
+            if len(keys) != 1 or heads[keys[0]].shape != lin.weight.shape:
+                raise CheckpointError(
+                    f"Expected one lin{index}.model.*.weight of shape {list(lin.weight.shape)} in the LPIPS weights "
+                    f"(lpips/weights/v0.1/alex.pth), found {keys or 'none'}."
+                )
+            lin.weight.data.copy_(heads[keys[0]])
+
+    @torch.no_grad()
+    def forward(self, image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """LPIPS distance per image of two ``[B, 3, H, W]`` batches in [-1, 1]."""
+        x, y = (image - self.shift) / self.scale, (reference - self.shift) / self.scale
+        total = torch.zeros(image.shape[0], device=image.device)
+        for layer, lin in zip(self.slices, self.lins):
+            x, y = layer(x), layer(y)
+            x_unit = x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            y_unit = y / (y.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            total += lin((x_unit - y_unit) ** 2).mean(dim=(1, 2, 3))
+        return total
+
+
+def default_lpips_paths() -> tuple[Path | None, Path]:
+    """Where the LPIPS heads (an installed lpips package) and torchvision's AlexNet (torch hub cache) would be."""
+    heads = None
+    spec = importlib.util.find_spec("lpips")
+    if spec is not None and spec.origin:
+        heads = Path(spec.origin).parent / "weights" / "v0.1" / "alex.pth"
+    return heads, Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
+
+
+def load_lpips(
+    weights: str | None, backbone: str | None, device: torch.device, defaults: tuple[Path | None, Path] | None = None
+) -> tuple[LPIPSAlex | None, str]:
+    """The LPIPS network, or None and the reason it is skipped. Explicitly named files must exist; ``defaults``
+    (heads, backbone) are where to look otherwise (default :func:`default_lpips_paths`)."""
+    from utils.checkpoint import load_state_file
+
+    default_heads, default_backbone = defaults or default_lpips_paths()
+    for flag, given in (("--lpips_weights", weights), ("--lpips_backbone", backbone)):
+        if given and not Path(given).is_file():
+            raise UserError(f"{flag} {given} does not exist; pass the file or leave the flag out to skip LPIPS.")
+    heads_path = Path(weights) if weights else default_heads
+    backbone_path = Path(backbone) if backbone else default_backbone
+    if heads_path is None or not heads_path.is_file():
+        return None, ("LPIPS skipped: no linear-head weights (pass --lpips_weights lpips/weights/v0.1/alex.pth, or "
+                      "install the lpips package)")
+    if not backbone_path.is_file():
+        return None, (f"LPIPS skipped: no AlexNet weights at {backbone_path} (pass --lpips_backbone "
+                      f"{ALEXNET_FILE})")
+    model = LPIPSAlex()
+    model.load_weights(load_state_file(heads_path), load_state_file(backbone_path))
+    return model.to(device), f"LPIPS (v0.1, AlexNet): heads {heads_path}, backbone {backbone_path}"
 
 
 @contextlib.contextmanager

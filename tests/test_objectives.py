@@ -455,3 +455,39 @@ def test_phaseformer_loss_overfits_one_batch():
 
     first, last = overfit(model.parameters(), loss, steps=60, lr=5e-3)
     assert last < first / 10, (first, last)  # measured 0.63 -> 0.036 (17x) at 1 and 2 threads
+
+
+# --------------------------------------------------------------------------------------------------
+# The value ranges the objectives are trained on (data/)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_seesr_pairs_give_the_vae_hr_in_minus_one_one_and_the_controlnet_lr_in_zero_one(tmp_path):
+    from PIL import Image
+
+    from data.sr_pairs import PairedSRFolderDataset
+
+    (tmp_path / "lr").mkdir()
+    (tmp_path / "hr").mkdir()
+    levels = np.array([0, 51, 255], dtype=np.uint8)  # 0 -> -1, 51 -> -0.6, 255 -> 1 on the VAE side
+    hr = np.broadcast_to(levels.repeat(8)[None, :, None], (24, 24, 3)).copy()
+    lr = np.full((6, 6, 3), 204, dtype=np.uint8)
+    Image.fromarray(hr).save(tmp_path / "hr" / "a.png")
+    Image.fromarray(lr).save(tmp_path / "lr" / "a.png")
+    item = PairedSRFolderDataset(tmp_path / "lr", tmp_path / "hr", resolution=24, scale=4, seed=0, random_flip=False)[0]
+    # PNG is lossless and 8-bit / 255 is exact to float32 rounding (1e-7).
+    torch.testing.assert_close(item["hr"][0, 0, :], torch.tensor([-1.0, -0.6, 1.0]).repeat_interleave(8), atol=1e-6, rtol=0)
+    torch.testing.assert_close(item["lr"], torch.full((3, 6, 6), 0.8), atol=1e-6, rtol=0)
+    torch.testing.assert_close(item["lr_upsampled"], torch.full((3, 24, 24), 0.8), atol=1e-5, rtol=0)  # flat stays flat
+
+
+def test_ddpm_images_are_scaled_to_minus_one_one():
+    from PIL import Image
+
+    from data.image_datasets import image_transform
+
+    pixels = np.zeros((8, 8, 3), dtype=np.uint8)
+    pixels[:, 4:] = 255
+    pixels[:, 2:4] = 51
+    image = image_transform(8, hflip=False)(Image.fromarray(pixels))
+    torch.testing.assert_close(image[0, 0], torch.tensor([-1.0, -1.0, -0.6, -0.6, 1.0, 1.0, 1.0, 1.0]), atol=1e-6, rtol=0)

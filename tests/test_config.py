@@ -73,9 +73,20 @@ def test_resolved_config_round_trip(tmp_path):
     assert plain["output"] == str(tmp_path / "out") and plain["plan"] == [16, 2]
     path = save_config(args, tmp_path / "args.yaml")
     assert load_config(path) == plain
-    # The saved file is itself a valid preset for the same parser (extra keys aside).
-    reloaded = parse_with_config(make_parser(), ["--config", write(tmp_path, yaml.safe_dump({"lr": plain["lr"], "name": "run"}))])
-    assert reloaded.name == "run"
+
+
+def test_a_saved_run_config_is_a_preset_that_reproduces_the_run(tmp_path):
+    """args.yaml of a run, given back as --config (its keys that are not flags dropped), reproduces every setting
+    of that run; each setting differs from its default, so a key that is written but not read back fails here."""
+    given = ["--lr", "0.005", "--batch_size", "3", "--sampler", "ddpm", "--no-amp", "--name", "run"]
+    args = parse_with_config(make_parser(), given)
+    defaults = vars(parse_with_config(make_parser(), []))
+    settings = {key: value for key, value in vars(args).items() if key != "config"}
+    assert all(value != defaults[key] for key, value in settings.items())
+    saved = load_config(save_config(args, tmp_path / "args.yaml"))
+    preset = write(tmp_path, yaml.safe_dump({key: saved[key] for key in settings}))
+    reloaded = vars(parse_with_config(make_parser(), ["--config", preset]))
+    assert {key: reloaded[key] for key in settings} == settings
 
 
 def test_explicitly_given_separates_flags_and_preset_keys_from_defaults(tmp_path):

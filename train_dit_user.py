@@ -267,9 +267,12 @@ ERROR_DIR_ENV = "TRAIN_DIT_USER_ERROR_DIR"  # where launched processes leave the
 # torch.distributed.run, but ending quietly when a process fails: the parent reports the process's own message once,
 # instead of every process printing it and torchrun adding a ChildFailedError traceback.
 _QUIET_TORCHRUN = (
-    "import sys\n"
+    "import logging, sys\n"
     "from torch.distributed.elastic.multiprocessing.errors import ChildFailedError\n"
     "from torch.distributed.run import main\n"
+    "for name in list(logging.root.manager.loggerDict):\n"
+    "    if name.startswith('torch.distributed.elastic'):\n"
+    "        logging.getLogger(name).disabled = True\n"
     "try:\n"
     "    main(sys.argv[1:])\n"
     "except ChildFailedError as err:\n"
@@ -286,8 +289,7 @@ def launch_command(argv: list[str], processes: int) -> list[str]:
 def run_processes(argv: list[str], processes: int) -> int:
     """Run ``processes`` copies of this script; a user error in any of them becomes one UserError here."""
     with tempfile.TemporaryDirectory(prefix="train_dit_user_errors_") as error_dir:
-        # LOGLEVEL: torchrun's own "failed (exitcode ...)" log lines; the processes' output is untouched.
-        env = dict(os.environ, **{ERROR_DIR_ENV: error_dir, "LOGLEVEL": os.environ.get("LOGLEVEL", "CRITICAL")})
+        env = dict(os.environ, **{ERROR_DIR_ENV: error_dir})
         code = subprocess.run(launch_command(argv, processes), env=env).returncode
         if code == 0:
             return 0
@@ -385,7 +387,7 @@ def build_new_model(args, num_users: int, channels: int, size: int, logger):
             class_dropout_prob=args.cfg_dropout, use_qknorm=qk_norm, use_checkpoint=args.gradient_checkpointing,
         )
         if release is not None:
-            report = load_lightningdit_init(model, release, num_users=num_users)
+            report = load_lightningdit_init(model, release, num_users=num_users, source=args.init_from)
             logger.info("--init_from %s (QK-norm %s%s): %s", args.init_from, "on" if qk_norm else "off",
                         ", as the release" if args.qk_norm is None else ", from --qk_norm", report.summary())
         return model, qk_norm

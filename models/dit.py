@@ -480,18 +480,19 @@ def release_uses_qknorm(state: dict[str, torch.Tensor]) -> bool:
 
 
 def load_lightningdit_init(model: LightningDiT, path_or_state, num_users: int | None = None,
-                           release_classes: int = RELEASE_CLASSES) -> InitReport:
+                           release_classes: int = RELEASE_CLASSES, source: str | Path | None = None) -> InitReport:
     """Copy a LightningDiT checkpoint into ``model`` (``--init_from``): every tensor, and the trained null row.
 
     The checkpoint may keep its weights under ``ema`` (preferred), ``model`` or ``state_dict``; pass its path or
-    :func:`read_lightningdit_release`'s tensors. Of the label table, the release's null row ``release_classes``
+    :func:`read_lightningdit_release`'s tensors (then ``source`` names the file in messages). Of the label table,
+    the release's null row ``release_classes``
     (1000 for ImageNet, trained by label dropout to mean "no class") is copied into the null user's row
     ``num_users``; the user rows keep their fresh initialisation. A tensor whose shape differs, or a checkpoint
     tensor with no place in the model, means the size or options do not match the release: that is a
     CheckpointError listing them. Model tensors absent from the checkpoint (e.g. QK-norm gains when
     ``use_qknorm`` is turned on) keep their initialisation and are reported as new.
     """
-    path = Path(path_or_state) if not isinstance(path_or_state, dict) else Path("--init_from")
+    path = Path(path_or_state) if not isinstance(path_or_state, dict) else Path(source or "the release")
     if num_users is not None and model.num_classes != num_users:
         raise UserError(
             f"The model was built for {model.num_classes} users but --num_users is {num_users}; "

@@ -8,9 +8,13 @@
         --vavae_path /kaggle/working/pretrained/vavae-imagenet256-f16d32-dinov2.pt --output_dir /kaggle/working/pipeline \\
         --batch_size 32 --max_epochs 50 --devices 2 --generate_user_ids 1 2 3 4 5 --num_samples_per_user 4
 
-Each stage is the stage's own script (same flags, same checks); flags not listed here reach training through
-``--train_extra "..."`` (e.g. ``--train_extra "--cfg_dropout 0.15 --preview_every 10"``). ``--skip_extraction``
-reuses OUTPUT_DIR/latent_features; ``--resume`` continues the training stage from its last checkpoint.
+Each stage calls the library the stage's own command calls (``pipelines.user_features.extract_features``,
+``train_dit_user.launch``/``main``, ``infer.py user``), with the same checks; flags not listed here reach training
+through ``--train_extra "..."`` (e.g. ``--train_extra "--cfg_dropout 0.15 --preview_every 10"``). Before stage 1
+starts, every stage's flags are checked: the data folders and their users (so ``--generate_user_ids`` outside them
+stops here, not after training), the VA-VAE path and the training flags; messages name this script's flags.
+``--skip_extraction`` reuses OUTPUT_DIR/latent_features; ``--resume`` continues the training stage from its last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -22,28 +26,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from the repository root or anywhere
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
 import shlex  # noqa: E402
 
+from utils.config import ArgumentParser  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 
 
-def _load_script(name: str):
-    """Import scripts/<name>.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_user_pipeline_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--data_dir", required=True, help="user folders ID_1, ID_2, ... (or train/ and val/ holding them)")
     parser.add_argument("--vavae_path", required=True, help="vavae-imagenet256-f16d32-dinov2.pt (or a diffusers AutoencoderKL folder)")
     parser.add_argument("--vavae_config", default="f16d32", help="architecture of a .pt VA-VAE: f16d32 (default) or tiny (tests)")
     parser.add_argument("--output_dir", required=True, help="gets latent_features/, trained_models/ and generated_images/")
     parser.add_argument("--image_size", type=int, default=256, help="extraction image size (default 256)")
-    parser.add_argument("--val_fraction", type=float, default=0.1, help="per-user validation share without a val/ folder (default 0.1)")
+    parser.add_argument("--val_fraction", type=float, default=0.1,
+                        help="per-user validation share of recordings without a val/ folder (default 0.1)")
+    parser.add_argument("--group_pattern", default=None,
+                        help="regular expression naming an image's recording (see scripts/extract_features.py; default: the "
+                        "subfolder inside the user folder)")
     parser.add_argument("--extract_batch_size", type=int, default=32, help="images encoded at once (default 32)")
     parser.add_argument("--skip_extraction", action="store_true", help="reuse OUTPUT_DIR/latent_features from an earlier run")
     parser.add_argument("--backbone", choices=("dit", "unet"), default="dit", help="dit (default) or unet")
@@ -64,28 +64,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(args: argparse.Namespace) -> dict:
-    import infer
+def check_stages(args: argparse.Namespace, settings, latents: Path) -> int:
+    """Every stage's flags, before stage 1 starts; returns the number of users the data (or the latents) hold."""
     import train_dit_user
+    from data.latents import load_latent_file
+    from pipelines.user_features import collect_splits
 
-    output = Path(args.output_dir)
-    latents, trained, generated = output / "latent_features", output / "trained_models", output / "generated_images"
-    vae = ["--vavae_path", str(args.vavae_path), "--vavae_config", args.vavae_config]
-
-    print("== stage 1/3: feature extraction ==", flush=True)
+    for flag in ("batch_size", "max_epochs", "devices", "num_samples_per_user", "extract_batch_size", "image_size"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+    if args.num_steps is not None and args.num_steps < 1:
+        raise UserError(f"--num_steps must be at least 1, got {args.num_steps}.")
+    if not Path(args.vavae_path).exists():
+        raise UserError(f"--vavae_path {args.vavae_path} does not exist; pass vavae-imagenet256-f16d32-dinov2.pt.")
     if args.skip_extraction:
         if not (latents / "train.safetensors").is_file():
             raise UserError(f"--skip_extraction: {latents / 'train.safetensors'} does not exist; run without the flag first.")
+        num_users = load_latent_file(latents / "train.safetensors").num_users
+        where = str(latents)
     else:
-        extract = _load_script("extract_features")
-        extract.main(extract.parse_args([
-            "--data_dir", str(args.data_dir), "--output_path", str(latents), *vae, "--image_size", str(args.image_size),
-            "--val_fraction", str(args.val_fraction), "--batch_size", str(args.extract_batch_size), "--seed", str(args.seed),
-            "--device", args.device,
-        ]))
+        num_users = collect_splits(settings)[0]["num_users"]  # folders, users, split and duplicates checked here
+        where = f"--data_dir {args.data_dir}"
+    if args.generate_user_ids:
+        outside = sorted({user for user in args.generate_user_ids if not 1 <= user <= (num_users or 0)})
+        if outside:
+            raise UserError(f"--generate_user_ids {' '.join(map(str, outside))}: {where} holds users 1..{num_users}; "
+                            f"pass IDs between 1 and {num_users}.")
+        if len(set(args.generate_user_ids)) != len(args.generate_user_ids):
+            raise UserError("--generate_user_ids lists a user more than once; give each once and raise --num_samples_per_user.")
+    # A refused training flag (--train_extra) prints its own one-line error and exits 2, before stage 1.
+    train_dit_user.parse_args(training_argv(args, latents, Path(args.output_dir) / "trained_models"))
+    return num_users
 
-    print("== stage 2/3: training ==", flush=True)
-    train_argv = [
+
+def training_argv(args: argparse.Namespace, latents: Path, trained: Path) -> list[str]:
+    vae = ["--vavae_path", str(args.vavae_path), "--vavae_config", args.vavae_config]
+    return [
         "--latent_dir", str(latents), "--output_dir", str(trained), "--backbone", args.backbone, "--batch_size", str(args.batch_size),
         "--max_epochs", str(args.max_epochs), "--lr", str(args.lr), "--devices", str(args.devices), "--precision", args.precision,
         "--seed", str(args.seed), "--device", args.device, *vae,
@@ -93,21 +107,39 @@ def main(args: argparse.Namespace) -> dict:
         *(["--resume", "latest"] if args.resume else []),
         *shlex.split(args.train_extra),
     ]
+
+
+def main(args: argparse.Namespace) -> dict:
+    import infer
+    import train_dit_user
+    from pipelines.user_features import ExtractionSettings, extract_features
+
+    output = Path(args.output_dir)
+    latents, trained, generated = output / "latent_features", output / "trained_models", output / "generated_images"
+    settings = ExtractionSettings(
+        data_dir=str(args.data_dir), vavae_path=str(args.vavae_path), output_path=str(latents), vavae_config=args.vavae_config,
+        image_size=args.image_size, val_fraction=args.val_fraction, group_pattern=args.group_pattern,
+        batch_size=args.extract_batch_size, seed=args.seed, device=args.device,
+    )
+    check_stages(args, settings, latents)
+
+    print("== stage 1/3: feature extraction ==", flush=True)
+    if not args.skip_extraction:
+        extract_features(settings)
+
+    print("== stage 2/3: training ==", flush=True)
+    train_argv = training_argv(args, latents, trained)
     if args.devices > 1:
-        code = train_dit_user.launch(train_argv)  # N processes through torch.distributed.run
-        if code:
-            raise UserError(
-                f"training stopped with exit status {code} (its message is above); "
-                "fix it and rerun with --skip_extraction --resume."
-            )
+        train_dit_user.launch(train_argv)  # N processes through torch.distributed.run; a user error comes back as one line
     else:
         train_dit_user.main(train_dit_user.parse_args(train_argv))
 
     print("== stage 3/3: generation ==", flush=True)
     checkpoint = trained / "checkpoints" / "best.ckpt"
     infer_argv = [
-        "user", "--dit_checkpoint", str(checkpoint), *vae, "--output_dir", str(generated),
-        "--num_samples_per_user", str(args.num_samples_per_user), "--seed", str(args.seed), "--device", args.device,
+        "user", "--dit_checkpoint", str(checkpoint), "--vavae_path", str(args.vavae_path), "--vavae_config", args.vavae_config,
+        "--output_dir", str(generated), "--num_samples_per_user", str(args.num_samples_per_user), "--seed", str(args.seed),
+        "--device", args.device,
         *(["--user_ids", *map(str, args.generate_user_ids)] if args.generate_user_ids else []),
         *(["--guidance_scale", str(args.guidance_scale)] if args.guidance_scale is not None else []),
         *(["--num_steps", str(args.num_steps)] if args.num_steps is not None else []),

@@ -3,7 +3,8 @@
 The network call is ``models.phaseformer_enhance.enhance``, the function train_phaseformer.py's evaluation calls, so the
 numbers a training run logs are the numbers inference reproduces; this module reads and pairs the images (by file
 stem), writes ``OUTPUT_DIR/{L,H}/<stem>.png`` and, with ``--gt_dir``, a per-image ``metrics.csv`` (BasicSR-equivalent
-PSNR/SSIM, utils/metrics.py).
+PSNR/SSIM, utils/metrics.py; LPIPS with ``--lpips_weights``). ``--underwater_metrics`` adds the no-reference UIQM and
+UCIQE of each input and output (utils/underwater_metrics.py, the values the underwater literature reports).
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--test_y_channel", action="store_true", help="with --gt_dir: score the BT.601 Y channel instead of RGB")
     parser.add_argument("--crop_border", type=non_negative_int, default=0,
                         help="with --gt_dir: pixels cropped from each border before scoring (default 0)")
+    parser.add_argument("--underwater_metrics", action="store_true",
+                        help="add UIQM and UCIQE (no reference needed) of each input and its L output to metrics.csv")
+    parser.add_argument("--lpips_weights", default=None,
+                        help="with --gt_dir: LPIPS (v0.1 AlexNet) of L against the ground truth; lpips' weights/v0.1/alex.pth")
+    parser.add_argument("--lpips_backbone", default=None,
+                        help="with --lpips_weights: torchvision's alexnet-owt-7be5be79.pth (default: torch hub's cache)")
     parser.add_argument("--split_file", default=None,
                         help="enhance only the 'test' images of this split list (split_*.txt in a training run folder)")
     add_device_flag(parser)
@@ -82,8 +89,19 @@ def run(args: argparse.Namespace) -> dict:
     if args.resize is not None and args.resize - 2 * args.crop_border < SSIM_WINDOW_SIZE:
         raise UserError(f"--crop_border {args.crop_border} leaves less than {SSIM_WINDOW_SIZE} px of a --resize {args.resize} "
                         f"image to score; use at most {(args.resize - SSIM_WINDOW_SIZE) // 2}.")
+    if args.gt_dir is None and (args.lpips_weights or args.lpips_backbone):
+        raise UserError("LPIPS compares outputs with ground truth; add --gt_dir or drop --lpips_weights/--lpips_backbone.")
     check_output_dir(args.output_dir)
     device = resolve_device(args.device)
+    lpips_model = None
+    if args.lpips_weights or args.lpips_backbone:
+        from utils.iqa_metrics import load_lpips
+
+        if not args.lpips_weights:
+            raise UserError("--lpips_backbone needs --lpips_weights (lpips' weights/v0.1/alex.pth).")
+        lpips_model, note = load_lpips(args.lpips_weights, args.lpips_backbone, device)
+        if lpips_model is None:
+            raise UserError(note)
     autocast = autocast_dtype(args.mixed_precision, device)
     model, info = load_phaseformer_for_inference(args.checkpoint, eca=args.eca, value_range=args.value_range)
     print(f"loaded {info['description']}")
@@ -91,12 +109,18 @@ def run(args: argparse.Namespace) -> dict:
         model.to(device), args.input, args.output_dir, value_range=info["value_range"], outputs=args.outputs,
         gt_dir=args.gt_dir, resize=args.resize, tile=args.tile, tile_overlap=tile_overlap, autocast_dtype=autocast,
         crop_border=args.crop_border, test_y_channel=args.test_y_channel, split_file=args.split_file,
+        underwater_metrics=args.underwater_metrics, lpips_model=lpips_model,
     )
     print(f"wrote {len(report['written'])} images to {args.output_dir}")
-    if report["metrics"]:
+    if "mean_psnr" in report:
         channel = "Y" if args.test_y_channel else "RGB"
+        lpips = f", LPIPS {report['means']['lpips']:.4f}" if "lpips" in report["means"] else ""
         print(f"mean over {len(report['metrics'])} images ({channel}, border {args.crop_border} px): "
-              f"PSNR {report['mean_psnr']:.3f} dB, SSIM {report['mean_ssim']:.4f}; per image: {report['csv']}")
+              f"PSNR {report['mean_psnr']:.3f} dB, SSIM {report['mean_ssim']:.4f}{lpips}; per image: {report['csv']}")
+    if args.underwater_metrics:
+        means = report["means"]
+        print(f"UIQM {means['uiqm_input']:.4f} -> {means['uiqm']:.4f}, UCIQE {means['uciqe_input']:.4f} -> {means['uciqe']:.4f} "
+              f"(input -> L, mean over {len(report['metrics'])} images; higher is better); per image: {report['csv']}")
     return report
 
 
@@ -169,13 +193,17 @@ def enhance_folder(
     test_y_channel: bool = False,
     split_file: str | Path | None = None,
     progress: bool = True,
+    underwater_metrics: bool = False,
+    lpips_model: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Enhance one image or a folder, write ``output_dir/{L,H}/<stem>.png``; with ``gt_dir``, score L and write a CSV.
 
     ``split_file`` (a split list written by train_phaseformer.py for a single folder of pairs) keeps only the
     images on its ``test`` lines. Returns ``{"written": [paths], "metrics": [{"name", "psnr", "ssim"}],
     "mean_psnr", "mean_ssim", "csv"}``. Metrics are BasicSR-equivalent (utils/metrics.py) on the 8-bit outputs
-    as written.
+    as written. ``underwater_metrics`` adds ``uiqm_input``, ``uiqm``, ``uciqe_input``, ``uciqe`` (of each input and its
+    L output) to the rows, ``lpips_model`` (utils.iqa_metrics.LPIPSAlex) an ``lpips`` column; ``means`` holds every
+    column's mean.
     """
     from tqdm.auto import tqdm
 
@@ -236,6 +264,7 @@ def enhance_folder(
                 target_path = output_dir / head / f"{stem}.png"
                 tensor_to_pil(tensor[0], value_range=(0.0, 1.0)).save(target_path)
                 written.append(target_path)
+        row: dict[str, Any] = {"name": stem}
         if targets:
             reference = _load(targets[stem], resize).to(device)
             if reference.shape != image.shape:
@@ -243,29 +272,41 @@ def enhance_folder(
                     f"{path} is {image.shape[-1]}x{image.shape[-2]} px but its ground truth {targets[stem]} is "
                     f"{reference.shape[-1]}x{reference.shape[-2]} px; pass --resize N to score both at NxN."
                 )
-            rows.append({
-                "name": stem,
-                "psnr": float(batch_psnr(result.fake_b_L, reference, crop_border, test_y_channel)[0]),
-                "ssim": float(batch_ssim(result.fake_b_L, reference, crop_border, test_y_channel)[0]),
-            })
-    report: dict[str, Any] = {"written": written, "metrics": rows, "csv": None}
+            row["psnr"] = float(batch_psnr(result.fake_b_L, reference, crop_border, test_y_channel)[0])
+            row["ssim"] = float(batch_ssim(result.fake_b_L, reference, crop_border, test_y_channel)[0])
+            if lpips_model is not None:
+                # On the 8-bit output as written, like PSNR/SSIM.
+                output_8bit = result.fake_b_L.float().clamp(0, 1).mul(255).round().div(255)
+                row["lpips"] = float(lpips_model(output_8bit * 2 - 1, reference.float() * 2 - 1)[0])
+        if underwater_metrics:
+            from utils.underwater_metrics import uciqe, uiqm
+
+            row.update(uiqm_input=uiqm(image[0]), uiqm=uiqm(result.fake_b_L[0]), uciqe_input=uciqe(image[0]),
+                       uciqe=uciqe(result.fake_b_L[0]))
+        if len(row) > 1:
+            rows.append(row)
+    report: dict[str, Any] = {"written": written, "metrics": rows, "csv": None, "means": {}}
     if rows:
-        report["mean_psnr"] = sum(row["psnr"] for row in rows) / len(rows)
-        report["mean_ssim"] = sum(row["ssim"] for row in rows) / len(rows)
-        report["csv"] = write_metrics_csv(rows, output_dir / "metrics.csv", report["mean_psnr"], report["mean_ssim"])
+        report["means"] = {key: sum(row[key] for row in rows) / len(rows) for key in rows[0] if key != "name"}
+        if targets:
+            report["mean_psnr"], report["mean_ssim"] = report["means"]["psnr"], report["means"]["ssim"]
+        report["csv"] = write_metrics_csv(rows, output_dir / "metrics.csv", report["means"])
     return report
 
 
-def write_metrics_csv(rows: Sequence[dict[str, Any]], path: Path, mean_psnr: float, mean_ssim: float) -> Path:
-    """One ``name,psnr,ssim`` row per image, then a ``mean`` row."""
+def write_metrics_csv(rows: Sequence[dict[str, Any]], path: Path, means: dict[str, float]) -> Path:
+    """One row per image (``name`` and the metric columns: ``psnr,ssim`` first when scored), then a ``mean`` row."""
     from utils.checkpoint import atomic_write
+
+    columns = [key for key in rows[0] if key != "name"]
+    digits = {"psnr": 4}  # dB: 4 decimals; the [0, 1]-ish scores 6
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["name", "psnr", "ssim"])
+            writer.writerow(["name", *columns])
             for row in rows:
-                writer.writerow([row["name"], f"{row['psnr']:.4f}", f"{row['ssim']:.6f}"])
-            writer.writerow(["mean", f"{mean_psnr:.4f}", f"{mean_ssim:.6f}"])
+                writer.writerow([row["name"], *(f"{row[key]:.{digits.get(key, 6)}f}" for key in columns)])
+            writer.writerow(["mean", *(f"{means[key]:.{digits.get(key, 6)}f}" for key in columns)])
 
     return atomic_write(path, write)

@@ -17,6 +17,7 @@ import pytest
 import skimage.data
 import torch
 
+from utils.errors import UserError
 from utils.underwater_metrics import uciqe, uiqm, uiqm_components
 
 # name: (UIQM, UICM, UISM, UIConM) by FUnIE-GAN's script.
@@ -69,3 +70,54 @@ def test_inputs_and_known_behaviour():
         uiqm(image[:8, :8])
     with pytest.raises(ValueError, match="HxWx3"):
         uciqe(image[..., 0])
+
+
+def test_infer_phaseformer_writes_uiqm_uciqe_and_lpips(tmp_path, capsys):
+    """``infer.py phaseformer --underwater_metrics`` (and LPIPS with --gt_dir): the CSV's values are the library's on
+    the written images; without ground truth the CSV holds the no-reference columns only."""
+    import csv
+
+    from PIL import Image
+    from torchvision.models import alexnet
+
+    import infer
+    from models.phaseformer import build_phaseformer
+    from utils.iqa_metrics import LPIPS_CHANNELS, load_lpips
+
+    torch.manual_seed(0)
+    torch.save(build_phaseformer("phaseformer_tiny").state_dict(), tmp_path / "weights.pth")
+    # torchvision's AlexNet layout; fp16 halves the 240 MB file (loading casts back to float32).
+    torch.save({k: v.half() for k, v in alexnet(weights=None).state_dict().items()}, tmp_path / "alexnet-owt-7be5be79.pth")
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(LPIPS_CHANNELS)}, tmp_path / "alex.pth")
+    photo = skimage.data.coffee()
+    for folder, shift in (("input", 40), ("gt", 0)):
+        (tmp_path / folder).mkdir()
+        for index in range(2):
+            crop = photo[100 * index : 100 * index + 48, 200:248].astype(int)
+            tinted = np.clip(crop * [0.5, 0.9, 1.0] + [0, shift, shift], 0, 255).astype(np.uint8)
+            Image.fromarray(tinted).save(tmp_path / folder / f"p{index}.png")
+    base = ["phaseformer", "--checkpoint", str(tmp_path / "weights.pth"), "--input", str(tmp_path / "input"), "--device", "cpu",
+            "--outputs", "L", "--underwater_metrics"]
+    report = infer.main(infer.parse_args(base + ["--output_dir", str(tmp_path / "nr")]))
+    rows = list(csv.reader(open(report["csv"])))
+    assert rows[0] == ["name", "uiqm_input", "uiqm", "uciqe_input", "uciqe"] and rows[-1][0] == "mean" and "mean_psnr" not in report
+    written = np.asarray(Image.open(tmp_path / "nr" / "L" / "p1.png"))
+    source = np.asarray(Image.open(tmp_path / "input" / "p1.png"))
+    assert float(rows[2][2]) == pytest.approx(uiqm(written), abs=1e-6) and float(rows[2][4]) == pytest.approx(uciqe(written), abs=1e-6)
+    assert float(rows[2][1]) == pytest.approx(uiqm(source), abs=1e-6)
+    assert "UIQM" in capsys.readouterr().out
+    report = infer.main(infer.parse_args(base + ["--output_dir", str(tmp_path / "gt_out"), "--gt_dir", str(tmp_path / "gt"),
+                                                 "--lpips_weights", str(tmp_path / "alex.pth"),
+                                                 "--lpips_backbone", str(tmp_path / "alexnet-owt-7be5be79.pth")]))
+    rows = list(csv.reader(open(report["csv"])))
+    assert rows[0] == ["name", "psnr", "ssim", "lpips", "uiqm_input", "uiqm", "uciqe_input", "uciqe"]
+    model, _ = load_lpips(str(tmp_path / "alex.pth"), str(tmp_path / "alexnet-owt-7be5be79.pth"), torch.device("cpu"))
+    to_tensor = lambda a: torch.from_numpy(np.array(a)).permute(2, 0, 1)[None].float() / 255 * 2 - 1  # noqa: E731
+    gt = np.asarray(Image.open(tmp_path / "gt" / "p1.png"))
+    written = np.asarray(Image.open(tmp_path / "gt_out" / "L" / "p1.png"))
+    assert float(rows[2][3]) == pytest.approx(float(model(to_tensor(written), to_tensor(gt))[0]), abs=1e-5)
+    with pytest.raises(UserError, match="add --gt_dir"):
+        infer.main(infer.parse_args(base + ["--output_dir", str(tmp_path / "x"), "--lpips_weights", str(tmp_path / "alex.pth")]))
+    with pytest.raises(UserError, match="--lpips_weights .*nope.pth does not exist"):
+        infer.main(infer.parse_args(base + ["--output_dir", str(tmp_path / "y"), "--gt_dir", str(tmp_path / "gt"),
+                                            "--lpips_weights", str(tmp_path / "nope.pth")]))

@@ -2,13 +2,17 @@
 
 Sampling is ``models.ddpm_sampling.sample_ddpm``, the function the training sample grids call (DDIM, DDPM, DPM-Solver++,
 UniPC through diffusers' schedulers); this module parses the flags, loads and checks every checkpoint before the first
-is sampled, and writes the PNGs.
+is sampled, and writes the PNGs. ``--save_images`` also writes every sample as its own PNG in ``OUTPUT_DIR/samples/``
+(the input of scripts/eval_generation.py's FID), in chunks of ``--batch_size`` with one seed per chunk, resumable: files
+already there are kept and only the missing chunks are sampled, so an interrupted 50k run continues.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -53,6 +57,9 @@ def add_parser(subparsers) -> None:
                         help="PNG file name inside --output_dir, or a path (default ddpm_samples.png, "
                         "ddpm_interpolation.png or ddpm_comparison.png)")
     parser.add_argument("--batch_size", type=positive_int, default=64, help="images denoised at once (default 64)")
+    parser.add_argument("--save_images", action="store_true",
+                        help="also write each of the --num_samples images as OUTPUT_DIR/samples/<index>.png (for FID), "
+                        "--batch_size at a time; run again to resume: existing files are kept (the grid shows the first 64)")
     parser.add_argument("--interpolate", action="store_true",
                         help="one strip: spherical interpolation between two seeded noises, denoised with the same "
                         "per-step noise for every frame, so the strip varies only through its starting noise")
@@ -91,6 +98,8 @@ def run(args: argparse.Namespace) -> Path:
         raise UserError("--frames sets the length of an --interpolate strip; add --interpolate or drop --frames.")
     if args.interpolate and args.num_samples is not None:
         raise UserError("--num_samples does not apply to --interpolate (the strip has --frames images); drop it.")
+    if args.save_images and (args.compare or args.interpolate):
+        raise UserError("--save_images writes the samples of one --model; drop --compare/--interpolate or --save_images.")
     if args.eta is not None and args.sampler != "ddim":
         raise UserError(f"--eta applies to --sampler ddim only ({args.sampler} has its own noise); drop it or use --sampler ddim.")
     output = _output_path(args)
@@ -114,6 +123,10 @@ def run(args: argparse.Namespace) -> Path:
                            batch_size=args.batch_size, autocast_dtype=autocast, progress=bar, eta=args.eta or 0.0,
                            timestep_spacing=args.timestep_spacing, shared_step_noise=shared_step_noise)
 
+    def generate_chunk(unet, scheduler_config, count, chunk_seed):
+        return sample_ddpm(unet.to(device), scheduler_config, count, steps, args.sampler, chunk_seed, batch_size=args.batch_size,
+                           autocast_dtype=autocast, eta=args.eta or 0.0, timestep_spacing=args.timestep_spacing)
+
     if args.compare:
         per_row = args.num_samples or 8
         rows, labels = [], []
@@ -129,6 +142,18 @@ def run(args: argparse.Namespace) -> Path:
         images = generate(unet, scheduler_config, frames, noise=noise, shared_step_noise=True)
         captions = [f"{a:.2f}" for a in torch.linspace(0, 1, frames).tolist()]
         output = save_grid(images, output, nrow=frames, captions=captions)
+    elif args.save_images:
+        path, unet, scheduler_config = models[0]
+        count = args.num_samples or 16
+        settings = {"model": str(Path(path).resolve()), "sampler": args.sampler, "num_inference_steps": steps, "eta": args.eta or 0.0,
+                    "timestep_spacing": args.timestep_spacing, "seed": args.seed, "batch_size": args.batch_size}
+        files = save_samples(lambda n, chunk_seed: generate_chunk(unet, scheduler_config, n, chunk_seed),
+                             output.parent / "samples", count, args.batch_size, args.seed, settings)
+        from utils.images import load_rgb, pil_to_tensor
+
+        first = [pil_to_tensor(load_rgb(file)) for file in files[:GRID_LIMIT]]
+        output = save_grid(torch.stack(first), output, nrow=math.ceil(math.sqrt(len(first))))
+        print(f"{count} single images in {output.parent / 'samples'}")
     else:
         _, unet, scheduler_config = models[0]
         count = args.num_samples or 16
@@ -136,6 +161,49 @@ def run(args: argparse.Namespace) -> Path:
         output = save_grid(images, output, nrow=math.ceil(math.sqrt(count)))
     print(f"wrote {output}")
     return output
+
+
+GRID_LIMIT = 64  # images shown in the grid beside a --save_images folder
+CHUNK_SEED_STRIDE = 1_000_003  # chunk c samples with seed + c * stride (and its step noise with that + 1): no two collide
+
+
+def save_samples(generate_chunk, folder: Path, count: int, chunk_size: int, seed: int, settings: dict) -> list[Path]:
+    """Write ``count`` samples as ``folder/<index:06d>.png``, ``chunk_size`` at a time; returns the paths.
+
+    Chunk ``c`` (images ``c * chunk_size`` onwards) is ``generate_chunk(n, seed + c * CHUNK_SEED_STRIDE)``, so every
+    image depends only on the settings and its index: a rerun samples only the chunks with a missing file, writes only
+    the missing files, and an interrupted run continues where it stopped. ``settings`` are stored in
+    ``folder/sampling.json``; a rerun with other settings is refused (the folder would mix two sample sets).
+    """
+    from utils.checkpoint import atomic_write_text
+    from utils.images import tensor_to_pil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / "sampling.json"
+    if manifest.exists():
+        recorded = json.loads(manifest.read_text())
+        changed = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in settings.items() if recorded.get(key) != value]
+        if changed:
+            raise UserError(f"{folder} holds samples made with other settings ({'; '.join(changed)}); pass another --output_dir "
+                            "or the same settings to resume.")
+    else:
+        atomic_write_text(json.dumps(settings, indent=2) + "\n", manifest)
+    paths = [folder / f"{index:06d}.png" for index in range(count)]
+    chunks = [range(start, min(start + chunk_size, count)) for start in range(0, count, chunk_size)]
+    kept = sum(path.exists() for path in paths)
+    if kept:
+        print(f"{kept} of {count} samples already in {folder}: kept")
+    for number, chunk in enumerate(chunks):
+        missing = [index for index in chunk if not paths[index].exists()]
+        if not missing:
+            continue
+        # The whole chunk is sampled again (its images share one seed), only its missing files are written.
+        images = generate_chunk(len(chunk), seed + number * CHUNK_SEED_STRIDE)
+        for index in missing:
+            tmp = paths[index].with_name(paths[index].name + ".tmp")  # not a .png: FID tools never read a partial file
+            tensor_to_pil(images[index - chunk.start]).save(tmp, format="PNG")
+            os.replace(tmp, paths[index])  # a file exists only once complete: an interrupted save is redone
+    return paths
 
 
 def _checkpoint_label(path: str, size: int) -> str:

@@ -177,3 +177,41 @@ def test_missing_and_wrong_files_are_one_line_errors(setup, tmp_path):
         compute_generation_metrics(str(tmp_path / "empty"), str(real), weights)
     with pytest.raises(UserError, match="need --reference"):
         compute_generation_metrics(str(fake), None, weights, metrics=("fid",))
+
+
+def test_infer_ddpm_save_images_is_batched_and_resumable(tmp_path, capsys):
+    """``infer.py ddpm --save_images``: N single PNGs in chunks of --batch_size, each depending only on its index;
+    a rerun keeps existing files and samples only what is missing; other settings are refused."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    import infer
+    from models.ddpm_unet import ddpm_unet_config
+
+    model = tmp_path / "ddpm-tiny-16"
+    torch.manual_seed(0)
+    UNet2DModel(**ddpm_unet_config("tiny", 16)).save_pretrained(model)
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").save_pretrained(model)
+    flags = ["ddpm", "--model", str(model), "--samples", "5", "--batch_size", "2", "--steps", "2", "--device", "cpu", "--save_images"]
+    infer.main(infer.parse_args(flags + ["--output_dir", str(tmp_path / "a")]))
+    folder = tmp_path / "a" / "samples"
+    files = sorted(folder.glob("*.png"))
+    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(5)] and (tmp_path / "a" / "ddpm_samples.png").is_file()
+    first = {f.name: np.array(Image.open(f)) for f in files}
+    assert not np.array_equal(first["000000.png"], first["000002.png"])  # chunks have their own seeds
+    # Interrupted run: two files lost, one kept file marked so that keeping it is visible.
+    (folder / "000001.png").unlink()
+    (folder / "000004.png").unlink()
+    marker = np.zeros_like(first["000003.png"])
+    Image.fromarray(marker).save(folder / "000003.png")
+    capsys.readouterr()
+    infer.main(infer.parse_args(flags + ["--output_dir", str(tmp_path / "a")]))
+    assert "3 of 5 samples already in" in capsys.readouterr().out
+    again = {f.name: np.array(Image.open(f)) for f in sorted(folder.glob("*.png"))}
+    assert np.array_equal(again["000003.png"], marker)  # existing files are kept
+    for name in ("000001.png", "000004.png"):  # the missing ones come back identical
+        assert np.array_equal(again[name], first[name])
+    assert not list(folder.glob("*.tmp"))
+    with pytest.raises(UserError, match=r"holds samples made with other settings \(seed 0 -> 1\)"):
+        infer.main(infer.parse_args(flags + ["--output_dir", str(tmp_path / "a"), "--seed", "1"]))
+    with pytest.raises(UserError, match="--save_images writes the samples of one --model"):
+        infer.main(infer.parse_args(["ddpm", "--compare", str(model), str(model), "--save_images", "--output_dir", str(tmp_path / "b")]))

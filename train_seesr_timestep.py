@@ -202,6 +202,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--degradation_options", default=None,
                       help="YAML file overriding individual degradation settings (keys of "
                       "data.degradations.DegradationConfig)")
+    data.add_argument("--degradation_device", choices=("auto", "cpu", "cuda"), default="auto",
+                      help="where --train_data_dir's degradation runs: cuda = batched on the training GPU as Real-ESRGAN "
+                      "(data/degradations_batched.py; the workers only crop and draw each sample's kernels), cpu = per "
+                      "sample in the data-loader workers; auto (default) = cuda when training on CUDA, else cpu")
     data.add_argument("--scale", type=int, default=4, help="super-resolution factor of the training pairs (default 4)")
     data.add_argument("--resolution", type=int, default=512,
                       help="HR training crop in pixels, divisible by 8 and --scale (default 512, SD2 base's size)")
@@ -733,6 +737,10 @@ def main(args: argparse.Namespace) -> dict:
         logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run", output_dir)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
+    from data.degradations_batched import degrade_training_batch, use_device_degradation
+
+    degrade_on_device = use_device_degradation(config.degradation_device, device) and hasattr(dataset, "degradation")
+    dataset.degrade_on_device = degrade_on_device  # items then carry the HR crop and drawn kernels only
 
     # Frozen SD2 parts in the compute dtype; trainable weights in fp32 (autocast computes in half precision). The
     # ControlNet copies the UNet's encoder before the UNet is cast, so it starts from the full-precision weights.
@@ -1044,6 +1052,8 @@ def main(args: argparse.Namespace) -> dict:
             batches_in_epoch += 1
             try:
                 with accelerator.accumulate(*trainables):
+                    if degrade_on_device:
+                        batch = degrade_training_batch(batch, dataset.degradation, device)
                     if tagger is not None:
                         add_ram_inputs(batch, tagger)
                     batch["prompt_embeds"] = embed_prompts(batch["prompt"])

@@ -153,33 +153,89 @@ def test_inference_reproduces_the_training_sample_grid(trained, tmp_path):
     assert np.array_equal(np.asarray(Image.open(out)), training_grid)
 
 
+def grid_tiles(path, rows, columns, side=16, padding=2):
+    """The ``rows x columns`` tiles of a saved grid as uint8 ``[rows, columns, side, side, 3]``; row labels sit
+    left of the tiles (their width is what is left over), captions below."""
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+    left = pixels.shape[1] - (columns * (side + padding) + padding)
+    cell = side + padding
+    return np.stack([
+        np.stack([pixels[padding + r * cell : padding + r * cell + side, left + padding + c * cell : left + padding + c * cell + side]
+                  for c in range(columns)])
+        for r in range(rows)
+    ])
+
+
+def expected_tiles(unet, scheduler_config, count, **kwargs):
+    """What sample_ddpm gives, as the uint8 tiles a grid holds."""
+    from models.ddpm_sampling import sample_ddpm
+    from utils.images import to_uint8
+
+    images = sample_ddpm(unet, scheduler_config, count, **kwargs)
+    return to_uint8(images).permute(0, 2, 3, 1).numpy().astype(np.int16)
+
+
+# Same code on the same weights in one process, saved once as PNG: uint8 rounding of values that can differ by ~1e-7
+# after a reload (tests/test_seesr_model.py) may flip a level; one level is the tolerance (measured 0 at 1 and 2
+# threads), a wrong model is tens of levels away.
+LEVEL = 1
+
+
 def test_interpolation_and_comparison(trained, tmp_path):
+    from models.ddpm_sampling import interpolation_noise, load_ddpm_for_sampling
+
     output, _ = trained
     run = output / "folder_16x16"
     strip = infer.main(infer.parse_args(["ddpm", "--model", str(run / "ddpm_best.pt"), "--interpolate", "--frames", "5",
                                          "--steps", "2", "--device", "cpu", "--output", str(tmp_path / "strip.png")]))
     image = Image.open(strip)
     assert image.width == 5 * 18 + 2 and image.height > 18  # five 16 px tiles with padding, captions below
-    grid = infer.main(infer.parse_args(["ddpm", "--compare", str(run / "ddpm_epoch_1.pt"), str(run / "ddpm_epoch_2.pt"),
-                                        "--samples", "3", "--steps", "2", "--device", "cpu", "--output", str(tmp_path / "cmp.png")]))
+    unet, scheduler_config, _ = load_ddpm_for_sampling(run / "ddpm_best.pt")
+    # The strip is the best checkpoint's EMA model denoising the slerp of seed 0's two noises, one per-step noise.
+    expected = expected_tiles(unet, scheduler_config, 5, steps=2, sampler="ddim", seed=0,
+                              noise=interpolation_noise(3, 16, 5, 0), shared_step_noise=True)
+    tiles = grid_tiles(strip, 1, 5)[0]
+    assert np.abs(tiles - expected).max() <= LEVEL
+    assert np.abs(tiles[0] - tiles[-1]).mean() > 10  # the two ends are different images (measured 116 levels)
+
+    checkpoints = [run / "ddpm_epoch_1.pt", run / "ddpm_epoch_2.pt"]
+    grid = infer.main(infer.parse_args(["ddpm", "--compare", *map(str, checkpoints), "--samples", "3", "--steps", "2",
+                                        "--device", "cpu", "--output", str(tmp_path / "cmp.png")]))
     pixels = np.asarray(Image.open(grid))
     assert pixels.shape[0] == 2 * 18 + 2  # one row per checkpoint
     assert pixels.shape[1] > 3 * 18 + 2  # row labels to the left
+    rows = grid_tiles(grid, 2, 3)
+    for row, checkpoint in zip(rows, checkpoints):  # each row: its own checkpoint, the same seed
+        unet, scheduler_config, _ = load_ddpm_for_sampling(checkpoint)
+        assert np.abs(row - expected_tiles(unet, scheduler_config, 3, steps=2, sampler="ddim", seed=0)).max() <= LEVEL
+    assert np.abs(rows[0] - rows[1]).mean() > 4  # two epochs apart: different images (measured 40 levels)
 
 
 @pytest.mark.parametrize("serialization", ["safetensors", "bin"])
 def test_inference_from_a_diffusers_ddpm_folder(tmp_path, serialization):
+    """The folder's weights and schedule are the ones sampled: the grid equals sample_ddpm on the model saved there,
+    and a folder with other weights gives other images."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     from models.ddpm_unet import ddpm_unet_config
 
-    # Laid out like google/ddpm-cifar10-32: config.json, weights and scheduler_config.json side by side.
-    folder = tmp_path / "ddpm-tiny-16"
-    UNet2DModel(**ddpm_unet_config("tiny", 16)).save_pretrained(folder, safe_serialization=serialization == "safetensors")
-    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").save_pretrained(folder)
-    out = infer.main(infer.parse_args(["ddpm", "--model", str(folder), "--samples", "4", "--steps", "2",
-                                       "--sampler", "ddpm", "--device", "cpu", "--output", str(tmp_path / "s.png")]))
-    assert Image.open(out).size == (2 * 18 + 2, 2 * 18 + 2)
+    grids, unets = [], []
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    for seed in (0, 1):
+        # Laid out like google/ddpm-cifar10-32: config.json, weights and scheduler_config.json side by side.
+        folder = tmp_path / f"ddpm-tiny-16-{seed}"
+        torch.manual_seed(seed)
+        unet = UNet2DModel(**ddpm_unet_config("tiny", 16))
+        unet.save_pretrained(folder, safe_serialization=serialization == "safetensors")
+        scheduler.save_pretrained(folder)
+        out = infer.main(infer.parse_args(["ddpm", "--model", str(folder), "--samples", "4", "--steps", "2",
+                                           "--sampler", "ddpm", "--device", "cpu", "--output", str(tmp_path / f"s{seed}.png")]))
+        assert Image.open(out).size == (2 * 18 + 2, 2 * 18 + 2)
+        grids.append(grid_tiles(out, 2, 2).reshape(4, 16, 16, 3))
+        unets.append(unet.eval())
+    expected = expected_tiles(unets[0], dict(scheduler.config), 4, steps=2, sampler="ddpm", seed=0)
+    assert np.abs(grids[0] - expected).max() <= LEVEL
+    assert np.abs(grids[0] - grids[1]).mean() > 3  # measured 36 levels
 
 
 def run_cli(*args, cwd=ROOT):

@@ -37,13 +37,22 @@ def test_cpu_has_nothing_to_probe():
 
 
 @pytest.mark.gpu
-def test_probe_on_gpu_finds_a_batch_that_fits():
-    model = torch.nn.Conv2d(3, 8, 3, padding=1)
+@pytest.mark.parametrize("share, expected", [(1 / 24, 16), (1 / 48, 32)])
+def test_probe_on_gpu_finds_the_largest_batch_memory_allows(share, expected):
+    """Each sample of the step holds ``share`` of the usable memory (as activations would): batch ``expected``
+    takes 2/3 of it and twice that cannot fit (out of memory or past the 0.9 headroom), whatever the card."""
     device = torch.device("cuda")
+    free, total = torch.cuda.mem_get_info(device)
+    per_sample = int(min(free, 0.9 * total) * share)
+    model = torch.nn.Linear(16, 16)
+    tried = []
 
     def step(m, optimizer, batch):
-        x = torch.randn(batch, 3, 64, 64, device=device)
-        m(x).square().mean().backward()
+        tried.append(batch)
+        activations = torch.empty(batch * per_sample, dtype=torch.uint8, device=device)  # the batch's activations
+        x = torch.randn(batch, 16, device=device)
+        (m(x).square().mean() + 0 * activations[:1].float().sum()).backward()
         optimizer.step()
 
-    assert probe_max_batch_size(model, step, device, limit=64) == 64
+    assert probe_max_batch_size(model, step, device, limit=1024) == expected
+    assert tried == [2**k for k in range(expected.bit_length() + 1)]  # doubling, stopped by memory, not by the limit

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from models.dit import DIT_SIZES, LightningDiT, build_dit, dit_config, load_lightningdit_init
+from models.dit import (
+    DIT_SIZES,
+    LightningDiT,
+    build_dit,
+    dit_config,
+    load_lightningdit_init,
+    read_lightningdit_release,
+    release_uses_qknorm,
+)
 from utils.errors import CheckpointError, UserError
 
 
@@ -150,37 +158,46 @@ def _release_checkpoint(path, **overrides):
     return ema
 
 
-def test_init_from_loads_all_but_the_label_table(tmp_path):
+def test_init_from_loads_everything_and_the_release_null_row(tmp_path):
     path = tmp_path / "lightningdit-tiny.pt"
     ema = _release_checkpoint(path)
     model = build_dit("tiny", num_users=31, input_size=8, in_channels=4)
     fresh_table = model.y_embedder.embedding_table.weight.detach().clone()
     report = load_lightningdit_init(model, path, num_users=31)
     state = model.state_dict()
-    assert len(report.loaded) == len(state) - 1
-    assert report.new == ["y_embedder.embedding_table.weight (32 rows)"]
-    assert report.skipped == ["y_embedder.embedding_table.weight (1001, 64)"]
+    assert len(report.loaded) == len(state) - 1 and report.new == [] and report.skipped == []
+    assert report.resized == ["y_embedder.embedding_table.weight (1001, 64) -> (32, 64): the release's null row 1000 copied to "
+                              "row 31, 31 user rows new"]
     for key in report.loaded:
         assert torch.equal(state[key], ema[key]), key  # EMA weights preferred over 'model'
-    assert torch.equal(model.y_embedder.embedding_table.weight, fresh_table)
-    assert "loaded" in report.summary() and "1 new" in report.summary()
+    table = model.y_embedder.embedding_table.weight
+    assert torch.equal(table[31], ema["y_embedder.embedding_table.weight"][1000])  # the trained null class
+    assert torch.equal(table[:31], fresh_table[:31])  # user rows keep their initialisation
+    assert "1 resized" in report.summary() and "0 new (none)" in report.summary()
+    # A model without a null row (--cfg_dropout 0) takes nothing from the table and says so.
+    plain = build_dit("tiny", num_users=31, input_size=8, in_channels=4, class_dropout_prob=0.0)
+    report = load_lightningdit_init(plain, path)
+    assert report.skipped == ["y_embedder.embedding_table.weight (1001, 64) (the model has no null row)"]
+    assert report.new == ["y_embedder.embedding_table.weight (31 rows)"]
 
 
 def test_init_from_reports_new_qknorm_and_accepts_ddp_prefixes(tmp_path):
     path = tmp_path / "ddp.pt"
     release = perturb(build_dit("tiny", num_users=1000, input_size=8, in_channels=4))
     torch.save({"state_dict": {f"module.{k}": v for k, v in release.state_dict().items()}}, path)
+    assert release_uses_qknorm(read_lightningdit_release(path)) is False
+    assert release_uses_qknorm(build_dit("tiny", num_users=3, input_size=8, in_channels=4, use_qknorm=True).state_dict())
     model = build_dit("tiny", num_users=4, input_size=8, in_channels=4, use_qknorm=True)
     report = load_lightningdit_init(model, path)
-    assert sorted(report.new)[-1] == "y_embedder.embedding_table.weight (5 rows)"
-    assert sum("q_norm" in k or "k_norm" in k for k in report.new) == 4  # 2 blocks x (q, k)
+    assert len(report.new) == 4 and all("q_norm" in k or "k_norm" in k for k in report.new)  # 2 blocks x (q, k)
+    assert "copied to row 4" in report.resized[0]
 
 
 def test_init_from_mismatch_lists_the_tensors(tmp_path):
     path = tmp_path / "release.pt"
     _release_checkpoint(path)
     wider = build_dit("tiny", num_users=31, input_size=8, in_channels=4, hidden_size=32, num_heads=2)
-    match = r"35 tensors with other shapes \[blocks.0.adaLN_modulation.1.bias \(384,\) vs model \(192,\)"
+    match = r"36 tensors with other shapes \[blocks.0.adaLN_modulation.1.bias \(384,\) vs model \(192,\)"
     with pytest.raises(CheckpointError, match=match) as info:
         load_lightningdit_init(wider, path)
     assert "x_embedder.proj.weight (64, 4, 1, 1) vs model (32, 4, 1, 1)" in info.value.mismatched_keys

@@ -306,14 +306,17 @@ def run_processes(argv: list[str], processes: int) -> int:
 def cli() -> None:
     """``python train_dit_user.py``: one ``error:`` line for a user error, also from a launched process."""
     error_dir = os.environ.get(ERROR_DIR_ENV)
-    if not (error_dir and under_launcher()):
+    if not under_launcher():
         run_cli(lambda: sys.exit(launch()))
         return
     try:
         launch()
     except UserError as err:
         rank = os.environ.get("RANK", "0")
-        Path(error_dir, f"rank{rank}.txt").write_text(one_line(str(err)) + "\n")
+        if error_dir:  # started by --devices N: the parent prints it, once
+            Path(error_dir, f"rank{rank}.txt").write_text(one_line(str(err)) + "\n")
+        elif rank == "0":  # started by torchrun directly: every process found the same, one of them says it
+            print(f"error: {one_line(str(err))}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

@@ -306,17 +306,14 @@ def run_processes(argv: list[str], processes: int) -> int:
 def cli() -> None:
     """``python train_dit_user.py``: one ``error:`` line for a user error, also from a launched process."""
     error_dir = os.environ.get(ERROR_DIR_ENV)
-    if not under_launcher():
+    if not (error_dir and under_launcher()):
+        # Directly under torchrun each process reports its own error (one may be alone in it, e.g. out of memory).
         run_cli(lambda: sys.exit(launch()))
         return
     try:
         launch()
-    except UserError as err:
-        rank = os.environ.get("RANK", "0")
-        if error_dir:  # started by --devices N: the parent prints it, once
-            Path(error_dir, f"rank{rank}.txt").write_text(one_line(str(err)) + "\n")
-        elif rank == "0":  # started by torchrun directly: every process found the same, one of them says it
-            print(f"error: {one_line(str(err))}", file=sys.stderr, flush=True)
+    except UserError as err:  # started by --devices N: the parent prints it, once
+        Path(error_dir, f"rank{os.environ.get('RANK', '0')}.txt").write_text(one_line(str(err)) + "\n")
         sys.exit(2)
 
 

@@ -28,8 +28,9 @@ from utils.accelerator import describe_device, enable_fast_math, resolve_device 
 from utils.ema import EMA  # noqa: E402
 
 
-def bench_training(size: int, batch: int, steps: int, warmup: int, device, amp: bool, compile_model: bool) -> dict:
-    unet = build_ddpm_unet(preset_for_size(size), size).to(device)
+def bench_training(size: int, batch: int, steps: int, warmup: int, device, amp: bool, compile_model: bool,
+                   preset: str | None = None) -> dict:
+    unet = build_ddpm_unet(preset or preset_for_size(size), size).to(device)
     if device.type == "cuda":
         unet = unet.to(memory_format=torch.channels_last)
     ema = EMA(unet, decay=0.9999)
@@ -53,8 +54,8 @@ def bench_training(size: int, batch: int, steps: int, warmup: int, device, amp: 
     return {"size": size, "params": params, "batch": batch, "img_s": batch * steps / seconds, "peak_gib": peak}
 
 
-def bench_sampling(size: int, batch: int, sampler: str, steps: int, device, amp: bool) -> float:
-    unet = build_ddpm_unet(preset_for_size(size), size).to(device).eval()
+def bench_sampling(size: int, batch: int, sampler: str, steps: int, device, amp: bool, preset: str | None = None) -> float:
+    unet = build_ddpm_unet(preset or preset_for_size(size), size).to(device).eval()
     config = dict(make_noise_scheduler().config)
     dtype = autocast_dtype(device, "auto" if amp else "fp32")
     sample_ddpm(unet, config, batch, min(steps, 3), sampler, seed=0, batch_size=batch, autocast_dtype=dtype)  # warm-up
@@ -65,7 +66,7 @@ def bench_sampling(size: int, batch: int, sampler: str, steps: int, device, amp:
     return (time.perf_counter() - started) / batch
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--batch", type=int, default=8, help="training batch (default 8, small enough for 256 px)")
@@ -78,7 +79,14 @@ def main() -> None:
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--skip_sampling", action="store_true")
     parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU setting for the test suite (tiny UNet at 16 px, batch 2, "
+                        "one step of each kind; overrides the sizes, batches and steps)")
+    args = parser.parse_args(argv)
+    preset, sample_size = None, 32
+    if args.smoke:
+        preset, sample_size = "tiny", 16
+        args.sizes, args.batch, args.train_steps, args.warmup = [16], 2, 1, 0
+        args.sample_batch, args.ddpm_steps, args.ddim_steps, args.device = 2, 2, 2, "cpu"
 
     device = resolve_device(args.device)
     enable_fast_math()
@@ -88,16 +96,16 @@ def main() -> None:
     print("| size | parameters | batch | train img/s | peak GiB |")
     print("|---:|---:|---:|---:|---:|")
     for size in args.sizes:
-        r = bench_training(size, args.batch, args.train_steps, args.warmup, device, args.amp, compile_model)
+        r = bench_training(size, args.batch, args.train_steps, args.warmup, device, args.amp, compile_model, preset)
         print(f"| {size} | {r['params']:.1f}M | {r['batch']} | {r['img_s']:.1f} | {r['peak_gib']:.2f} |", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if args.skip_sampling:
         return
-    print(f"\n| sampler (32 px, batch {args.sample_batch}) | s per image |")
+    print(f"\n| sampler ({sample_size} px, batch {args.sample_batch}) | s per image |")
     print("|---|---:|")
     for sampler, steps in (("ddpm", args.ddpm_steps), ("ddim", args.ddim_steps)):
-        seconds = bench_sampling(32, args.sample_batch, sampler, steps, device, args.amp)
+        seconds = bench_sampling(sample_size, args.sample_batch, sampler, steps, device, args.amp, preset)
         print(f"| {sampler.upper()}-{steps} | {seconds:.3f} |", flush=True)
 
 

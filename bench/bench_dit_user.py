@@ -69,12 +69,12 @@ def model_passes(sampler: str, num_steps: int, interval: tuple[float, float], sh
     return sum(2 if interval[0] <= t <= interval[1] else 1 for t in times)
 
 
-def bench_sampling(size: str, batch: int, device, dtype, shift: float, guidance: float) -> list[dict]:
+def bench_sampling(size: str, batch: int, device, dtype, shift: float, guidance: float, configs: dict | None = None) -> list[dict]:
     torch.manual_seed(0)
     model = build_dit(size, num_users=NUM_USERS, use_qknorm=True).to(device).eval()
     generate_latents(model, "dit", [1], batch, seed=0, num_steps=2, guidance_scale=guidance, device=device, autocast_dtype=dtype)
     rows = []
-    for name, (sampler, steps) in SAMPLING_CONFIGS.items():
+    for name, (sampler, steps) in (configs or SAMPLING_CONFIGS).items():
         for interval_name, interval in GUIDANCE_INTERVALS.items():
             synchronize(device)
             started = time.perf_counter()
@@ -88,7 +88,7 @@ def bench_sampling(size: str, batch: int, device, dtype, shift: float, guidance:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=list(DIT_SIZES), help=f"DiT sizes to train ({', '.join(DIT_SIZES)}; default all)")
     parser.add_argument("--batch", type=int, default=32, help="training batch per step (default 32, the users' batch per GPU)")
@@ -102,7 +102,14 @@ def main() -> None:
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="autocast on the GPU (default auto: bf16 where supported, else fp16); fp32 on the CPU")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu (default auto)")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU setting for the test suite (DiT tiny, batch 2, one "
+                        "training step, 2-step samplers; overrides sizes, batches, steps and device)")
+    args = parser.parse_args(argv)
+    configs = None
+    if args.smoke:
+        args.sizes, args.sample_sizes, args.batch, args.sample_batch = ["tiny"], ["tiny"], 2, 1
+        args.train_steps, args.warmup, args.device, args.precision = 1, 0, "cpu", "fp32"
+        configs = {name: (sampler, 2) for name, (sampler, _) in SAMPLING_CONFIGS.items()}
 
     device = resolve_device(args.device)
     enable_fast_math()
@@ -122,7 +129,7 @@ def main() -> None:
           "guidance interval | model passes | s per image |")
     print("|---|---|---|---:|---:|")
     for size in sample_sizes:
-        bench_sampling(size, args.sample_batch, device, dtype, args.shift, args.guidance_scale)
+        bench_sampling(size, args.sample_batch, device, dtype, args.shift, args.guidance_scale, configs)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def bench_inference(model, device, size: int, repeats: int, dtype, return_high: 
     return 1000 * (time.perf_counter() - started) / repeats
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(PHASEFORMER_PRESETS), default="phaseformer")
     parser.add_argument("--train_size", type=int, default=256, help="training image side (default 256, as the note)")
@@ -129,7 +129,12 @@ def main() -> None:
                         help="folder holding the official model_with_eca.py, to compare at equal weights")
     parser.add_argument("--skip_training", action="store_true")
     parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU setting for the test suite (phaseformer_tiny at 32 px, "
+                        "batch 1, one step of each kind; overrides model, sizes, steps and device)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.model, args.train_size, args.batch, args.train_steps, args.warmup = "phaseformer_tiny", 32, 1, 1, 0
+        args.infer_sizes, args.infer_repeats, args.device, args.official_dir = [32], 1, "cpu", None
 
     if args.official_dir and args.model != "phaseformer":
         parser.error("--official_dir compares the official model, which has the 'phaseformer' preset's size; use --model phaseformer")

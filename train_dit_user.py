@@ -603,7 +603,7 @@ def prepare_run(args: argparse.Namespace, logger=None) -> RunPlan:
     if height != width:
         raise UserError(f"The latents are {height}x{width}; the DiT and UNet here need square latents "
                         "(extract with a square --image_size).")
-    preview_users = validate_user_ids(config.preview_users or list(range(1, min(num_users, 8) + 1)), num_users)
+    preview_users = validate_user_ids(config.preview_users or list(range(1, min(num_users, 8) + 1)), num_users, "--preview_users")
     if config.vavae_path:
         check_vae_matches(stats, config.vavae_path)  # previews decode with it: it must be the extraction's VA-VAE
     if checkpoint is not None:

@@ -54,8 +54,8 @@ TIME_SAMPLINGS = ("logit_normal", "uniform")
 # --------------------------------------------------------------------------------------------------
 
 
-def validate_user_ids(user_ids: Sequence[int], num_users: int) -> list[int]:
-    """Return ``user_ids`` as ints if every one lies in 1..num_users; otherwise a UserError naming the range."""
+def validate_user_ids(user_ids: Sequence[int], num_users: int, flag: str = "--user_ids") -> list[int]:
+    """Return ``user_ids`` as ints if every one lies in 1..num_users; otherwise a UserError naming the range and ``flag``."""
     if num_users < 1:
         raise UserError(f"The model knows {num_users} users; expected at least 1 (check the checkpoint's num_users).")
     ids = []
@@ -72,10 +72,10 @@ def validate_user_ids(user_ids: Sequence[int], num_users: int) -> list[int]:
     if bad:
         raise UserError(
             f"User ID(s) {bad} are outside the valid range 1..{num_users} (IDs count from 1, as in the ID_<n> "
-            f"folders; 0 is not a user); pass --user_ids between 1 and {num_users}."
+            f"folders; 0 is not a user); pass {flag} between 1 and {num_users}."
         )
     if not ids:
-        raise UserError(f"No user IDs given; pass --user_ids with values between 1 and {num_users}.")
+        raise UserError(f"No user IDs given; pass {flag} with values between 1 and {num_users}.")
     return ids
 
 

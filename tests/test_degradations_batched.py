@@ -141,6 +141,53 @@ def test_batched_pipeline_is_the_per_sample_pipeline():
     assert (batched - single).abs().mean() * 255 < 0.05
 
 
+def test_pipeline_steps_sizes_and_qualities_are_real_esrgans():
+    """The JPEG backend sees every intermediate crop: stage 1 at ``int(H * resize1)``, the final JPEG at the LR size
+    ([resize + sinc] first) or at ``int(H / scale * resize2)`` (JPEG first), each with its own quality."""
+    config = DegradationConfig()
+    params = draw(config, range(16))
+    calls = []
+
+    def recording_jpeg(images, sizes, qualities):
+        calls.append((list(sizes), list(qualities)))
+        return images
+
+    degrade_batch(photo_crops(16, 64, seed=6), params, config, jpeg=recording_jpeg)
+    stage1 = {quality: size for sizes, qualities in calls[:-2] for size, quality in zip(sizes, qualities, strict=True)}
+    seen = {}
+    for sizes, qualities in calls:
+        for size, quality in zip(sizes, qualities, strict=True):
+            seen.setdefault(quality, []).append(size)
+    for p in params:
+        assert (int(64 * p.resize1),) * 2 in seen[p.quality1]
+        final = (16, 16) if p.resize_first else (int(16 * p.resize2),) * 2
+        assert final in seen[p.quality2], (p.resize_first, p.resize2, seen[p.quality2])
+    assert sum(len(sizes) for sizes, _ in calls) == 32 and stage1  # one stage-1 and one final JPEG per sample
+
+
+def test_without_degradations_the_lr_image_is_the_area_downsampled_hr():
+    """Known answer: near-pulse blur, no resize, zero noise, JPEG skipped, no final sinc, area resizing only: the LR
+    image is the HR image area-downsampled by 4, at 8-bit levels."""
+    gentle = {"kernel_list": ("iso",), "kernel_prob": (1.0,), "sinc_prob": 0.0, "blur_sigma": (0.2, 0.2),
+              "kernel_list2": ("iso",), "kernel_prob2": (1.0,), "sinc_prob2": 0.0, "blur_sigma2": (0.2, 0.2)}
+    config = DegradationConfig(resize_modes=("area",), resize_prob=(0, 0, 1), resize_prob2=(0, 0, 1),
+                               gaussian_noise_prob=1.0, noise_range=(0.0, 0.0), gaussian_noise_prob2=1.0,
+                               noise_range2=(0.0, 0.0), final_sinc_prob=0.0, **gentle)
+    hr = photo_crops(4, 64, seed=7)
+    lr = degrade_batch(hr, draw(config, range(4)), config, jpeg=lambda images, sizes, qualities: images)
+    expected = F.avg_pool2d(hr, 4)
+    # 8-bit rounding is half a level; beyond it the sigma-0.2 kernels' tails (weights ~4e-6) add 2.3e-5 level
+    # (measured): 0.1 level more is 4000x that, and a wrong step (a blur, a bilinear resize) moves levels by more.
+    assert (lr - expected).abs().max() * 255 < 0.6
+    # With the final sinc filter always on: the area-downsampled HR filtered by each sample's own final kernel
+    # (clamped, as the pipeline clamps its output; the sinc has negative lobes).
+    config.final_sinc_prob = 1.0
+    params = draw(config, range(4, 8))
+    lr = degrade_batch(hr, params, config, jpeg=lambda images, sizes, qualities: images)
+    expected = filter2d(F.avg_pool2d(hr, 4), torch.stack([p.final_kernel for p in params])).clamp(0, 1)
+    assert (lr - expected).abs().max() * 255 < 0.6
+
+
 def test_batched_degradation_is_deterministic_sized_and_8_bit():
     config = DegradationConfig.seesr()
     hr = photo_crops(4, 64, seed=3)

@@ -1,0 +1,269 @@
+"""Everything runs somewhere (issue 14, item 4): every bench/ script, every scripts/*.sh, every preset in configs/.
+
+* **Benchmarks.** Each ``bench/*.py`` runs at its smallest setting on the CPU (``--smoke`` where the script has one)
+  and must finish and print its Markdown table. They share one interpreter (tests/bench_driver.py: one torch and
+  diffusers import instead of nine); ``bench_seesr_tiled_vae.py`` starts a process per method itself, so it runs as
+  its own command, at the same time. A new bench script without a row in :data:`BENCH_SMOKE` fails the suite.
+* **Shell scripts.** Each ``scripts/*.sh`` runs with bash in a stand-in checkout whose Python (``.venv/bin/python``,
+  ``$PYTHON``) and ``accelerate`` only record their command lines (the GPU count they are asked for is 2, so the
+  multi-GPU launchers take their multi-process form). Every recorded command must then parse with the parser of the
+  program it calls (``train_*.py``, ``infer.py`` sub-commands, ``scripts/*.py``) and, for launchers, with
+  ``accelerate launch``'s own parser. What the programs then do with tiny settings is tested by their own test files
+  and by tests/test_kaggle_cells.py, which runs the docs' cells (torchrun, two processes) for real.
+* **Presets.** Every ``configs/*.yaml`` is read by its trainer's ``--config`` and the model it names is built.
+
+Measured on the shared 2-core machine at ``OMP_NUM_THREADS=1``: the benchmarks take about 36 CPU-seconds (one
+interpreter for nine of them, ~85 s of wall time under contention), the shell scripts and presets ~12 s (mostly the
+first import of the trainers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The smallest setting of each benchmark; every bench/*.py except the helpers in bench/common.py needs a row.
+BENCH_SMOKE = {
+    "bench_ddpm.py": "--smoke",
+    "bench_ddpm_vs_diffusers.py": "--smoke",
+    "bench_degradations.py": "--size 64 --batch 2 --rounds 1 --devices cpu",
+    "bench_dit_user.py": "--smoke",
+    "bench_dit_vs_lightningdit.py": "--smoke",
+    "bench_fast_samplers.py": "--smoke",
+    "bench_phaseformer.py": "--smoke",
+    "bench_seesr_injector.py": "--device cpu --skip_real_size --tiny_resolution 64 --repeats 1 --warmup 0 --tile_sizes 32 "
+    "--tile_image_size 64 --tile_steps 1 --tile_rounds 1",
+    "bench_seesr_pipeline.py": "--device cpu --size tiny --steps 1 --time_resolution 64 --memory_resolutions --repeats 1",
+    "bench_seesr_tiled_vae.py": "--device cpu --config tiny --latent_size 16 --tile_size 8",
+}
+OWN_PROCESS = {"bench_seesr_tiled_vae.py"}  # spawns one process per method: runpy's __main__ cannot be pickled
+BENCH_HELPERS = {"common.py", "__init__.py"}
+
+
+def child_env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def bench_results(tmp_path_factory):
+    """``{script: (status, output)}`` for every benchmark of :data:`BENCH_SMOKE` that exists in this checkout."""
+    work = tmp_path_factory.mktemp("bench")
+    present = {name: args for name, args in BENCH_SMOKE.items() if (ROOT / "bench" / name).is_file()}
+    alone = {name: args for name, args in present.items() if name in OWN_PROCESS}
+    together = [f"{ROOT / 'bench' / name} {args}" for name, args in present.items() if name not in OWN_PROCESS]
+    processes = {
+        name: subprocess.Popen([sys.executable, str(ROOT / "bench" / name), *shlex.split(args)], cwd=work, env=child_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, args in alone.items()
+    }
+    driver = subprocess.run([sys.executable, str(ROOT / "tests" / "bench_driver.py"), str(work / "results.json"), *together],
+                            cwd=work, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    results = {Path(shlex.split(r["command"])[0]).name: (r["status"], r["output"]) for r in json.loads((work / "results.json").read_text())}
+    for name, process in processes.items():
+        output, _ = process.communicate(timeout=600)
+        results[name] = ("ok" if process.returncode == 0 else f"exit {process.returncode}", output)
+    return results
+
+
+def test_every_bench_script_has_a_smoke_setting():
+    scripts = {path.name for path in (ROOT / "bench").glob("*.py")} - BENCH_HELPERS
+    assert scripts - set(BENCH_SMOKE) == set(), "add the new bench script's smallest CPU setting to BENCH_SMOKE"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BENCH_SMOKE))
+def test_bench_script_runs_at_its_smallest_setting(bench_results, name):
+    if not (ROOT / "bench" / name).is_file():
+        pytest.skip(f"bench/{name} is not in this checkout")
+    status, output = bench_results[name]
+    assert status == "ok", output[-3000:]
+    assert "|---" in output, output[-2000:]  # its Markdown table was printed
+
+
+def test_run_all_names_only_scripts_that_exist_with_flags_they_define(tmp_path):
+    """bench/run_all.sh with a recording Python: every command is an existing bench script and each --flag it passes is
+    one that script defines (a renamed flag would otherwise only fail on the GPU server)."""
+    calls = run_shell_script(tmp_path, "bench/run_all.sh", [str(tmp_path / "out")], {})
+    scripts = [call for call in calls if call[0] == "python" and call[1].startswith("bench/")]
+    assert len(scripts) >= 6
+    for call in scripts:
+        source = (ROOT / call[1]).read_text()
+        flags = [arg for arg in call[2:] if arg.startswith("--")]
+        assert all(f'"{flag}"' in source for flag in flags), (call, flags)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shell scripts: run for real by bash, the Python they call replaced by a recorder
+# --------------------------------------------------------------------------------------------------
+
+RECORDER = r"""#!/usr/bin/env bash
+# Test stand-in for python / accelerate: records its command line; answers the GPU-count probe.
+name=$(basename "$0")
+printf '%s\0' "$name" "$@" > "$CALL_LOG/$(date +%s%N)-$$"
+if [ "$name" != accelerate ] && [ "${1:-}" = "-c" ]; then
+  case "${2:-}" in *device_count*) echo "${STUB_GPUS:-2}" ;; esac
+else
+  echo "recorded: $name $*"  # some output, as the real program gives (run_all.sh filters it with grep)
+fi
+exit 0
+"""
+
+
+def run_shell_script(tmp_path: Path, script: str, args: list[str], env: dict) -> list[list[str]]:
+    """Run ``script`` with bash in a stand-in checkout (links to scripts/, bench/ and configs/; a recording
+    ``.venv/bin/python``, ``$PYTHON`` and ``accelerate``); return the recorded commands in order."""
+    root = tmp_path / "checkout"
+    if not root.exists():
+        root.mkdir()
+        for folder in ("scripts", "bench", "configs"):
+            (root / folder).symlink_to(ROOT / folder)
+        (root / ".venv" / "bin").mkdir(parents=True)
+        (root / "bin").mkdir()
+        for stub in (root / ".venv" / "bin" / "python", root / "bin" / "python", root / "bin" / "accelerate"):
+            stub.write_text(RECORDER)
+            stub.chmod(0o755)
+    log = tmp_path / "calls"
+    log.mkdir(exist_ok=True)
+    for old in log.iterdir():
+        old.unlink()
+    full_env = dict(os.environ, CALL_LOG=str(log), PATH=f"{root / 'bin'}:{os.environ['PATH']}", PYTHON=str(root / "bin" / "python"),
+                    STUB_GPUS="2", **env)
+    full_env.pop("CUDA_VISIBLE_DEVICES", None)
+    result = subprocess.run(["bash", str(root / script), *args], cwd=tmp_path, env=full_env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    calls = []
+    for entry in sorted(log.iterdir(), key=lambda p: int(p.name.split("-")[0])):
+        calls.append(entry.read_bytes().decode().split("\0")[:-1])
+    return calls
+
+
+def program_calls(calls: list[list[str]]) -> list[tuple[list[str], list[str]]]:
+    """``(launcher args, program argv)`` for each recorded call that runs one of the repository's programs."""
+    programs = []
+    for call in calls:
+        args = call[1:]
+        if call[0] == "accelerate":
+            assert args[0] == "launch", call
+            args = args[1:]
+        elif args[:2] == ["-m", "accelerate.commands.launch"]:
+            args = args[2:]
+        elif args and args[0] in ("-c", "-m"):
+            continue  # version checks, GPU probes, pip, pytest
+        index = next(i for i, arg in enumerate(args) if arg.endswith(".py"))
+        programs.append((args[:index], args[index:]))
+    return programs
+
+
+def parse_program(argv: list[str]):
+    """Parse ``argv`` (``program.py ARGS``) with that program's own parser, from the repository root."""
+    import importlib
+    import importlib.util
+
+    path = ROOT / argv[0]
+    if path.parent == ROOT:  # train_*.py, infer.py: importable modules (pytest puts the root on sys.path)
+        return importlib.import_module(path.stem).parse_args(argv[1:])
+    name = f"_smoke_{path.parent.name}_{path.stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules[name].parse_args(argv[1:])
+
+
+def check_calls(calls, monkeypatch, expected_programs: list[str]) -> list:
+    from accelerate.commands.launch import launch_command_parser
+
+    monkeypatch.chdir(ROOT)  # configs/... paths are relative to the checkout
+    programs = program_calls(calls)
+    assert [argv[0] for _, argv in programs] == expected_programs
+    parsed = []
+    for launcher, argv in programs:
+        if launcher:
+            launch = launch_command_parser().parse_args([*launcher, argv[0], *argv[1:]])
+            assert launch.training_script == argv[0]
+        parsed.append(parse_program(argv))
+    return parsed
+
+
+def test_demo_and_setup_scripts(tmp_path, monkeypatch):
+    calls = run_shell_script(tmp_path, "scripts/demo.sh", [], {})
+    assert any(call[1:4] == ["-m", "pip", "install"] and "requirements.txt" in call for call in calls)  # setup.sh ran
+    make_data, train, infer_args = check_calls(calls, monkeypatch, ["scripts/make_demo_data.py", "train_ddpm_highres.py", "infer.py"])
+    assert train.config == "configs/ddpm_demo.yaml" and train.model == "tiny"
+    assert infer_args.sampler == "ddpm" and infer_args.num_inference_steps == 250
+
+
+def test_test_script_installs_then_runs_pytest_with_the_arguments(tmp_path):
+    calls = run_shell_script(tmp_path, "scripts/test.sh", ["-x", "-q", "tests/test_cli.py"], {})
+    assert calls[-1][1:] == ["-m", "pytest", "-x", "-q", "tests/test_cli.py"]
+    assert any("requirements-eval.txt" in call for call in calls[:-1])
+
+
+def test_train_phaseformer_launcher_takes_its_two_process_form(tmp_path, monkeypatch):
+    data = tmp_path / "LSUI"
+    data.mkdir()
+    calls = run_shell_script(tmp_path, "scripts/train_phaseformer.sh", ["--dataset_path", str(data), "--stop_epoch", "1"], {})
+    launcher, _ = program_calls(calls)[0]
+    assert "--multi_gpu" in launcher and launcher[launcher.index("--num_processes") + 1] == "2"
+    (args,) = check_calls(calls, monkeypatch, ["train_phaseformer.py"])
+    assert args.config == "configs/phaseformer_lsui.yaml"
+
+
+def test_train_and_infer_user_scripts(tmp_path, monkeypatch):
+    data, vavae = tmp_path / "users", tmp_path / "vavae.pt"
+    data.mkdir()
+    vavae.write_bytes(b"")
+    env = {"DATA": str(data), "VAVAE": str(vavae), "OUT": str(tmp_path / "run")}
+    calls = run_shell_script(tmp_path, "scripts/train_dit_user.sh", ["--max_epochs", "1"], env)
+    extract, train = check_calls(calls, monkeypatch, ["scripts/extract_features.py", "train_dit_user.py"])
+    assert train.config == "configs/user_dit_b.yaml" and train.num_processes == 2
+    calls = run_shell_script(tmp_path, "scripts/infer_user.sh", [str(tmp_path / "best.ckpt"), "--user_ids", "1", "2"], env)
+    (infer_args,) = check_calls(calls, monkeypatch, ["infer.py"])
+    assert list(infer_args.user_ids) == [1, 2]
+
+
+def test_infer_phaseformer_script(tmp_path, monkeypatch):
+    calls = run_shell_script(
+        tmp_path, "scripts/infer_phaseformer.sh", [str(tmp_path / "netG.pth"), str(tmp_path / "in"), str(tmp_path / "out"),
+                                                   str(tmp_path / "gt"), "--tile", "64"], {}
+    )
+    (args,) = check_calls(calls, monkeypatch, ["infer.py"])
+    assert args.gt_dir == str(tmp_path / "gt") and args.tile == 64
+    calls = run_shell_script(tmp_path, "scripts/infer_phaseformer.sh", [str(tmp_path / "netG.pth"), "in", "out", ""], {})
+    (args,) = check_calls(calls, monkeypatch, ["infer.py"])
+    assert args.gt_dir is None
+
+
+def test_seesr_variant_scripts(tmp_path, monkeypatch):
+    calls = run_shell_script(tmp_path, "scripts/train_seesr_variants.sh", [], {"EXTRA": "--max_train_steps 2"})
+    parsed = check_calls(calls, monkeypatch, ["train_seesr_timestep.py"] * 3)
+    assert [args.injector for args in parsed] == ["baseline", "timestep_only", "timestep_multiscale"]
+    assert all("--multi_gpu" in launcher for launcher, _ in program_calls(calls))
+    experience, lr = tmp_path / "experience", tmp_path / "LR"
+    for variant in ("baseline", "timestep_only", "timestep_multiscale"):
+        (experience / variant / "checkpoint-4").mkdir(parents=True)
+    (experience / "timestep_multiscale" / "checkpoint-4" / "multi_scale_injector").mkdir()
+    lr.mkdir()
+    (lr / "0001.png").write_bytes(b"")
+    env = {"EXPERIENCE": str(experience), "LR": str(lr), "GT": str(tmp_path / "GT"), "RESULTS": str(tmp_path / "results")}
+    calls = run_shell_script(tmp_path, "scripts/compare_seesr_variants.sh", [], env)
+    expected = ["infer.py"] * 3 + ["scripts/create_comparison_grid.py"] + ["scripts/eval_sr.py"] * 3
+    parsed = check_calls(calls, monkeypatch, expected + ["scripts/plot_timestep_weights.py"])
+    assert parsed[3].inputs == [str(tmp_path / "results" / v / "0001.png") for v in ("baseline", "timestep_only", "timestep_multiscale")]
+
+
+def test_every_shell_script_is_exercised():
+    tested = {"demo.sh", "setup.sh", "test.sh", "train_phaseformer.sh", "train_dit_user.sh", "infer_user.sh",
+              "infer_phaseformer.sh", "train_seesr_variants.sh", "compare_seesr_variants.sh"}
+    assert {path.name for path in (ROOT / "scripts").glob("*.sh")} - tested == set()

@@ -40,7 +40,7 @@ from PIL import Image  # noqa: E402
 from bench.common import (  # noqa: E402
     StepClock,
     autocast_dtype,
-    import_file,
+    import_from_checkout,
     median,
     missing_checkout,
     precision_name,
@@ -230,7 +230,7 @@ def main(args: argparse.Namespace) -> dict:
     reference = None
     if not missing_checkout("--diffusers_examples", args.diffusers_examples, REFERENCE, "github.com/huggingface/diffusers"):
         install_imagefolder_stand_in()
-        reference = import_file(Path(args.diffusers_examples) / REFERENCE, "reference_train_unconditional")
+        (reference,) = import_from_checkout(Path(args.diffusers_examples) / Path(REFERENCE).parent, "train_unconditional")
     work = Path(tempfile.mkdtemp(prefix="bench_ddpm_vs_diffusers_"))
     folder = build_demo_image_folder(work / "images", size=args.size, count=args.images)
     steps_per_epoch = args.images // args.batch

@@ -69,35 +69,32 @@ def missing_checkout(flag: str, root: str | None, needed: str, fetch_hint: str) 
     return True
 
 
-def import_file(path: str | Path, name: str, search_root: str | Path | None = None):
-    """Import one file of a reference checkout as module ``name``; ``search_root`` goes first on ``sys.path`` for its
-    own imports (e.g. ``from models.x import ...`` inside the checkout). Our own packages of the same name (``models``)
-    are moved out of the way while it imports and put back after, so both can be used in one process."""
-    import importlib.util
+def import_from_checkout(root: str | Path, *names: str) -> list:
+    """Import modules ``names`` (e.g. ``"models.lightningdit"``, ``"transport"``) from the checkout at ``root``.
+
+    The checkout goes first on ``sys.path`` while they import, so its own absolute imports (``from models.x import``)
+    find its files; our packages of the same top-level name (``models``) are moved out of ``sys.modules`` meanwhile and
+    put back after, and the checkout's modules stay reachable (through the returned modules) under ``_reference_*``
+    names, so both can be used in one process.
+    """
+    import importlib
     import sys
 
-    shadowed = {}
-    if search_root is not None:
-        root = str(Path(search_root).resolve())
-        top_levels = {p.name for p in Path(root).iterdir() if p.is_dir() or p.suffix == ".py"}
-        top_levels = {n.removesuffix(".py") for n in top_levels}
-        for key in list(sys.modules):
-            if key.split(".")[0] in top_levels:
-                shadowed[key] = sys.modules.pop(key)
-        sys.path.insert(0, root)
+    root = str(Path(root).resolve())
+    top_levels = {p.name.removesuffix(".py") for p in Path(root).iterdir() if p.is_dir() or p.suffix == ".py"}
+
+    def ours(key: str) -> bool:
+        return key.split(".")[0] in top_levels
+
+    shadowed = {key: sys.modules.pop(key) for key in list(sys.modules) if ours(key)}
+    sys.path.insert(0, root)
     try:
-        spec = importlib.util.spec_from_file_location(name, str(path))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+        return [importlib.import_module(name) for name in names]
     finally:
-        if search_root is not None:
-            sys.path.remove(root)
-            for key in [k for k in sys.modules if k.split(".")[0] in top_levels and k != name]:
-                # the checkout's own modules stay reachable through the imported module's globals
-                sys.modules[f"_reference_{key}"] = sys.modules.pop(key)
-            sys.modules.update(shadowed)
-    return module
+        sys.path.remove(root)
+        for key in [k for k in sys.modules if ours(k)]:
+            sys.modules[f"_reference_{key}"] = sys.modules.pop(key)
+        sys.modules.update(shadowed)
 
 
 class StepClock:

@@ -62,8 +62,10 @@ def test_foreach_lerp_update_matches_diffusers_emamodel_step():
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
     model[1].bias.requires_grad_(False)
     ours = EMA(model, decay=0.999, warmup=True, power=0.75)
-    theirs = {foreach: EMAModel(list(model.parameters()), decay=0.999, use_ema_warmup=True, power=0.75, foreach=foreach)
-              for foreach in (True, False)}
+    theirs = {
+        foreach: EMAModel(list(model.parameters()), decay=0.999, use_ema_warmup=True, power=0.75, foreach=foreach)
+        for foreach in (True, False)
+    }
     for _ in range(20):
         with torch.no_grad():
             for p in model.parameters():

@@ -267,3 +267,95 @@ def test_every_shell_script_is_exercised():
     tested = {"demo.sh", "setup.sh", "test.sh", "train_phaseformer.sh", "train_dit_user.sh", "infer_user.sh",
               "infer_phaseformer.sh", "train_seesr_variants.sh", "compare_seesr_variants.sh"}
     assert {path.name for path in (ROOT / "scripts").glob("*.sh")} - tested == set()
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets: every configs/*.yaml read by its trainer, and the model it names built
+# --------------------------------------------------------------------------------------------------
+
+PRESET_FAMILIES = {"ddpm": "train_ddpm_highres", "phaseformer": "train_phaseformer", "seesr": "train_seesr_timestep",
+                   "user": "train_dit_user"}
+
+
+def test_every_preset_has_a_family():
+    names = sorted(path.stem for path in (ROOT / "configs").glob("*.yaml"))
+    assert all(name.split("_")[0] in PRESET_FAMILIES for name in names), names
+    assert len(names) >= 10
+
+
+def parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("ddpm_cifar10_32_paper", ("32", 32, 35_746_307)),  # Ho et al. 2020's CIFAR-10 network, 35.7M
+    ("ddpm_celeba_64", ("64", 64, None)),
+    ("ddpm_demo", ("tiny", 32, None)),
+])
+def test_ddpm_presets_build_their_unet(name, expected):
+    import train_ddpm_highres as train
+
+    args = train.parse_args(["--config", str(ROOT / "configs" / f"{name}.yaml")])
+    config = train.resolve_config(args, None, "flags")
+    unet = train.build_unet(config.model, config.size, config.dropout)
+    preset, size, count = expected
+    assert (config.model, unet.config.sample_size) == (preset, size)
+    if count is not None:
+        assert parameters(unet) == count
+
+
+@pytest.mark.parametrize("name, model", [("phaseformer_lsui", "phaseformer"), ("phaseformer_reference", "phaseformer"),
+                                         ("phaseformer_tiny", "phaseformer_tiny")])
+def test_phaseformer_presets_build_their_model(tmp_path, name, model):
+    import torch
+
+    import train_phaseformer as train
+    from models.phaseformer import build_phaseformer
+
+    args = train.parse_args(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--dataset_path", str(tmp_path)])
+    config = train.resolve_config(args, None, "flags")
+    network = build_phaseformer(config.model, eca=config.eca).eval()
+    assert config.model == model
+    if model == "phaseformer":
+        assert round(parameters(network) / 1e6, 2) == 1.78  # the official model_with_eca.Restormer
+    with torch.no_grad():
+        low, high = network(torch.rand(1, 3, 16, 16))
+    assert low.shape == (1, 3, 16, 16) and high.shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name, size", [("user_dit_b", "B"), ("user_dit_tiny", "tiny")])
+def test_user_presets_build_their_dit(tmp_path, name, size):
+    import logging
+
+    import train_dit_user as train
+
+    args = train.parse_args(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--latent_dir", str(tmp_path),
+                             "--output_dir", str(tmp_path / "out")])
+    config = train.resolve_config(args, None, "flags")
+    model, _ = train.build_new_model(config, 31, 32, 16, logging.getLogger("test"))
+    assert config.model_size == size and model.num_classes == 31
+    if size == "B":
+        assert 125e6 < parameters(model) < 135e6  # DiT-B/1 on 32-channel latents, ~130M
+
+
+@pytest.mark.parametrize("name", ["seesr_sd2_base", "seesr_tiny"])
+def test_seesr_presets_build_their_models(tmp_path, name):
+    """On the tiny SD2 folder (SD2-base's weights are not available here): the preset's ControlNet, image attention
+    and injector settings build."""
+    import logging
+
+    import train_seesr_timestep as train
+    from models.seesr import has_image_attention, load_sd2_components
+    from models.timestep_adaptive import build_injector, residual_levels_of
+    from tests.sd2_tiny import build_tiny_sd2
+
+    sd2 = load_sd2_components(build_tiny_sd2(tmp_path / "sd2"))
+    args = train.parse_args(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--pretrained_model_path", str(tmp_path / "sd2"),
+                             "--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")])
+    sources = {"seesr": None, "controlnet": None, "unet": None}
+    unet, controlnet, _ = train.build_models(args, sources, sd2.unet, logging.getLogger("test"), image_width=512)
+    assert has_image_attention(controlnet) == has_image_attention(unet) == (name == "seesr_sd2_base")  # SeeSR proper
+    injector = build_injector(args.injector, residual_levels_of(controlnet), timestep_weights=args.timestep_weights)
+    assert (injector is None) == (args.injector in ("baseline", "none"))
+    if name == "seesr_tiny":
+        assert args.injector == "timestep_multiscale" and tuple(controlnet.config.conditioning_embedding_out_channels) == (4, 8, 8, 8)

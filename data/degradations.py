@@ -1,4 +1,4 @@
-"""Real-ESRGAN-style two-stage synthetic degradation, seeded, on CPU tensors one sample at a time.
+"""Real-ESRGAN-style two-stage synthetic degradation, seeded, per sample (data-loader workers) or batched.
 
 Follows the "high-order degradation model" of Real-ESRGAN (Wang et al., ICCVW 2021; xinntao/Real-ESRGAN
 ``realesrgan/models/realesrgan_model.py`` + ``realesrgan/data/realesrgan_dataset.py``, kernels and noise from
@@ -11,11 +11,19 @@ XPixelGroup/BasicSR ``basicsr/data/degradations.py``), which SeeSR trains on (cs
    ``HR / scale * factor``;
 3. resize to the LR size + final sinc filter and JPEG, in random order; clamp and round to 8 bit.
 
+How it runs: :func:`sample_degradation` draws every random choice of a sample (:class:`DegradationParams`: kernels,
+factors, modes, noise, qualities, order) before any pixel is touched; :func:`degrade_batch` applies them to a batch
+whose samples may differ in size between the first resize and the last (each sample is a crop of one tensor; the
+blur and JPEG run on groups of similar sizes, resizing and noise per crop). :func:`degrade` is a batch of one, in a
+data-loader worker on the CPU with PIL's JPEG; :mod:`data.degradations_batched` runs the same pipeline on the
+training device with a batched JPEG codec, as Real-ESRGAN degrades whole batches on the GPU. Filtering and colour
+conversion are kornia's (``filters.filter2d``, ``filters.filter2d_separable``, ``color.rgb_to_grayscale``).
+
 Differences from the references, on purpose: everything draws from one ``numpy.random.Generator`` (plus a
-``torch.Generator`` seeded from it), so a seed gives the same LR image in any process or worker; it runs per
-sample on the CPU inside a Dataset (Real-ESRGAN degrades whole batches on the GPU); JPEG goes through PIL
-(libjpeg, 4:2:0 chroma subsampling like the reference's DiffJPEG and OpenCV) with the quality rounded to an
-integer; reflect padding falls back to replicate on images smaller than the kernel (tiny test crops).
+``torch.Generator`` seeded from it), so a seed gives the same LR image in any process or worker; every choice is
+per sample (Real-ESRGAN's batched ``feed_data`` draws the resize, noise kind and order once per batch); JPEG goes
+through PIL (libjpeg, 4:2:0 chroma subsampling like the reference's DiffJPEG and OpenCV) with the quality rounded
+to an integer; reflect padding falls back to replicate on images smaller than the kernel (tiny test crops).
 
 Which settings are which (``train_seesr_timestep.py --degradation``):
 

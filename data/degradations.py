@@ -448,8 +448,9 @@ def filter2d(image: torch.Tensor, kernel: torch.Tensor, sizes: Sizes | None = No
 
     single = image.ndim == 3
     images = image[None] if single else image
-    kernels = (kernel[None] if kernel.ndim == 2 else kernel).to(images.device, images.dtype)
-    radii = [_kernel_radius(k) for k in kernels]
+    kernels = kernel[None] if kernel.ndim == 2 else kernel
+    radii = [_kernel_radius(k) for k in kernels]  # before the move: the drawn kernels are on the CPU (no GPU syncs)
+    kernels = kernels.to(images.device, images.dtype)
     pad = max(radii)
     centre = kernels.shape[-1] // 2
     kernels = kernels[:, centre - pad : centre + pad + 1, centre - pad : centre + pad + 1]

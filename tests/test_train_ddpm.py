@@ -253,27 +253,43 @@ def assert_one_line_error(result, *fragments):
         assert fragment in errors[0]
 
 
-def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path):
+def assert_one_line_error_in_process(capsys, program_main, argv, *fragments):
+    """The same contract through utils.errors.run_cli in this process (what ``__main__`` runs), without paying an
+    interpreter start-up per case; one real entry point per program is still run as a subprocess below."""
+    from utils.errors import run_cli as run_in_cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_in_cli(lambda: program_main(argv))
+    captured = capsys.readouterr()
+    assert_one_line_error(subprocess.CompletedProcess(argv, stop.value.code, captured.out, captured.err), *fragments)
+
+
+def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     for index in range(8):
         Image.new("RGB", (16, 16)).save(broken / f"{index}.png")
     (broken / "3.png").write_bytes(b"truncated")
-    result = run_cli("train_ddpm_highres.py", *TINY, "--data_dir", str(broken), "--output_dir", str(tmp_path / "o"),
-                     "--epochs", "1", "--quick_every", "0")
-    assert_one_line_error(result, "Cannot read image", "3.png")
-    result = run_cli("train_ddpm_highres.py", *TINY, "--data_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o"))
-    assert_one_line_error(result, "missing does not exist")
+    train_main = lambda argv: train.main(train.parse_args(argv))  # noqa: E731
+    assert_one_line_error_in_process(capsys, train_main, [*TINY, "--data_dir", str(broken), "--output_dir", str(tmp_path / "o"),
+                                                          "--epochs", "1", "--quick_every", "0"], "Cannot read image", "3.png")
+    assert_one_line_error_in_process(capsys, train_main, [*TINY, "--data_dir", str(tmp_path / "missing"), "--output_dir",
+                                                          str(tmp_path / "o")], "missing does not exist")
     wrong = tmp_path / "wrong.pt"
     torch.save({"kind": "phaseformer", "model": {}}, wrong)
-    result = run_cli("infer.py", "ddpm", "--model", str(wrong), "--device", "cpu")
-    assert_one_line_error(result, "is a 'phaseformer' checkpoint", "'ddpm'")
+    infer_main = lambda argv: infer.main(infer.parse_args(argv))  # noqa: E731
+    assert_one_line_error_in_process(capsys, infer_main, ["ddpm", "--model", str(wrong), "--device", "cpu"],
+                                     "is a 'phaseformer' checkpoint", "'ddpm'")
 
 
-def test_unknown_dataset_and_help():
-    result = run_cli("train_ddpm_highres.py", "--dataset", "mnist")
+def test_unknown_dataset_and_help(capsys):
+    result = run_cli("train_ddpm_highres.py", "--dataset", "mnist")  # the real entry point, once
     assert_one_line_error(result, "invalid choice: 'mnist'", "see train_ddpm_highres.py --help")
-    help_text = run_cli("train_ddpm_highres.py", "--help").stdout
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    assert stop.value.code == 0
     for flag in ("--dataset", "--size", "--no-amp", "--no-compile", "--effective_batch", "--resume_from_checkpoint", "--resume",
                  "--quick_every", "--dropout", "--checkpointing_minutes", "--report_to", "--warmup_steps", "[alias:"):
         assert flag in help_text

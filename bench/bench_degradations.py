@@ -4,7 +4,8 @@
     python bench/bench_degradations.py --size 128 --batch 4 --rounds 2    # the smoke setting
 
 Per sample: what a data-loader worker runs for one item of ``HRFolderDegradedDataset`` (``--degradation seesr``):
-USM sharpening, then :func:`data.degradations.degrade` (PIL JPEG), one image at a time on the CPU. Batched: what the
+USM sharpening, :func:`data.degradations.degrade` (PIL JPEG) and the bicubic ControlNet input, one image at a time
+on the CPU. Batched: what the
 training loop runs with ``--degradation_device cuda`` (:func:`data.degradations_batched.degrade_training_batch`):
 the same drawn parameters, USM and the degradation on the whole batch (kornia filters, the torch JPEG codec), on
 the CPU and, where there is one, on the GPU. Both paths' times include drawing the parameters (kernels: a few ms);
@@ -26,7 +27,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import synchronize  # noqa: E402
-from data.degradations import DegradationConfig, degrade, sample_degradation, usm_sharpen  # noqa: E402
+from data.degradations import (  # noqa: E402
+    DegradationConfig,
+    bicubic_upsample,
+    degrade,
+    sample_degradation,
+    usm_sharpen,
+)
 from data.degradations_batched import degrade_training_batch  # noqa: E402
 
 
@@ -68,7 +75,7 @@ def main(argv=None) -> None:
     def per_sample(round_index):
         rngs, _ = draw(round_index)
         for image, rng in zip(hr, rngs, strict=True):
-            degrade(usm_sharpen(image), config, rng)
+            bicubic_upsample(degrade(usm_sharpen(image), config, rng), image.shape[-2:])  # + the ControlNet input
 
     def batched(round_index, device):
         _, params = draw(round_index)

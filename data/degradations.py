@@ -450,11 +450,19 @@ def filter2d(image: torch.Tensor, kernel: torch.Tensor, sizes: Sizes | None = No
     images = image[None] if single else image
     kernels = kernel[None] if kernel.ndim == 2 else kernel
     radii = [_kernel_radius(k) for k in kernels]  # before the move: the drawn kernels are on the CPU (no GPU syncs)
+    sizes = sizes or [tuple(images.shape[-2:])] * len(images)
+    if images.device.type == "cpu" and len(set(radii)) > 1:
+        # On the CPU the multiplications are the cost: filter each group of equal reach with kernels cut to it (half
+        # the work of padding all to the largest, for sizes 7..21), as one sample at a time would.
+        out = torch.empty_like(images)
+        for radius in sorted(set(radii)):
+            group = [i for i, r in enumerate(radii) if r == radius]
+            out[group] = filter2d(images[group], kernels[group], [sizes[i] for i in group])
+        return out[0] if single else out
     kernels = kernels.to(images.device, images.dtype)
     pad = max(radii)
     centre = kernels.shape[-1] // 2
     kernels = kernels[:, centre - pad : centre + pad + 1, centre - pad : centre + pad + 1]
-    sizes = sizes or [tuple(images.shape[-2:])] * len(images)
     padded = pad_per_sample(images, sizes, pad, radii)
     out = kornia.filters.filter2d(padded, kernels, padding="valid")
     return out[0] if single else out

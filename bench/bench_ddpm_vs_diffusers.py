@@ -163,8 +163,9 @@ def run_reference(module, folder: Path, work: Path, args, precision: str) -> lis
     return clock.intervals(args.skip)
 
 
-def bare_step_seconds(args, device: torch.device, dtype: torch.dtype | None, steps: int) -> list[float]:
-    """Forward, loss, backward, clipping, optimiser step on one resident batch: the floor a loop adds to."""
+def bare_step_seconds(args, device: torch.device, dtype: torch.dtype | None, steps: int, ema: str | None = None) -> list[float]:
+    """Forward, loss, backward, clipping, optimiser step on one resident batch: the floor a loop adds to. ``ema``
+    adds an EMA update: ``lerp`` (ours, ``utils.ema.EMA``) or ``diffusers`` (``EMAModel.step`` with ``foreach``)."""
     import time
 
     from diffusers import UNet2DModel
@@ -177,6 +178,17 @@ def bare_step_seconds(args, device: torch.device, dtype: torch.dtype | None, ste
         images = images.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
     scheduler = make_noise_scheduler()
+    update = lambda: None  # noqa: E731
+    if ema == "lerp":
+        from utils.ema import EMA
+
+        average = EMA(unet, decay=0.9999)
+        update = lambda: average.update(unet)  # noqa: E731
+    elif ema == "diffusers":
+        from diffusers.training_utils import EMAModel
+
+        average = EMAModel(list(unet.parameters()), decay=0.9999, use_ema_warmup=True, power=0.75, foreach=True)
+        update = lambda: average.step(list(unet.parameters()))  # noqa: E731
     times = []
     for index in range(steps + args.skip):
         synchronize(device)
@@ -187,6 +199,7 @@ def bare_step_seconds(args, device: torch.device, dtype: torch.dtype | None, ste
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        update()
         synchronize(device)
         if index >= args.skip:
             times.append(time.perf_counter() - started)

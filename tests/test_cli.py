@@ -212,3 +212,4 @@ def test_two_node_launch_on_cpu_machines_is_one_job(demo_images, tmp_path):
     assert "batch 4 x 2 processes x accumulation 1 = effective 8" in outputs[0][0]
     checkpoint = torch.load(tmp_path / "folder_16x16/ddpm_final.pt", weights_only=True)
     assert checkpoint["num_processes"] == 2 and checkpoint["step"] == 3  # 24 images / (4 per process x 2 processes)
+    assert len(checkpoint["rng"]) == 2  # one RNG state per process

@@ -295,21 +295,8 @@ def test_unknown_dataset_and_help(capsys):
         assert flag in help_text
 
 
-@pytest.mark.slow
-def test_two_processes_through_torchrun(demo_images, tmp_path):
-    """DDP on two CPU processes (gloo): the same script, no code change."""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "train_ddpm_highres.py", *TINY, "--batch_size", "4",
-         "--data_dir", str(demo_images), "--output_dir", str(tmp_path), "--epochs", "1", "--quick_every", "0"],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "batch 4 x 2 processes x accumulation 1 = effective 8" in result.stdout
-    checkpoint = torch.load(tmp_path / "folder_16x16/ddpm_final.pt", weights_only=True)
-    assert checkpoint["num_processes"] == 2 and len(checkpoint["rng"]) == 2
-    assert checkpoint["step"] == 3  # 24 images / (4 per process x 2 processes)
+# Two processes: the standalone form (torchrun --standalone --nproc_per_node 2) runs in the Kaggle cells of docs/ddpm.md
+# (tests/test_kaggle_cells.py) and the two-node form in tests/test_cli.py; a third interpreter pair here added nothing.
 
 
 def test_a_resumed_plan_keeps_its_effective_batch_on_another_number_of_processes():

@@ -38,11 +38,13 @@ BENCH_SMOKE = {
     "bench_dit_user.py": "--smoke",
     "bench_dit_vs_lightningdit.py": "--smoke",
     "bench_fast_samplers.py": "--smoke",
+    "bench_loop_overhead.py": "--smoke",
     "bench_phaseformer.py": "--smoke",
     "bench_seesr_injector.py": "--device cpu --skip_real_size --tiny_resolution 64 --repeats 1 --warmup 0 --tile_sizes 32 "
     "--tile_image_size 64 --tile_steps 1 --tile_rounds 1",
     "bench_seesr_pipeline.py": "--device cpu --size tiny --steps 1 --time_resolution 64 --memory_resolutions --repeats 1",
     "bench_seesr_tiled_vae.py": "--device cpu --config tiny --latent_size 16 --tile_size 8",
+    "bench_throughput.py": "--smoke",
 }
 OWN_PROCESS = {"bench_seesr_tiled_vae.py"}  # spawns one process per method: runpy's __main__ cannot be pickled
 BENCH_HELPERS = {"common.py", "__init__.py"}

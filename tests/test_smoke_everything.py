@@ -138,7 +138,7 @@ def run_shell_script(tmp_path: Path, script: str, args: list[str], env: dict) ->
     for old in log.iterdir():
         old.unlink()
     full_env = dict(os.environ, CALL_LOG=str(log), PATH=f"{root / 'bin'}:{os.environ['PATH']}", PYTHON=str(root / "bin" / "python"),
-                    STUB_GPUS="2", **env)
+                    STUB_GPUS="2", OMP_NUM_THREADS="1", **env)
     full_env.pop("CUDA_VISIBLE_DEVICES", None)
     result = subprocess.run(["bash", str(root / script), *args], cwd=tmp_path, env=full_env, capture_output=True, text=True,
                             timeout=120)

@@ -239,7 +239,7 @@ def test_inference_from_a_diffusers_ddpm_folder(tmp_path, serialization):
 
 
 def run_cli(*args, cwd=ROOT):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
 
 

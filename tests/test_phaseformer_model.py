@@ -115,7 +115,9 @@ def test_official_layout_state_dict_loads_strictly_and_reproduces_outputs():
     x = torch.rand(1, 3, 24, 32)
     with torch.no_grad():
         for ours, theirs in zip(target(x), source(x)):
-            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+            # Measured 0 at 1 and 2 threads; a reloaded copy may round differently elsewhere (~1e-7, see
+            # tests/test_seesr_model.py); a mis-mapped weight gives differences of order 0.1.
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
     assert infer_phaseformer_config(official)["channels"] == [8, 16, 32, 64]
 
 
@@ -242,7 +244,7 @@ def test_converter_needs_trust_pickle_for_whole_modules_and_then_reproduces_outp
     x = torch.rand(1, 3, 16, 24)
     with torch.no_grad():
         for ours, theirs in zip(converted(x), source(x)):
-            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)  # as above: measured 0, a wrong weight is ~0.1
 
 
 def test_converter_reads_nested_state_dicts_and_refuses_foreign_ones(tmp_path):

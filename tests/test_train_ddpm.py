@@ -297,6 +297,37 @@ def test_unknown_dataset_and_help(capsys):
         assert flag in help_text
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_compiled_training_with_the_batch_probe_on_cuda(demo_images, tmp_path, monkeypatch):
+    """The CUDA defaults' three paths, each observed where it acts: the UNet's layers compute in fp16 (autocast), the
+    UNet goes through torch.compile, and without --train_batch_size the batch comes from the memory probe."""
+    dtypes, compiled = [], []
+    real_build, real_compile = train.build_unet, torch.compile
+
+    def build_watched(*args, **kwargs):
+        unet = real_build(*args, **kwargs)
+        unet.conv_out.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+        return unet
+
+    def compile_watched(model, *args, **kwargs):
+        compiled.append(type(model).__name__)
+        return real_compile(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "build_unet", build_watched)
+    monkeypatch.setattr(torch, "compile", compile_watched)
+    flags = ["--dataset", "folder", "--size", "16", "--model", "tiny", "--effective_batch", "8", "--lr_warmup_steps", "2",
+             "--num_samples", "4", "--sample_steps", "3", "--report_to", "none"]  # TINY without --train_batch_size, --device
+    result = train.main(train.parse_args([*flags, "--data_dir", str(demo_images), "--output_dir", str(tmp_path), "--device", "cuda",
+                                          "--mixed_precision", "fp16", "--epochs", "1", "--quick_every", "0"]))
+    assert dtypes and all(dtype == torch.float16 for dtype in dtypes)
+    assert compiled == ["UNet2DModel"]
+    assert "(largest that fits: 8)" in (tmp_path / "folder_16x16" / "train.log").read_text()  # probed up to the effective 8
+    checkpoint = torch.load(tmp_path / "folder_16x16" / "ddpm_final.pt", weights_only=True)
+    assert all(value.dtype == torch.float32 for value in checkpoint["model"].values())  # fp32 master weights
+    assert all(np.isfinite(result["history"]))
+
+
 # Two processes: the standalone form (torchrun --standalone --nproc_per_node 2) runs in the Kaggle cells of docs/ddpm.md
 # (tests/test_kaggle_cells.py) and the two-node form in tests/test_cli.py; a third interpreter pair here added nothing.
 

@@ -490,7 +490,7 @@ def test_mixed_precision_training_and_fp16_inference_on_cuda(workspace, tmp_path
     assert all(v.dtype == torch.float32 for v in load_file(checkpoint / "multi_scale_injector/model.safetensors").values())
     assert all(np.isfinite(loss) for _, loss in result["history"])
     output = infer.main(spec_command(workspace, checkpoint, tmp_path / "results", "--num_inference_steps", "3",
-                                     "--process_size", "64", "--device", "cuda"))
+                                     "--process_size", "64", "--device", "cuda", "--mixed_precision", "fp16"))
     pixels = np.asarray(Image.open(output["written"][0]))
     assert pixels.shape == (48, 40, 3) and pixels.std() > 0
 
@@ -783,7 +783,7 @@ def test_seesr_proper_in_fp16_on_cuda(seesr_release, workspace, tiny_ram, tmp_pa
     assert all(v.dtype == torch.float32 for v in load_file(checkpoint / "unet/diffusion_pytorch_model.safetensors").values())
     assert all(np.isfinite(loss) for _, loss in result["history"])
     output = infer.main(spec_command(workspace, checkpoint, tmp_path / "results", "--num_inference_steps", "3",
-                                     "--process_size", "64", "--device", "cuda", "--ram_path", str(ram["ram"]),
+                                     "--process_size", "64", "--device", "cuda", "--mixed_precision", "fp16", "--ram_path", str(ram["ram"]),
                                      "--ram_ft_path", str(ram["dape"])))
     pixels = np.asarray(Image.open(output["written"][0]))
     assert output["tagger"] and pixels.shape == (48, 40, 3) and pixels.std() > 0

@@ -96,15 +96,13 @@ def install_imagefolder_stand_in() -> None:
 
 def run_quietly(fn, log_path: Path):
     """Run ``fn()`` with its stdout/stderr in ``log_path``; on failure print the log's tail and re-raise."""
-    import logging
-
     with open(log_path, "a") as log:
-        # Library loggers (diffusers, accelerate) hold the terminal's stream from their creation on: point them here too.
-        handlers = [h for lg in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
-                    for h in getattr(lg, "handlers", []) if type(h) is logging.StreamHandler]
-        streams = [h.stream for h in handlers]
-        for handler in handlers:
-            handler.setStream(log)
+        # Library loggers (diffusers, accelerate) hold the terminal's stream from their creation on: point them here
+        # too, and after the run point every handler that writes here (also those the run made) back to the terminal.
+        terminal = sys.stderr
+        saved = {handler: handler.stream for handler in _stream_handlers()}
+        for handler in saved:
+            handler.stream = log
         try:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 return fn()
@@ -113,8 +111,18 @@ def run_quietly(fn, log_path: Path):
             print("".join(open(log_path).readlines()[-15:]), file=sys.stderr)
             raise
         finally:
-            for handler, stream in zip(handlers, streams):
-                handler.setStream(stream)
+            for handler in _stream_handlers():
+                if handler in saved:
+                    handler.stream = saved[handler]
+                elif handler.stream is log:
+                    handler.stream = terminal
+
+
+def _stream_handlers() -> list:
+    import logging
+
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    return [h for lg in loggers for h in getattr(lg, "handlers", []) if type(h) is logging.StreamHandler]
 
 
 def run_ours(folder: Path, work: Path, args, precision: str) -> list[float]:

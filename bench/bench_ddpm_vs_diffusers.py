@@ -171,9 +171,12 @@ def run_reference(module, folder: Path, work: Path, args, precision: str) -> lis
     return clock.intervals(args.skip)
 
 
-def bare_step_seconds(args, device: torch.device, dtype: torch.dtype | None, steps: int, ema: str | None = None) -> list[float]:
+def bare_step_seconds(
+    args, device: torch.device, dtype: torch.dtype | None, steps: int, ema: str | None = None, fused: bool = True
+) -> list[float]:
     """Forward, loss, backward, clipping, optimiser step on one resident batch: the floor a loop adds to. ``ema``
-    adds an EMA update: ``lerp`` (ours, ``utils.ema.EMA``) or ``diffusers`` (``EMAModel.step`` with ``foreach``)."""
+    adds an EMA update: ``lerp`` (ours, ``utils.ema.EMA``) or ``diffusers`` (``EMAModel.step`` with ``foreach``).
+    AdamW is fused as in train_ddpm_highres.py; ``fused=False`` gives PyTorch's default (``foreach``) path."""
     import time
 
     from diffusers import UNet2DModel
@@ -184,7 +187,7 @@ def bare_step_seconds(args, device: torch.device, dtype: torch.dtype | None, ste
     if device.type == "cuda":
         unet = unet.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.0, fused=fused or None)
     scheduler = make_noise_scheduler()
     update = lambda: None  # noqa: E731
     if ema == "lerp":
@@ -269,7 +272,7 @@ def main(args: argparse.Namespace) -> dict:
     print("| training loop | median s per step | img/s | steps timed | ours / this |")
     print("|---|---:|---:|---:|---:|")
     names = {"ours": "ours (train_ddpm_highres.py)", "reference": "diffusers train_unconditional.py",
-             "bare": "bare forward/backward + AdamW"}
+             "bare": "bare forward/backward + fused AdamW"}
     for name, values in times.items():
         if not values:
             continue

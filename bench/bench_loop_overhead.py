@@ -5,7 +5,8 @@
     python bench/bench_loop_overhead.py --smoke
 
 Rows, in alternating rounds on the same model configuration and batch (``bench/bench_ddpm_vs_diffusers.py`` has the
-pieces): the bare step (forward, loss, backward, clipping, AdamW, one batch resident on the device); the bare step
+pieces): the bare step (forward, loss, backward, clipping, fused AdamW as the trainer, one batch resident on the
+device); the same with PyTorch's default AdamW (``foreach``; the trainer used it on the CPU before); the bare step
 plus our EMA update (``utils.ema.EMA``, one ``torch._foreach_lerp_``); the bare step plus diffusers' ``EMAModel.step``
 (``foreach``, what the EMA update was before); and ``train_ddpm_highres.py`` whole, timed per step on its progress bar
 (data loading and flips, EMA, the loss kept on the device, a tracker scalar every 10 steps). Each row's ratio to the
@@ -61,10 +62,13 @@ def main(args: argparse.Namespace) -> dict:
     steps = max(args.images // args.batch - args.skip, 1)
     print(f"device: {describe_device(device)} | torch {torch.__version__} | {precision} | UNet '{args.preset}' at "
           f"{args.size} px | batch {args.batch} | {args.rounds} rounds | logs in {work}\n")
-    times: dict[str, list[float]] = {"bare": [], "bare + EMA (ours, foreach lerp)": [],
+    times: dict[str, list[float]] = {"bare": [], "bare, AdamW foreach (PyTorch's default) instead of fused": [],
+                                     "bare + EMA (ours, foreach lerp)": [],
                                      "bare + EMA (diffusers EMAModel.step, foreach)": [], "train_ddpm_highres.py": []}
     for _ in range(args.rounds):
         times["bare"] += bare_step_seconds(args, device, dtype, steps)
+        times["bare, AdamW foreach (PyTorch's default) instead of fused"] += bare_step_seconds(args, device, dtype, steps,
+                                                                                               fused=False)
         times["bare + EMA (ours, foreach lerp)"] += bare_step_seconds(args, device, dtype, steps, ema="lerp")
         times["bare + EMA (diffusers EMAModel.step, foreach)"] += bare_step_seconds(args, device, dtype, steps, ema="diffusers")
         times["train_ddpm_highres.py"] += run_ours(folder, work, args, precision)

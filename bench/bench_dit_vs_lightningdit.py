@@ -9,8 +9,9 @@ QK-norm), built at our size preset's depth and width for 31 users on 32 x 16 x 1
 loads its state dict strictly, and the bench prints the largest output difference to show the two compute the same.
 Training step, each as its code trains: the reference's ``transport.training_losses`` (linear path, velocity,
 cosine term, log-normal times) with its ``train.py`` update (AdamW betas 0.9/0.95, its per-parameter ``train.update_ema``;
-no clipping, as its configuration has no ``max_grad_norm``) against ours (``flow_matching_loss``, clipping at 1,
-AdamW fused on CUDA, ``utils.ema.EMA`` with ``foreach``), autocast as the trainers pick it. Sampling, guidance 4 from
+no clipping, as its configuration has no ``max_grad_norm``) against ours as train_dit_user.py runs it
+(``flow_matching_loss``, clipping at 1, PyTorch's default AdamW, ``utils.ema.EMA``'s foreach lerp), autocast as the
+trainers pick it. Sampling, guidance 4 from
 t = 0.11 on, shift 0.3: the reference's ``Sampler.sample_ode`` (torchdiffeq Euler on a 250-point grid) with the
 model's ``forward_with_cfg`` (always the doubled batch) against ours (``sample_flow``, the sampler
 ``generate_latents`` calls: Euler with 249 updates on the same grid, the unconditional half skipped outside the
@@ -146,7 +147,7 @@ def main(args: argparse.Namespace) -> dict:
     # ---- training steps
     ours.train()
     ema = EMA(ours, decay=0.9999)
-    optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)  # as train_dit_user.py
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def our_step():

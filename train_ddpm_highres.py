@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sampler of the sample grids, as infer.py ddpm (default ddim)")
     out.add_argument("--sample_steps", type=int, default=100, help="denoising steps of the sample grids (default 100)")
     out.add_argument("--quick_steps", type=int, default=25, help="DDIM steps of the quick samples (default 25)")
+    out.add_argument("--fid_every", type=int, default=0,
+                     help="every N epochs and at the end, FID of --fid_samples EMA samples (--sampler, --sample_steps) "
+                     "against the training images, logged as eval/fid (as lucidrains' Trainer; default 0: off)")
+    out.add_argument("--fid_samples", type=int, default=1000,
+                     help="samples per FID (default 1000: a trend, biased upwards against the 50k of published FIDs)")
+    out.add_argument("--inception_weights", default=None,
+                     help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth, needed by --fid_every")
     return parser
 
 
@@ -159,6 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag} must be at least 1")
     if args.quick_every < 0:
         parser.error("--quick_every must not be negative")
+    if args.fid_every < 0 or args.fid_samples < 2:
+        parser.error("--fid_every must not be negative and --fid_samples must be at least 2")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         parser.error("--dropout must be in [0, 1)")
     if args.size is not None and args.model is None:
@@ -266,6 +275,7 @@ def main(args: argparse.Namespace) -> dict:
     logger = setup_logger(paths["run"], is_main)
     logger.info("experiment %s: %s", paths["run"].name, f"resuming from {resume_path}" if resume_path else "new run")
 
+    fid_reference = fid_reference_for(config) if config.fid_every else None  # a missing weight file stops here
     # Flips on the batch from a seeded generator (random_hflip), not in the dataset: exact resumes within an epoch.
     dataset = build_image_dataset(config.dataset, config.data_dir, config.size, hflip=False, download=config.download)
     if config.dataset == "imagenet":
@@ -347,6 +357,15 @@ def main(args: argparse.Namespace) -> dict:
         log_image(accelerator, f"samples/{path.stem}", path, step)
         logger.info("epoch %d: %s", epoch, path)
 
+    def log_fid(epoch: int) -> None:
+        bare = unwrap(accelerator, unet)
+        with ema.averaged_weights(bare):
+            fid = training_fid(bare, dict(scheduler.config), config, fid_reference, paths["run"] / "fid_cache",
+                               _autocast_dtype(accelerator))
+        log_scalars(accelerator, {"eval/fid": fid}, step)
+        logger.info("epoch %d: FID %.3f (%d EMA samples, %s %d steps, vs %s)", epoch, fid, config.fid_samples, config.sampler,
+                    config.sample_steps, fid_reference[0])
+
     cadence = CheckpointCadence(config.checkpointing_steps, config.checkpointing_minutes)
     guard = NonFiniteGuard(accelerator.device)
     for epoch in range(start_epoch, config.epochs):
@@ -414,11 +433,46 @@ def main(args: argparse.Namespace) -> dict:
                 sample_grid(paths["samples"] / f"epoch_{done}_samples.png", config.sample_steps, config.sampler, done)
                 plot_curves({"train loss (epoch mean)": history}, paths["samples"] / f"loss_curve_epoch_{done}.png",
                             title=f"{paths['run'].name}: epsilon MSE", log_y=True)
+            if config.fid_every and (done % config.fid_every == 0 or is_final):
+                log_fid(done)
         accelerator.wait_for_everyone()
 
     logger.info("done: checkpoints in %s, samples in %s", paths["run"], paths["samples"])
     accelerator.end_training()
     return {"history": history, "paths": paths, "step": step, "config": config, "best_epoch": best.epoch}
+
+
+def fid_reference_for(config) -> tuple[str, str | None]:
+    """``(reference, datasets_root)`` for torch-fidelity: the training folder or CIFAR-10; the weight file is checked."""
+    from utils.generation_metrics import check_inception_weights, require_torch_fidelity
+
+    require_torch_fidelity()
+    check_inception_weights(config.inception_weights)
+    if config.dataset == "folder":
+        return str(config.data_dir), None
+    if config.dataset == "cifar10":
+        return "cifar10", str(config.data_dir)
+    raise UserError(f"--fid_every compares with --dataset folder or cifar10, not {config.dataset}; drop it and score samples "
+                    "with infer.py ddpm --save_images and scripts/eval_generation.py.")
+
+
+def training_fid(unet, scheduler_config: dict, config, reference: tuple[str, str | None], cache_dir: Path, autocast) -> float:
+    """FID of ``config.fid_samples`` samples (seed ``config.seed``) against the reference, through a temporary folder."""
+    import tempfile
+
+    from utils.generation_metrics import compute_generation_metrics
+    from utils.images import tensor_to_pil
+
+    with tempfile.TemporaryDirectory(prefix="ddpm_fid_") as folder:
+        for start in range(0, config.fid_samples, 256):  # bounded memory at any image size
+            count = min(256, config.fid_samples - start)
+            images = sample_ddpm(unet, scheduler_config, count, config.sample_steps, config.sampler, seed=config.seed + start,
+                                 autocast_dtype=autocast)
+            for index, image in enumerate(images):
+                tensor_to_pil(image).save(Path(folder) / f"{start + index:06d}.png")
+        values = compute_generation_metrics(folder, reference[0], config.inception_weights, ("fid",),
+                                            device=str(next(unet.parameters()).device), cache_dir=cache_dir, datasets_root=reference[1])
+    return values["frechet_inception_distance"]
 
 
 def _autocast_dtype(accelerator) -> torch.dtype | None:

@@ -215,3 +215,24 @@ def test_infer_ddpm_save_images_is_batched_and_resumable(tmp_path, capsys):
         infer.main(infer.parse_args(flags + ["--output_dir", str(tmp_path / "a"), "--seed", "1"]))
     with pytest.raises(UserError, match="--save_images writes the samples of one --model"):
         infer.main(infer.parse_args(["ddpm", "--compare", str(model), str(model), "--save_images", "--output_dir", str(tmp_path / "b")]))
+
+
+def test_training_logs_fid_every_n_epochs(setup, tmp_path):
+    """train_ddpm_highres.py --fid_every 1: FID of EMA samples against the training folder in the log, each epoch;
+    a missing Inception file stops the run before any training."""
+    import re
+
+    import train_ddpm_highres as train
+
+    root, weights, fake, real = setup
+    tiny = ["--dataset", "folder", "--data_dir", str(real), "--size", "16", "--model", "tiny", "--train_batch_size", "4",
+            "--effective_batch", "4", "--lr_warmup_steps", "1", "--num_samples", "4", "--sample_steps", "2", "--quick_every", "0",
+            "--device", "cpu", "--report_to", "none", "--epochs", "2", "--save_every", "2", "--sample_every", "2",
+            "--fid_every", "1", "--fid_samples", "6", "--sampler", "ddim"]
+    result = train.main(train.parse_args(tiny + ["--output_dir", str(tmp_path / "run"), "--inception_weights", str(weights)]))
+    log = (result["paths"]["run"] / "train.log").read_text()
+    fids = [float(x) for x in re.findall(r"FID ([0-9.]+) \(6 EMA samples, ddim 2 steps", log)]
+    assert len(fids) == 2 and all(f > 0 for f in fids)
+    with pytest.raises(UserError, match=r"--inception_weights .*nope.pth does not exist"):
+        train.main(train.parse_args(tiny + ["--output_dir", str(tmp_path / "b"), "--inception_weights", str(tmp_path / "nope.pth")]))
+    assert not (tmp_path / "b").exists() or not list((tmp_path / "b").rglob("*.pt"))

@@ -191,7 +191,7 @@ def main(args: argparse.Namespace) -> dict:
         matrix = confusion_matrix(requested, gen_predicted, len(user_ids))
         accuracy = float((gen_predicted == requested).double().mean())
         save_confusion_png(matrix, user_ids, output_dir / "confusion_matrix.png",
-                           f"{len(generated)} generated samples: accuracy {accuracy:.3f} for the requested user")
+                           f"{len(generated)} generated samples\naccuracy {accuracy:.3f} for the requested user")
         for user in sorted({user for _, user in generated}):
             k = index_of[user]
             scores = score_user(user, gen_features[requested == k], gen_predicted[requested == k], k,

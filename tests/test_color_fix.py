@@ -21,8 +21,9 @@ def test_adain_matches_reference_channel_mean_and_std():
     assert fixed.min() > 0 and fixed.max() < 1  # nothing clipped, so the statistics must match
     (mean, std), (reference_mean, reference_std) = channel_mean_std(fixed), channel_mean_std(reference)
     torch.testing.assert_close(mean, reference_mean, rtol=0, atol=1e-6)
-    # Both sides carry SeeSR's +1e-5 in the variance, so the match is to ~1e-3 relative at these variances.
-    torch.testing.assert_close(std, reference_std, rtol=1e-3, atol=0)
+    # Both sides carry SeeSR's +1e-5 in the variance: a deterministic relative offset, measured 2.9e-4 at 1 and 2
+    # threads; 3e-3 is 10x that, and an AdaIN that did not match the std would be off by tens of percent.
+    torch.testing.assert_close(std, reference_std, rtol=3e-3, atol=0)
     # Per channel it is an affine map of the input: correlation with the input stays 1.
     flat_in, flat_out = image[0, 1].flatten(), fixed[0, 1].flatten()
     correlation = torch.corrcoef(torch.stack([flat_in, flat_out]))[0, 1]

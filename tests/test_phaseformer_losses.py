@@ -45,21 +45,26 @@ def test_msssim_levels_follow_the_image_size():
     assert [msssim_levels(side) for side in (10, 11, 20, 21, 40, 41, 160, 161, 512)] == [0, 1, 1, 2, 2, 3, 4, 5, 5]
 
 
+# Ours and pytorch_msssim are two float32 implementations of the same sums: measured differences up to 1.2e-7 at 1 and
+# 2 threads; 2e-6 keeps a 10x margin and is still far below what a wrong window, weight or level changes (>1e-3).
+MSSSIM_ABS = 2e-6
+
+
 def test_msssim_loss_matches_pytorch_msssim():
     torch.manual_seed(0)
     x = torch.rand(2, 3, 176, 176)
     y = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
     # Five scales: exactly the library.
-    assert MSSSIMLoss()(x, y).item() == pytest.approx(1 - ms_ssim(x, y, data_range=1.0).item(), abs=1e-6)
+    assert MSSSIMLoss()(x, y).item() == pytest.approx(1 - ms_ssim(x, y, data_range=1.0).item(), abs=MSSSIM_ABS)
     # Two scales through our loop equal the library given the first two weights, renormalised.
     weights = torch.tensor(MS_SSIM_SCALE_WEIGHTS[:2])
     expected = ms_ssim(x, y, data_range=1.0, weights=(weights / weights.sum()).tolist())
-    assert ms_ssim_adaptive(x, y, levels=2).item() == pytest.approx(expected.item(), abs=1e-6)
+    assert ms_ssim_adaptive(x, y, levels=2).item() == pytest.approx(expected.item(), abs=MSSSIM_ABS)
     # One scale (a 15 px crop) is plain SSIM.
     small_x, small_y = x[..., :15, :15], y[..., :15, :15]
-    assert MSSSIMLoss()(small_x, small_y).item() == pytest.approx(1 - ssim(small_x, small_y, data_range=1.0).item(), abs=1e-6)
-    assert MSSSIMLoss()(x, x).item() == pytest.approx(0.0, abs=1e-6)
-    assert MSSSIMLoss(as_similarity=True)(x, y).item() == pytest.approx(ms_ssim(x, y, data_range=1.0).item(), abs=1e-6)
+    assert MSSSIMLoss()(small_x, small_y).item() == pytest.approx(1 - ssim(small_x, small_y, data_range=1.0).item(), abs=MSSSIM_ABS)
+    assert MSSSIMLoss()(x, x).item() == pytest.approx(0.0, abs=MSSSIM_ABS)
+    assert MSSSIMLoss(as_similarity=True)(x, y).item() == pytest.approx(ms_ssim(x, y, data_range=1.0).item(), abs=MSSSIM_ABS)
     with pytest.raises(UserError, match="too small"):
         MSSSIMLoss()(x[..., :8, :8], y[..., :8, :8])
 

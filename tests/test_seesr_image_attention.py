@@ -524,7 +524,8 @@ def test_start_steps_skips_the_steps_above_it(components, seesr_models):
         pipeline(image, generator=torch.Generator().manual_seed(0), lr_start_timestep=500, **kwargs)
     finally:
         del pipeline.unet.forward
-    torch.testing.assert_close(first_input[0], start, rtol=0, atol=1e-6)
+    # The pipeline's noising and this test's of the same VAE sample (two code paths in float32): measured 1.2e-7.
+    torch.testing.assert_close(first_input[0], start, rtol=0, atol=1e-5)
     # 999 (SeeSR's default) skips nothing; pure noise always runs every step.
     for start_kwargs in (dict(start_steps=999), dict(start_point="noise", start_steps=500)):
         visited.clear()

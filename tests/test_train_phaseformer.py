@@ -148,7 +148,8 @@ def test_inference_reproduces_the_training_metrics_and_writes_a_csv(runs, lsui, 
     assert report["mean_ssim"] == pytest.approx(trained["ssim"], abs=1e-5)
     rows = list(csv.reader(open(tmp_path / "metrics.csv")))
     assert rows[0] == ["name", "psnr", "ssim"] and rows[-1][0] == "mean" and len(rows) == 6
-    assert float(rows[-1][1]) == pytest.approx(report["mean_psnr"], abs=1e-4)
+    # metrics.csv keeps 4 decimals: rounding up to 5e-5 dB (measured 3.3e-5); 5e-4 is 10x the worst case.
+    assert float(rows[-1][1]) == pytest.approx(report["mean_psnr"], abs=5e-4)
 
 
 def test_any_image_size_and_tiles_cover_every_pixel(tmp_path):

@@ -23,7 +23,8 @@ error, ground truths without a result are listed and skipped. Writes one row per
   ``alexnet-owt-7be5be79.pth``). Without them LPIPS is skipped with a note.
 * DISTS by piq (``utils/iqa_metrics.py``): ``--dists_weights`` piq's ``dists_weights.pt`` and ``--vgg16_weights``
   torchvision's ``vgg16-397923af.pth`` (default: torch hub's cache); skipped with a note without them.
-* FID between the SR and the HR folder by torch-fidelity (``--inception_weights``; ``utils/generation_metrics.py``).
+* FID between the SR and the HR folder by torch-fidelity (``--inception_weights``; ``utils/generation_metrics.py``):
+  one value per folder, so it is in the summary and the returned means, not in the per-image CSV.
   pyiqa's FID (used by the tables) follows clean-fid's resizing, torch-fidelity the TensorFlow one: the values differ
   slightly; compare runs with each other, not digits with a paper.
 * NIQE, MUSIQ, MANIQA, CLIP-IQA by pyiqa itself (``--pyiqa_metrics``; pyiqa is installed apart, its files read from

@@ -45,7 +45,7 @@ def image_pairs(root: Path, count: int = 3, size: int = 64) -> tuple[Path, Path,
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """Random AlexNet, VGG16 (fp16 to halve the file: loading casts back) and LPIPS heads; DISTS' published
+    """Random AlexNet and VGG16 (fp16 to halve the files: loading casts back) and LPIPS heads; DISTS' published
     alpha/beta as bundled with the authors' package when it is installed, else random."""
     from torchvision.models import alexnet, vgg16
 
@@ -53,7 +53,7 @@ def weights(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("w")
     torch.manual_seed(0)
-    torch.save(alexnet(weights=None).state_dict(), root / "alexnet-owt-7be5be79.pth")
+    torch.save({k: v.half() for k, v in alexnet(weights=None).state_dict().items()}, root / "alexnet-owt-7be5be79.pth")
     torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(LPIPS_CHANNELS)}, root / "alex.pth")
     torch.save({k: v.half() for k, v in vgg16(weights=None).state_dict().items()}, root / "vgg16-397923af.pth")
     try:

@@ -171,12 +171,11 @@ def run_reference(module, folder: Path, work: Path, args, precision: str) -> lis
     return clock.intervals(args.skip)
 
 
-def bare_step_seconds(
-    args, device: torch.device, dtype: torch.dtype | None, steps: int, ema: str | None = None, fused: bool = True
-) -> list[float]:
-    """Forward, loss, backward, clipping, optimiser step on one resident batch: the floor a loop adds to. ``ema``
-    adds an EMA update: ``lerp`` (ours, ``utils.ema.EMA``) or ``diffusers`` (``EMAModel.step`` with ``foreach``).
-    AdamW is fused as in train_ddpm_highres.py; ``fused=False`` gives PyTorch's default (``foreach``) path."""
+def make_bare_step(args, device: torch.device, dtype: torch.dtype | None, ema: str | None = None, fused: bool = True):
+    """One step of forward, loss, backward, clipping and optimiser on a resident batch (the floor a loop adds to), as
+    a function returning (seconds of the step, of its optimiser step, of its EMA update). ``ema`` adds an EMA update:
+    ``lerp`` (ours, ``utils.ema.EMA``) or ``diffusers`` (``EMAModel.step`` with ``foreach``). AdamW is fused as in
+    train_ddpm_highres.py; ``fused=False`` gives PyTorch's default (``foreach``) path."""
     import time
 
     from diffusers import UNet2DModel
@@ -200,21 +199,32 @@ def bare_step_seconds(
 
         average = EMAModel(list(unet.parameters()), decay=0.9999, use_ema_warmup=True, power=0.75, foreach=True)
         update = lambda: average.step(list(unet.parameters()))  # noqa: E731
-    times = []
-    for index in range(steps + args.skip):
+
+    def step() -> tuple[float, float, float]:
         synchronize(device)
         started = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = ddpm_loss(unet, scheduler, images)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        synchronize(device)
+        before_optimizer = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        before_ema = time.perf_counter()
         update()
         synchronize(device)
-        if index >= args.skip:
-            times.append(time.perf_counter() - started)
-    return times
+        ended = time.perf_counter()
+        return ended - started, before_ema - before_optimizer, ended - before_ema
+
+    return step
+
+
+def bare_step_seconds(args, device: torch.device, dtype: torch.dtype | None, steps: int) -> list[float]:
+    """Seconds of ``steps`` bare steps (:func:`make_bare_step`), after ``args.skip`` untimed ones."""
+    step = make_bare_step(args, device, dtype)
+    return [step()[0] for _ in range(steps + args.skip)][args.skip :]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

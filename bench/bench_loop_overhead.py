@@ -4,13 +4,15 @@
     python bench/bench_loop_overhead.py --size 32 --preset 32 --batch 128 --rounds 3 --workers 8     # a GPU's setting
     python bench/bench_loop_overhead.py --smoke
 
-Rows, in alternating rounds on the same model configuration and batch (``bench/bench_ddpm_vs_diffusers.py`` has the
-pieces): the bare step (forward, loss, backward, clipping, fused AdamW as the trainer, one batch resident on the
-device); the same with PyTorch's default AdamW (``foreach``; the trainer used it on the CPU before); the bare step
-plus our EMA update (``utils.ema.EMA``, one ``torch._foreach_lerp_``); the bare step plus diffusers' ``EMAModel.step``
-(``foreach``, what the EMA update was before); and ``train_ddpm_highres.py`` whole, timed per step on its progress bar
-(data loading and flips, EMA, the loss kept on the device, a tracker scalar every 10 steps). Each row's ratio to the
-bare step is the overhead (issue 13: the whole loop at most 5% over bare). Prints a Markdown table; not a test.
+Rows, on the same model configuration and batch (``bench/bench_ddpm_vs_diffusers.py`` has the pieces), in each
+round the four bare variants stepping in turn (one step each, then the next, so a load spike on a shared machine
+hits them alike), then the trainer: the bare step (forward, loss, backward, clipping, fused AdamW as the trainer, one
+batch resident on the device); the same with PyTorch's default AdamW (``foreach``; the trainer used it on the CPU
+before); the bare step plus our EMA update (``utils.ema.EMA``, one ``torch._foreach_lerp_``); the bare step plus
+diffusers' ``EMAModel.step`` (``foreach``, what the EMA update was before); and ``train_ddpm_highres.py`` whole,
+timed per step on its progress bar (data loading and flips, EMA, the loss kept on the device, a tracker scalar every
+10 steps). Each row's ratio to the bare step is the overhead (issue 13: the whole loop at most 5% over bare); the
+optimiser and EMA columns time those parts alone inside each step. Prints a Markdown table; not a test.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.bench_ddpm_vs_diffusers import bare_step_seconds, run_ours  # noqa: E402
+from bench.bench_ddpm_vs_diffusers import make_bare_step, run_ours  # noqa: E402
 from bench.common import autocast_dtype, median, precision_name  # noqa: E402
 from data.demo_data import build_demo_image_folder  # noqa: E402
 from utils.accelerator import describe_device, enable_fast_math, resolve_device  # noqa: E402
@@ -62,22 +64,35 @@ def main(args: argparse.Namespace) -> dict:
     steps = max(args.images // args.batch - args.skip, 1)
     print(f"device: {describe_device(device)} | torch {torch.__version__} | {precision} | UNet '{args.preset}' at "
           f"{args.size} px | batch {args.batch} | {args.rounds} rounds | logs in {work}\n")
-    times: dict[str, list[float]] = {"bare": [], "bare, AdamW foreach (PyTorch's default) instead of fused": [],
-                                     "bare + EMA (ours, foreach lerp)": [],
-                                     "bare + EMA (diffusers EMAModel.step, foreach)": [], "train_ddpm_highres.py": []}
+    variants = {
+        "bare (fused AdamW, as the trainer)": dict(),
+        "bare, PyTorch's default AdamW (foreach)": dict(fused=False),
+        "bare + EMA, ours (foreach lerp)": dict(ema="lerp"),
+        "bare + EMA, diffusers EMAModel.step (foreach)": dict(ema="diffusers"),
+    }
+    steppers = {name: make_bare_step(args, device, dtype, **options) for name, options in variants.items()}
+    parts: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
+    trainer: list[float] = []
     for _ in range(args.rounds):
-        times["bare"] += bare_step_seconds(args, device, dtype, steps)
-        times["bare, AdamW foreach (PyTorch's default) instead of fused"] += bare_step_seconds(args, device, dtype, steps,
-                                                                                               fused=False)
-        times["bare + EMA (ours, foreach lerp)"] += bare_step_seconds(args, device, dtype, steps, ema="lerp")
-        times["bare + EMA (diffusers EMAModel.step, foreach)"] += bare_step_seconds(args, device, dtype, steps, ema="diffusers")
-        times["train_ddpm_highres.py"] += run_ours(folder, work, args, precision)
-    seconds = {name: median(values) for name, values in times.items()}
-    print("| step | median s per step | img/s | steps timed | over bare |")
-    print("|---|---:|---:|---:|---:|")
-    for name, value in seconds.items():
-        print(f"| {name} | {value:.4f} | {args.batch / value:.1f} | {len(times[name])} | "
-              f"{100 * (value / seconds['bare'] - 1):+.1f}% |")
+        for index in range(steps + args.skip):  # the bare variants step by step in turn: load spikes hit them alike
+            for name, step in steppers.items():
+                result = step()
+                if index >= args.skip:
+                    parts[name].append(result)
+        trainer += run_ours(folder, work, args, precision)
+    bare = median([p[0] for p in parts["bare (fused AdamW, as the trainer)"]])
+    print("| step | median s per step | img/s | optimiser ms | EMA ms | steps timed | over bare |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    seconds = {}
+    for name, results in parts.items():
+        seconds[name] = median([r[0] for r in results])
+        print(f"| {name} | {seconds[name]:.4f} | {args.batch / seconds[name]:.1f} | {1e3 * median([r[1] for r in results]):.1f} | "
+              f"{1e3 * median([r[2] for r in results]):.1f} | {len(results)} | {100 * (seconds[name] / bare - 1):+.1f}% |")
+    seconds["train_ddpm_highres.py"] = median(trainer)
+    print(f"| train_ddpm_highres.py (whole loop) | {seconds['train_ddpm_highres.py']:.4f} | "
+          f"{args.batch / seconds['train_ddpm_highres.py']:.1f} | | | {len(trainer)} | "
+          f"{100 * (seconds['train_ddpm_highres.py'] / bare - 1):+.1f}% |")
+    times = {"parts": parts, "trainer": trainer}
     return {"seconds": seconds, "times": times}
 
 

@@ -447,6 +447,7 @@ def generate_latents(
     timestep_spacing: str = "trailing",
     batch_size: int = 64,
     first_index: int = 0,
+    items: Sequence[tuple[int, int]] | None = None,
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
@@ -458,6 +459,10 @@ def generate_latents(
     same noise whatever the batch, so a preview and ``infer.py`` agree; with the same batch layout they
     agree bit for bit, across layouts up to float rounding of batched matrix products. Denormalise with
     the latent statistics (``data/latents.py``) and decode with the VA-VAE to get images.
+
+    ``items`` lists the (user, index) samples to draw instead, in order (``user_ids``, ``num_per_user`` and
+    ``first_index`` are then ignored): ``infer.py user`` draws a large set in pieces this way, with the batches of
+    one full run, so a resumed set equals an uninterrupted one.
 
     ``backbone`` is ``dit`` (rectified flow, ``sampler`` euler | heun, ``shift``) or ``unet`` (DDPM
     noise prediction, ``sampler`` ddim, ``noise_scheduler`` required, ``eta``, ``timestep_spacing``). The model runs in eval
@@ -471,19 +476,23 @@ def generate_latents(
         raise UserError(f"The {backbone} backbone samples with {', '.join(allowed)}, not {sampler!r}.")
     if backbone == "unet" and noise_scheduler is None:
         raise ValueError("The UNet backbone needs the noise_scheduler it was trained with.")
-    if num_per_user < 1 or batch_size < 1:
-        raise UserError(f"num_per_user and batch_size must be at least 1, got {num_per_user} and {batch_size}.")
+    if items is not None:
+        user_ids, num_per_user = [user for user, _ in items], 1
+    if num_per_user < 1 or batch_size < 1 or not user_ids:
+        raise UserError(f"num_per_user and batch_size must be at least 1 and a user given, got {num_per_user}, {batch_size} and "
+                        f"{list(user_ids)}.")
     if guidance_scale < 0:
         raise UserError(f"The guidance scale must be >= 0 (1 = no guidance), got {guidance_scale}.")
     if guidance_channels is not None and guidance_channels < 1:
         raise UserError(f"guidance_channels must be a positive channel count or None (all), got {guidance_channels}.")
     inner = _unwrap(model)
     num_users = backbone_num_users(inner, backbone)
-    users = validate_user_ids(user_ids, num_users)
+    users = validate_user_ids(user_ids, num_users) if items is None else validate_user_ids(sorted(set(user_ids)), num_users)
     null_label = inner.null_label
     shape = backbone_latent_shape(inner, backbone)
     device = torch.device(device) if device is not None else next(inner.parameters()).device
-    items = [(user, first_index + i) for user in users for i in range(num_per_user)]
+    if items is None:
+        items = [(user, first_index + i) for user in users for i in range(num_per_user)]
 
     was_training = model.training
     model.eval()

@@ -200,6 +200,7 @@ def generate_user_images(
     seed: int,
     batch_size: int = 64,
     first_index: int = 0,
+    items=None,
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     noise_scheduler: DDPMScheduler | None = None,
@@ -208,10 +209,12 @@ def generate_user_images(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (user-major, in [-1, 1]) and their VAE-scale latents for 1-based ``user_ids``.
 
-    ``sampling`` are :func:`sampling_kwargs`. Without ``vae`` the images are :func:`latent_channel_images`.
+    ``sampling`` are :func:`sampling_kwargs`; ``items`` explicit (user, index) samples as ``generate_latents`` takes them.
+    Without ``vae`` the images are :func:`latent_channel_images`.
     """
     latents = generate_latents(
-        model, backbone, user_ids, num_per_user, seed=seed, batch_size=batch_size, first_index=first_index, device=device,
+        model, backbone, user_ids, num_per_user, seed=seed, batch_size=batch_size, first_index=first_index, items=items,
+        device=device,
         autocast_dtype=autocast_dtype, noise_scheduler=noise_scheduler, progress=progress, **sampling,
     )
     vae_latents = stats.denormalize(latents)

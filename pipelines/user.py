@@ -18,6 +18,7 @@ A diffusers UNet folder, ``condition_encoder.pt`` with ``num_users`` rows (no nu
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,6 +27,8 @@ from utils.accelerator import autocast_dtype
 from utils.cli import add_device_flag, add_flag, add_precision_flags
 from utils.errors import UserError
 from utils.validators import check_output_dir, fraction, non_negative_float, non_negative_int, positive_float, positive_int, seed
+
+GRID_COLUMNS = 16  # micro_doppler_grid.png shows at most the first 16 samples of each user
 
 
 def add_parser(subparsers) -> None:
@@ -36,10 +39,12 @@ def add_parser(subparsers) -> None:
         help="generate spectrograms for chosen users from a train_dit_user.py checkpoint (DiT or latent UNet)",
         description="Generate images for user IDs 1..num_users with the training-time sampler: the checkpoint carries its "
         "backbone, configuration, EMA weights, latent statistics and sampling defaults; flags override the defaults. "
-        "Writes micro_doppler_userXX_NNN.png, user_XX/generated_NNN.png, micro_doppler_grid.png (a row per user) and "
-        "manifest.json. The UNet note's flags work too: --unet_path (a checkpoint, or a diffusers UNet folder with "
-        "--condition_encoder_path and --num_users), and the aliases --vae_path, --num_images_per_user; the DiT note's "
-        "--num_steps and --precision are aliases of --num_inference_steps and --mixed_precision.",
+        "Writes micro_doppler_userXX_NNN.png, user_XX/generated_NNN.png, micro_doppler_grid.png (a row per user, at most "
+        "16 samples each) and manifest.json, --batch_size samples at a time: any number per user, and a rerun keeps the "
+        "samples already written by the same model and settings (an interrupted run continues). The UNet note's flags "
+        "work too: --unet_path (a checkpoint, or a diffusers UNet folder with --condition_encoder_path and --num_users), "
+        "and the aliases --vae_path, --num_images_per_user; the DiT note's --num_steps and --precision are aliases of "
+        "--num_inference_steps and --mixed_precision.",
     )
     add_flag(parser, "--dit_checkpoint", "--checkpoint", dest="checkpoint", default=None, metavar="CKPT",
              help="checkpoints/best.ckpt or last.ckpt of train_dit_user.py (either backbone)")
@@ -100,6 +105,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--no_ema", action="store_true", help="sample with the raw weights instead of the EMA weights")
     parser.add_argument("--layout", choices=("both", "flat", "folders"), default="both",
                         help="both (default): micro_doppler_userXX_NNN.png and user_XX/generated_NNN.png; flat or folders: one of them")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="sample again and replace samples already in --output_dir (default: keep them, so an "
+                        "interrupted run continues; a folder made with another model or settings is refused)")
     parser.add_argument("--save_latents", action="store_true",
                         help="also write generated_latents.safetensors (VA-VAE scale, LightningDiT tensor names)")
 
@@ -107,13 +115,25 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> dict:
     import json
 
+    from PIL import Image
+
     from models.user_generation import validate_user_ids
     from models.user_pipeline import check_vae_matches, generate_user_images, load_user_checkpoint, sampling_kwargs
     from models.vavae import file_fingerprint, load_vavae
-    from pipelines.user_io import folder_latent_stats, load_user_unet_folder, resolve_vae_folder, save_user_grid, write_user_images
+    from pipelines.user_io import (
+        folder_latent_stats,
+        load_user_unet_folder,
+        resolve_vae_folder,
+        save_user_grid,
+        user_image_files,
+        user_image_record,
+        write_user_images,
+    )
     from utils.accelerator import resolve_device
     from utils.checkpoint import atomic_save_safetensors, atomic_write_text
     from utils.errors import CheckpointError
+    from utils.images import pil_to_tensor
+    from utils.log import interactive_output
 
     if bool(args.checkpoint) == bool(args.unet_path):
         raise UserError("infer.py user needs one model: --dit_checkpoint CKPT (either backbone) or --unet_path (checkpoint or "
@@ -182,14 +202,45 @@ def run(args: argparse.Namespace) -> dict:
     print(f"loaded {bundle.backbone} model from {source} ({bundle.weights} weights, {bundle.num_users} users); "
           f"users {users}, {args.num_samples_per_user} each, {settings['sampler']} {settings['num_steps']} steps, "
           f"guidance {settings['guidance_scale']}, seed {seed}, {device}")
-    images, latents = generate_user_images(
-        bundle.model.to(device), bundle.backbone, users, args.num_samples_per_user, stats=bundle.stats, vae=vae, seed=seed,
-        batch_size=args.batch_size, first_index=args.start_index, device=device, autocast_dtype=dtype,
-        noise_scheduler=bundle.noise_scheduler, progress=True, **sampling_kwargs(settings),
-    )
     output_dir = Path(args.output_dir)
-    records = write_user_images(images, users, args.num_samples_per_user, output_dir, first_index=args.start_index, layout=args.layout)
-    grid = save_user_grid(images, users, args.num_samples_per_user, output_dir / "micro_doppler_grid.png")
+    items = [(user, args.start_index + i) for user in users for i in range(args.num_samples_per_user)]
+    identity = {"model": file_fingerprint(source), "weights": bundle.weights, "vae": vae_fingerprint, "seed": seed,
+                "precision": precision, **settings}  # what makes a sample: a rerun keeps files only when all of it agrees
+    kept = kept_samples(output_dir, items, args.layout, identity, overwrite=args.overwrite)
+    if kept and args.save_latents:
+        raise UserError(f"--save_latents stores the latents of every sample, but {len(kept)} of them are already in "
+                        f"{output_dir} (kept, not sampled again); pass another --output_dir or --overwrite.")
+    if kept:
+        print(f"{len(kept)} of {len(items)} samples already in {output_dir} with the same model and settings: kept")
+    # Chunks of --batch_size samples, the batches of an uninterrupted run: a resumed set equals it, and memory stays
+    # one chunk however many samples are asked for. A chunk is sampled when any of its files is missing.
+    grid_columns = min(args.num_samples_per_user, GRID_COLUMNS)
+    in_grid = {item: None for item in items if item[1] < args.start_index + grid_columns}
+    records, latents = [], []
+    generate = partial(generate_user_images, bundle.model.to(device), bundle.backbone, users, 1, stats=bundle.stats, vae=vae,
+                       seed=seed, batch_size=args.batch_size, device=device, autocast_dtype=dtype,
+                       noise_scheduler=bundle.noise_scheduler, progress=interactive_output(), **sampling_kwargs(settings))
+    for start in range(0, len(items), args.batch_size):
+        chunk = items[start:start + args.batch_size]
+        if all(item in kept for item in chunk):
+            records.extend(user_image_record(user, index, args.layout) for user, index in chunk)
+            continue
+        images, chunk_latents = generate(items=chunk)  # the whole chunk (its batch), only its missing files written
+        missing = [position for position, item in enumerate(chunk) if item not in kept]
+        write_user_images(images[missing], [chunk[position] for position in missing], output_dir, layout=args.layout)
+        records.extend(user_image_record(user, index, args.layout) for user, index in chunk)
+        latents.append(chunk_latents)
+        for item, image in zip(chunk, images, strict=True):
+            if item in in_grid:
+                in_grid[item] = image
+        if len(items) > args.batch_size:
+            print(f"samples {start + len(chunk)}/{len(items)} written")
+    for (user, index), image in in_grid.items():  # kept samples are shown as their files are
+        if image is None:
+            with Image.open(output_dir / user_image_files(user, index, args.layout)[0]) as picture:
+                in_grid[user, index] = pil_to_tensor(picture.convert("RGB"))
+    grid = save_user_grid(torch.stack(list(in_grid.values())), users, grid_columns, output_dir / "micro_doppler_grid.png")
+    latents = torch.cat(latents) if latents else None
     if args.save_latents:
         labels = torch.tensor([record["user_id"] - 1 for record in records])
         atomic_save_safetensors({"latents": latents, "labels": labels}, output_dir / "generated_latents.safetensors",
@@ -200,10 +251,10 @@ def run(args: argparse.Namespace) -> dict:
         "vae": {"path": str(args.vavae_path), "fingerprint": vae_fingerprint, "config": args.vavae_config},
         "seed": seed, "sampling": settings, "precision": precision, "device": str(device), "batch_size": args.batch_size,
         "user_ids": users, "num_samples_per_user": args.num_samples_per_user, "start_index": args.start_index,
-        "grid": grid.name, "files": records,
+        "grid": grid.name, "identity": identity, "files": records,
     }
     atomic_write_text(json.dumps(manifest, indent=2) + "\n", output_dir / "manifest.json")
-    print(f"wrote {len(records)} images, {grid} and manifest.json to {output_dir}")
+    print(f"wrote {len(records) - len(kept)} images ({len(kept)} kept), {grid} and manifest.json to {output_dir}")
     return {"output_dir": output_dir, "grid": grid, "files": records, "manifest": manifest, "latents": latents}
 
 
@@ -232,3 +283,26 @@ def check_sampling(args: argparse.Namespace, bundle, settings: dict) -> None:
     if settings.get("guidance_channels") is not None and int(settings["guidance_channels"]) > channels:
         raise UserError(f"--guidance_channels {settings['guidance_channels']} is more than the model's {channels} latent "
                         "channels; drop the flag to guide all of them.")
+
+
+def kept_samples(output_dir: Path, items, layout: str, identity: dict, *, overwrite: bool = False) -> set:
+    """The (user, index) samples whose files are all in ``output_dir`` already, made by the same model and settings.
+
+    ``manifest.json`` of the earlier run says what made its files; existing files of another model, VAE, seed,
+    sampler or precision are refused (the folder would mix two sets), as are files without a manifest.
+    """
+    import json
+
+    from pipelines.user_io import user_image_files
+
+    present = {item for item in items if all((output_dir / name).exists() for name in user_image_files(*item, layout))}
+    if overwrite or not present:
+        return set()
+    manifest = output_dir / "manifest.json"
+    recorded = json.loads(manifest.read_text()).get("identity") if manifest.exists() else None
+    if recorded != json.loads(json.dumps(identity)):  # compared as the manifest stores it (tuples become lists)
+        why = "no manifest.json says how they were made" if recorded is None else "they were made with " + "; ".join(
+            f"{key} {recorded.get(key)!r} (now {value!r})" for key, value in identity.items() if recorded.get(key) != value)
+        raise UserError(f"{len(present)} of the requested samples are already in --output_dir {output_dir}, but {why}; "
+                        "pass another --output_dir, or --overwrite to replace them.")
+    return present

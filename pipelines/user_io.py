@@ -24,6 +24,7 @@ training previews use the same grid.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -167,34 +168,45 @@ def save_user_grid(images: torch.Tensor, user_ids, num_per_user: int, path: str 
     return save_grid(list(images), path, nrow=num_per_user, row_labels=labels)
 
 
-def write_user_images(images: torch.Tensor, user_ids, num_per_user: int, output_dir: str | Path, *, first_index: int = 0,
-                      layout: str = "both") -> list[dict]:
-    """Write ``micro_doppler_userXX_NNN.png`` (flat, NNN from 001) and/or ``user_XX/generated_NNN.png`` (from 000).
+def user_image_files(user: int, index: int, layout: str = "both") -> list[str]:
+    """File names of sample ``index`` of ``user`` inside the output folder: ``micro_doppler_userXX_NNN.png`` (flat, NNN
+    from 001) and/or ``user_XX/generated_NNN.png`` (folders, from 000)."""
+    if layout not in OUTPUT_LAYOUTS:
+        raise UserError(f"Unknown output layout {layout!r}; choose one of {', '.join(OUTPUT_LAYOUTS)}.")
+    names = []
+    if layout in ("both", "flat"):
+        names.append(f"micro_doppler_user{user:02d}_{index + 1:03d}.png")
+    if layout in ("both", "folders"):
+        names.append(f"user_{user:02d}/generated_{index:03d}.png")
+    return names
 
-    ``images`` are user-major as ``generate_user_images`` returns them; NNN comes from the sample index, so a
-    later run with ``first_index`` continues the numbering instead of overwriting. Returns one record per image.
+
+def user_image_record(user: int, index: int, layout: str = "both") -> dict:
+    """The manifest record of one sample: user, index and its file(s)."""
+    record = {"user_id": int(user), "index": int(index)}
+    for name in user_image_files(user, index, layout):
+        record["folder_file" if name.startswith("user_") else "file"] = name
+    return record
+
+
+def write_user_images(images: torch.Tensor, items, output_dir: str | Path, *, layout: str = "both") -> list[dict]:
+    """Write image ``k`` as sample ``items[k] = (user, index)`` in the :func:`user_image_files` layout; records back.
+
+    NNN comes from the sample index, so a later run with another ``--start_index`` continues the numbering instead of
+    overwriting. Each file appears only once complete (written under another name, then renamed), so an interrupted
+    run never leaves a partial PNG that a resumed run would keep.
     """
     from utils.images import tensor_to_pil
 
-    if layout not in OUTPUT_LAYOUTS:
-        raise UserError(f"Unknown output layout {layout!r}; choose one of {', '.join(OUTPUT_LAYOUTS)}.")
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    users = list(user_ids)
     records = []
-    for position, image in enumerate(images):
-        user = users[position // num_per_user]
-        index = first_index + position % num_per_user
-        record = {"user_id": int(user), "index": int(index)}
+    for image, (user, index) in zip(images, items, strict=True):
         picture = tensor_to_pil(image)
-        if layout in ("both", "flat"):
-            name = f"micro_doppler_user{user:02d}_{index + 1:03d}.png"
-            picture.save(output_dir / name)
-            record["file"] = name
-        if layout in ("both", "folders"):
-            name = f"user_{user:02d}/generated_{index:03d}.png"
-            (output_dir / name).parent.mkdir(parents=True, exist_ok=True)
-            picture.save(output_dir / name)
-            record["folder_file"] = name
-        records.append(record)
+        for name in user_image_files(user, index, layout):
+            path = output_dir / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            picture.save(tmp, format="PNG")
+            os.replace(tmp, path)
+        records.append(user_image_record(user, index, layout))
     return records

@@ -335,7 +335,7 @@ def test_user_flags_the_model_cannot_honour(backbone, flags, message):
     for name, value in flags.items():
         setattr(args, name, value)
     bundle = SimpleNamespace(backbone=backbone, noise_scheduler=DDPMScheduler(num_train_timesteps=1000),
-                             stats=SimpleNamespace(mean=torch.zeros(1, 32, 1, 1)))
+                             stats=SimpleNamespace(mean=torch.zeros(1, 32, 1, 1)), model=SimpleNamespace(null_label=10))
     settings = {"sampler": flags.get("sampler"), "num_steps": flags.get("num_inference_steps", 50),
                 "guidance_channels": flags.get("guidance_channels")}
     with pytest.raises(UserError) as error:

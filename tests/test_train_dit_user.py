@@ -129,6 +129,38 @@ def test_inference_reproduces_the_training_preview_exactly(dit_run, stage1, tmp_
     torch.testing.assert_close(later["latents"][0], result["latents"][3], atol=1e-5, rtol=1e-5)
 
 
+def test_inference_into_a_folder_is_resumable_and_refuses_a_mixed_set(dit_run, stage1, tmp_path):
+    """A large per-user set is drawn --batch_size samples at a time; a rerun keeps the files already written (an
+    interrupted run continues) and the result equals an uninterrupted run; another model or settings are refused."""
+    output, _ = dit_run
+    out = tmp_path / "set"
+    flags = ["user", "--dit_checkpoint", str(output / "checkpoints/last.ckpt"), *vae_flags(stage1), "--output_dir", str(out),
+             "--user_ids", "1", "2", "--num_samples_per_user", "3", "--num_steps", "2", "--batch_size", "4", "--device", "cpu",
+             "--layout", "flat"]
+    infer.main(infer.parse_args(flags))
+    names = sorted(path.name for path in out.glob("micro_doppler_user*.png"))
+    assert len(names) == 6
+    whole = {name: pixels(out / name) for name in names}
+    grid = pixels(out / "micro_doppler_grid.png")
+    # "interrupted": the second chunk's files are missing and one first-chunk file is gone
+    for name in ("micro_doppler_user01_002.png", "micro_doppler_user02_002.png", "micro_doppler_user02_003.png"):
+        (out / name).unlink()
+    marker = (out / "micro_doppler_user01_001.png").stat().st_mtime_ns
+    resumed = infer.main(infer.parse_args(flags))
+    assert (out / "micro_doppler_user01_001.png").stat().st_mtime_ns == marker  # kept, not written again
+    assert all(np.array_equal(pixels(out / name), whole[name]) for name in names)
+    assert np.array_equal(pixels(out / "micro_doppler_grid.png"), grid)  # kept samples are read back for the grid
+    assert [record["file"] for record in resumed["files"]] == [record["file"] for record in resumed["manifest"]["files"]]
+    assert len(resumed["files"]) == 6
+    with pytest.raises(UserError, match="already in --output_dir .* guidance_scale"):
+        infer.main(infer.parse_args([*flags, "--guidance_scale", "2.0"]))
+    with pytest.raises(UserError, match="--save_latents stores the latents of every sample"):
+        infer.main(infer.parse_args([*flags, "--save_latents"]))
+    replaced = infer.main(infer.parse_args([*flags, "--seed", "7", "--overwrite"]))
+    assert replaced["manifest"]["seed"] == 7
+    assert not np.array_equal(pixels(out / "micro_doppler_user02_003.png"), whole["micro_doppler_user02_003.png"])
+
+
 def test_resume_latest_continues_the_same_run(stage1, tmp_path):
     common = ["--preview_every", "0", "--val_every", "1"]
     straight = train_run(stage1, tmp_path / "straight", "--max_epochs", "3", *common)

@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.errors import run_cli  # noqa: E402
+from utils.validators import positive_int  # noqa: E402
 
 METRIC_CHOICES = ("fid", "kid", "isc", "prc")
 LABELS = {
@@ -38,13 +39,6 @@ LABELS = {
     "recall": "recall",
     "f_score": "F-score",
 }
-
-
-def positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, found {value}")
-    return number
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,16 +63,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cache_dir", default=None, help="where reference features are cached (default <torch hub>/eval_generation_cache; 'none' disables)"
     )
-    parser.add_argument("--batch_size", type=positive, default=64, help="images per Inception forward (default 64)")
+    parser.add_argument("--batch_size", type=positive_int, default=64, help="images per Inception forward (default 64)")
     parser.add_argument(
         "--kid_subset_size",
-        type=positive,
+        type=positive_int,
         default=1000,
         help="KID subset size (default 1000 as published; lowered to the smaller set with a note)",
     )
-    parser.add_argument("--kid_subsets", type=positive, default=100, help="KID subsets (default 100 as published)")
-    parser.add_argument("--isc_splits", type=positive, default=10, help="Inception Score splits (default 10 as published)")
-    parser.add_argument("--prc_neighborhood", type=positive, default=3, help="k of precision/recall (default 3 as published)")
+    parser.add_argument("--kid_subsets", type=positive_int, default=100, help="KID subsets (default 100 as published)")
+    parser.add_argument("--isc_splits", type=positive_int, default=10, help="Inception Score splits (default 10 as published)")
+    parser.add_argument("--prc_neighborhood", type=positive_int, default=3, help="k of precision/recall (default 3 as published)")
     parser.add_argument("--seed", type=int, default=2020, help="seed of KID subsets and IS splits (default 2020, torch-fidelity's)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto")
     parser.add_argument("--out", default=None, help="JSON with the values (default <samples>/generation_metrics.json)")

@@ -32,15 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.errors import DataError, UserError, run_cli  # noqa: E402
+from utils.validators import positive_int  # noqa: E402
 
 FLAT_NAME = re.compile(r"^micro_doppler_user0*(\d+)_\d+$")
-
-
-def positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, found {value}")
-    return number
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,15 +46,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vavae_config", choices=("f16d32", "tiny"), default="f16d32", help="VA-VAE architecture (tiny: tests)")
     parser.add_argument("--lpips_weights", default=None, help="lpips' weights/v0.1/alex.pth: LPIPS of the reconstructions")
     parser.add_argument("--lpips_backbone", default=None, help="torchvision's alexnet-owt-7be5be79.pth (default: torch hub cache)")
-    parser.add_argument("--image_size", type=positive, default=256, help="side the VA-VAE sees, as extraction (default 256)")
+    parser.add_argument("--image_size", type=positive_int, default=256, help="side the VA-VAE sees, as extraction (default 256)")
     parser.add_argument("--resize", choices=("crop", "stretch"), default="crop", help="as scripts/extract_features.py (default crop)")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="held-out share when there is no val/ (default 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="split and classifier seed (default 0, as extraction)")
     parser.add_argument("--classifier", default=None, help="a classifier.pt saved by an earlier run, instead of training one")
     parser.add_argument("--classifier_weights", default=None, help="torchvision's ImageNet resnet18-f37072fd.pth (default: from scratch)")
-    parser.add_argument("--classifier_size", type=positive, default=128, help="side of the classifier's input (default 128)")
-    parser.add_argument("--classifier_epochs", type=positive, default=15, help="training epochs (default 15)")
-    parser.add_argument("--classifier_batch_size", type=positive, default=32, help="default 32")
+    parser.add_argument("--classifier_size", type=positive_int, default=128, help="side of the classifier's input (default 128)")
+    parser.add_argument("--classifier_epochs", type=positive_int, default=15, help="training epochs (default 15)")
+    parser.add_argument("--classifier_batch_size", type=positive_int, default=32, help="default 32")
     parser.add_argument("--classifier_lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto")
     args = parser.parse_args(argv)

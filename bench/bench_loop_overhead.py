@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> dict:
                     parts[name].append(result)
         trainer += run_ours(folder, work, args, precision)
     bare = median([p[0] for p in parts["bare (fused AdamW, as the trainer)"]])
-    print("| step | median s per step | img/s | optimiser ms | EMA ms | steps timed | over bare |")
+    print("| step | median s per step | img/s | optimiser ms | EMA ms | timings (steps; epochs on a GPU for the trainer) | over bare |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     seconds = {}
     for name, results in parts.items():

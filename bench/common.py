@@ -104,10 +104,17 @@ class StepClock:
     bar is disabled, as ours is outside a terminal), so a trainer is timed exactly as it runs, data, EMA, logging and
     all, without editing it. ``intervals(skip)`` drops the first ``skip`` steps of each bar (warm-up, the loader
     starting) and the gaps between bars (end-of-epoch work, timed apart by the trainers' own logs).
+
+    On a GPU a loop that never waits for the device (ours) enqueues steps ahead of it and a loop that reads the loss
+    every step (diffusers' example) does not, so single gaps mean different things; ``sync`` (e.g.
+    ``torch.cuda.synchronize``) is then called before the stamp of step ``skip`` and of each bar's last step only, and
+    ``window_means(skip)`` gives each bar's (last - step ``skip``) / steps between: the average over the window, exact
+    at both ends, with two waits per epoch added to the loop.
     """
 
-    def __init__(self):
+    def __init__(self, skip: int = 2, sync: Callable[[], None] | None = None):
         self.bars: list[list[float]] = []
+        self.skip, self.sync = skip, sync
 
     def patch(self, module) -> Callable[[], None]:
         original = module.tqdm
@@ -120,6 +127,9 @@ class StepClock:
                 clock.bars.append(self._stamps)
 
             def update(self, n=1):
+                index = len(self._stamps)
+                if clock.sync is not None and (index == clock.skip or (self.total and index == self.total - 1)):
+                    clock.sync()
                 self._stamps.append(time.perf_counter())
                 return super().update(n)
 
@@ -130,12 +140,17 @@ class StepClock:
 
         return restore
 
-    def intervals(self, skip: int = 2) -> list[float]:
+    def intervals(self, skip: int | None = None) -> list[float]:
+        skip = self.skip if skip is None else skip
         out = []
         for stamps in self.bars:
             kept = stamps[skip:]
             out += [b - a for a, b in zip(kept, kept[1:])]
         return out
+
+    def window_means(self, skip: int | None = None) -> list[float]:
+        skip = self.skip if skip is None else skip
+        return [(s[-1] - s[skip]) / (len(s) - 1 - skip) for s in self.bars if len(s) - 1 > skip]
 
 
 def median(values: list[float]) -> float:

@@ -107,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample_steps", type=int, default=250, help="grid points of the reference (default 250, its "
                         "setting; ours takes one update fewer on the same grid)")
     parser.add_argument("--guidance_scale", type=float, default=4.0)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="our clipping, as train_dit_user.py's flag "
+                        "(default 1.0, its default; 0 = none, as LightningDiT's configuration: equal work)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="autocast on the GPU (default auto: bf16 where supported, else fp16); fp32 on the CPU")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu (default auto)")
@@ -164,7 +166,7 @@ def main(args: argparse.Namespace) -> dict:
     def our_step():
         with torch.autocast(**amp):
             loss = flow_matching_loss(ours, latents, labels)["loss"]
-        scaled_optimizer_step(loss, optimizer, scaler, ours.parameters())
+        scaled_optimizer_step(loss, optimizer, scaler, ours.parameters(), args.max_grad_norm)
         ema.update(ours)
 
     steps = {"ours": our_step}
@@ -174,7 +176,7 @@ def main(args: argparse.Namespace) -> dict:
         def our_compiled_step():
             with torch.autocast(**amp):
                 loss = flow_matching_loss(compiled, latents, labels)["loss"]
-            scaled_optimizer_step(loss, optimizer, scaler, ours.parameters())
+            scaled_optimizer_step(loss, optimizer, scaler, ours.parameters(), args.max_grad_norm)
             ema.update(ours)
 
         steps["ours, torch.compile"] = our_compiled_step

@@ -29,10 +29,11 @@ def precision_name(dtype: torch.dtype | None) -> str:
 
 
 def scaled_optimizer_step(loss, optimizer, scaler, parameters, max_grad_norm: float = 1.0) -> None:
-    """The trainers' update: (fp16-scaled) backward, unscale, clip, step, zero."""
+    """The trainers' update: (fp16-scaled) backward, unscale, clip (not at ``max_grad_norm`` 0), step, zero."""
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

@@ -7,10 +7,6 @@ settings as before, now under the house names; --help lists each old spelling as
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +16,7 @@ import torch
 import train_ddpm_highres
 import train_dit_user
 import train_phaseformer
+from tests.launch import two_node_launch
 from utils.cli import add_training_arguments, upgrade_saved_config
 from utils.config import ArgumentParser, explicitly_given, parse_with_config
 from utils.errors import CheckpointError
@@ -186,29 +183,15 @@ def test_report_to_tensorboard_writes_losses_lr_and_sample_grids(demo_images, tm
 
 
 # ----------------------------------------------------------------------------------------- multi-node launch
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_node_launch_on_cpu_machines_is_one_job(demo_images, tmp_path):
     """Two ``torchrun --nnodes 2 --nproc_per_node 1`` launches (as on two CPU machines) train as one job of two
     processes, not as two independent copies (accelerate picks no distributed type for one CUDA-less local process
-    unless told to use the CPU)."""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    unless told to use the CPU). The other trainers' two-process tests launch the same way (tests/launch.py)."""
     flags = ["--dataset", "folder", "--data_dir", str(demo_images), "--output_dir", str(tmp_path), "--size", "16", "--model",
              "tiny", "--train_batch_size", "4", "--effective_batch", "8", "--epochs", "1", "--quick_every", "0", "--num_samples", "2",
              "--sample_steps", "2", "--report_to", "none"]
-    nodes = [subprocess.Popen([str(torchrun), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank), "--master_addr",
-                               "127.0.0.1", "--master_port", str(port), "train_ddpm_highres.py", *flags],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank in (0, 1)]
-    outputs = [node.communicate(timeout=600) for node in nodes]
-    assert all(node.returncode == 0 for node in nodes), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    outputs = two_node_launch("train_ddpm_highres.py", flags)
     assert "batch 4 x 2 processes x accumulation 1 = effective 8" in outputs[0][0]
     checkpoint = torch.load(tmp_path / "folder_16x16/ddpm_final.pt", weights_only=True)
     assert checkpoint["num_processes"] == 2 and checkpoint["step"] == 3  # 24 images / (4 per process x 2 processes)

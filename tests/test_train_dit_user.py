@@ -22,6 +22,7 @@ import train_dit_user as train
 from models.dit import build_dit
 from models.user_pipeline import load_user_checkpoint
 from models.vavae import file_fingerprint
+from tests.launch import two_node_launch
 from tests.user_pipeline_data import write_tiny_vavae, write_user_folders
 from utils.errors import CheckpointError, UserError
 
@@ -370,6 +371,18 @@ def test_devices_2_means_two_processes(stage1, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "starting 2 CPU processes (gloo) with torch.distributed.run" in result.stdout
     assert "batch 3 per device x 2 process(es) x accumulation 1 = 6 per optimiser step" in result.stdout
+    checkpoint = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)
+    assert checkpoint["num_processes"] == 2 and len(checkpoint["rng"]) == 2 and checkpoint["step"] == 2
+
+
+@pytest.mark.slow
+def test_two_node_launch_is_one_job(stage1, tmp_path):
+    """Two torchrun nodes on CPU machines (--device auto, no GPU) train as one job of two processes, not two copies."""
+    tiny = [flag for flag in TINY if flag not in ("--device", "cpu")]
+    (stdout, _), _ = two_node_launch("train_dit_user.py", ["--latent_dir", str(stage1["latents"]), "--output_dir", str(tmp_path),
+                                                           *tiny, "--batch_size", "3", "--max_epochs", "1", "--preview_every", "0",
+                                                           "--report_to", "none"])
+    assert "batch 3 per device x 2 process(es) x accumulation 1 = 6 per optimiser step" in stdout
     checkpoint = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)
     assert checkpoint["num_processes"] == 2 and len(checkpoint["rng"]) == 2 and checkpoint["step"] == 2
 

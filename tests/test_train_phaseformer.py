@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from data.underwater import build_synthetic_underwater
 from losses import PhaseformerLoss
 from models.phaseformer import PhaseformerOutput, build_phaseformer
 from models.phaseformer_enhance import enhance, load_phaseformer_for_inference
+from tests.launch import two_node_launch
 from utils.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -312,19 +314,12 @@ def test_bad_input_is_one_line_from_the_command_line(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_through_torchrun(lsui, tmp_path):
-    """DDP on two CPU processes (gloo): data sharded, loss weights all-reduced outside the DDP module.
-
-    ``--standalone`` picks a free port: other test runs on a shared machine may hold torchrun's default 29500.
-    """
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "train_phaseformer.py", "--dataset_path", str(lsui), *TINY,
-         "--batch_size", "2", "--niter", "1", "--niter_decay", "0", "--no_perceptual", "--output_dir", str(tmp_path),
-         "--loss_weights_lr", "0.05"],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    """DDP on two CPU processes (gloo), launched as two torchrun nodes with --device auto and no GPU: one job, data
+    sharded, loss weights all-reduced outside the DDP module."""
+    (stdout, _), _ = two_node_launch("train_phaseformer.py", [
+        "--dataset_path", str(lsui), *TINY[:-2], "--device", "auto", "--batch_size", "2", "--niter", "1", "--niter_decay", "0",
+        "--no_perceptual", "--output_dir", str(tmp_path), "--loss_weights_lr", "0.05"], timeout=300)
+    result = SimpleNamespace(stdout=stdout)
     assert "batch 2 per device x 2 process(es) x accumulation 1 = 4 per optimiser step" in result.stdout
     assert "loss weights identical on all 2 processes" in result.stdout
     checkpoint = torch.load(tmp_path / "checkpoint/LSUI/netG_model_epoch_1.pth", weights_only=True)

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 import infer
 import train_seesr_timestep as train
+from tests.launch import two_node_launch
 from tests.sd2_tiny import build_tiny_sd2
 from utils.errors import CheckpointError, UserError, run_cli
 
@@ -453,19 +455,14 @@ def test_presets_and_scripts_parse():
 
 @pytest.mark.slow
 def test_two_processes_through_torchrun(workspace, tmp_path):
-    """DDP on two CPU processes (gloo): ControlNet and injector wrapped, one checkpoint folder, RNG per rank."""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "train_seesr_timestep.py", "--no_image_cross_attention",
-         "--pretrained_model_path",
-         str(workspace["sd2"]), "--train_data_dir", str(workspace["hr"]), "--output_dir", str(tmp_path / "ddp"),
-         "--resolution", "64", "--train_batch_size", "2", "--conditioning_embedding_channels", "4", "8", "8", "8",
-         "--max_train_steps", "3", "--checkpointing_steps", "2", "--validation_steps", "0", "--device", "cpu",
-         "--lr_warmup_steps", "0", "--logging_steps", "1"],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    """DDP on two CPU processes (gloo), launched as two torchrun nodes with --device auto and no GPU: one job,
+    ControlNet and injector wrapped, one checkpoint folder, RNG per rank."""
+    (stdout, _), _ = two_node_launch("train_seesr_timestep.py", [
+        "--no_image_cross_attention", "--pretrained_model_path", str(workspace["sd2"]), "--train_data_dir", str(workspace["hr"]),
+        "--output_dir", str(tmp_path / "ddp"), "--resolution", "64", "--train_batch_size", "2", "--conditioning_embedding_channels",
+        "4", "8", "8", "8", "--max_train_steps", "3", "--checkpointing_steps", "2", "--validation_steps", "0", "--device", "auto",
+        "--lr_warmup_steps", "0", "--logging_steps", "1"])
+    result = SimpleNamespace(stdout=stdout)
     assert "batch 2 per device x 2 process(es) x accumulation 1 = 4 per optimiser step" in result.stdout
     assert "8 images, 2 steps per epoch" in result.stdout
     checkpoint = tmp_path / "ddp/checkpoint-3"

@@ -14,8 +14,8 @@
 #
 # On a GPU lent for a few minutes (10 per command, 15 in all), the rows still empty in docs/benchmarks.md, as two
 # commands whose time limits add up to under 10 minutes each (most rows end well before their limit):
-#   bash bench/run_all.sh bench_results/gpu ddpm_vs_diffusers loop_overhead dit_vs_lightningdit throughput
-#   bash bench/run_all.sh bench_results/gpu throughput_fp16 ddpm seesr_injector gpu_tests
+#   bash bench/run_all.sh bench_results/gpu ddpm_vs_diffusers dit_vs_lightningdit throughput            # <= 580 s
+#   bash bench/run_all.sh bench_results/gpu loop_overhead throughput_fp16 ddpm seesr_injector gpu_tests  # <= 510 s
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench_results}"
@@ -58,7 +58,7 @@ run loop_overhead 90 "$PY" bench/bench_loop_overhead.py --size 32 --preset 32 --
   --workers 8
 run dit_vs_lightningdit 150 "$PY" bench/bench_dit_vs_lightningdit.py --lightningdit_repo "$LIGHTNINGDIT_REPO" \
   --size B --batch 32 --train_steps 10 --rounds 3 --compile
-run throughput 200 "$PY" bench/bench_throughput.py --models ddpm32 ditB --batch probe --probe_limit 512 \
+run throughput 280 "$PY" bench/bench_throughput.py --models ddpm32 ditB --batch probe --probe_limit 512 \
   --compile_modes none default --train_steps 20 --warmup 5
 run throughput_fp16 90 "$PY" bench/bench_throughput.py --models ddpm32 ditB --batch 64 --precision fp16 \
   --compile_modes none --train_steps 20 --warmup 5

@@ -44,7 +44,7 @@ import torch
 from diffusers import UNet2DModel
 
 from data.image_datasets import DATASET_CHOICES, build_image_dataset, random_hflip
-from models.ddpm_sampling import SAMPLERS, ddpm_loss, make_noise_scheduler, sample_ddpm
+from models.ddpm_sampling import DEFAULT_STEPS, SAMPLERS, ddpm_loss, make_noise_scheduler, sample_ddpm
 from models.ddpm_unet import DDPM_PRESETS, ddpm_unet_config, default_learning_rate, preset_for_size
 from utils.accelerator import PRECISION_DTYPES, create_accelerator, describe_device, log_run_header, reset_accelerate_state
 from utils.batch_size import BatchPlan, plan_batches, probe_max_batch_size
@@ -142,9 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--quick_every", type=int, default=5,
                      help="few-step quick samples every N epochs to watch progress, 0 turns them off (default 5)")
     out.add_argument("--num_samples", type=int, default=16, help="images in each sample grid (default 16)")
-    out.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                     help="sampler of the sample grids, as infer.py ddpm (default ddim)")
-    out.add_argument("--sample_steps", type=int, default=100, help="denoising steps of the sample grids (default 100)")
+    out.add_argument("--sampler", choices=SAMPLERS, default="dpmsolver++",
+                     help="sampler of the sample grids and FID, as infer.py ddpm (default dpmsolver++: DDIM-50's accuracy in "
+                     "15-20 steps, docs/benchmarks.md)")
+    out.add_argument("--sample_steps", type=int, default=None,
+                     help="denoising steps of the sample grids (default: the sampler's, 25 for dpmsolver++/unipc, 100 for "
+                     "ddim, 1000 for ddpm)")
     out.add_argument("--quick_steps", type=int, default=25, help="DDIM steps of the quick samples (default 25)")
     out.add_argument("--fid_every", type=int, default=0,
                      help="every N epochs and at the end, FID of --fid_samples EMA samples (--sampler, --sample_steps) "
@@ -162,7 +165,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.given_flags = sorted(explicitly_given(parser, argv, args.config))
     check_training_arguments(parser, args)
     for flag in ("epochs", "save_every", "sample_every", "num_samples", "sample_steps", "quick_steps"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
     if args.quick_every < 0:
         parser.error("--quick_every must not be negative")
@@ -203,6 +206,7 @@ def resolve_config(args: argparse.Namespace, checkpoint: dict | None, source: st
     config.size = config.size or 32
     config.model = config.model or preset_for_size(config.size)
     config.learning_rate = config.learning_rate or default_learning_rate(config.model)
+    config.sample_steps = config.sample_steps or DEFAULT_STEPS[config.sampler]
     return config
 
 

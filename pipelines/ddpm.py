@@ -39,9 +39,9 @@ def add_parser(subparsers) -> None:
                         "checked before the first is sampled)")
     add_flag(parser, "--num_samples", "--samples", type=positive_int, default=None, metavar="N",
              help="images to generate (default 16; with --compare, images per checkpoint row, default 8)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                        help="ddim (deterministic at --eta 0, default), ddpm (ancestral, the paper's sampler), dpmsolver++ "
-                        "or unipc (diffusers' multistep solvers: good images in 10-25 steps)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="dpmsolver++",
+                        help="dpmsolver++ (default) or unipc: diffusers' multistep solvers, as accurate as DDIM-50 in 15-20 "
+                        "steps (docs/benchmarks.md); ddim (deterministic at --eta 0), ddpm (ancestral, the paper's sampler)")
     defaults = ", ".join(f"{steps} for {name}" for name, steps in DEFAULT_STEPS.items())
     add_flag(parser, "--num_inference_steps", "--steps", "--num_steps", type=positive_int, default=None, metavar="N",
              help=f"denoising steps, at most the model's training timesteps (default {defaults}); more steps, higher quality")

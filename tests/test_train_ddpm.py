@@ -193,8 +193,9 @@ def test_interpolation_and_comparison(trained, tmp_path):
     image = Image.open(strip)
     assert image.width == 5 * 18 + 2 and image.height > 18  # five 16 px tiles with padding, captions below
     unet, scheduler_config, _ = load_ddpm_for_sampling(run / "ddpm_best.pt")
-    # The strip is the best checkpoint's EMA model denoising the slerp of seed 0's two noises, one per-step noise.
-    expected = expected_tiles(unet, scheduler_config, 5, steps=2, sampler="ddim", seed=0,
+    # The strip is the best checkpoint's EMA model denoising (the default sampler, dpmsolver++) the slerp of seed 0's two
+    # noises, one per-step noise.
+    expected = expected_tiles(unet, scheduler_config, 5, steps=2, sampler="dpmsolver++", seed=0,
                               noise=interpolation_noise(3, 16, 5, 0), shared_step_noise=True)
     tiles = grid_tiles(strip, 1, 5)[0]
     assert np.abs(tiles - expected).max() <= LEVEL
@@ -209,7 +210,7 @@ def test_interpolation_and_comparison(trained, tmp_path):
     rows = grid_tiles(grid, 2, 3)
     for row, checkpoint in zip(rows, checkpoints):  # each row: its own checkpoint, the same seed
         unet, scheduler_config, _ = load_ddpm_for_sampling(checkpoint)
-        assert np.abs(row - expected_tiles(unet, scheduler_config, 3, steps=2, sampler="ddim", seed=0)).max() <= LEVEL
+        assert np.abs(row - expected_tiles(unet, scheduler_config, 3, steps=2, sampler="dpmsolver++", seed=0)).max() <= LEVEL
     assert np.abs(rows[0] - rows[1]).mean() > 4  # two epochs apart: different images (measured 40 levels)
 
 

@@ -45,6 +45,7 @@ def run_cli(main: Callable[[], object]) -> None:
     """Run ``main()``; a UserError becomes ``error: <one line>`` on stderr and exit status 2."""
     try:
         main()
+        _release_run_objects()
     except UserError as err:
         _close_progress_bars()
         print(f"error: {one_line(str(err))}", file=sys.stderr)
@@ -52,6 +53,20 @@ def run_cli(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _release_run_objects() -> None:
+    """Free what the finished run left behind while the interpreter is whole, then end any process group.
+
+    A DDP-wrapped model keeps its Gloo process group alive; torn down during interpreter finalization, Gloo's worker
+    threads can abort a finished run ("terminate called without an active exception", exit -6 under torchrun).
+    """
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _close_progress_bars() -> None:

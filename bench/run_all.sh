@@ -15,7 +15,7 @@
 # On a GPU lent for a few minutes (10 per command, 15 in all), the rows still empty in docs/benchmarks.md, as two
 # commands whose time limits add up to under 10 minutes each (most rows end well before their limit):
 #   bash bench/run_all.sh bench_results/gpu ddpm_vs_diffusers dit_vs_lightningdit throughput            # <= 580 s
-#   bash bench/run_all.sh bench_results/gpu loop_overhead throughput_fp16 ddpm seesr_injector gpu_tests  # <= 510 s
+#   bash bench/run_all.sh bench_results/gpu loop_overhead throughput_fp16 ddpm seesr_injector degradations gpu_tests  # <= 570 s
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench_results}"
@@ -50,6 +50,7 @@ run phaseformer 40 "$PY" bench/bench_phaseformer.py --batch 8 --train_steps 10 -
 run seesr_injector 120 "$PY" bench/bench_seesr_injector.py --repeats 30 --tile_rounds 1
 run seesr_tiled_vae 600 "$PY" bench/bench_seesr_tiled_vae.py
 run seesr_pipeline 900 "$PY" bench/bench_seesr_pipeline.py
+run degradations 60 "$PY" bench/bench_degradations.py --rounds 3
 
 # Issue 13: side by side with the references, loop overhead, throughput at the batch users get, fast samplers.
 run ddpm_vs_diffusers 150 "$PY" bench/bench_ddpm_vs_diffusers.py --diffusers_examples "$DIFFUSERS_EXAMPLES" \

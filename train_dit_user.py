@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = parser.add_argument_group("sampling defaults (stored in checkpoints, used by previews and infer.py user)")
     sample.add_argument("--sampler", choices=FLOW_SAMPLERS + DDPM_SAMPLERS, default=None,
-                        help="DiT: euler (default) or heun; UNet: ddim")
+                        help="DiT: euler (default) or heun; UNet: ddim (default), dpmsolver++ or unipc")
     sample.add_argument("--sample_steps", type=int, default=None, help="inference steps (default 250 for the DiT, 50 for the UNet)")
     sample.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance scale, 1 = none (default 4.0)")
     sample.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("START", "END"),

@@ -41,7 +41,7 @@ from utils.errors import UserError
 
 BACKBONES = ("dit", "unet")
 FLOW_SAMPLERS = ("euler", "heun")
-DDPM_SAMPLERS = ("ddim",)
+DDPM_SAMPLERS = ("ddim", "dpmsolver++", "unipc")  # the latent UNet; the multistep solvers as models/ddpm_sampling.py
 # DDIM step placement (diffusers' timestep_spacing). trailing (default) starts at t = T - 1, the pure noise the UNet
 # learned to start from; leading (what DDIMScheduler.from_config of a DDPM config gives, the users' note) starts at
 # T - T/steps, e.g. 980 of 1000 with 50 steps (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed").
@@ -353,8 +353,12 @@ def sample_ddim(
     generators: list[torch.Generator] | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    sampler: str = "ddim",
 ) -> torch.Tensor:
     """DDIM sampling with ``DDIMScheduler.from_config(noise_scheduler.config)`` and the same guidance rules.
+
+    ``sampler`` ``dpmsolver++`` or ``unipc`` takes diffusers' multistep solver on the same schedule instead (built by
+    ``models.ddpm_sampling.make_sampler``, as the pixel DDPM's; deterministic, so ``eta`` must stay 0).
 
     ``timestep_spacing`` overrides the config's (see :data:`TIMESTEP_SPACINGS`; ``leading`` is the users'
     note exactly). The guidance interval is read on the flow time scale ``t = 1 - timestep / num_train_timesteps``
@@ -364,8 +368,19 @@ def sample_ddim(
         raise UserError(f"The number of sampling steps must be at least 1, got {num_steps}.")
     if timestep_spacing not in TIMESTEP_SPACINGS:
         raise UserError(f"Unknown DDIM timestep spacing {timestep_spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}.")
-    scheduler = DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing=timestep_spacing)
-    scheduler.set_timesteps(num_steps)
+    if sampler not in DDPM_SAMPLERS:
+        raise UserError(f"Unknown latent-UNet sampler {sampler!r}; choose one of {', '.join(DDPM_SAMPLERS)}.")
+    if sampler == "ddim":
+        scheduler = DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing=timestep_spacing)
+        scheduler.set_timesteps(num_steps)
+        step_options = {"eta": eta, "generator": generators}
+    else:
+        if eta:
+            raise UserError(f"--eta applies to DDIM; {sampler} is deterministic, drop --eta or use --sampler ddim.")
+        from models.ddpm_sampling import make_sampler
+
+        scheduler = make_sampler(dict(noise_scheduler.config), sampler, num_steps, timestep_spacing=timestep_spacing)
+        step_options = {}
     timesteps = scheduler.timesteps.tolist()  # on the CPU: no device sync inside the loop
     num_train = scheduler.config.num_train_timesteps
     x = noise.float() * scheduler.init_noise_sigma
@@ -378,7 +393,7 @@ def sample_ddim(
             null_label=null_label, guidance_scale=guidance_scale, guide=_in_interval(t_flow, guidance_interval),
             guidance_channels=guidance_channels, autocast_dtype=autocast_dtype,
         )
-        x = scheduler.step(prediction, timestep, x, eta=eta, generator=generators).prev_sample
+        x = scheduler.step(prediction, timestep, x, **step_options).prev_sample
     return x
 
 
@@ -518,7 +533,7 @@ def generate_latents(
                 latents = sample_flow(model, noise, labels, sampler=sampler, shift=shift, **common)
             else:
                 latents = sample_ddim(model, noise_scheduler, noise, labels, eta=eta, timestep_spacing=timestep_spacing,
-                                      generators=generators, **common)
+                                      generators=generators, sampler=sampler, **common)
             outputs.append(latents.float().cpu())
     finally:
         model.train(was_training)

@@ -86,8 +86,9 @@ def add_parser(subparsers) -> None:
     add_flag(parser, "--num_inference_steps", "--num_steps", "--steps", type=positive_int, default=None, metavar="N",
              help="sampler updates (default: the checkpoint's, 250 for the DiT, 50 for the UNet; at most the UNet's "
              "training timesteps)")
-    parser.add_argument("--sampler", choices=("euler", "heun", "ddim"), default=None,
-                        help="DiT: euler or heun; UNet: ddim (default: the checkpoint's)")
+    parser.add_argument("--sampler", choices=("euler", "heun", "ddim", "dpmsolver++", "unipc"), default=None,
+                        help="DiT: euler or heun; UNet: ddim, or dpmsolver++ / unipc (diffusers' multistep solvers, 20-25 "
+                        "steps) (default: the checkpoint's)")
     parser.add_argument("--shift", type=positive_float, default=None,
                         help="DiT timestep shift, LightningDiT's convention (default: the checkpoint's, 0.3)")
     parser.add_argument("--eta", type=fraction, default=None, help="UNet DDIM eta, 0 = deterministic .. 1 (default 0)")
@@ -272,6 +273,8 @@ def check_sampling(args: argparse.Namespace, bundle, settings: dict) -> None:
     if bundle.model.null_label is None and float(settings["guidance_scale"]) != 1.0:
         raise UserError(f"--guidance_scale {float(settings['guidance_scale']):g}: this model has no null user (its condition "
                         "encoder was trained without label dropout), so there is nothing to guide against; drop --guidance_scale.")
+    if bundle.backbone == "unet" and settings.get("sampler") in ("dpmsolver++", "unipc") and settings.get("eta"):
+        raise UserError(f"--eta applies to DDIM; {settings['sampler']} is deterministic, drop --eta or use --sampler ddim.")
     if bundle.backbone == "unet" and args.shift is not None:
         raise UserError("--shift applies to the DiT backbone's flow sampler; this UNet checkpoint uses DDIM, drop --shift.")
     if bundle.backbone == "unet":

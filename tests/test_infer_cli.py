@@ -324,8 +324,9 @@ def test_user_bad_values_before_loading(tmp_path):
         ("unet", {"shift": 0.3}, "--shift applies to the DiT backbone"),
         ("unet", {"num_inference_steps": 2000}, "--num_inference_steps 2000 is more than the 1000 timesteps"),
         ("dit", {"sampler": "ddim"}, "--sampler ddim: the dit backbone samples with euler, heun"),
-        ("unet", {"sampler": "heun"}, "--sampler heun: the unet backbone samples with ddim"),
+        ("unet", {"sampler": "heun"}, "--sampler heun: the unet backbone samples with ddim, dpmsolver++, unipc"),
         ("dit", {"guidance_channels": 33}, "--guidance_channels 33 is more than the model's 32 latent channels"),
+        ("unet", {"sampler": "unipc", "eta": 0.5}, "--eta applies to DDIM; unipc is deterministic"),
     ],
 )
 def test_user_flags_the_model_cannot_honour(backbone, flags, message):
@@ -337,7 +338,7 @@ def test_user_flags_the_model_cannot_honour(backbone, flags, message):
     bundle = SimpleNamespace(backbone=backbone, noise_scheduler=DDPMScheduler(num_train_timesteps=1000),
                              stats=SimpleNamespace(mean=torch.zeros(1, 32, 1, 1)), model=SimpleNamespace(null_label=10))
     settings = {"sampler": flags.get("sampler"), "num_steps": flags.get("num_inference_steps", 50),
-                "guidance_channels": flags.get("guidance_channels")}
+                "guidance_channels": flags.get("guidance_channels"), "eta": flags.get("eta")}
     with pytest.raises(UserError) as error:
         pipelines.user.check_sampling(args, bundle, settings)
     assert message in str(error.value)

@@ -42,6 +42,7 @@ from models.user_generation import (
 )
 from models.user_generation import ddpm_loss as latent_ddpm_loss
 from tests.sd2_tiny import SD2_BASE_SCHEDULER_CONFIG
+from utils.errors import UserError
 
 SD2_SCALING_FACTOR = 0.18215  # SD2's VAE latent scale (vae/config.json "scaling_factor")
 
@@ -295,15 +296,25 @@ def test_latent_unet_oracle_gives_zero_loss_for_each_prediction_type(prediction_
     assert latent_ddpm_loss(LatentOracle(clean, other), scheduler, clean, labels)["loss"].item() > 1e-2
 
 
-def test_latent_ddim_with_the_true_noise_recovers_the_latents():
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "unipc"])
+def test_latent_samplers_with_the_true_noise_recover_the_latents(sampler):
     generator = torch.Generator().manual_seed(0)
     clean, noise = torch.randn(2, 4, 3, 3, generator=generator) * 2, torch.randn(2, 4, 3, 3, generator=generator)
     oracle = LatentOracle(clean)
-    out = sample_ddim(oracle, build_noise_scheduler(), noise, torch.zeros(2, dtype=torch.long), null_label=None, num_steps=8)
-    # Unclipped latents (clip_sample off) come back exactly up to float32 steps: measured 4.8e-7 at 1 and 2 threads.
+    out = sample_ddim(oracle, build_noise_scheduler(), noise, torch.zeros(2, dtype=torch.long), null_label=None, num_steps=8,
+                      sampler=sampler)
+    # Unclipped latents (clip_sample off, no thresholding) come back exactly up to float32 steps: DDIM measured 4.8e-7
+    # at 1 and 2 threads; the multistep solvers are exact too once every prediction is the true noise.
     torch.testing.assert_close(out, clean, atol=1e-4, rtol=0)
     steps = [int(t[0]) for t in oracle.seen]
     assert len(steps) == 8 and steps == sorted(steps, reverse=True)  # one model call per step, noise to data
+    assert steps[0] == 999  # trailing spacing: the first step is pure noise
+
+
+def test_latent_multistep_solvers_refuse_eta():
+    with pytest.raises(UserError, match="--eta applies to DDIM; unipc is deterministic"):
+        sample_ddim(LatentOracle(torch.zeros(1, 4, 2, 2)), build_noise_scheduler(), torch.zeros(1, 4, 2, 2),
+                    torch.zeros(1, dtype=torch.long), null_label=None, num_steps=4, sampler="unipc", eta=0.5)
 
 
 # --------------------------------------------------------------------------------------------------

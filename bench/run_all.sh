@@ -68,6 +68,7 @@ SAMPLER_CHECKPOINT="${SAMPLER_CHECKPOINT:-outputs/refs/sampler_model.pt}"
 if [ -f "$SAMPLER_CHECKPOINT" ]; then
   run fast_samplers 900 "$PY" bench/bench_fast_samplers.py --checkpoint "$SAMPLER_CHECKPOINT" --samples 64 --batch 64
 fi
+run latent_samplers 300 "$PY" bench/bench_latent_samplers.py
 
 # The GPU-marked tests (skipped without a GPU).
 run gpu_tests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider

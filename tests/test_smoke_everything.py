@@ -38,6 +38,7 @@ BENCH_SMOKE = {
     "bench_dit_user.py": "--smoke",
     "bench_dit_vs_lightningdit.py": "--smoke",
     "bench_fast_samplers.py": "--smoke",
+    "bench_latent_samplers.py": "--smoke",
     "bench_loop_overhead.py": "--smoke",
     "bench_phaseformer.py": "--smoke",
     "bench_seesr_injector.py": "--device cpu --skip_real_size --tiny_resolution 64 --repeats 1 --warmup 0 --tile_sizes 32 "

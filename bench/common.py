@@ -16,12 +16,11 @@ def synchronize(device: torch.device) -> None:
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """``auto|fp32|bf16|fp16`` -> the autocast dtype (None for fp32); auto is the trainers' choice."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    """The benches' ``auto|fp32|bf16|fp16`` -> the autocast dtype (None for fp32), by the trainers' own rules
+    (utils.accelerator.autocast_dtype: auto is bf16 where the GPU has it, else fp16; fp32 on the CPU)."""
+    from utils.accelerator import autocast_dtype as trainers_autocast_dtype
+
+    return trainers_autocast_dtype("no" if precision == "fp32" else precision, device)
 
 
 def precision_name(dtype: torch.dtype | None) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -176,7 +175,7 @@ def save_samples(generate_chunk, folder: Path, count: int, chunk_size: int, seed
     ``folder/sampling.json``; a rerun with other settings is refused (the folder would mix two sample sets).
     """
     from utils.checkpoint import atomic_write_text
-    from utils.images import tensor_to_pil
+    from utils.images import save_png_complete, tensor_to_pil
 
     folder.mkdir(parents=True, exist_ok=True)
     manifest = folder / "sampling.json"
@@ -199,10 +198,8 @@ def save_samples(generate_chunk, folder: Path, count: int, chunk_size: int, seed
             continue
         # The whole chunk is sampled again (its images share one seed), only its missing files are written.
         images = generate_chunk(len(chunk), seed + number * CHUNK_SEED_STRIDE)
-        for index in missing:
-            tmp = paths[index].with_name(paths[index].name + ".tmp")  # not a .png: FID tools never read a partial file
-            tensor_to_pil(images[index - chunk.start]).save(tmp, format="PNG")
-            os.replace(tmp, paths[index])  # a file exists only once complete: an interrupted save is redone
+        for index in missing:  # a file exists only once complete: FID tools never read a partial one
+            save_png_complete(tensor_to_pil(images[index - chunk.start]), paths[index])
     return paths
 
 

@@ -24,7 +24,6 @@ training previews use the same grid.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -196,17 +195,13 @@ def write_user_images(images: torch.Tensor, items, output_dir: str | Path, *, la
     overwriting. Each file appears only once complete (written under another name, then renamed), so an interrupted
     run never leaves a partial PNG that a resumed run would keep.
     """
-    from utils.images import tensor_to_pil
+    from utils.images import save_png_complete, tensor_to_pil
 
     output_dir = Path(output_dir)
     records = []
     for image, (user, index) in zip(images, items, strict=True):
         picture = tensor_to_pil(image)
         for name in user_image_files(user, index, layout):
-            path = output_dir / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            picture.save(tmp, format="PNG")
-            os.replace(tmp, path)
+            save_png_complete(picture, output_dir / name)
         records.append(user_image_record(user, index, layout))
     return records

@@ -171,6 +171,23 @@ def make_grid_image(
     return canvas
 
 
+def save_png_complete(picture: Image.Image, path: str | Path) -> Path:
+    """Write ``picture`` as a PNG that exists only once complete: written as ``<name>.tmp``, then renamed.
+
+    For sample folders of many files (FID sets, per-user sets) that a rerun resumes: a file on disk is a finished
+    image, so an interrupted save is redone and no tool ever reads half a PNG. No fsync per file (unlike
+    utils.checkpoint.atomic_write): losing the last few files in a power cut only means sampling them again.
+    """
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    picture.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
 def save_grid(images, path: str | Path, nrow: int, **kwargs) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -208,9 +208,11 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"--mixed_precision {args.mixed_precision} needs a CUDA GPU; use auto or no on the CPU.")
     from utils.accelerator import PRECISION_DTYPES
 
-    # auto is fp16 on CUDA as SeeSR runs (weights cast, not autocast), fp32 on the CPU
-    auto = torch.float16 if device.type == "cuda" else torch.float32
-    dtype = PRECISION_DTYPES.get(args.mixed_precision, auto if args.mixed_precision == "auto" else torch.float32)
+    # The weights are cast, not autocast, as SeeSR runs; auto is SeeSR's fp16 on CUDA and fp32 on the CPU.
+    if args.mixed_precision == "auto":
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = PRECISION_DTYPES.get(args.mixed_precision, torch.float32)
     pipeline, messages = SeeSRPipeline.from_pretrained(args.pretrained_model_path, checkpoint, device, dtype)
     for message in messages:
         print(message)

@@ -79,6 +79,7 @@ from utils.training import (
     CheckpointCadence,
     NonFiniteGuard,
     backward_and_step,
+    fused_optimizer,
     make_loader,
     out_of_memory_message,
     restore_rng,
@@ -425,7 +426,8 @@ def main(args: argparse.Namespace) -> dict:
 
     weight_parameters = loss_weight_parameters(loss_fn)
     optimizer = torch.optim.Adam(
-        optimizer_param_groups(model, loss_fn, loss_weights_lr=config.loss_weights_lr), lr=config.learning_rate, betas=(config.beta1, 0.999)
+        optimizer_param_groups(model, loss_fn, loss_weights_lr=config.loss_weights_lr),
+        lr=config.learning_rate, betas=(config.beta1, 0.999), fused=fused_optimizer(device),
     )
     eval_batch = 1 if config.eval_size == "full" else config.train_batch_size
     workers = config.dataloader_num_workers

@@ -93,7 +93,7 @@ from utils.config import ArgumentParser, add_config_argument, config_to_dict, ex
 from utils.errors import CheckpointError, UserError, run_cli
 from utils.log import LossMeter, TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
 from utils.resume import given_flags, resolve_resumed_config
-from utils.training import CheckpointCadence, NonFiniteGuard, backward_and_step, out_of_memory_message, unwrap
+from utils.training import CheckpointCadence, NonFiniteGuard, backward_and_step, fused_optimizer, out_of_memory_message, unwrap
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_NAME = "training_state.json"
@@ -818,7 +818,7 @@ def main(args: argparse.Namespace) -> dict:
                                  "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(
         parameter_groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-        fused=device.type == "cuda",
+        fused=fused_optimizer(device),
     )
     workers = config.dataloader_num_workers
     if workers is None:

@@ -154,6 +154,12 @@ def backward_and_step(accelerator, loss, optimizer, parameters, max_grad_norm: f
     optimizer.zero_grad(set_to_none=True)
 
 
+def fused_optimizer(device: torch.device) -> bool:
+    """Whether Adam/AdamW should run fused (``fused=True``) on ``device``: one kernel for all parameters on CUDA, and
+    on the CPU 2.5-6x faster than PyTorch's default ``foreach`` path (bench/bench_loop_overhead.py, issue 13)."""
+    return torch.device(device).type in ("cuda", "cpu")
+
+
 def check_finite(value: float, step: int, hint: str = "") -> None:
     """Stop with advice when the (averaged) loss is NaN or infinite; the last good checkpoint is untouched."""
     if not math.isfinite(value):

@@ -12,6 +12,13 @@ the CPU and, where there is one, on the GPU. Both paths' times include drawing t
 every round draws new ones, and the paths run interleaved. Samples/s over all rounds, the ratio batched/per-sample
 (the issue's target: at least 5x on CPU, at least 8 samples/s at 512 px on one GPU). Photographs from
 scikit-image, cropped. Prints a Markdown table; nothing here is a test.
+
+``--baseline_checkout DIR`` adds the per-sample path of another checkout of this repository (its
+``data/degradations.py`` ``usm_sharpen``/``degrade``/``bicubic_upsample``, same seeds), e.g. the code as issue 13
+measured it::
+
+    git worktree add /tmp/deg_before 45280b3
+    OMP_NUM_THREADS=1 python bench/bench_degradations.py --baseline_checkout /tmp/deg_before
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import synchronize  # noqa: E402
+from bench.common import import_from_checkout, synchronize  # noqa: E402
 from data.degradations import (  # noqa: E402
     DegradationConfig,
     bicubic_upsample,
@@ -62,6 +69,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed batches per path (after one warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (a data-loader worker has one)")
     parser.add_argument("--devices", nargs="+", default=None, help="devices of the batched path (default cpu [cuda])")
+    parser.add_argument("--baseline_checkout", default=None,
+                        help="another checkout of this repository whose per-sample path to time as well (e.g. a worktree of 45280b3)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = DegradationConfig.seesr()
@@ -84,7 +93,21 @@ def main(argv=None) -> None:
         degrade_training_batch(batch, config, torch.device(device))
         synchronize(torch.device(device))
 
-    paths = {"per sample (CPU, PIL JPEG)": per_sample}
+    paths = {}
+    if args.baseline_checkout:
+        if not (Path(args.baseline_checkout) / "data" / "degradations.py").is_file():
+            sys.exit(f"error: --baseline_checkout {args.baseline_checkout} has no data/degradations.py; "
+                     "pass a checkout of this repository.")
+        (baseline,) = import_from_checkout(args.baseline_checkout, "data.degradations")
+        baseline_config = baseline.DegradationConfig.seesr()
+
+        def per_sample_baseline(round_index):
+            rngs, _ = draw(round_index)
+            for image, rng in zip(hr, rngs, strict=True):
+                baseline.bicubic_upsample(baseline.degrade(baseline.usm_sharpen(image), baseline_config, rng), image.shape[-2:])
+
+        paths[f"per sample, {Path(args.baseline_checkout).name} (CPU, PIL JPEG)"] = per_sample_baseline
+    paths["per sample (CPU, PIL JPEG)"] = per_sample
     for device in devices:
         paths[f"batched ({device})"] = lambda r, d=device: batched(r, d)
     seconds = dict.fromkeys(paths, 0.0)

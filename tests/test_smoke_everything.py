@@ -35,10 +35,12 @@ BENCH_SMOKE = {
     "bench_ddpm.py": "--smoke",
     "bench_ddpm_vs_diffusers.py": "--smoke",
     "bench_degradations.py": "--size 64 --batch 2 --rounds 1 --devices cpu",
+    "bench_dit_samplers.py": "--smoke",
     "bench_dit_user.py": "--smoke",
     "bench_dit_vs_lightningdit.py": "--smoke",
     "bench_fast_samplers.py": "--smoke",
     "bench_latent_samplers.py": "--smoke",
+    "bench_latent_unet_vs_note.py": "--size tiny --channels 4 --latent_size 8 --per_user 2 --steps 3 --rounds 1",
     "bench_loop_overhead.py": "--smoke",
     "bench_phaseformer.py": "--smoke",
     "bench_seesr_injector.py": "--device cpu --skip_real_size --tiny_resolution 64 --repeats 1 --warmup 0 --tile_sizes 32 "

@@ -4,9 +4,9 @@ The test writes what the note's training leaves behind (tiny and random, same fo
 ``UNet2DConditionModel`` folder, ``condition_encoder.pt`` as a state dict of ``nn.Embedding(num_users, D)`` (no null
 row: trained without label dropout) and a diffusers ``AutoencoderKL`` folder whose ``scaling_factor`` (0.5 here, not
 1, so that forgetting it shows) scaled the training latents. :func:`note_generate_samples` is the note's
-training-time sampler written out independently from diffusers' public API (DDIMScheduler.from_config of the DDPM
-config, one cross-attention token per user, ``latents / scaling_factor`` before decoding); the CLI must compute
-the same latents and pixels.
+training-time sampler written out independently from diffusers' public API (``bench.bench_latent_unet_vs_note``'s
+``note_ddim_loop``: DDIMScheduler.from_config of the DDPM config, one cross-attention token per user; then
+``latents / scaling_factor`` before decoding); the CLI must compute the same latents and pixels.
 """
 
 import json
@@ -14,10 +14,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 
 import infer
+from bench.bench_latent_unet_vs_note import note_ddim_loop
 from models.user_generation import build_noise_scheduler, initial_noise
 from models.user_unet import user_unet_config
 from utils.errors import UserError
@@ -55,17 +56,10 @@ def note_generate_samples(files, users, per_user, steps, seed=42, guidance=1.0, 
     unet = UNet2DConditionModel.from_pretrained(files["unet"]).eval()
     vae = AutoencoderKL.from_pretrained(files["vae"]).eval()
     table = files["table"] if table is None else table
-    scheduler = DDIMScheduler.from_config(build_noise_scheduler().config, timestep_spacing=spacing)
-    scheduler.set_timesteps(steps)
     pairs = [(user, index) for user in users for index in range(per_user)]
     latents, _ = initial_noise(seed, [u for u, _ in pairs], [i for _, i in pairs], (4, 8, 8))  # the CLI's per-sample noise
-    tokens = table[[u - 1 for u, _ in pairs]][:, None]
-    for t in scheduler.timesteps:
-        eps = unet(latents, t, encoder_hidden_states=tokens).sample
-        if guidance != 1.0:
-            uncond = unet(latents, t, encoder_hidden_states=table[-1:].expand(len(pairs), -1)[:, None]).sample
-            eps = uncond + guidance * (eps - uncond)
-        latents = scheduler.step(eps, t, latents).prev_sample
+    latents = note_ddim_loop(unet, table, build_noise_scheduler().config, latents, [u for u, _ in pairs], steps, guidance,
+                             spacing)
     latents = latents / vae.config.scaling_factor
     return latents, vae.decode(latents).sample.clamp(-1, 1)
 

@@ -10,7 +10,7 @@ loads its state dict strictly, and the bench prints the largest output differenc
 Training step, each as its code trains: the reference's ``transport.training_losses`` (linear path, velocity,
 cosine term, log-normal times) with its ``train.py`` update (AdamW betas 0.9/0.95, its per-parameter ``train.update_ema``;
 no clipping, as its configuration has no ``max_grad_norm``) against ours as train_dit_user.py runs it
-(``flow_matching_loss``, clipping at 1, PyTorch's default AdamW, ``utils.ema.EMA``'s foreach lerp), autocast as the
+(``flow_matching_loss``, clipping at 1, fused AdamW as the trainer, ``utils.ema.EMA``'s foreach lerp), autocast as the
 trainers pick it. Sampling, guidance 4 from
 t = 0.11 on, shift 0.3: the reference's ``Sampler.sample_ode`` (torchdiffeq Euler on a 250-point grid) with the
 model's ``forward_with_cfg`` (always the doubled batch) against ours (``sample_flow``, the sampler
@@ -51,6 +51,7 @@ from models.dit import DIT_SIZES, LightningDiT, build_dit, dit_config  # noqa: E
 from models.user_generation import flow_matching_loss, sample_flow  # noqa: E402
 from utils.accelerator import describe_device, enable_fast_math, resolve_device  # noqa: E402
 from utils.ema import EMA  # noqa: E402
+from utils.training import fused_optimizer  # noqa: E402
 
 NUM_USERS = 31
 LATENT = (32, 16, 16)
@@ -160,7 +161,8 @@ def main(args: argparse.Namespace) -> dict:
     # ---- training steps
     ours.train()
     ema = EMA(ours, decay=0.9999)
-    optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)  # as train_dit_user.py
+    optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0,
+                                  fused=fused_optimizer(device))  # as train_dit_user.py
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def our_step():

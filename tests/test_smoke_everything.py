@@ -42,6 +42,7 @@ BENCH_SMOKE = {
     "bench_latent_samplers.py": "--smoke",
     "bench_latent_unet_vs_note.py": "--size tiny --channels 4 --latent_size 8 --per_user 2 --steps 3 --rounds 1",
     "bench_loop_overhead.py": "--smoke",
+    "bench_loop_overhead_families.py": "--smoke",
     "bench_phaseformer.py": "--smoke",
     "bench_seesr_injector.py": "--device cpu --skip_real_size --tiny_resolution 64 --repeats 1 --warmup 0 --tile_sizes 32 "
     "--tile_image_size 64 --tile_steps 1 --tile_rounds 1",

@@ -1,0 +1,349 @@
+"""Training-loop overhead of the DiT and Phaseformer trainers over the bare forward/backward of the same step (issue 13).
+
+    python bench/bench_loop_overhead_families.py                                  # both, CPU: tiny DiT, tiny Phaseformer
+    python bench/bench_loop_overhead_families.py --trainer dit --dit_size S --dit_batch 32 --dit_latents 416
+    python bench/bench_loop_overhead_families.py --trainer phaseformer --pf_crop 64 --pf_batch 8
+    python bench/bench_loop_overhead_families.py --smoke
+
+The DDPM trainer has this in ``bench/bench_loop_overhead.py``; here the same measurement for ``train_dit_user.py``
+(on generated latents in the latent-file format, ``data.latents.save_latent_file``: 32x16x16 like VA-VAE f16d32,
+``configs/user_dit_tiny.yaml`` with the size and batch given) and ``train_phaseformer.py`` (``configs/phaseformer_tiny.yaml``
+on generated LSUI-layout pairs, ``data.underwater.build_synthetic_underwater``, the perceptual term on a random VGG16
+written in torchvision's file layout: same cost as ImageNet weights).
+
+Rows, per trainer, from the trainer's own argument parsing of the same command line (model, objective, learning
+rate, clipping): the bare step (forward, loss, backward, gradient clipping, the trainer's optimiser built as the
+trainer builds it; one batch from the trainer's own data set resident in memory); for the DiT the bare step plus
+the trainer's EMA update (``utils.ema.EMA``, the only work the loop adds per step besides data and bookkeeping);
+and the trainer whole, one epoch per round, timed per step on its progress bar (``bench.common.StepClock``: data
+loading, accelerate's wrappers, the NaN guard, the loss meter, the LR schedule, EMA, a tracker scalar every 10 steps)
+without the first ``--skip`` steps of each epoch and without the epoch boundaries (validation, previews, checkpoints:
+timed by the trainers' own logs). The trainer's ratio to the bare step is the loop's overhead; target at most 5%
+(issue 13).
+
+Interleaving (``--interleave``): on the CPU (``step``) every bare row takes one step right after each trainer step,
+inside its loop, and that time is taken out of the trainer's interval, so trainer and bare steps alternate one by one
+and load on a shared machine hits both alike (epoch-long blocks measured 4% to 19% for the same DiT loop at load 1-4
+on the 2-core machine, step alternation 0.2% to 4%); on a GPU (``epoch``, as bench/bench_loop_overhead.py) each round
+runs the bare rows step by step in turn, then a trainer epoch timed by window means, so its loop stays asynchronous.
+Prints Markdown tables; not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.bench_ddpm_vs_diffusers import run_quietly, step_clock, step_times  # noqa: E402
+from bench.common import autocast_dtype, median, precision_name, synchronize  # noqa: E402
+from utils.accelerator import describe_device, enable_fast_math, resolve_device  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINERS = ("dit", "phaseformer")
+DIT_USERS = 8
+DIT_LATENT = (32, 16, 16)  # VA-VAE f16d32 on 256 px spectrograms
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trainer", choices=(*TRAINERS, "all"), default="all", help="which trainer (default all)")
+    parser.add_argument("--dit_size", default="tiny", help="DiT size (default tiny; S is the smallest real one)")
+    parser.add_argument("--dit_batch", type=int, default=8, help="DiT latents per step (default 8, configs/user_dit_tiny.yaml)")
+    parser.add_argument("--dit_latents", type=int, default=272, help="training latents generated (default 272: 34 steps of 8)")
+    parser.add_argument("--pf_crop", type=int, default=32, help="Phaseformer training side in pixels (default 32, the tiny config)")
+    parser.add_argument("--pf_batch", type=int, default=4, help="Phaseformer images per step (default 4, the tiny config)")
+    parser.add_argument("--pf_pairs", type=int, default=136, help="training pairs generated (default 136: 34 steps of 4)")
+    parser.add_argument("--pf_image_size", type=int, default=64, help="side of the generated pairs on disk (default 64)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    parser.add_argument("--skip", type=int, default=2, help="first steps of each epoch not counted (default 2)")
+    parser.add_argument("--workers", type=int, default=0, help="the trainers' data loader workers (default 0, their CPU default)")
+    parser.add_argument("--report_to", choices=("tensorboard", "none"), default="tensorboard",
+                        help="the trainers' tracker (default tensorboard, their default where installed)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="auto: bf16 on a GPU that has it, else fp16; fp32 on the CPU")
+    parser.add_argument("--device", default="auto", help="auto, cuda or cpu (default auto)")
+    parser.add_argument("--interleave", choices=("auto", "step", "epoch"), default="auto",
+                        help="step: a bare step after every trainer step, trainer time net of it (CPU default, robust to load on a "
+                        "shared machine); epoch: each round's bare steps, then a trainer epoch (GPU default: the trainer's "
+                        "loop must stay asynchronous, timed by window means)")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU setting for the test suite (one round, few steps)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.dit_size, args.dit_batch, args.dit_latents, args.rounds, args.device = "tiny", 4, 20, 1, "cpu"
+        args.pf_crop, args.pf_batch, args.pf_pairs, args.pf_image_size, args.report_to = 16, 2, 8, 16, "none"
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------------- DiT
+def write_latents(folder: Path, count: int, seed: int = 0) -> Path:
+    """``train.safetensors`` and ``latents_stats.safetensors`` as scripts/extract_features.py writes them."""
+    from data.latents import STATS_FILENAME, compute_latent_stats, save_latent_file
+
+    generator = torch.Generator().manual_seed(seed)
+    latents = 2.0 * torch.randn(count, *DIT_LATENT, generator=generator) + 0.5
+    users = torch.arange(count) % DIT_USERS + 1
+    fingerprint = "bench-random-latents"
+    save_latent_file(folder / "train.safetensors", latents, users, num_users=DIT_USERS, vae_fingerprint=fingerprint,
+                     posterior="mode", image_size=16 * DIT_LATENT[1])
+    compute_latent_stats(latents, fingerprint).save(folder / STATS_FILENAME)
+    return folder
+
+
+def dit_argv(args, latent_dir: Path, output_dir: Path, precision: str) -> list[str]:
+    return [
+        "--config", str(ROOT / "configs" / "user_dit_tiny.yaml"), "--latent_dir", str(latent_dir), "--output_dir", str(output_dir),
+        "--model_size", args.dit_size, "--train_batch_size", str(args.dit_batch), "--max_epochs", "1", "--preview_every", "0",
+        "--device", args.device, "--mixed_precision", precision, "--report_to", args.report_to,
+        "--dataloader_num_workers", str(args.workers),
+    ]
+
+
+def dit_bare_steps(args, latent_dir: Path, work: Path, device, dtype, precision: str) -> dict:
+    """{row: step function returning its seconds}: the trainer's step on a resident batch, without and with EMA."""
+    import logging
+
+    import train_dit_user as trainer
+    from utils.ema import EMA
+
+    config = trainer.resolve_config(trainer.parse_args(dit_argv(args, latent_dir, work / "unused", precision)), None, "")
+    stats, train_set, _, num_users = trainer.load_latents(config, None)
+    channels, size = train_set.latents.shape[1], train_set.latents.shape[2]
+    latents = train_set.latents[: config.train_batch_size].to(device)
+    labels = train_set.labels[: config.train_batch_size].to(device)
+    objective = {"time_sampling": config.time_sampling, "use_cosine_loss": config.cosine_loss}
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def make(with_ema: bool):
+        torch.manual_seed(config.seed)
+        model, _ = trainer.build_new_model(config, num_users, channels, size, logging.getLogger("bench"))
+        model = model.to(device).train()
+        # As train_dit_user.main builds it (re-read it when the trainer's optimiser changes).
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, config.adam_beta2),
+                                      weight_decay=config.weight_decay, fused=device.type in ("cuda", "cpu"))
+        ema = EMA(model, decay=config.ema_decay, warmup=config.ema_warmup) if with_ema else None
+
+        def step() -> float:
+            synchronize(device)
+            started = time.perf_counter()
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = trainer.training_loss("dit", model, latents, labels, **objective)["loss"]
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model)
+            synchronize(device)
+            return time.perf_counter() - started
+
+        return step
+
+    return {"bare (forward, loss, backward, clip, fused AdamW)": make(False), "bare + EMA update (utils.ema, as the trainer)": make(True)}
+
+
+def run_dit_trainer(args, latent_dir: Path, work: Path, precision: str, steppers: dict | None) -> tuple[list[float], dict]:
+    import train_dit_user as trainer
+
+    out = Path(tempfile.mkdtemp(dir=work, prefix="dit_run_"))
+    argv = dit_argv(args, latent_dir, out, precision)
+    return timed_run(lambda: trainer.main(trainer.parse_args(argv)), work / "dit.log", args, steppers)
+
+
+# ----------------------------------------------------------------------------------------------------- Phaseformer
+def write_random_vgg16(path: Path) -> Path:
+    """VGG16 features (to relu4_3) with random weights in torchvision's file layout: the perceptual term at its cost."""
+    from losses.perceptual import build_vgg16_features
+
+    torch.manual_seed(0)
+    torch.save({f"features.{key}": value for key, value in build_vgg16_features().state_dict().items()}, path)
+    return path
+
+
+def phaseformer_argv(args, data: Path, vgg: Path, output_dir: Path, precision: str) -> list[str]:
+    return [
+        "--config", str(ROOT / "configs" / "phaseformer_tiny.yaml"), "--dataset_path", str(data), "--output_dir", str(output_dir),
+        "--crop_size", str(args.pf_crop), "--eval_size", str(max(args.pf_crop, 16)), "--train_batch_size", str(args.pf_batch),
+        "--niter", "1", "--niter_decay", "0", "--vgg_weights", str(vgg), "--num_preview", "0", "--device", args.device,
+        "--mixed_precision", precision, "--report_to", args.report_to, "--dataloader_num_workers", str(args.workers),
+    ]
+
+
+def phaseformer_bare_steps(args, data: Path, vgg: Path, work: Path, device, dtype, precision: str) -> dict:
+    """{row: step function}: train_phaseformer.py's step (both heads, the weighted loss, clipping of the model's
+    gradients, Adam over the model and the loss weights) on one resident batch of its own training set."""
+    from torch.utils.data import default_collate
+
+    import train_phaseformer as trainer
+    from losses import PhaseformerLoss, optimizer_param_groups
+    from models.phaseformer import build_phaseformer
+    from models.phaseformer_enhance import to_model_range
+
+    config = trainer.resolve_config(trainer.parse_args(phaseformer_argv(args, data, vgg, work / "unused", precision)), None, "")
+    torch.manual_seed(config.seed)
+    train_set, _, _ = trainer.build_datasets(config, work / "bare_split")
+    batch = default_collate([train_set[i] for i in range(config.train_batch_size)])
+    inputs, target, target_2x = (to_model_range(batch[key], config.value_range).to(device) for key in ("input", "target", "target_2x"))
+    # As train_phaseformer.main builds them (re-read it when the trainer's optimiser changes).
+    loss_fn = PhaseformerLoss(
+        config.loss_weighting, use_perceptual=not config.no_perceptual, vgg_weights=config.vgg_weights, pixel_loss=config.pixel_loss,
+        msssim_as_similarity=config.msssim_as_similarity, value_range=config.value_range, vgg_resize_224=config.vgg_resize_224,
+        seed=config.seed,
+    ).to(device)
+    model = build_phaseformer(config.model, eca=config.eca).to(device).train()
+    loss_fn.train()
+    optimizer = torch.optim.Adam(
+        optimizer_param_groups(model, loss_fn, loss_weights_lr=config.loss_weights_lr), lr=config.learning_rate, betas=(config.beta1, 0.999)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def step() -> float:
+        synchronize(device)
+        started = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            fake_b_L, fake_b_H = model(inputs)
+            total, _ = loss_fn(fake_b_L.float(), fake_b_H.float(), target, target_2x)
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        return time.perf_counter() - started
+
+    return {"bare (forward, loss, backward, clip, Adam)": step}
+
+
+def run_phaseformer_trainer(args, data: Path, vgg: Path, work: Path, precision: str, steppers: dict | None) -> tuple[list[float], dict]:
+    import train_phaseformer as trainer
+
+    out = Path(tempfile.mkdtemp(dir=work, prefix="phaseformer_run_"))
+    argv = phaseformer_argv(args, data, vgg, out, precision)
+    return timed_run(lambda: trainer.main(trainer.parse_args(argv)), work / "phaseformer.log", args, steppers)
+
+
+# ------------------------------------------------------------------------------------------------------------ both
+def timed_run(run, log_path: Path, args, steppers: dict | None) -> tuple[list[float], dict[str, list[float]]]:
+    """Run a trainer (``run()``) quietly, timed per step on its progress bar by a StepClock: (its step seconds, the
+    bare rows' step seconds).
+
+    With ``steppers`` (``--interleave step``) every bare row takes one step right after each step of the trainer
+    (after its bar's stamp) and that time is taken out of the trainer's next interval: trainer and bare steps
+    alternate one by one, so a load spike on a shared machine hits both alike. Without (``--interleave epoch``) the
+    bare rows run apart (:func:`interleaved`) and the clock gives plain intervals on the CPU, window means on a GPU.
+    """
+    import utils.log
+
+    clock = step_clock(args)
+    restore = clock.patch(utils.log)
+    bare: dict[str, list[float]] = {name: [] for name in steppers or {}}
+    inserted: dict[int, list[float]] = {}  # per bar (by id of its stamp list): seconds of bare steps after each stamp
+    if steppers:
+        stamped = utils.log.tqdm
+
+        class AlternatingTqdm(stamped):
+            def update(self, n=1):
+                result = super().update(n)  # the stamp ends the trainer's step
+                started = time.perf_counter()
+                for name, step in steppers.items():
+                    seconds = step()
+                    if len(self._stamps) > args.skip:
+                        bare[name].append(seconds)
+                inserted.setdefault(id(self._stamps), []).append(time.perf_counter() - started)
+                return result
+
+        utils.log.tqdm = AlternatingTqdm
+    try:
+        run_quietly(run, log_path)
+    finally:
+        restore()
+    if not steppers:
+        return step_times(clock, args), bare
+    times = []
+    for stamps in clock.bars:
+        pauses = inserted.get(id(stamps), [0.0] * len(stamps))
+        times += [b - a - pause for a, b, pause in list(zip(stamps, stamps[1:], pauses))[args.skip:]]
+    return times, bare
+
+
+def interleaved(steppers: dict, run_trainer, steps: int, args) -> tuple[dict[str, list[float]], list[float]]:
+    """``--rounds`` rounds of the trainer's epoch and the bare rows' steps, by ``--interleave`` (see :func:`timed_run`);
+    with ``epoch``, each round runs every bare row ``steps + skip`` steps in turn (the first ``skip`` not kept), then
+    one trainer epoch."""
+    bare: dict[str, list[float]] = {name: [] for name in steppers}
+    trainer: list[float] = []
+    for _ in range(args.rounds):
+        if args.interleave == "epoch":
+            for index in range(steps + args.skip):
+                for name, step in steppers.items():
+                    seconds = step()
+                    if index >= args.skip:
+                        bare[name].append(seconds)
+        times, alongside = run_trainer(steppers if args.interleave == "step" else None)
+        trainer += times
+        for name, values in alongside.items():
+            bare[name] += values
+    return bare, trainer
+
+
+def print_table(title: str, script: str, batch: int, unit: str, bare: dict[str, list[float]], trainer: list[float]) -> dict:
+    rows = {**bare, f"{script} (whole loop)": trainer}
+    seconds = {name: median(times) for name, times in rows.items()}
+    floor = seconds[next(iter(bare))]
+    print(f"\n{title}\n")
+    print(f"| step | median s per step | {unit}/s | steps timed | over bare |")
+    print("|---|---:|---:|---:|---:|")
+    for name, times in rows.items():
+        print(f"| {name} | {seconds[name]:.4f} | {batch / seconds[name]:.1f} | {len(times)} | {100 * (seconds[name] / floor - 1):+.1f}% |")
+    overhead = 100 * (seconds[f"{script} (whole loop)"] / floor - 1)
+    return {"seconds": seconds, "times": rows, "overhead_percent": overhead}
+
+
+def main(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    args.device = device.type  # the trainers get the device the bare steps run on
+    if args.interleave == "auto":
+        args.interleave = "epoch" if device.type == "cuda" else "step"
+    enable_fast_math()
+    dtype = autocast_dtype(device, args.precision)
+    precision = precision_name(dtype)
+    work = Path(tempfile.mkdtemp(prefix="bench_loop_overhead_families_"))
+    print(f"device: {describe_device(device)} | torch {torch.__version__} | {precision} | "
+          f"{args.rounds} rounds, first {args.skip} steps of each epoch not counted | logs in {work}")
+    results = {}
+    if args.trainer in ("dit", "all"):
+        latent_dir = write_latents(work / "latents", args.dit_latents)
+        steps = max(args.dit_latents // args.dit_batch - args.skip, 1)
+        bare, trainer = interleaved(dit_bare_steps(args, latent_dir, work, device, dtype, precision),
+                                    lambda steppers: run_dit_trainer(args, latent_dir, work, precision, steppers), steps, args)
+        results["dit"] = print_table(
+            f"train_dit_user.py: DiT-{args.dit_size}, batch {args.dit_batch}, latents {'x'.join(map(str, DIT_LATENT))}, "
+            f"{args.dit_latents} latents ({steps + args.skip} steps per epoch)",
+            "train_dit_user.py", args.dit_batch, "latents", bare, trainer)
+    if args.trainer in ("phaseformer", "all"):
+        from data.underwater import build_synthetic_underwater
+
+        data = build_synthetic_underwater(work / "LSUI", size=args.pf_image_size, train_count=args.pf_pairs, test_count=2)
+        vgg = write_random_vgg16(work / "vgg16-397923af.pth")
+        steps = max(args.pf_pairs // args.pf_batch - args.skip, 1)
+        bare, trainer = interleaved(phaseformer_bare_steps(args, data, vgg, work, device, dtype, precision),
+                                    lambda steppers: run_phaseformer_trainer(args, data, vgg, work, precision, steppers), steps, args)
+        results["phaseformer"] = print_table(
+            f"train_phaseformer.py: phaseformer_tiny, crop {args.pf_crop} px from {args.pf_image_size} px pairs, batch {args.pf_batch}, "
+            f"{args.pf_pairs} pairs ({steps + args.skip} steps per epoch), perceptual term on a random VGG16",
+            "train_phaseformer.py", args.pf_batch, "images", bare, trainer)
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -23,9 +23,11 @@ timed by the trainers' own logs). The trainer's ratio to the bare step is the lo
 
 Interleaving (``--interleave``): on the CPU (``step``) every bare row takes one step right after each trainer step,
 inside its loop, and that time is taken out of the trainer's interval, so trainer and bare steps alternate one by one
-and load on a shared machine hits both alike (epoch-long blocks measured 4% to 19% for the same DiT loop at load 1-4
-on the 2-core machine, step alternation 0.2% to 4%); on a GPU (``epoch``, as bench/bench_loop_overhead.py) each round
-runs the bare rows step by step in turn, then a trainer epoch timed by window means, so its loop stays asynchronous.
+and each trainer step has a bare step taken at the same moment, under the same load; the overhead is then the median
+of these paired differences over the bare median (the ratio of medians is printed too). On the 2-core machine shared
+by several jobs (load 1-5), epoch-long blocks gave 4% to 19% for the same DiT loop, paired steps 1% to 5%. On a GPU
+(``epoch``, as bench/bench_loop_overhead.py) each round runs the bare rows step by step in turn, then a trainer epoch
+timed by window means, so its loop stays asynchronous; the ratio of medians is the overhead there.
 Prints Markdown tables; not a test.
 """
 
@@ -246,8 +248,8 @@ def timed_run(run, log_path: Path, args, steppers: dict | None) -> tuple[list[fl
 
     clock = step_clock(args)
     restore = clock.patch(utils.log)
-    bare: dict[str, list[float]] = {name: [] for name in steppers or {}}
     inserted: dict[int, list[float]] = {}  # per bar (by id of its stamp list): seconds of bare steps after each stamp
+    alongside: dict[int, dict[str, list[float]]] = {}  # per bar: each bare row's step after each stamp
     if steppers:
         stamped = utils.log.tqdm
 
@@ -255,10 +257,9 @@ def timed_run(run, log_path: Path, args, steppers: dict | None) -> tuple[list[fl
             def update(self, n=1):
                 result = super().update(n)  # the stamp ends the trainer's step
                 started = time.perf_counter()
+                rows = alongside.setdefault(id(self._stamps), {name: [] for name in steppers})
                 for name, step in steppers.items():
-                    seconds = step()
-                    if len(self._stamps) > args.skip:
-                        bare[name].append(seconds)
+                    rows[name].append(step())
                 inserted.setdefault(id(self._stamps), []).append(time.perf_counter() - started)
                 return result
 
@@ -268,11 +269,16 @@ def timed_run(run, log_path: Path, args, steppers: dict | None) -> tuple[list[fl
     finally:
         restore()
     if not steppers:
-        return step_times(clock, args), bare
-    times = []
+        return step_times(clock, args), {}
+    # Trainer interval i runs from stamp i to stamp i + 1, less the bare steps taken right after stamp i: those are its
+    # pair (same moment, same load), kept from stamp ``skip`` on, as the intervals.
+    times: list[float] = []
+    bare: dict[str, list[float]] = {name: [] for name in steppers}
     for stamps in clock.bars:
-        pauses = inserted.get(id(stamps), [0.0] * len(stamps))
-        times += [b - a - pause for a, b, pause in list(zip(stamps, stamps[1:], pauses))[args.skip:]]
+        intervals = [b - a - pause for a, b, pause in zip(stamps, stamps[1:], inserted[id(stamps)])][args.skip :]
+        times += intervals
+        for name, values in alongside[id(stamps)].items():
+            bare[name] += values[args.skip : args.skip + len(intervals)]
     return times, bare
 
 
@@ -292,21 +298,30 @@ def interleaved(steppers: dict, run_trainer, steps: int, args) -> tuple[dict[str
         times, alongside = run_trainer(steppers if args.interleave == "step" else None)
         trainer += times
         for name, values in alongside.items():
-            bare[name] += values
+            bare[name] += values  # aligned with ``times``: pairs
     return bare, trainer
 
 
-def print_table(title: str, script: str, batch: int, unit: str, bare: dict[str, list[float]], trainer: list[float]) -> dict:
+def print_table(title: str, script: str, batch: int, unit: str, bare: dict[str, list[float]], trainer: list[float],
+                paired: bool) -> dict:
+    """The rows' medians and overheads over the first (bare) row: the ratio of medians, and with ``paired`` (steps
+    taken alternately, one by one) also the median of the step-by-step differences over the bare median, which
+    cancels the load that both steps of a pair met."""
     rows = {**bare, f"{script} (whole loop)": trainer}
     seconds = {name: median(times) for name, times in rows.items()}
-    floor = seconds[next(iter(bare))]
+    floor_name = next(iter(bare))
+    floor = seconds[floor_name]
     print(f"\n{title}\n")
-    print(f"| step | median s per step | {unit}/s | steps timed | over bare |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"| step | median s per step | {unit}/s | steps timed | over bare (medians) | over bare (paired steps) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    overheads = {}
     for name, times in rows.items():
-        print(f"| {name} | {seconds[name]:.4f} | {batch / seconds[name]:.1f} | {len(times)} | {100 * (seconds[name] / floor - 1):+.1f}% |")
-    overhead = 100 * (seconds[f"{script} (whole loop)"] / floor - 1)
-    return {"seconds": seconds, "times": rows, "overhead_percent": overhead}
+        by_medians = 100 * (seconds[name] / floor - 1)
+        by_pairs = 100 * median([a - b for a, b in zip(times, rows[floor_name])]) / floor if paired else float("nan")
+        overheads[name] = by_pairs if paired else by_medians
+        pairs_text = f"{by_pairs:+.1f}%" if paired else "n/a (--interleave epoch)"
+        print(f"| {name} | {seconds[name]:.4f} | {batch / seconds[name]:.1f} | {len(times)} | {by_medians:+.1f}% | {pairs_text} |")
+    return {"seconds": seconds, "times": rows, "overhead_percent": overheads[f"{script} (whole loop)"], "overheads": overheads}
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -329,7 +344,7 @@ def main(args: argparse.Namespace) -> dict:
         results["dit"] = print_table(
             f"train_dit_user.py: DiT-{args.dit_size}, batch {args.dit_batch}, latents {'x'.join(map(str, DIT_LATENT))}, "
             f"{args.dit_latents} latents ({steps + args.skip} steps per epoch)",
-            "train_dit_user.py", args.dit_batch, "latents", bare, trainer)
+            "train_dit_user.py", args.dit_batch, "latents", bare, trainer, args.interleave == "step")
     if args.trainer in ("phaseformer", "all"):
         from data.underwater import build_synthetic_underwater
 
@@ -341,7 +356,7 @@ def main(args: argparse.Namespace) -> dict:
         results["phaseformer"] = print_table(
             f"train_phaseformer.py: phaseformer_tiny, crop {args.pf_crop} px from {args.pf_image_size} px pairs, batch {args.pf_batch}, "
             f"{args.pf_pairs} pairs ({steps + args.skip} steps per epoch), perceptual term on a random VGG16",
-            "train_phaseformer.py", args.pf_batch, "images", bare, trainer)
+            "train_phaseformer.py", args.pf_batch, "images", bare, trainer, args.interleave == "step")
     return results
 
 

@@ -46,6 +46,7 @@ import torch  # noqa: E402
 from bench.bench_ddpm_vs_diffusers import run_quietly, step_clock, step_times  # noqa: E402
 from bench.common import autocast_dtype, median, precision_name, synchronize  # noqa: E402
 from utils.accelerator import describe_device, enable_fast_math, resolve_device  # noqa: E402
+from utils.training import fused_optimizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINERS = ("dit", "phaseformer")
@@ -128,7 +129,7 @@ def dit_bare_steps(args, latent_dir: Path, work: Path, device, dtype, precision:
         model = model.to(device).train()
         # As train_dit_user.main builds it (re-read it when the trainer's optimiser changes).
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, config.adam_beta2),
-                                      weight_decay=config.weight_decay, fused=device.type in ("cuda", "cpu"))
+                                      weight_decay=config.weight_decay, fused=fused_optimizer(device))
         ema = EMA(model, decay=config.ema_decay, warmup=config.ema_warmup) if with_ema else None
 
         def step() -> float:
@@ -181,7 +182,7 @@ def phaseformer_argv(args, data: Path, vgg: Path, output_dir: Path, precision: s
 
 def phaseformer_bare_steps(args, data: Path, vgg: Path, work: Path, device, dtype, precision: str) -> dict:
     """{row: step function}: train_phaseformer.py's step (both heads, the weighted loss, clipping of the model's
-    gradients, Adam over the model and the loss weights) on one resident batch of its own training set."""
+    gradients, fused Adam over the model and the loss weights) on one resident batch of its own training set."""
     from torch.utils.data import default_collate
 
     import train_phaseformer as trainer
@@ -203,7 +204,8 @@ def phaseformer_bare_steps(args, data: Path, vgg: Path, work: Path, device, dtyp
     model = build_phaseformer(config.model, eca=config.eca).to(device).train()
     loss_fn.train()
     optimizer = torch.optim.Adam(
-        optimizer_param_groups(model, loss_fn, loss_weights_lr=config.loss_weights_lr), lr=config.learning_rate, betas=(config.beta1, 0.999)
+        optimizer_param_groups(model, loss_fn, loss_weights_lr=config.loss_weights_lr),
+        lr=config.learning_rate, betas=(config.beta1, 0.999), fused=fused_optimizer(device),
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
@@ -223,7 +225,7 @@ def phaseformer_bare_steps(args, data: Path, vgg: Path, work: Path, device, dtyp
         synchronize(device)
         return time.perf_counter() - started
 
-    return {"bare (forward, loss, backward, clip, Adam)": step}
+    return {"bare (forward, loss, backward, clip, fused Adam)": step}
 
 
 def run_phaseformer_trainer(args, data: Path, vgg: Path, work: Path, precision: str, steppers: dict | None) -> tuple[list[float], dict]:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import autocast_dtype, scaled_optimizer_step, synchronize, time_steps  # noqa: E402
+from bench.common import autocast_dtype, precision_name, scaled_optimizer_step, synchronize, time_steps  # noqa: E402
 from models.dit import DIT_SIZES, build_dit  # noqa: E402
 from models.user_generation import flow_matching_loss, flow_time_grid, generate_latents  # noqa: E402
 from utils.accelerator import describe_device, enable_fast_math, resolve_device  # noqa: E402
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     enable_fast_math()
     dtype = autocast_dtype(device, args.precision)
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    precision = precision_name(dtype)
     print(f"device: {describe_device(device)} | torch {torch.__version__} | {precision} | latents {LATENT}, {NUM_USERS} users"
           f"{' | gradient checkpointing' if args.gradient_checkpointing else ''}\n")
     print("| DiT size | parameters | batch | train latents/s | peak GiB |")

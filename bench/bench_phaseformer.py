@@ -37,7 +37,7 @@ import types  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.common import autocast_dtype, scaled_optimizer_step, synchronize, time_steps  # noqa: E402
+from bench.common import autocast_dtype, precision_name, scaled_optimizer_step, synchronize, time_steps  # noqa: E402
 from losses import PhaseformerLoss, optimizer_param_groups  # noqa: E402
 from losses.perceptual import default_vgg16_weights_path  # noqa: E402
 from models.phaseformer import PHASEFORMER_PRESETS, build_phaseformer  # noqa: E402
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     enable_fast_math()
     dtype = autocast_dtype(device, args.precision)
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    precision = precision_name(dtype)
     vgg_path = Path(args.vgg_weights) if args.vgg_weights else default_vgg16_weights_path()
     perceptual = "imagenet" if vgg_path.is_file() else "random"
     print(f"device: {describe_device(device)} | torch {torch.__version__} | {precision} | model {args.model}\n")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from utils.accelerator import precision_name  # noqa: F401  (the benches import it from here)
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -21,10 +23,6 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     from utils.accelerator import autocast_dtype as trainers_autocast_dtype
 
     return trainers_autocast_dtype("no" if precision == "fp32" else precision, device)
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def scaled_optimizer_step(loss, optimizer, scaler, parameters, max_grad_norm: float = 1.0) -> None:

@@ -175,13 +175,14 @@ def save_samples(generate_chunk, folder: Path, count: int, chunk_size: int, seed
     ``folder/sampling.json``; a rerun with other settings is refused (the folder would mix two sample sets).
     """
     from utils.checkpoint import atomic_write_text
+    from utils.config import setting_changes
     from utils.images import save_png_complete, tensor_to_pil
 
     folder.mkdir(parents=True, exist_ok=True)
     manifest = folder / "sampling.json"
     if manifest.exists():
         recorded = json.loads(manifest.read_text())
-        changed = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in settings.items() if recorded.get(key) != value]
+        changed = setting_changes(recorded, settings)
         if changed:
             raise UserError(f"{folder} holds samples made with other settings ({'; '.join(changed)}); pass another --output_dir "
                             "or the same settings to resume.")

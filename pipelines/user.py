@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from utils.accelerator import autocast_dtype
+from utils.accelerator import autocast_dtype, precision_name
 from utils.cli import add_device_flag, add_flag, add_precision_flags
 from utils.errors import UserError
 from utils.validators import check_output_dir, fraction, non_negative_float, non_negative_int, positive_float, positive_int, seed
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> dict:
         preview = bundle.checkpoint.get("preview", {}).get("autocast")
         precision = preview if preview in ("bf16", "fp16") else "no"
     dtype = autocast_dtype(precision, device)
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]  # as manifests record it
+    precision = precision_name(dtype)  # as manifests record it
     vae = load_vavae(vae_path, device=device, config=args.vavae_config)
     channels = bundle.stats.mean.shape[1]
     if vae.latent_channels != channels:
@@ -297,15 +297,18 @@ def kept_samples(output_dir: Path, items, layout: str, identity: dict, *, overwr
     import json
 
     from pipelines.user_io import user_image_files
+    from utils.config import setting_changes
 
     present = {item for item in items if all((output_dir / name).exists() for name in user_image_files(*item, layout))}
     if overwrite or not present:
         return set()
     manifest = output_dir / "manifest.json"
     recorded = json.loads(manifest.read_text()).get("identity") if manifest.exists() else None
-    if recorded != json.loads(json.dumps(identity)):  # compared as the manifest stores it (tuples become lists)
-        why = "no manifest.json says how they were made" if recorded is None else "they were made with " + "; ".join(
-            f"{key} {recorded.get(key)!r} (now {value!r})" for key, value in identity.items() if recorded.get(key) != value)
-        raise UserError(f"{len(present)} of the requested samples are already in --output_dir {output_dir}, but {why}; "
-                        "pass another --output_dir, or --overwrite to replace them.")
-    return present
+    if recorded is None:
+        why = "no manifest.json says how they were made"
+    elif changes := setting_changes(recorded, identity):
+        why = f"they were made with other settings ({'; '.join(changes)})"
+    else:
+        return present
+    raise UserError(f"{len(present)} of the requested samples are already in --output_dir {output_dir}, but {why}; "
+                    "pass another --output_dir, or --overwrite to replace them.")

@@ -153,7 +153,7 @@ def test_inference_into_a_folder_is_resumable_and_refuses_a_mixed_set(dit_run, s
     assert np.array_equal(pixels(out / "micro_doppler_grid.png"), grid)  # kept samples are read back for the grid
     assert [record["file"] for record in resumed["files"]] == [record["file"] for record in resumed["manifest"]["files"]]
     assert len(resumed["files"]) == 6
-    with pytest.raises(UserError, match="already in --output_dir .* guidance_scale"):
+    with pytest.raises(UserError, match=r"already in --output_dir .*other settings \(guidance_scale 4.0 -> 2.0\)"):
         infer.main(infer.parse_args([*flags, "--guidance_scale", "2.0"]))
     with pytest.raises(UserError, match="--save_latents stores the latents of every sample"):
         infer.main(infer.parse_args([*flags, "--save_latents"]))

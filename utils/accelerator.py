@@ -24,6 +24,11 @@ PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
 PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # accelerate's names -> autocast dtypes; "no" is fp32
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """An autocast dtype as logs, manifests and benchmark tables name it: ``bf16``, ``fp16``, or ``fp32`` for None."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 def resolve_device(choice: str = "auto") -> torch.device:
     """``--device auto|cuda|cpu`` -> a torch device; asking for CUDA where there is none is an error."""
     if choice == "auto":

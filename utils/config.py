@@ -211,6 +211,16 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def setting_changes(recorded: dict, current: dict) -> list[str]:
+    """``"key old -> new"`` for each of ``current``'s settings that differs from ``recorded`` (as read back from JSON:
+    ``current`` is compared as JSON would store it, so tuples equal lists). Sample folders use it to refuse a rerun
+    with other settings, which would mix two sample sets."""
+    import json
+
+    current = json.loads(json.dumps(current))
+    return [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in current.items() if recorded.get(key) != value]
+
+
 def config_to_dict(config: argparse.Namespace | dict) -> dict:
     """Plain, YAML- and ``weights_only``-safe copy of a Namespace or dict (paths and tuples become str/list)."""
     items = vars(config) if isinstance(config, argparse.Namespace) else dict(config)

@@ -277,9 +277,9 @@ def timed_run(run, log_path: Path, args, steppers: dict | None) -> tuple[list[fl
     times: list[float] = []
     bare: dict[str, list[float]] = {name: [] for name in steppers}
     for stamps in clock.bars:
-        intervals = [b - a - pause for a, b, pause in zip(stamps, stamps[1:], inserted[id(stamps)])][args.skip :]
+        intervals = [b - a - pause for a, b, pause in zip(stamps, stamps[1:], inserted.get(id(stamps), []))][args.skip :]
         times += intervals
-        for name, values in alongside[id(stamps)].items():
+        for name, values in alongside.get(id(stamps), {}).items():
             bare[name] += values[args.skip : args.skip + len(intervals)]
     return times, bare
 

@@ -59,6 +59,7 @@ run loop_overhead 90 "$PY" bench/bench_loop_overhead.py --size 32 --preset 32 --
   --workers 8
 run dit_vs_lightningdit 150 "$PY" bench/bench_dit_vs_lightningdit.py --lightningdit_repo "$LIGHTNINGDIT_REPO" \
   --size B --batch 32 --train_steps 10 --rounds 3 --compile
+run loop_overhead_families 120 "$PY" bench/bench_loop_overhead_families.py --rounds 3 --workers 8
 run throughput 280 "$PY" bench/bench_throughput.py --models ddpm32 ditB --batch probe --probe_limit 512 \
   --compile_modes none default --train_steps 20 --warmup 5
 run throughput_fp16 90 "$PY" bench/bench_throughput.py --models ddpm32 ditB --batch 64 --precision fp16 \
@@ -69,6 +70,7 @@ if [ -f "$SAMPLER_CHECKPOINT" ]; then
   run fast_samplers 900 "$PY" bench/bench_fast_samplers.py --checkpoint "$SAMPLER_CHECKPOINT" --samples 64 --batch 64
 fi
 run latent_samplers 300 "$PY" bench/bench_latent_samplers.py
+run latent_unet_vs_note 600 "$PY" bench/bench_latent_unet_vs_note.py --rounds 3
 
 # The GPU-marked tests (skipped without a GPU).
 run gpu_tests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider

@@ -94,8 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the default interval (default 1 = no shift; none: skip)")
     parser.add_argument("--sample_batch", type=int, default=256, help="samples generated at once (default 256)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data, training and judge; the noise uses seed + 1, as "
-                        "the evidence script (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, training and judge (default 0)")
+    parser.add_argument("--noise_seed", type=int, default=None, help="run seed of the samples' noise (default --seed + 1, as the "
+                        "evidence script); another value is another draw from the same trained model")
     parser.add_argument("--smoke", action="store_true", help="tiny everything for the test suite (seconds): 2 users, 1 "
                         "epoch of batch 8, 2 samples per user, reference Euler-4, rows Euler-2 and Heun-1")
     args = parser.parse_args(argv)
@@ -105,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.samples_per_user, args.reference_steps, args.euler_steps, args.heun_steps = 2, 4, [2], [1]
         args.out_dir = args.out_dir or tempfile.mkdtemp(prefix="bench_dit_samplers_")
     args.out_dir = args.out_dir or "outputs/bench_dit_samplers"
+    args.noise_seed = args.seed + 1 if args.noise_seed is None else args.noise_seed
     if not 2 <= args.num_users <= len(USER_PATTERNS):
         parser.error(f"--num_users must be between 2 and {len(USER_PATTERNS)}")
     if any(steps < 1 for steps in [args.reference_steps, *args.euler_steps, *args.heun_steps]) or args.samples_per_user < 1:
@@ -217,7 +219,7 @@ def main(args: argparse.Namespace) -> dict:
         reference = None
         for sampler, steps in samplers:
             began = time.perf_counter()
-            latents = generate_latents(bundle.model, "dit", users, args.samples_per_user, seed=args.seed + 1, num_steps=steps,
+            latents = generate_latents(bundle.model, "dit", users, args.samples_per_user, seed=args.noise_seed, num_steps=steps,
                                        sampler=sampler, guidance_scale=setting["guidance"], guidance_interval=setting["interval"],
                                        shift=setting["shift"], batch_size=args.sample_batch, device="cpu")
             seconds = (time.perf_counter() - began) / count
@@ -261,10 +263,11 @@ def render(args, rows: list[dict], real_accuracy: float, real_count: int, count:
         lines.append(f"| {row['setting']} | {row['sampler'].capitalize()}-{row['steps']} | {row['passes']} | "
                      f"{row['accuracy']:.3f} ± {row['accuracy_se']:.3f} | {row['delta']:+.3f} ({row['delta_se']:.3f}) | "
                      f"{row['ode_error']:.4f} | {row['s_per_image']:.4f} |")
-    return ("\n".join(lines) + f"\n\n{count} samples per row ({args.samples_per_user} per user, {args.num_users} users, the same "
-            f"noises in every row); judge accuracy on {real_count} real held-out images {real_accuracy:.3f}, chance "
-            f"{1 / args.num_users:.3f}. Guidance {args.guidance_scale:g}; the default is {ref}, guidance from t = 0.11, shift "
-            f"{DEFAULT_SHIFT}. {seconds / 60:.1f} min in all, {torch.get_num_threads()} thread(s).\n")
+    notes = (f"{count} samples per row ({args.samples_per_user} per user, {args.num_users} users, the same noises in every row, "
+             f"noise seed {args.noise_seed}); judge accuracy on {real_count} real held-out images {real_accuracy:.3f}, chance "
+             f"{1 / args.num_users:.3f}. Guidance {args.guidance_scale:g}; the default is {ref}, guidance from t = 0.11, shift "
+             f"{DEFAULT_SHIFT}. {seconds / 60:.1f} min in all, {torch.get_num_threads()} thread(s).")
+    return "\n".join(lines) + f"\n\n{notes}\n"
 
 
 if __name__ == "__main__":

@@ -53,7 +53,14 @@ from bench.bench_dit_user import model_passes  # noqa: E402
 from data.latents import STATS_FILENAME, compute_latent_stats, save_latent_file  # noqa: E402
 from models.user_generation import generate_latents  # noqa: E402
 from models.user_pipeline import load_user_checkpoint  # noqa: E402
-from scripts.user_conditioning_evidence import PIXEL_FINGERPRINT, USER_PATTERNS, accuracy, build_images, train_classifier  # noqa: E402
+from scripts.user_conditioning_evidence import (  # noqa: E402
+    PIXEL_FINGERPRINT,
+    USER_PATTERNS,
+    accuracy,
+    add_data_and_training_flags,
+    build_images,
+    train_classifier,
+)
 from utils.checkpoint import atomic_write_text  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 
@@ -71,17 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "outputs/bench_dit_samplers; with --smoke a fresh temporary folder)")
     parser.add_argument("--checkpoint", default=None, help="a trained run's checkpoint (e.g. an evidence run's "
                         "run/checkpoints/last.ckpt) to sample instead of training; its data must be this --seed's")
-    parser.add_argument("--num_users", type=int, default=5, help=f"users (pattern families), 2 to {len(USER_PATTERNS)} (default 5)")
-    parser.add_argument("--train_per_user", type=int, default=160, help="training images per user (default 160, the evidence's)")
-    parser.add_argument("--test_per_user", type=int, default=40, help="held-out real images per user (default 40)")
-    parser.add_argument("--size", type=int, default=16, help="image side = latent side (default 16)")
-    parser.add_argument("--model_size", default="tiny", help="DiT size (default tiny)")
-    parser.add_argument("--patch_size", type=int, default=2, help="DiT patch size (default 2: 64 tokens)")
-    parser.add_argument("--epochs", type=int, default=250, help="diffusion training epochs (default 250, the evidence's)")
-    parser.add_argument("--batch_size", type=int, default=32, help="diffusion training batch (default 32)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="diffusion learning rate (default 1e-3)")
-    parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay (default 0.999, with warm-up)")
-    parser.add_argument("--classifier_epochs", type=int, default=30, help="epochs of the judge (default 30)")
+    add_data_and_training_flags(parser)  # the evidence script's: same data, recipe and judge
     parser.add_argument("--samples_per_user", type=int, default=50, help="generated samples per user and row (default 50)")
     parser.add_argument("--reference_steps", type=int, default=250, help="Euler updates of the reference (default 250, "
                         "the DiT's sampling default)")
@@ -93,8 +90,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--other_shifts", type=float, nargs="*", default=[1.0], help="shifts tried besides 0.3, guided with "
                         "the default interval (default 1 = no shift; none: skip)")
     parser.add_argument("--sample_batch", type=int, default=256, help="samples generated at once (default 256)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data, training and judge (default 0)")
     parser.add_argument("--noise_seed", type=int, default=None, help="run seed of the samples' noise (default --seed + 1, as the "
                         "evidence script); another value is another draw from the same trained model")
     parser.add_argument("--smoke", action="store_true", help="tiny everything for the test suite (seconds): 2 users, 1 "

@@ -70,6 +70,7 @@ if [ -f "$SAMPLER_CHECKPOINT" ]; then
   run fast_samplers 900 "$PY" bench/bench_fast_samplers.py --checkpoint "$SAMPLER_CHECKPOINT" --samples 64 --batch 64
 fi
 run latent_samplers 300 "$PY" bench/bench_latent_samplers.py
+run dit_samplers 1800 "$PY" bench/bench_dit_samplers.py --samples_per_user 60
 run latent_unet_vs_note 600 "$PY" bench/bench_latent_unet_vs_note.py --rounds 3
 
 # The GPU-marked tests (skipped without a GPU).

@@ -58,10 +58,10 @@ USER_PATTERNS = [
 ]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out_dir", default="outputs/user_conditioning_evidence", help="data, run, grids and the table go here")
-    parser.add_argument("--num_users", type=int, default=5, help=f"users (pattern families), at most {len(USER_PATTERNS)} (default 5)")
+def add_data_and_training_flags(parser: argparse.ArgumentParser) -> None:
+    """The evidence set, the DiT's training recipe and the judge: shared with ``bench/bench_dit_samplers.py``, whose
+    runs therefore train the same model on the same data."""
+    parser.add_argument("--num_users", type=int, default=5, help=f"users (pattern families), 2 to {len(USER_PATTERNS)} (default 5)")
     parser.add_argument("--train_per_user", type=int, default=160, help="training images per user (default 160)")
     parser.add_argument("--test_per_user", type=int, default=40, help="held-out real images per user (default 40)")
     parser.add_argument("--size", type=int, default=16, help="image side = latent side (default 16, the VA-VAE latent grid)")
@@ -71,13 +71,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=32, help="diffusion training batch (default 32)")
     parser.add_argument("--lr", type=float, default=1e-3, help="diffusion learning rate (default 1e-3 for the tiny model)")
     parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay (default 0.999, with warm-up)")
+    parser.add_argument("--classifier_epochs", type=int, default=30, help="epochs of the judging classifier (default 30)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, training and the judge (default 0)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default="outputs/user_conditioning_evidence", help="data, run, grids and the table go here")
+    add_data_and_training_flags(parser)
     parser.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 2.0, 4.0],
                         help="guidance scales to evaluate (default 1 2 4)")
     parser.add_argument("--samples_per_user", type=int, default=60, help="generated samples per user and guidance scale (default 60)")
     parser.add_argument("--num_steps", type=int, default=50, help="Euler steps (default 50)")
-    parser.add_argument("--classifier_epochs", type=int, default=30, help="epochs of the judging classifier (default 30)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data, training, classifier and sampling (default 0)")
     args = parser.parse_args(argv)
     if not 2 <= args.num_users <= len(USER_PATTERNS):
         parser.error(f"--num_users must be between 2 and {len(USER_PATTERNS)}")

@@ -239,24 +239,27 @@ def guided_prediction(
     guide: bool = True,
     guidance_channels: int | None = None,
     autocast_dtype: torch.dtype | None = None,
+    batched: bool | None = None,
 ) -> torch.Tensor:
     """``uncond + scale * (cond - uncond)`` on the first ``guidance_channels`` channels (None = all).
 
     Unguided channels keep the conditional prediction (as in the reference). When ``guide`` is False or
-    the scale is 1 only the conditional pass runs.
+    the scale is 1 only the conditional pass runs. ``batched``: the two passes as one doubled batch (None: on a GPU,
+    where it halves the kernel launches; on the CPU the doubled batch runs 3-19% slower per sample, measured on
+    DiT-S and the latent UNet, so there the passes run one after the other).
     """
     if not guide or guidance_scale == 1.0:
         return _model_output(model, x, timestep, labels, autocast_dtype)
     if null_label is None:
         raise UserError("This model was trained without a null user (label dropout 0), so guidance is impossible; use --guidance_scale 1.")
-    both = _model_output(
-        model,
-        torch.cat([x, x]),
-        torch.cat([timestep, timestep]),
-        torch.cat([labels, torch.full_like(labels, null_label)]),
-        autocast_dtype,
-    )
-    cond, uncond = both.chunk(2)
+    null_labels = torch.full_like(labels, null_label)
+    if batched if batched is not None else x.device.type != "cpu":
+        both = _model_output(model, torch.cat([x, x]), torch.cat([timestep, timestep]), torch.cat([labels, null_labels]),
+                             autocast_dtype)
+        cond, uncond = both.chunk(2)
+    else:
+        cond = _model_output(model, x, timestep, labels, autocast_dtype)
+        uncond = _model_output(model, x, timestep, null_labels, autocast_dtype)
     channels = cond.shape[1] if guidance_channels is None else guidance_channels
     guided = cond.clone()
     guided[:, :channels] = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])

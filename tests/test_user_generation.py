@@ -9,6 +9,7 @@ from models.user_generation import (
     build_noise_scheduler,
     ddpm_loss,
     generate_latents,
+    guided_prediction,
     sample_ddim,
     sample_flow,
     training_loss,
@@ -80,11 +81,16 @@ def test_guidance_uses_the_null_user_on_all_channels():
     noise = torch.zeros(2, 5, 2, 2)
     labels = torch.tensor([0, 2])
     out = sample_flow(probe, noise, labels, null_label=3, num_steps=1, guidance_scale=4.0)
-    assert probe.calls == [(4, 0.0, [0, 2, 3, 3])]  # conditional rows, then the null user (index num_users)
+    assert probe.calls == [(2, 0.0, [0, 2]), (2, 0.0, [3, 3])]  # on the CPU: conditional, then the null user (num_users)
     channel = torch.arange(1, 6.0).view(1, -1, 1, 1)
     cond, uncond = torch.tensor([1.0, 3.0]).view(-1, 1, 1, 1) * channel, 4.0 * channel
     expected = uncond + 4.0 * (cond - uncond)  # one Euler step of length 1 from zero noise
     torch.testing.assert_close(out, expected.expand_as(out))
+    # The GPU's layout, one doubled batch (conditional rows, then the null rows): the same prediction.
+    probe.calls.clear()
+    velocity = guided_prediction(probe, noise, torch.zeros(2), labels, null_label=3, guidance_scale=4.0, batched=True)
+    assert probe.calls == [(4, 0.0, [0, 2, 3, 3])]
+    torch.testing.assert_close(velocity, expected.expand_as(out))
 
 
 def test_three_channel_guidance_only_when_asked():
@@ -101,7 +107,7 @@ def test_guidance_interval_skips_the_unconditional_pass():
     sample_flow(
         probe, torch.zeros(2, 3, 2, 2), torch.tensor([0, 1]), null_label=3, num_steps=4, guidance_scale=2.0, guidance_interval=(0.5, 1.0)
     )
-    assert [(batch, t) for batch, t, _ in probe.calls] == [(2, 0.0), (2, 0.25), (4, 0.5), (4, 0.75)]
+    assert [(batch, t) for batch, t, _ in probe.calls] == [(2, 0.0), (2, 0.25), (2, 0.5), (2, 0.5), (2, 0.75), (2, 0.75)]
     probe.calls.clear()
     sample_flow(probe, torch.zeros(2, 3, 2, 2), torch.tensor([0, 1]), null_label=3, num_steps=3, sampler="heun", guidance_scale=1.0)
     assert all(batch == 2 for batch, _, _ in probe.calls) and len(probe.calls) == 6  # scale 1: never a null pass
@@ -110,7 +116,7 @@ def test_guidance_interval_skips_the_unconditional_pass():
 def test_generate_reads_num_users_from_the_model_and_maps_ids(dit):
     recorder = Recorder(dit)
     generate_latents(recorder, "dit", [1, 3], 1, seed=0, num_steps=2, guidance_scale=3.0)
-    assert recorder.labels == [[0, 2, 3, 3], [0, 2, 3, 3]]
+    assert recorder.labels == [[0, 2], [3, 3], [0, 2], [3, 3]]  # on the CPU the null pass follows the conditional one
     with pytest.raises(UserError, match=r"\[0, 4\] are outside the valid range 1\.\.3"):
         generate_latents(dit, "dit", [0, 1, 4], 1, seed=0, num_steps=2)
     no_null = build_dit("tiny", num_users=3, input_size=4, in_channels=4, depth=1, class_dropout_prob=0.0)
@@ -151,8 +157,8 @@ def test_unet_ddim_generation_follows_the_same_rules(unet):
     together = generate_latents(recorder, "unet", [1, 3], 2, batch_size=4, **settings)
     assert together.shape == (4, 4, 8, 8)
     # Trailing DDIM timesteps 999, 749, 499, 249 are flow times 0.001, 0.251, 0.501, 0.751: the null user only inside (0, 0.6).
-    assert [len(labels) for labels in recorder.labels] == [8, 8, 8, 4]
-    assert recorder.labels[0] == [0, 0, 2, 2, 3, 3, 3, 3]
+    assert [len(labels) for labels in recorder.labels] == [4, 4, 4, 4, 4, 4, 4]  # guided steps: two passes of 4 each
+    assert recorder.labels[:2] == [[0, 0, 2, 2], [3, 3, 3, 3]]
     alone = generate_latents(unet, "unet", [3], 2, batch_size=1, **settings)
     torch.testing.assert_close(alone, together[2:], atol=1e-4, rtol=1e-4)  # batched GEMMs round differently
     noisy = dict(settings, eta=0.7)

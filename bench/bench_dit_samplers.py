@@ -58,7 +58,7 @@ from scripts.user_conditioning_evidence import (  # noqa: E402
     USER_PATTERNS,
     accuracy,
     add_data_and_training_flags,
-    build_images,
+    build_splits,
     train_classifier,
 )
 from utils.checkpoint import atomic_write_text  # noqa: E402
@@ -195,8 +195,7 @@ def main(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     out = Path(args.out_dir)
-    train_images, train_users = build_images(args.num_users, args.train_per_user, args.size, args.seed)
-    test_images, test_users = build_images(args.num_users, args.test_per_user, args.size, args.seed + 1000)
+    train_images, train_users, test_images, test_users = build_splits(args)
     with torch.enable_grad():
         checkpoint = train_or_reuse(args, train_images, train_users, test_images, test_users)
         bundle = load_matching(checkpoint, args, train_images)

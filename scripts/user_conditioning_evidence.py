@@ -183,13 +183,19 @@ def accuracy(classifier, images, users) -> tuple[float, list[float]]:
 # --------------------------------------------------------------------------------------------------
 
 
+def build_splits(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training images and users, and the held-out ones (another seed), of ``add_data_and_training_flags``' args."""
+    train_images, train_users = build_images(args.num_users, args.train_per_user, args.size, args.seed)
+    test_images, test_users = build_images(args.num_users, args.test_per_user, args.size, args.seed + 1000)
+    return train_images, train_users, test_images, test_users
+
+
 def main(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     out = Path(args.out_dir)
-    train_images, train_users = build_images(args.num_users, args.train_per_user, args.size, args.seed)
-    test_images, test_users = build_images(args.num_users, args.test_per_user, args.size, args.seed + 1000)
+    train_images, train_users, test_images, test_users = build_splits(args)
     examples = torch.cat([train_images[train_users == u][:8] for u in range(1, args.num_users + 1)])
     save_user_grid(examples, list(range(1, args.num_users + 1)), 8, out / "real_examples.png")
 

@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.bench_ddpm_vs_diffusers import run_quietly, step_clock, step_times  # noqa: E402
-from bench.common import autocast_dtype, median, precision_name, synchronize  # noqa: E402
+from bench.common import autocast_dtype, median, precision_name, scaled_optimizer_step, synchronize  # noqa: E402
 from utils.accelerator import describe_device, enable_fast_math, resolve_device  # noqa: E402
 from utils.training import fused_optimizer  # noqa: E402
 
@@ -159,12 +159,7 @@ def dit_bare_steps(args, latent_dir: Path, work: Path, device, dtype, precision:
             started = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = trainer.training_loss("dit", model, latents, labels, **objective)["loss"]
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            scaled_optimizer_step(loss, optimizer, scaler, model.parameters(), config.max_grad_norm)
             if ema is not None:
                 ema.update(model)
             synchronize(device)
@@ -237,13 +232,7 @@ def phaseformer_bare_steps(args, data: Path, vgg: Path, work: Path, device, dtyp
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             fake_b_L, fake_b_H = model(inputs)
             total, _ = loss_fn(fake_b_L.float(), fake_b_H.float(), target, target_2x)
-        scaler.scale(total).backward()
-        scaler.unscale_(optimizer)
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        scaled_optimizer_step(total, optimizer, scaler, model.parameters(), config.max_grad_norm)
         synchronize(device)
         return time.perf_counter() - started
 
@@ -354,13 +343,7 @@ def seesr_bare_steps(args, folders: dict[str, Path], work: Path, device, dtype, 
                 injector=injector, noise_scheduler=sd2.noise_scheduler, generator=trainer.loss_generator(config.seed, micro[0], single),
             )
         micro[0] += 1
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        scaled_optimizer_step(loss, optimizer, scaler, parameters, config.max_grad_norm)
         synchronize(device)
         return time.perf_counter() - started
 

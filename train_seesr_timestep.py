@@ -93,7 +93,15 @@ from utils.config import ArgumentParser, add_config_argument, config_to_dict, ex
 from utils.errors import CheckpointError, UserError, run_cli
 from utils.log import LossMeter, TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
 from utils.resume import given_flags, resolve_resumed_config
-from utils.training import CheckpointCadence, NonFiniteGuard, backward_and_step, fused_optimizer, out_of_memory_message, unwrap
+from utils.training import (
+    CheckpointCadence,
+    NonFiniteGuard,
+    backward_and_step,
+    fused_optimizer,
+    keeping_optimizer_implementation,
+    out_of_memory_message,
+    unwrap,
+)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_NAME = "training_state.json"
@@ -897,7 +905,8 @@ def main(args: argparse.Namespace) -> dict:
     global_step, micro_step, first_epoch, skip_batches, history = 0, 0, 0, 0, []
     if resume_dir is not None:
         try:
-            accelerator.load_state(str(resume_dir))
+            with keeping_optimizer_implementation(optimizer):
+                accelerator.load_state(str(resume_dir))
         except FileNotFoundError as error:
             raise CheckpointError(f"{resume_dir} is incomplete ({error.filename} is missing); resume from another "
                                   "checkpoint.") from None

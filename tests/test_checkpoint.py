@@ -16,6 +16,7 @@ from utils.checkpoint import (
     rotate_checkpoints,
 )
 from utils.errors import CheckpointError
+from utils.training import keeping_optimizer_implementation
 
 
 def test_atomic_save_round_trip(tmp_path):
@@ -94,3 +95,20 @@ def test_rng_state_round_trip_through_a_safe_checkpoint(tmp_path):
     assert random.random() == expected[0]
     assert np.random.rand() == expected[1]
     torch.testing.assert_close(torch.rand(3), expected[2])
+
+
+def test_a_resumed_optimiser_keeps_this_runs_fused_choice():
+    """PyTorch takes every param-group option from a saved optimiser state, fused/foreach included; a run resumed from
+    a checkpoint of the unfused path must stay fused (as this run built it) and still get the saved moments."""
+    model = torch.nn.Linear(4, 4)
+    earlier = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    earlier.step()
+    saved = earlier.state_dict()
+    assert saved["param_groups"][0]["fused"] is None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    with keeping_optimizer_implementation(optimizer):
+        optimizer.load_state_dict(saved)
+    assert optimizer.param_groups[0]["fused"] is True
+    assert float(optimizer.state[model.weight]["step"]) == 1.0
+    torch.testing.assert_close(optimizer.state[model.weight]["exp_avg"], earlier.state[model.weight]["exp_avg"])

@@ -41,17 +41,16 @@ from PIL import Image  # noqa: E402
 
 from bench.common import (  # noqa: E402
     StepClock,
-    autocast_dtype,
+    bench_device,
     import_from_checkout,
     median,
     missing_checkout,
-    precision_name,
     synchronize,
 )
 from data.demo_data import build_demo_image_folder  # noqa: E402
 from models.ddpm_sampling import ddpm_loss, make_noise_scheduler  # noqa: E402
 from models.ddpm_unet import ddpm_unet_config  # noqa: E402
-from utils.accelerator import describe_device, enable_fast_math, reset_accelerate_state, resolve_device  # noqa: E402
+from utils.accelerator import describe_device, reset_accelerate_state, resolve_device  # noqa: E402
 
 REFERENCE = "unconditional_image_generation/train_unconditional.py"
 
@@ -269,10 +268,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
-    device = resolve_device(args.device)
-    enable_fast_math()
-    dtype = autocast_dtype(device, args.precision)
-    precision = precision_name(dtype)
+    device, dtype, precision = bench_device(args.device, args.precision)
     reference = None
     if not missing_checkout("--diffusers_examples", args.diffusers_examples, REFERENCE, "github.com/huggingface/diffusers"):
         install_imagefolder_stand_in()

@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import autocast_dtype, precision_name, scaled_optimizer_step, synchronize, time_steps  # noqa: E402
+from bench.common import bench_device, scaled_optimizer_step, synchronize, time_steps  # noqa: E402
 from models.dit import DIT_SIZES, build_dit  # noqa: E402
 from models.user_generation import flow_matching_loss, flow_time_grid, generate_latents  # noqa: E402
-from utils.accelerator import describe_device, enable_fast_math, resolve_device  # noqa: E402
+from utils.accelerator import describe_device  # noqa: E402
 from utils.ema import EMA  # noqa: E402
 
 NUM_USERS = 31
@@ -111,10 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         args.train_steps, args.warmup, args.device, args.precision = 1, 0, "cpu", "fp32"
         configs = {name: (sampler, 2) for name, (sampler, _) in SAMPLING_CONFIGS.items()}
 
-    device = resolve_device(args.device)
-    enable_fast_math()
-    dtype = autocast_dtype(device, args.precision)
-    precision = precision_name(dtype)
+    device, dtype, precision = bench_device(args.device, args.precision)
     print(f"device: {describe_device(device)} | torch {torch.__version__} | {precision} | latents {LATENT}, {NUM_USERS} users"
           f"{' | gradient checkpointing' if args.gradient_checkpointing else ''}\n")
     print("| DiT size | parameters | batch | train latents/s | peak GiB |")

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    autocast_dtype,
+    bench_device,
     import_from_checkout,
     interleave,
     median,
@@ -49,7 +49,7 @@ from bench.common import (  # noqa: E402
 )
 from models.dit import DIT_SIZES, LightningDiT, build_dit, dit_config  # noqa: E402
 from models.user_generation import flow_matching_loss, sample_flow  # noqa: E402
-from utils.accelerator import describe_device, enable_fast_math, resolve_device  # noqa: E402
+from utils.accelerator import describe_device  # noqa: E402
 from utils.ema import EMA  # noqa: E402
 from utils.training import fused_optimizer  # noqa: E402
 
@@ -127,10 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
-    device = resolve_device(args.device)
-    enable_fast_math()
-    dtype = autocast_dtype(device, args.precision)
-    print(f"device: {describe_device(device)} | torch {torch.__version__} | {precision_name(dtype)} | DiT-{args.size}, "
+    device, dtype, precision = bench_device(args.device, args.precision)
+    print(f"device: {describe_device(device)} | torch {torch.__version__} | {precision} | DiT-{args.size}, "
           f"latents {LATENT}, {NUM_USERS} users | batch {args.batch} | {args.rounds} rounds\n")
     have_reference = not missing_checkout("--lightningdit_repo", args.lightningdit_repo, "models/lightningdit.py",
                                           "github.com/hustvl/LightningDiT")

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.bench_ddpm_vs_diffusers import make_bare_step, run_ours  # noqa: E402
-from bench.common import autocast_dtype, median, precision_name  # noqa: E402
+from bench.common import bench_device, median  # noqa: E402
 from data.demo_data import build_demo_image_folder  # noqa: E402
-from utils.accelerator import describe_device, enable_fast_math, resolve_device  # noqa: E402
+from utils.accelerator import describe_device  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,10 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
-    device = resolve_device(args.device)
-    enable_fast_math()
-    dtype = autocast_dtype(device, args.precision)
-    precision = precision_name(dtype)
+    device, dtype, precision = bench_device(args.device, args.precision)
     work = Path(tempfile.mkdtemp(prefix="bench_loop_overhead_"))
     folder = build_demo_image_folder(work / "images", size=args.size, count=args.images)
     steps = max(args.images // args.batch - args.skip, 1)

@@ -55,8 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.bench_ddpm_vs_diffusers import run_quietly, step_clock, step_times  # noqa: E402
-from bench.common import autocast_dtype, median, precision_name, scaled_optimizer_step, synchronize  # noqa: E402
-from utils.accelerator import describe_device, enable_fast_math, resolve_device  # noqa: E402
+from bench.common import bench_device, median, scaled_optimizer_step, synchronize  # noqa: E402
+from utils.accelerator import describe_device  # noqa: E402
 from utils.training import fused_optimizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -480,13 +480,10 @@ def print_table(title: str, script: str, batch: int, unit: str, bare: dict[str, 
 
 
 def main(args: argparse.Namespace) -> dict:
-    device = resolve_device(args.device)
+    device, dtype, precision = bench_device(args.device, args.precision)
     args.device = device.type  # the trainers get the device the bare steps run on
     if args.interleave == "auto":
         args.interleave = "epoch" if device.type == "cuda" else "step"
-    enable_fast_math()
-    dtype = autocast_dtype(device, args.precision)
-    precision = precision_name(dtype)
     work = Path(tempfile.mkdtemp(prefix="bench_loop_overhead_families_"))
     print(f"device: {describe_device(device)} | torch {torch.__version__} | {precision} | "
           f"{args.rounds} rounds, first {args.skip} steps of each epoch not counted | logs in {work}")

@@ -37,12 +37,12 @@ import types  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.common import autocast_dtype, precision_name, scaled_optimizer_step, synchronize, time_steps  # noqa: E402
+from bench.common import bench_device, scaled_optimizer_step, synchronize, time_steps  # noqa: E402
 from losses import PhaseformerLoss, optimizer_param_groups  # noqa: E402
 from losses.perceptual import default_vgg16_weights_path  # noqa: E402
 from models.phaseformer import PHASEFORMER_PRESETS, build_phaseformer  # noqa: E402
 from models.phaseformer_enhance import enhance  # noqa: E402
-from utils.accelerator import describe_device, enable_fast_math, resolve_device  # noqa: E402
+from utils.accelerator import describe_device  # noqa: E402
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -138,10 +138,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.official_dir and args.model != "phaseformer":
         parser.error("--official_dir compares the official model, which has the 'phaseformer' preset's size; use --model phaseformer")
-    device = resolve_device(args.device)
-    enable_fast_math()
-    dtype = autocast_dtype(device, args.precision)
-    precision = precision_name(dtype)
+    device, dtype, precision = bench_device(args.device, args.precision)
     vgg_path = Path(args.vgg_weights) if args.vgg_weights else default_vgg16_weights_path()
     perceptual = "imagenet" if vgg_path.is_file() else "random"
     print(f"device: {describe_device(device)} | torch {torch.__version__} | {precision} | model {args.model}\n")

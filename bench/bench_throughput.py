@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    autocast_dtype,
+    bench_device,
     count_flops,
     peak_tflops,
     precision_name,
@@ -37,7 +37,7 @@ from models.ddpm_sampling import ddpm_loss, make_noise_scheduler  # noqa: E402
 from models.ddpm_unet import build_ddpm_unet  # noqa: E402
 from models.dit import build_dit  # noqa: E402
 from models.user_generation import flow_matching_loss  # noqa: E402
-from utils.accelerator import describe_device, enable_fast_math, resolve_device  # noqa: E402
+from utils.accelerator import describe_device  # noqa: E402
 from utils.batch_size import probe_max_batch_size  # noqa: E402
 from utils.ema import EMA  # noqa: E402
 
@@ -142,9 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> list[dict]:
-    device = resolve_device(args.device)
-    enable_fast_math()
-    dtype = autocast_dtype(device, args.precision)
+    device, dtype, _ = bench_device(args.device, args.precision)
     peak = peak_tflops(device, dtype, args.peak_tflops)
     peak_text = f"peak {peak:g} TFLOP/s" if peak else "peak unknown (MFU n/a; --peak_tflops)"
     print(f"device: {describe_device(device)} | torch {torch.__version__} | {precision_name(dtype)} | {peak_text}\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from utils.accelerator import precision_name  # noqa: F401  (the benches import it from here)
+from utils.accelerator import precision_name
 
 
 def synchronize(device: torch.device) -> None:
@@ -23,6 +23,17 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     from utils.accelerator import autocast_dtype as trainers_autocast_dtype
 
     return trainers_autocast_dtype("no" if precision == "fp32" else precision, device)
+
+
+def bench_device(device: str, precision: str) -> tuple[torch.device, torch.dtype | None, str]:
+    """``--device`` and ``--precision`` as the benches read them: the device (TF32 and cuDNN autotuning on, as the
+    trainers run), its autocast dtype (None for fp32) and that dtype's name for the tables."""
+    from utils.accelerator import enable_fast_math, resolve_device
+
+    resolved = resolve_device(device)
+    enable_fast_math()
+    dtype = autocast_dtype(resolved, precision)
+    return resolved, dtype, precision_name(dtype)
 
 
 def scaled_optimizer_step(loss, optimizer, scaler, parameters, max_grad_norm: float = 1.0) -> None:

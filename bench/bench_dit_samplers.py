@@ -48,9 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import train_dit_user  # noqa: E402
 from bench.bench_dit_user import model_passes  # noqa: E402
-from data.latents import STATS_FILENAME, compute_latent_stats, save_latent_file  # noqa: E402
+from data.latents import compute_latent_stats  # noqa: E402
 from models.user_generation import generate_latents  # noqa: E402
 from models.user_pipeline import load_user_checkpoint  # noqa: E402
 from scripts.user_conditioning_evidence import (  # noqa: E402
@@ -60,8 +59,10 @@ from scripts.user_conditioning_evidence import (  # noqa: E402
     add_data_and_training_flags,
     build_splits,
     train_classifier,
+    train_evidence_model,
 )
-from utils.checkpoint import atomic_write_text  # noqa: E402
+from utils.checkpoint import atomic_write_text
+from utils.config import setting_changes  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 
 DEFAULT_INTERVAL = (0.11, 1.0)  # LightningDiT's cfg_interval_start, the DiT's sampling default
@@ -124,26 +125,13 @@ def train_or_reuse(args: argparse.Namespace, train_images: torch.Tensor, train_u
     recipe = {key: getattr(args, key) for key in TRAINING_KEYS}
     recipe_file = out / "training.json"
     if checkpoint.is_file() and recipe_file.is_file():
-        stored = json.loads(recipe_file.read_text())
-        if stored != recipe:
-            changed = sorted(key for key in recipe if stored.get(key) != recipe[key])
-            raise UserError(f"{out} holds a run trained with other settings ({', '.join(changed)}); pass a new --out_dir, "
+        if changed := setting_changes(json.loads(recipe_file.read_text()), recipe):
+            raise UserError(f"{out} holds a run trained with other settings ({'; '.join(changed)}); pass a new --out_dir, "
                             f"or the run's own settings to reuse it.")
         print(f"== reusing the trained run {checkpoint} ==", flush=True)
         return checkpoint
-    latent_dir = out / "latents"  # the images are the "latents": the evidence script's files, a VA-VAE run's format
-    common = dict(num_users=args.num_users, vae_fingerprint=PIXEL_FINGERPRINT, posterior="mode", image_size=args.size)
-    save_latent_file(latent_dir / "train.safetensors", train_images, train_users, **common)
-    save_latent_file(latent_dir / "val.safetensors", test_images, test_users, **common)
-    compute_latent_stats(train_images, PIXEL_FINGERPRINT).save(latent_dir / STATS_FILENAME)
-    print(f"== diffusion: {args.model_size} DiT, {args.epochs} epochs of {len(train_images)} images ==", flush=True)
     started = time.perf_counter()
-    train_dit_user.main(train_dit_user.parse_args([
-        "--latent_dir", str(latent_dir), "--output_dir", str(out / "run"), "--model_size", args.model_size,
-        "--patch_size", str(args.patch_size), "--batch_size", str(args.batch_size), "--max_epochs", str(args.epochs),
-        "--lr", str(args.lr), "--ema_decay", str(args.ema_decay), "--seed", str(args.seed), "--device", "cpu",
-        "--preview_every", "0", "--val_every", str(max(1, args.epochs // 10)), "--report_to", "none",
-    ]))
+    train_evidence_model(args, train_images, train_users, test_images, test_users, out, ["--preview_every", "0", "--report_to", "none"])
     atomic_write_text(json.dumps(recipe, indent=2) + "\n", recipe_file)
     print(f"trained in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     return checkpoint

@@ -190,6 +190,25 @@ def build_splits(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, 
     return train_images, train_users, test_images, test_users
 
 
+def train_evidence_model(args: argparse.Namespace, train_images, train_users, test_images, test_users, out: Path,
+                         extra_flags: list[str]) -> dict:
+    """Write the images as latent files to ``out/latents`` and train the DiT with ``train_dit_user.py`` into
+    ``out/run`` (``add_data_and_training_flags``' recipe, on the CPU, plus ``extra_flags``); its result dict."""
+    # The images are the "latents": same files, statistics and dataset code as a VA-VAE run.
+    latent_dir = out / "latents"
+    common = dict(num_users=args.num_users, vae_fingerprint=PIXEL_FINGERPRINT, posterior="mode", image_size=args.size)
+    save_latent_file(latent_dir / "train.safetensors", train_images, train_users, **common)
+    save_latent_file(latent_dir / "val.safetensors", test_images, test_users, **common)
+    compute_latent_stats(train_images, PIXEL_FINGERPRINT).save(latent_dir / STATS_FILENAME)
+    print(f"== diffusion: {args.model_size} DiT, {args.epochs} epochs of {len(train_images)} images ==", flush=True)
+    return train_dit_user.main(train_dit_user.parse_args([
+        "--latent_dir", str(latent_dir), "--output_dir", str(out / "run"), "--model_size", args.model_size,
+        "--patch_size", str(args.patch_size), "--batch_size", str(args.batch_size), "--max_epochs", str(args.epochs),
+        "--lr", str(args.lr), "--ema_decay", str(args.ema_decay), "--seed", str(args.seed), "--device", "cpu",
+        "--val_every", str(max(1, args.epochs // 10)), *extra_flags,
+    ]))
+
+
 def main(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -199,24 +218,11 @@ def main(args: argparse.Namespace) -> dict:
     examples = torch.cat([train_images[train_users == u][:8] for u in range(1, args.num_users + 1)])
     save_user_grid(examples, list(range(1, args.num_users + 1)), 8, out / "real_examples.png")
 
-    # The images are the "latents": same files, statistics and dataset code as a VA-VAE run.
-    latent_dir = out / "latents"
-    stats = compute_latent_stats(train_images, PIXEL_FINGERPRINT)
-    common = dict(num_users=args.num_users, vae_fingerprint=PIXEL_FINGERPRINT, posterior="mode", image_size=args.size)
-    save_latent_file(latent_dir / "train.safetensors", train_images, train_users, **common)
-    save_latent_file(latent_dir / "val.safetensors", test_images, test_users, **common)
-    stats.save(latent_dir / STATS_FILENAME)
-
-    print(f"== diffusion: {args.model_size} DiT, {args.epochs} epochs of {len(train_images)} images ==", flush=True)
     run_dir = out / "run"
     train_started = time.perf_counter()
-    result = train_dit_user.main(train_dit_user.parse_args([
-        "--latent_dir", str(latent_dir), "--output_dir", str(run_dir), "--model_size", args.model_size,
-        "--patch_size", str(args.patch_size), "--batch_size", str(args.batch_size), "--max_epochs", str(args.epochs),
-        "--lr", str(args.lr), "--ema_decay", str(args.ema_decay), "--seed", str(args.seed), "--device", "cpu",
+    result = train_evidence_model(args, train_images, train_users, test_images, test_users, out, [
         "--preview_every", str(args.epochs), "--preview_users", *map(str, range(1, args.num_users + 1)),
-        "--preview_steps", str(args.num_steps), "--val_every", str(max(1, args.epochs // 10)),
-    ]))
+        "--preview_steps", str(args.num_steps)])
     train_seconds = time.perf_counter() - train_started
     bundle = load_user_checkpoint(run_dir / "checkpoints" / "last.ckpt", command="user_conditioning_evidence.py")
 

@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_SMOKE = {
     "bench_ddpm.py": "--smoke",
     "bench_ddpm_vs_diffusers.py": "--smoke",
-    "bench_degradations.py": "--size 64 --batch 2 --rounds 1 --devices cpu",
+    # This checkout as its own --baseline_checkout: the option's import path runs too.
+    "bench_degradations.py": f"--size 64 --batch 2 --rounds 1 --devices cpu --baseline_checkout {shlex.quote(str(ROOT))}",
     "bench_dit_samplers.py": "--smoke",
     "bench_dit_user.py": "--smoke",
     "bench_dit_vs_lightningdit.py": "--smoke",

@@ -141,7 +141,8 @@ def _input_images(source: Path) -> dict[str, Path]:
     return images
 
 
-def _load(path: Path, size: int | None) -> torch.Tensor:
+def load_image(path: Path, size: int | None = None) -> torch.Tensor:
+    """``[1, 3, H, W]`` in [0, 1]: the image as RGB (as the training data loader reads it), resized to ``size`` when given."""
     from PIL import Image
 
     from data.paired import load_rgb, to_tensor
@@ -207,9 +208,8 @@ def enhance_folder(
     """
     from tqdm.auto import tqdm
 
-    from utils.images import images_by_stem, tensor_to_pil
+    from utils.images import images_by_stem
     from utils.log import progress_kwargs
-    from utils.metrics import batch_psnr, batch_ssim
 
     if outputs not in OUTPUT_CHOICES:
         raise UserError(f"--outputs must be one of {', '.join(OUTPUT_CHOICES)}, got {outputs!r}.")
@@ -250,41 +250,24 @@ def enhance_folder(
     rows: list[dict[str, Any]] = []
     bar = progress_kwargs() if progress else {"disable": True}  # no carriage-return bars in notebooks and log files
     for stem, path in tqdm(images.items(), desc="phaseformer", **bar):
-        image = _load(path, resize).to(device)
-        try:
-            result = enhance(model, image, value_range=value_range, return_high="H" in heads, tile=tile,
-                             tile_overlap=tile_overlap, autocast_dtype=autocast_dtype)
-        except torch.OutOfMemoryError:
-            raise UserError(
-                f"Out of memory enhancing {path} ({image.shape[-1]}x{image.shape[-2]} px); pass --tile 512 (or smaller), "
-                "--outputs L, or --resize."
-            ) from None
-        for head, tensor in (("L", result.fake_b_L), ("H", result.fake_b_H)):
-            if head in heads:
-                target_path = output_dir / head / f"{stem}.png"
-                tensor_to_pil(tensor[0], value_range=(0.0, 1.0)).save(target_path)
-                written.append(target_path)
-        row: dict[str, Any] = {"name": stem}
-        if targets:
-            reference = _load(targets[stem], resize).to(device)
-            if reference.shape != image.shape:
-                raise DataError(
-                    f"{path} is {image.shape[-1]}x{image.shape[-2]} px but its ground truth {targets[stem]} is "
-                    f"{reference.shape[-1]}x{reference.shape[-2]} px; pass --resize N to score both at NxN."
-                )
-            row["psnr"] = float(batch_psnr(result.fake_b_L, reference, crop_border, test_y_channel)[0])
-            row["ssim"] = float(batch_ssim(result.fake_b_L, reference, crop_border, test_y_channel)[0])
-            if lpips_model is not None:
-                # On the 8-bit output as written, like PSNR/SSIM.
-                output_8bit = result.fake_b_L.float().clamp(0, 1).mul(255).round().div(255)
-                row["lpips"] = float(lpips_model(output_8bit * 2 - 1, reference.float() * 2 - 1)[0])
-        if underwater_metrics:
-            from utils.underwater_metrics import uciqe, uiqm
-
-            row.update(uiqm_input=uiqm(image[0]), uiqm=uiqm(result.fake_b_L[0]), uciqe_input=uciqe(image[0]),
-                       uciqe=uciqe(result.fake_b_L[0]))
-        if len(row) > 1:
-            rows.append(row)
+        image = load_image(path, resize).to(device)
+        reference = load_image(targets[stem], resize).to(device) if targets else None
+        if reference is not None and reference.shape != image.shape:
+            raise DataError(
+                f"{path} is {image.shape[-1]}x{image.shape[-2]} px but its ground truth {targets[stem]} is "
+                f"{reference.shape[-1]}x{reference.shape[-2]} px; pass --resize N to score both at NxN."
+            )
+        outputs_of, scores = enhance_image(
+            model, image, value_range=value_range, heads=heads, tile=tile, tile_overlap=tile_overlap,
+            autocast_dtype=autocast_dtype, reference=reference, crop_border=crop_border, test_y_channel=test_y_channel,
+            underwater_metrics=underwater_metrics, lpips_model=lpips_model, name=str(path),
+        )
+        for head, picture in outputs_of.items():
+            target_path = output_dir / head / f"{stem}.png"
+            picture.save(target_path)
+            written.append(target_path)
+        if scores:
+            rows.append({"name": stem, **scores})
     report: dict[str, Any] = {"written": written, "metrics": rows, "csv": None, "means": {}}
     if rows:
         report["means"] = {key: sum(row[key] for row in rows) / len(rows) for key in rows[0] if key != "name"}
@@ -292,6 +275,57 @@ def enhance_folder(
             report["mean_psnr"], report["mean_ssim"] = report["means"]["psnr"], report["means"]["ssim"]
         report["csv"] = write_metrics_csv(rows, output_dir / "metrics.csv", report["means"])
     return report
+
+
+def enhance_image(
+    model: Phaseformer,
+    image: torch.Tensor,
+    *,
+    value_range: str = "unit",
+    heads: Sequence[str] = ("L", "H"),
+    tile: int = 0,
+    tile_overlap: int = 32,
+    autocast_dtype: torch.dtype | None = None,
+    reference: torch.Tensor | None = None,
+    crop_border: int = 0,
+    test_y_channel: bool = False,
+    underwater_metrics: bool = False,
+    lpips_model: torch.nn.Module | None = None,
+    name: str = "the image",
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """One ``[1, 3, H, W]`` image in [0, 1] (from :func:`load_image`): ``({head: PIL image}, scores)``.
+
+    ``heads`` picks the outputs (``L`` at the input size, ``H`` at twice it); the PIL images are what
+    :func:`enhance_folder` writes. ``scores`` holds ``psnr``/``ssim`` (and ``lpips`` with ``lpips_model``) of L against
+    ``reference`` (same shape as ``image``), and with ``underwater_metrics`` the UIQM/UCIQE of the input and of L.
+    """
+    from utils.images import tensor_to_pil
+    from utils.metrics import batch_psnr, batch_ssim
+
+    try:
+        result = enhance(model, image, value_range=value_range, return_high="H" in heads, tile=tile,
+                         tile_overlap=tile_overlap, autocast_dtype=autocast_dtype)
+    except torch.OutOfMemoryError:
+        raise UserError(
+            f"Out of memory enhancing {name} ({image.shape[-1]}x{image.shape[-2]} px); pass --tile 512 (or smaller), "
+            "--outputs L, or --resize."
+        ) from None
+    pictures = {head: tensor_to_pil(tensor[0], value_range=(0.0, 1.0))
+                for head, tensor in (("L", result.fake_b_L), ("H", result.fake_b_H)) if head in heads}
+    scores: dict[str, float] = {}
+    if reference is not None:
+        scores["psnr"] = float(batch_psnr(result.fake_b_L, reference, crop_border, test_y_channel)[0])
+        scores["ssim"] = float(batch_ssim(result.fake_b_L, reference, crop_border, test_y_channel)[0])
+        if lpips_model is not None:
+            # On the 8-bit output as written, like PSNR/SSIM.
+            output_8bit = result.fake_b_L.float().clamp(0, 1).mul(255).round().div(255)
+            scores["lpips"] = float(lpips_model(output_8bit * 2 - 1, reference.float() * 2 - 1)[0])
+    if underwater_metrics:
+        from utils.underwater_metrics import uciqe, uiqm
+
+        scores.update(uiqm_input=uiqm(image[0]), uiqm=uiqm(result.fake_b_L[0]), uciqe_input=uciqe(image[0]),
+                      uciqe=uciqe(result.fake_b_L[0]))
+    return pictures, scores
 
 
 def write_metrics_csv(rows: Sequence[dict[str, Any]], path: Path, means: dict[str, float]) -> Path:

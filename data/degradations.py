@@ -25,7 +25,7 @@ per sample (Real-ESRGAN's batched ``feed_data`` draws the resize, noise kind and
 through PIL (libjpeg, 4:2:0 chroma subsampling like the reference's DiffJPEG and OpenCV) with the quality rounded
 to an integer; reflect padding falls back to replicate on images smaller than the kernel (tiny test crops).
 
-Which settings are which (``train_seesr_timestep.py --degradation``):
+Which settings are which (``train_seesr_timestep.py --degradation``, ``scripts/make_paired_data*.py``):
 
 * ``DegradationConfig.seesr()`` (``seesr``, the default): how SeeSR makes its ControlNet training pairs
   (``utils_data/make_paired_data.py``): Real-ESRGAN x4plus's ranges (stage 1 resize 0.15-1.5, Gaussian noise
@@ -36,9 +36,14 @@ Which settings are which (``train_seesr_timestep.py --degradation``):
   a setting here.
 * ``DegradationConfig()`` (``realesrgan``): the same Real-ESRGAN x4plus ranges
   (``options/train_realesrgan_x4plus.yml``) on the plain GT.
-* ``DegradationConfig.dape()`` (``dape``): the milder ranges of SeeSR's ``dataloaders/params_realesrgan.yml``
-  (resize 0.3-1.5, noise 1-15, JPEG 60-95; stage 2 blur 0.5, resize 0.6-1.2, noise 1-12, JPEG 60-100), which
-  SeeSR uses only to train its degradation-aware tagger (DAPE), not the ControlNet.
+* ``DegradationConfig.dape()`` (``dape``): the data SeeSR trains its degradation-aware tagger (DAPE) on, as
+  ``utils_data/make_paired_data_DAPE.py`` makes it: the same x4plus ranges and USM GT as ``seesr``, but each GT is
+  the whole image resized to the crop size with PIL's LANCZOS (aspect ratio not kept, no flip: SeeSR's
+  ``dataloaders/simple_dataset.py``) instead of a random crop (``resize_whole=True``).
+* ``DegradationConfig.params_realesrgan()``: the milder ranges of SeeSR's ``dataloaders/params_realesrgan.yml``
+  (resize 0.3-1.5, noise 1-15, JPEG 60-95; stage 2 blur 0.5, resize 0.6-1.2, noise 1-12, JPEG 60-100). Only
+  ``dataloaders/realesrgan.py`` reads that file, and neither SeeSR trainer uses it (``dape.yaml`` reads the
+  folders make_paired_data_DAPE.py writes); kept for ``--degradation_options`` users who want those ranges.
 """
 
 from __future__ import annotations
@@ -100,6 +105,8 @@ class DegradationConfig:
     final_sinc_prob: float = 0.8
     # Unsharp masking of the HR crop before it is degraded; the sharpened crop is also the training target.
     usm_sharpen: bool = False
+    # The GT is the whole image resized to the crop size (PIL LANCZOS, no flip), not a random crop: SeeSR's DAPE data.
+    resize_whole: bool = False
 
     def __post_init__(self):
         for name in ("kernel_list", "kernel_list2"):
@@ -122,7 +129,13 @@ class DegradationConfig:
 
     @classmethod
     def dape(cls) -> DegradationConfig:
-        """SeeSR's milder settings for training its tagger (``dataloaders/params_realesrgan.yml``)."""
+        """SeeSR's DAPE training data (``utils_data/make_paired_data_DAPE.py``): x4plus ranges on the USM-sharpened GT,
+        each GT the whole image resized to the crop size with LANCZOS."""
+        return cls(usm_sharpen=True, resize_whole=True)
+
+    @classmethod
+    def params_realesrgan(cls) -> DegradationConfig:
+        """The milder ranges of SeeSR's ``dataloaders/params_realesrgan.yml`` (no SeeSR trainer reads them)."""
         return cls(
             resize_range=(0.3, 1.5),
             noise_range=(1.0, 15.0),
@@ -621,14 +634,15 @@ def _apply_in_groups(images: torch.Tensor, sizes: Sizes, keep: list[int], functi
 
 
 def degrade_batch(
-    hr: torch.Tensor, params: list[DegradationParams], config: DegradationConfig, jpeg=jpeg_pil
+    hr: torch.Tensor, params: list[DegradationParams], config: DegradationConfig, jpeg=jpeg_pil, quantize: bool = True
 ) -> torch.Tensor:
     """Degrade HR images ``[B, 3, H, W]`` in [0, 1] into LR ``[B, 3, H/scale, W/scale]`` in [0, 1] (8-bit levels).
 
     ``params[i]`` holds every random choice of sample ``i`` (:func:`sample_degradation`); its Gaussian and Poisson
     noise comes from a generator on ``hr``'s device seeded with ``noise_seed``, so a sample's LR image does not
     depend on the other samples of its batch. ``jpeg(images, sizes, qualities)`` is the JPEG backend: PIL per crop
-    here, the batched torch codec in :mod:`data.degradations_batched`.
+    here, the batched torch codec in :mod:`data.degradations_batched`. ``quantize=False`` returns the LR image only
+    clamped, not rounded to 8-bit levels, as SeeSR's ``make_paired_data.py`` keeps it to compute ``sr_bicubic``.
     """
     if hr.ndim != 4 or hr.shape[1] != 3:
         raise UserError(f"Expected RGB image tensors [B, 3, H, W], found shape {tuple(hr.shape)}.")
@@ -678,6 +692,8 @@ def degrade_batch(
             sub, sub_sizes, [params[i].quality2 for i in chosen]))
         sub, sub_sizes = _select(out, sizes, last)
         lr[last] = resize_and_sinc(sub, sub_sizes, last)
+    if not quantize:
+        return lr.clamp(0.0, 1.0)
     return (lr * 255.0).round().clamp(0, 255) / 255.0
 
 

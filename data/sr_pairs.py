@@ -11,6 +11,9 @@ Both datasets return per sample::
 * :class:`HRFolderDegradedDataset` -- random ``resolution`` crops of every image under a folder (recursive),
   degraded by :func:`data.degradations.degrade` (Real-ESRGAN two-stage pipeline; with
   ``DegradationConfig.seesr()`` as SeeSR's ``make_paired_data.py``: USM-sharpened GT, which is also the target).
+  The crop is taken as SeeSR's ``basicsr/data/realesrgan_dataset.py`` takes it (:func:`random_gt_crop`): the image
+  flipped, then padded at the bottom and right by mirroring (OpenCV's ``BORDER_REFLECT_101``) when a side is under
+  the crop, then cropped; with ``DegradationConfig.dape()`` the GT is the whole image resized (:func:`whole_image_gt`).
   With ``degrade_on_device=True`` its items hold only the HR crop (``hr``, not sharpened) and their drawn degradation
   (``degradation``: :class:`data.degradations.DegradationParams` as tensors), and the training loop completes the
   batch on its device (:func:`data.degradations_batched.degrade_training_batch`, as Real-ESRGAN does on the GPU).
@@ -54,6 +57,46 @@ from utils.images import images_by_stem, list_images, load_rgb, pil_to_tensor, r
 def load_image_tensor(path: str | Path) -> torch.Tensor:
     """Read an image as ``[3, H, W]`` float32 in [0, 1]; an unreadable file is a DataError naming it."""
     return pil_to_tensor(load_rgb(path), (0.0, 1.0)).contiguous()
+
+
+def _reflect_101_index(length: int, target: int) -> np.ndarray:
+    """Source rows for output rows ``0 .. max(length, target) - 1``: OpenCV's ``borderInterpolate`` with
+    ``BORDER_REFLECT_101`` (mirror without repeating the edge, again and again when the padding exceeds the image)."""
+    index = np.arange(max(length, target))
+    if length == 1:
+        return np.zeros_like(index)
+    period = 2 * (length - 1)
+    index = index % period
+    return np.where(index >= length, period - index, index)
+
+
+def pad_reflect_101(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``[C, H, W]`` padded at the bottom and right to at least ``height`` x ``width`` as SeeSR's
+    ``RealESRGANDataset`` pads small GT images (``cv2.copyMakeBorder(img, 0, pad_h, 0, pad_w, BORDER_REFLECT_101)``)."""
+    rows = _reflect_101_index(image.shape[-2], height)
+    cols = _reflect_101_index(image.shape[-1], width)
+    if len(rows) == image.shape[-2] and len(cols) == image.shape[-1]:
+        return image
+    return image[:, torch.from_numpy(rows)][:, :, torch.from_numpy(cols)]
+
+
+def random_gt_crop(image: torch.Tensor, size: int, rng: np.random.Generator, flip: bool) -> torch.Tensor:
+    """A ``size`` x ``size`` GT crop as SeeSR's ``RealESRGANDataset``: flipped with probability 0.5 (``use_hflip``),
+    padded (:func:`pad_reflect_101`) where a side is under ``size``, then cropped at a uniform position."""
+    if flip and rng.uniform() < 0.5:
+        image = image.flip(-1)
+    image = pad_reflect_101(image, size, size)
+    height, width = image.shape[-2:]
+    top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+    return image[:, top : top + size, left : left + size]
+
+
+def whole_image_gt(path: str | Path, size: int) -> torch.Tensor:
+    """The whole image resized to ``size`` x ``size`` with PIL's LANCZOS (aspect ratio not kept), as SeeSR's DAPE data
+    (``dataloaders/simple_dataset.py``)."""
+    from PIL import Image
+
+    return pil_to_tensor(load_rgb(path).resize((size, size), Image.LANCZOS), (0.0, 1.0)).contiguous()
 
 
 def read_tag_prompt(*image_paths: str | Path) -> str:
@@ -181,26 +224,17 @@ class HRFolderDegradedDataset(_SRDataset):
         return len(self.files)
 
     def check_images(self) -> None:
-        """Every HR image readable and at least one crop large (before any model loads)."""
-        size = self.resolution
-        check_training_images(self.files, (size, size), "HR training image",
-                              " px, the training crop (lower --resolution)")
+        """Every HR image readable (before any model loads); smaller ones are padded, as SeeSR's dataset."""
+        check_training_images(self.files, what="HR training image")
 
     def __getitem__(self, index: int) -> dict:
         path = self.files[index]
         rng = self._rng(index)
-        image = load_image_tensor(path)
-        height, width = image.shape[-2:]
         size = self.resolution
-        if height < size or width < size:
-            raise DataError(
-                f"Image {path} is {width}x{height} px, smaller than the {size} px training crop (--resolution); "
-                "remove it or lower --resolution."
-            )
-        top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
-        hr = image[:, top : top + size, left : left + size]
-        if self.random_flip and rng.uniform() < 0.5:
-            hr = hr.flip(-1)
+        if self.degradation.resize_whole:
+            hr = whole_image_gt(path, size)
+        else:
+            hr = random_gt_crop(load_image_tensor(path), size, rng, self.random_flip)
         # The same draws in the same order on both paths: item i gets the same degradation either way.
         params = sample_degradation(self.degradation, rng)
         if self.degrade_on_device:
@@ -336,3 +370,176 @@ class SeeSRPreparedDataset(_SRDataset):
         if self.random_flip and rng.uniform() < 0.5:
             gt, sr, lr = gt.flip(-1), sr.flip(-1), lr.flip(-1)
         return self._sample(lr, gt, self._prompt(rng, tag_path), gt_path, lr_upsampled=sr)
+
+
+# ------------------------------------------------------------------------------------------------ offline pairs
+# SeeSR's utils_data/make_paired_data.py and make_paired_data_DAPE.py write each degraded pair once, so that every
+# run and every variant trains on the same pairs: gt/, lr/ and sr_bicubic/ PNGs of one numbered name.
+
+PREPARED_FOLDERS = ("gt", "lr", "sr_bicubic")
+PREPARED_SETTINGS_NAME = "make_paired_data.json"
+
+
+def prepared_pair(path: str | Path, config: DegradationConfig, gt_size: int, rng: np.random.Generator) -> dict:
+    """One pair as SeeSR's tools compute it: ``{"gt", "lr", "sr_bicubic"}`` as ``[3, h, w]`` floats in [0, 1].
+
+    GT: a random crop (:func:`random_gt_crop`, flipped half the time) or, with ``config.resize_whole``, the whole
+    image resized (:func:`whole_image_gt`); USM-sharpened when ``config.usm_sharpen``, and the LR is degraded from
+    the sharpened GT (``realesrgan_degradation(use_usm=True)``). ``sr_bicubic`` is ``F.interpolate(lr, gt size,
+    'bicubic')`` of the LR before its 8-bit rounding, as the reference computes it from its float batch.
+    """
+    if config.resize_whole:
+        gt = whole_image_gt(path, gt_size)
+    else:
+        gt = random_gt_crop(load_image_tensor(path), gt_size, rng, flip=True)
+    params = sample_degradation(config, rng)
+    if config.usm_sharpen:
+        gt = usm_sharpen(gt)
+    lr = degrade_batch(gt[None], [params], config, quantize=False)[0]
+    return {"gt": gt.clamp(0.0, 1.0), "lr": lr, "sr_bicubic": bicubic_upsample(lr, gt.shape[-2:])}
+
+
+def prepared_name(number: int) -> str:
+    """SeeSR's file name: the running number, seven digits (``'{}.png'.format(str(step).zfill(7))``)."""
+    return f"{number:07d}.png"
+
+
+class _PreparedPairJobs(Dataset):
+    """The pairs still to write, one per item; a worker computes and writes its pair (PNG encoding in parallel too)."""
+
+    def __init__(self, jobs: list[tuple[str, Path, int]], save_dir: Path, config: DegradationConfig, gt_size: int,
+                 seed_key: list[int]):
+        self.jobs, self.save_dir, self.config, self.gt_size, self.seed_key = jobs, save_dir, config, gt_size, seed_key
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, index: int) -> str:
+        from utils.images import save_png_complete, tensor_to_pil
+
+        name, path, key = self.jobs[index]
+        # Each pair's randomness is a function of (seed, copy, round and image index) only: any worker, any order.
+        pair = prepared_pair(path, self.config, self.gt_size, np.random.default_rng([*self.seed_key, *key]))
+        for folder in PREPARED_FOLDERS:
+            save_png_complete(tensor_to_pil(pair[folder], (0.0, 1.0)), self.save_dir / folder / name)
+        return name
+
+
+def write_prepared_pairs(
+    gt_files: list[Path],
+    save_dir: str | Path,
+    config: DegradationConfig,
+    gt_size: int = 512,
+    epochs: int = 1,
+    start_gpu: int = 1,
+    seed: int = 0,
+    num_workers: int = 0,
+    settings: dict | None = None,
+) -> dict:
+    """Write ``epochs`` degraded pairs of every file in ``gt_files`` into ``save_dir/{gt,lr,sr_bicubic}/<number>.png``.
+
+    Numbers follow SeeSR's scripts: ``len(gt_files) * epochs * start_gpu + 1`` onwards, round by round, so copies made
+    with different ``start_gpu`` never collide. A pair whose three files exist is skipped (each file is written under
+    a temporary name and renamed, so an existing file is complete): a rerun finishes an interrupted one. The settings
+    (``settings`` plus the sources) are saved as ``make_paired_data.json``; a rerun with other settings into the same
+    folder is a UserError, since its numbers would mean other pairs. Returns ``{"written", "skipped", "names"}``.
+    """
+    import json
+
+    save_dir = Path(save_dir)
+    recorded = {**(settings or {}), "gt_size": gt_size, "epoch": epochs, "start_gpu": start_gpu, "seed": seed,
+                "degradation": config.to_dict(), "sources": [str(Path(path).resolve()) for path in gt_files]}
+    settings_file = save_dir / PREPARED_SETTINGS_NAME
+    if settings_file.is_file():
+        try:
+            previous = json.loads(settings_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise DataError(f"Cannot read {settings_file} ({err}); delete it or pass a new --save_dir.") from err
+        changed = sorted(key for key in set(previous) | set(recorded) if previous.get(key) != recorded.get(key))
+        if changed:
+            raise UserError(f"--save_dir {save_dir} holds pairs made with other settings (changed: {', '.join(changed)}); "
+                            "pass a new --save_dir, or the same flags and images to finish that run.")
+    else:
+        from utils.checkpoint import atomic_write_text
+
+        atomic_write_text(json.dumps(recorded, indent=1) + "\n", settings_file)
+    for folder in PREPARED_FOLDERS:
+        (save_dir / folder).mkdir(parents=True, exist_ok=True)
+
+    count = len(gt_files)
+    first = count * epochs * start_gpu + 1
+    names, jobs = [], []
+    for round_index in range(epochs):
+        for index, path in enumerate(gt_files):
+            name = prepared_name(first + round_index * count + index)
+            names.append(name)
+            if not all((save_dir / folder / name).is_file() for folder in PREPARED_FOLDERS):
+                jobs.append((name, path, (round_index, index)))
+    workers = _PreparedPairJobs(jobs, save_dir, config, gt_size, [seed, start_gpu])
+    loader = torch.utils.data.DataLoader(workers, batch_size=None, num_workers=num_workers)
+    from tqdm import tqdm
+
+    for _ in tqdm(loader, total=len(jobs), desc="pairs", unit="pair", disable=not jobs):
+        pass
+    return {"written": len(jobs), "skipped": len(names) - len(jobs), "names": names}
+
+
+def add_paired_data_arguments(parser, save_dir: str) -> None:
+    """The flags of SeeSR's ``make_paired_data*.py`` (same names and defaults) and ours, for both tools."""
+    from utils.cli import add_flag
+
+    parser.add_argument("--gt_path", nargs="+", required=True,
+                        help="folders of high-resolution images (searched recursively; every common image type)")
+    parser.add_argument("--save_dir", default=save_dir,
+                        help=f"where gt/, lr/ and sr_bicubic/ are written (default {save_dir}, SeeSR's)")
+    parser.add_argument("--start_gpu", type=int, default=1,
+                        help="which copy this is (SeeSR runs one per GPU, 1..N): its file numbers start after "
+                        "images x epoch x start_gpu and its default seed is 24 + 1000 x start_gpu (default 1)")
+    parser.add_argument("--batch_size", type=int, default=10,
+                        help="accepted for SeeSR's command lines; changes nothing here, since every pair draws its "
+                        "own degradation (SeeSR's batches share the resize, noise kind and order) (default 10)")
+    parser.add_argument("--epoch", type=int, default=1,
+                        help="rounds over the images: each round writes one newly degraded pair per image (default 1)")
+    parser.add_argument("--gt_size", type=int, default=512,
+                        help="GT side in pixels, divisible by 4; the LR is a quarter of it (default 512, SeeSR's)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of every crop, flip and degradation (default 24 + 1000 x start_gpu, SeeSR's "
+                        "seed_everything); the same seed writes the same files, with any number of workers")
+    add_flag(parser, "--dataloader_num_workers", "--num_workers", type=int, default=None,
+             help="worker processes computing and writing pairs (default: the CPU count, at most 8)")
+
+
+def check_paired_data_arguments(parser, args) -> None:
+    """One-line errors for numbers out of range (parse time)."""
+    if args.epoch < 1:
+        parser.error(f"--epoch must be at least 1, found {args.epoch}")
+    if args.start_gpu < 0:
+        parser.error(f"--start_gpu must be 0 or more, found {args.start_gpu}")
+    if args.gt_size < 8 or args.gt_size % 4:
+        parser.error(f"--gt_size must be a multiple of 4 (the x4 LR size) of at least 8, found {args.gt_size}")
+    if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
+        parser.error(f"--dataloader_num_workers must be 0 or more, found {args.dataloader_num_workers}")
+
+
+def make_paired_data(args, config: DegradationConfig, tool: str) -> dict:
+    """Check the inputs (folders, every image readable, where the output goes), then :func:`write_prepared_pairs`."""
+    import os
+
+    save_dir = Path(args.save_dir).resolve()
+    files: list[Path] = []
+    for folder in args.gt_path:
+        if save_dir.is_relative_to(Path(folder).resolve()):
+            raise UserError(f"--save_dir {args.save_dir} lies inside --gt_path {folder}; a rerun would read the written "
+                            "pairs as new images: pass a folder outside it.")
+        files += require_images(folder, "GT image folder", "--gt_path")
+    if save_dir.exists() and not save_dir.is_dir():
+        raise UserError(f"--save_dir {args.save_dir} is a file; pass a folder.")
+    check_training_images(files, what="GT image")
+    seed = 24 + 1000 * args.start_gpu if args.seed is None else args.seed
+    workers = min(8, os.cpu_count() or 1) if args.dataloader_num_workers is None else args.dataloader_num_workers
+    result = write_prepared_pairs(files, save_dir, config, args.gt_size, args.epoch, args.start_gpu, seed, workers,
+                                  settings={"tool": tool})
+    names = result["names"]
+    print(f"{tool}: {result['written']} pairs written, {result['skipped']} already complete, in {args.save_dir} "
+          f"(gt/, lr/, sr_bicubic/ {names[0]} .. {names[-1]}; seed {seed})")
+    return result

@@ -120,7 +120,7 @@ def test_noise_and_jpeg():
 
 
 def test_config_round_trip_and_errors():
-    config = DegradationConfig.dape()  # SeeSR's params_realesrgan.yml (DAPE training)
+    config = DegradationConfig.params_realesrgan()  # SeeSR's dataloaders/params_realesrgan.yml
     assert config.jpeg_range == (60.0, 95.0) and config.second_blur_prob == 0.5 and not config.usm_sharpen
     assert DegradationConfig.from_dict(config.to_dict()) == config
     # make_paired_data.py: Real-ESRGAN x4plus ranges on the USM-sharpened GT.
@@ -197,8 +197,8 @@ def test_hr_folder_dataset(tmp_path):
     (tmp_path / "broken" / "bad.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="bad.png"):
         HRFolderDegradedDataset(tmp_path / "broken", resolution=32)[0]
-    with pytest.raises(DataError, match="smaller than the 96 px training crop"):
-        HRFolderDegradedDataset(tmp_path / "hr", resolution=96)[0]
+    padded = HRFolderDegradedDataset(tmp_path / "hr", resolution=96, seed=5)[0]  # 80x72: mirrored up to the crop
+    assert padded["hr"].shape == (3, 96, 96) and padded["lr"].shape == (3, 24, 24)
     with pytest.raises(DataError, match="does not exist"):
         HRFolderDegradedDataset(tmp_path / "missing", resolution=32)
     with pytest.raises(UserError, match="divisible by 8"):

@@ -205,8 +205,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--lr_dir", default=None, help="prepared LR folder (needs --hr_dir; HR = scale x LR size)")
     data.add_argument("--degradation", choices=("seesr", "realesrgan", "dape"), default="seesr",
                       help="on-the-fly degradations: seesr = make_paired_data.py (Real-ESRGAN x4plus ranges on the "
-                      "USM-sharpened GT, default); realesrgan = the same ranges on the plain GT; dape = SeeSR's milder "
-                      "params_realesrgan.yml (used there only to train DAPE)")
+                      "USM-sharpened GT, default); realesrgan = the same ranges on the plain GT; dape = "
+                      "make_paired_data_DAPE.py (the seesr ranges on whole images resized to --resolution with LANCZOS, "
+                      "SeeSR's DAPE data)")
     data.add_argument("--degradation_options", default=None,
                       help="YAML file overriding individual degradation settings (keys of "
                       "data.degradations.DegradationConfig)")

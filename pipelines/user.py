@@ -18,8 +18,10 @@ A diffusers UNet folder, ``condition_encoder.pt`` with ``num_users`` rows (no nu
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -118,82 +120,23 @@ def run(args: argparse.Namespace) -> dict:
 
     from PIL import Image
 
-    from models.user_generation import validate_user_ids
-    from models.user_pipeline import check_vae_matches, generate_user_images, load_user_checkpoint, sampling_kwargs
-    from models.vavae import file_fingerprint, load_vavae
+    from models.vavae import file_fingerprint
     from pipelines.user_io import (
-        folder_latent_stats,
-        load_user_unet_folder,
-        resolve_vae_folder,
         save_user_grid,
         user_image_files,
         user_image_record,
         write_user_images,
     )
-    from utils.accelerator import resolve_device
     from utils.checkpoint import atomic_save_safetensors, atomic_write_text
-    from utils.errors import CheckpointError
     from utils.images import pil_to_tensor
     from utils.log import interactive_output
 
-    if bool(args.checkpoint) == bool(args.unet_path):
-        raise UserError("infer.py user needs one model: --dit_checkpoint CKPT (either backbone) or --unet_path (checkpoint or "
-                        "UNet folder).")
-    source = Path(args.checkpoint or args.unet_path)
-    if args.user_ids is not None and len(set(args.user_ids)) != len(args.user_ids):
-        repeated = sorted({user for user in args.user_ids if args.user_ids.count(user) > 1})
-        raise UserError(f"--user_ids lists {repeated[0]} more than once; give each user once and raise --num_samples_per_user instead.")
-    if args.guidance_interval is not None and args.guidance_interval[0] > args.guidance_interval[1]:
-        raise UserError(f"--guidance_interval {args.guidance_interval[0]:g} {args.guidance_interval[1]:g}: START must not be after END.")
-    if not source.exists():
-        flag = "--dit_checkpoint" if args.checkpoint else "--unet_path"
-        raise CheckpointError(f"{flag} {source} does not exist; pass checkpoints/best.ckpt or last.ckpt of train_dit_user.py.")
-    check_output_dir(args.output_dir)
-    if not args.vavae_path:
-        raise UserError("--vavae_path (--vae_path) is required: the model generates VAE latents; pass the VAE the latents were "
-                        "made with.")
-    if not Path(args.vavae_path).exists():
-        raise CheckpointError(f"--vavae_path {args.vavae_path} does not exist; pass the VA-VAE file or diffusers VAE folder.")
-    stats_note = None
-    if source.is_dir():
-        bundle = load_user_unet_folder(source, num_users=args.num_users, condition_encoder_path=args.condition_encoder_path,
-                                       trust_pickle=args.trust_pickle)
-        bundle.stats, stats_note = folder_latent_stats(source, args.vavae_path, int(bundle.model.unet.config.in_channels),
-                                                       latent_stats_path=args.latent_stats, scaling_factor=args.scaling_factor)
-    else:
-        if args.condition_encoder_path or args.latent_stats or args.scaling_factor is not None or args.trust_pickle:
-            raise UserError(f"{source} is a checkpoint that carries its own condition encoder and latent statistics; drop "
-                            "--condition_encoder_path/--latent_stats/--scaling_factor/--trust_pickle (they go with a UNet folder).")
-        bundle = load_user_checkpoint(source, use_ema=not args.no_ema)
-        if args.num_users is not None and args.num_users != bundle.num_users:
-            raise UserError(f"--num_users {args.num_users} disagrees with the {bundle.num_users} users {source} was trained for; "
-                            "drop the flag.")
-    users = validate_user_ids(args.user_ids if args.user_ids is not None else range(1, bundle.num_users + 1), bundle.num_users)
-    settings = dict(bundle.sampling)
-    for key, flag in (("sampler", "sampler"), ("num_steps", "num_inference_steps"), ("guidance_scale", "guidance_scale"),
-                      ("shift", "shift"), ("guidance_channels", "guidance_channels"), ("eta", "eta"),
-                      ("timestep_spacing", "timestep_spacing")):
-        if getattr(args, flag) is not None:
-            settings[key] = getattr(args, flag)
-    if args.guidance_interval is not None:
-        settings["guidance_interval"] = list(args.guidance_interval)
-    check_sampling(args, bundle, settings)
-    seed = args.seed if args.seed is not None else int(bundle.checkpoint.get("preview", {}).get("seed", 0))
-    vae_dir = resolve_vae_folder(args.vavae_path)
-    vae_path = vae_dir if vae_dir is not None else Path(args.vavae_path)
-    vae_fingerprint = check_vae_matches(bundle.stats, vae_path)  # before the (large) VAE is loaded
-    device = resolve_device(args.device)
-    precision = args.mixed_precision
-    if precision == "auto" and device.type == "cuda":  # the previews' precision, recorded in the checkpoint
-        preview = bundle.checkpoint.get("preview", {}).get("autocast")
-        precision = preview if preview in ("bf16", "fp16") else "no"
-    dtype = autocast_dtype(precision, device)
-    precision = precision_name(dtype)  # as manifests record it
-    vae = load_vavae(vae_path, device=device, config=args.vavae_config)
-    channels = bundle.stats.mean.shape[1]
-    if vae.latent_channels != channels:
-        raise UserError(f"The VA-VAE {args.vavae_path} has {vae.latent_channels} latent channels, the model {channels}; "
-                        "check --vavae_config.")
+    model = load_model(args)
+    plan = sampling_plan(args, model)
+    load_vae(args, model)
+    source, bundle, stats_note = model.source, model.bundle, model.stats_note
+    users, settings, seed = plan.users, plan.settings, plan.seed
+    vae_fingerprint, device, precision = model.vae_fingerprint, model.device, model.precision
     if bundle.weights == "folder":
         null = bundle.checkpoint["null_row"]
         rows = bundle.num_users + int(null)
@@ -218,9 +161,7 @@ def run(args: argparse.Namespace) -> dict:
     grid_columns = min(args.num_samples_per_user, GRID_COLUMNS)
     in_grid = {item: None for item in items if item[1] < args.start_index + grid_columns}
     records, latents = [], []
-    generate = partial(generate_user_images, bundle.model.to(device), bundle.backbone, users, 1, stats=bundle.stats, vae=vae,
-                       seed=seed, batch_size=args.batch_size, device=device, autocast_dtype=dtype,
-                       noise_scheduler=bundle.noise_scheduler, progress=interactive_output(), **sampling_kwargs(settings))
+    generate = partial(sample_items, model, plan, batch_size=args.batch_size, progress=interactive_output())
     for start in range(0, len(items), args.batch_size):
         chunk = items[start:start + args.batch_size]
         if all(item in kept for item in chunk):
@@ -257,6 +198,131 @@ def run(args: argparse.Namespace) -> dict:
     atomic_write_text(json.dumps(manifest, indent=2) + "\n", output_dir / "manifest.json")
     print(f"wrote {len(records) - len(kept)} images ({len(kept)} kept), {grid} and manifest.json to {output_dir}")
     return {"output_dir": output_dir, "grid": grid, "files": records, "manifest": manifest, "latents": latents}
+
+
+@dataclass
+class UserModel:
+    """A loaded model (checkpoint or UNet folder) and, after :func:`load_vae`, its VAE, device and precision."""
+
+    source: Path
+    bundle: Any
+    stats_note: str | None = None
+    vae: Any = None
+    vae_fingerprint: str | None = None
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+    precision: str | None = None
+
+
+@dataclass
+class SamplingPlan:
+    """What to sample: the 1-based users, the sampler settings (the checkpoint's, overridden by flags) and the seed."""
+
+    users: list
+    settings: dict
+    seed: int
+
+
+def load_model(args: argparse.Namespace) -> UserModel:
+    """Check the flags that need no model, then load ``--dit_checkpoint``/``--unet_path`` (not the VAE yet)."""
+    from models.user_pipeline import load_user_checkpoint
+    from pipelines.user_io import folder_latent_stats, load_user_unet_folder
+    from utils.errors import CheckpointError
+
+    if bool(args.checkpoint) == bool(args.unet_path):
+        raise UserError("infer.py user needs one model: --dit_checkpoint CKPT (either backbone) or --unet_path (checkpoint or "
+                        "UNet folder).")
+    source = Path(args.checkpoint or args.unet_path)
+    if args.user_ids is not None and len(set(args.user_ids)) != len(args.user_ids):
+        repeated = sorted({user for user in args.user_ids if args.user_ids.count(user) > 1})
+        raise UserError(f"--user_ids lists {repeated[0]} more than once; give each user once and raise --num_samples_per_user instead.")
+    if args.guidance_interval is not None and args.guidance_interval[0] > args.guidance_interval[1]:
+        raise UserError(f"--guidance_interval {args.guidance_interval[0]:g} {args.guidance_interval[1]:g}: START must not be after END.")
+    if not source.exists():
+        flag = "--dit_checkpoint" if args.checkpoint else "--unet_path"
+        raise CheckpointError(f"{flag} {source} does not exist; pass checkpoints/best.ckpt or last.ckpt of train_dit_user.py.")
+    check_output_dir(args.output_dir)
+    if not args.vavae_path:
+        raise UserError("--vavae_path (--vae_path) is required: the model generates VAE latents; pass the VAE the latents were "
+                        "made with.")
+    if not Path(args.vavae_path).exists():
+        raise CheckpointError(f"--vavae_path {args.vavae_path} does not exist; pass the VA-VAE file or diffusers VAE folder.")
+    stats_note = None
+    if source.is_dir():
+        bundle = load_user_unet_folder(source, num_users=args.num_users, condition_encoder_path=args.condition_encoder_path,
+                                       trust_pickle=args.trust_pickle)
+        bundle.stats, stats_note = folder_latent_stats(source, args.vavae_path, int(bundle.model.unet.config.in_channels),
+                                                       latent_stats_path=args.latent_stats, scaling_factor=args.scaling_factor)
+    else:
+        if args.condition_encoder_path or args.latent_stats or args.scaling_factor is not None or args.trust_pickle:
+            raise UserError(f"{source} is a checkpoint that carries its own condition encoder and latent statistics; drop "
+                            "--condition_encoder_path/--latent_stats/--scaling_factor/--trust_pickle (they go with a UNet folder).")
+        bundle = load_user_checkpoint(source, use_ema=not args.no_ema)
+        if args.num_users is not None and args.num_users != bundle.num_users:
+            raise UserError(f"--num_users {args.num_users} disagrees with the {bundle.num_users} users {source} was trained for; "
+                            "drop the flag.")
+    return UserModel(source, bundle, stats_note)
+
+
+def sampling_plan(args: argparse.Namespace, model: UserModel) -> SamplingPlan:
+    """The users, settings and seed ``args`` asks of ``model``, checked against it before anything is sampled."""
+    from models.user_generation import validate_user_ids
+
+    bundle = model.bundle
+    users = validate_user_ids(args.user_ids if args.user_ids is not None else range(1, bundle.num_users + 1), bundle.num_users)
+    settings = dict(bundle.sampling)
+    for key, flag in (("sampler", "sampler"), ("num_steps", "num_inference_steps"), ("guidance_scale", "guidance_scale"),
+                      ("shift", "shift"), ("guidance_channels", "guidance_channels"), ("eta", "eta"),
+                      ("timestep_spacing", "timestep_spacing")):
+        if getattr(args, flag) is not None:
+            settings[key] = getattr(args, flag)
+    if args.guidance_interval is not None:
+        settings["guidance_interval"] = list(args.guidance_interval)
+    check_sampling(args, bundle, settings)
+    seed = args.seed if args.seed is not None else int(bundle.checkpoint.get("preview", {}).get("seed", 0))
+    return SamplingPlan(users, settings, seed)
+
+
+def load_vae(args: argparse.Namespace, model: UserModel) -> UserModel:
+    """Check ``--vavae_path`` against the model's latent statistics, then load it on the device ``args`` names."""
+    from models.user_pipeline import check_vae_matches
+    from models.vavae import load_vavae
+    from pipelines.user_io import resolve_vae_folder
+    from utils.accelerator import resolve_device
+
+    bundle = model.bundle
+    vae_dir = resolve_vae_folder(args.vavae_path)
+    vae_path = vae_dir if vae_dir is not None else Path(args.vavae_path)
+    vae_fingerprint = check_vae_matches(bundle.stats, vae_path)  # before the (large) VAE is loaded
+    device = resolve_device(args.device)
+    precision = args.mixed_precision
+    if precision == "auto" and device.type == "cuda":  # the previews' precision, recorded in the checkpoint
+        preview = bundle.checkpoint.get("preview", {}).get("autocast")
+        precision = preview if preview in ("bf16", "fp16") else "no"
+    dtype = autocast_dtype(precision, device)
+    precision = precision_name(dtype)  # as manifests record it
+    vae = load_vavae(vae_path, device=device, config=args.vavae_config)
+    channels = bundle.stats.mean.shape[1]
+    if vae.latent_channels != channels:
+        raise UserError(f"The VA-VAE {args.vavae_path} has {vae.latent_channels} latent channels, the model {channels}; "
+                        "check --vavae_config.")
+    model.vae, model.vae_fingerprint, model.device, model.dtype, model.precision = vae, vae_fingerprint, device, dtype, precision
+    return model
+
+
+def sample_items(model: UserModel, plan: SamplingPlan, items, *, batch_size: int = 64, progress: bool = False):
+    """Images in [-1, 1] (and VAE-scale latents) of the ``(user, index)`` samples ``items``, as infer.py user writes them.
+
+    A sample's noise depends only on (seed, user, index) and the settings; ``run`` samples ``--batch_size`` items at a
+    time, so the same items in the same batch give the pixels of its files.
+    """
+    from models.user_pipeline import generate_user_images, sampling_kwargs
+
+    bundle = model.bundle
+    return generate_user_images(bundle.model.to(model.device), bundle.backbone, plan.users, 1, stats=bundle.stats, vae=model.vae,
+                                seed=plan.seed, batch_size=batch_size, device=model.device, autocast_dtype=model.dtype,
+                                noise_scheduler=bundle.noise_scheduler, progress=progress, items=items,
+                                **sampling_kwargs(plan.settings))
 
 
 def check_sampling(args: argparse.Namespace, bundle, settings: dict) -> None:

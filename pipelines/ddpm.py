@@ -82,13 +82,43 @@ def _output_path(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> Path:
-    from tqdm.auto import tqdm
-
-    from models.ddpm_sampling import DEFAULT_STEPS, interpolation_noise, load_ddpm_for_sampling, sample_ddpm
+    from models.ddpm_sampling import DEFAULT_STEPS
     from utils.accelerator import resolve_device
     from utils.images import save_grid
-    from utils.log import progress_kwargs
 
+    check_modes(args)
+    output = _output_path(args)
+    steps = args.num_inference_steps or DEFAULT_STEPS[args.sampler]
+    device = resolve_device(args.device)
+    autocast = autocast_dtype(args.mixed_precision, device)  # a precision the device lacks is refused before loading
+    models = load_models(args.compare or [args.model], steps)
+    if args.save_images:
+        path, unet, scheduler_config = models[0]
+        count = args.num_samples or 16
+        settings = {"model": str(Path(path).resolve()), "sampler": args.sampler, "num_inference_steps": steps, "eta": args.eta or 0.0,
+                    "timestep_spacing": args.timestep_spacing, "seed": args.seed, "batch_size": args.batch_size}
+
+        def generate_chunk(count, chunk_seed):
+            from models.ddpm_sampling import sample_ddpm
+
+            return sample_ddpm(unet.to(device), scheduler_config, count, steps, args.sampler, chunk_seed, batch_size=args.batch_size,
+                               autocast_dtype=autocast, eta=args.eta or 0.0, timestep_spacing=args.timestep_spacing)
+
+        files = save_samples(generate_chunk, output.parent / "samples", count, args.batch_size, args.seed, settings)
+        from utils.images import load_rgb, pil_to_tensor
+
+        first = [pil_to_tensor(load_rgb(file)) for file in files[:GRID_LIMIT]]
+        output = save_grid(torch.stack(first), output, nrow=math.ceil(math.sqrt(len(first))))
+        print(f"{count} single images in {output.parent / 'samples'}")
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        sample_picture(args, models, device).save(output)
+    print(f"wrote {output}")
+    return output
+
+
+def check_modes(args: argparse.Namespace) -> None:
+    """Flags that contradict each other, refused before any checkpoint loads."""
     if bool(args.model) == bool(args.compare):
         raise UserError("infer.py ddpm needs --model CKPT or --compare CKPT [CKPT ...], one of the two.")
     if args.interpolate and args.compare:
@@ -101,30 +131,44 @@ def run(args: argparse.Namespace) -> Path:
         raise UserError("--save_images writes the samples of one --model; drop --compare/--interpolate or --save_images.")
     if args.eta is not None and args.sampler != "ddim":
         raise UserError(f"--eta applies to --sampler ddim only ({args.sampler} has its own noise); drop it or use --sampler ddim.")
-    output = _output_path(args)
-    steps = args.num_inference_steps or DEFAULT_STEPS[args.sampler]
-    device = resolve_device(args.device)
-    autocast = autocast_dtype(args.mixed_precision, device)
 
-    models = []  # every checkpoint is loaded and checked against the flags before the first one is sampled
-    for path in args.compare or [args.model]:
+
+def load_models(paths, steps: int) -> list[tuple[str, torch.nn.Module, dict]]:
+    """``(path, unet, scheduler_config)`` of every checkpoint, each loaded and checked against ``steps`` before any is sampled."""
+    from models.ddpm_sampling import load_ddpm_for_sampling
+
+    models = []
+    for path in paths:
         unet, scheduler_config, description = load_ddpm_for_sampling(path)
         total = int(scheduler_config.get("num_train_timesteps", 1000))
         if steps > total:
             raise UserError(f"--num_inference_steps {steps} is more than the {total} timesteps {path} was trained with; use 1..{total}.")
         print(f"loaded {description}")
         models.append((path, unet, scheduler_config))
+    return models
+
+
+def sample_picture(args: argparse.Namespace, models, device: torch.device, progress=None):
+    """The grid, interpolation strip or comparison that ``args`` asks for, as a PIL image (what run() writes).
+
+    ``progress`` wraps each sampling loop's timesteps (default: a tqdm bar in a terminal, none in notebooks and logs).
+    """
+    from tqdm.auto import tqdm
+
+    from models.ddpm_sampling import DEFAULT_STEPS, interpolation_noise, sample_ddpm
+    from utils.images import make_grid_image
+    from utils.log import progress_kwargs
+
+    steps = args.num_inference_steps or DEFAULT_STEPS[args.sampler]
+    autocast = autocast_dtype(args.mixed_precision, device)
+    if progress is None:
+        # a bar only in a terminal: in a notebook's or a log file's output it would pile up carriage-return lines
+        progress = lambda timesteps: tqdm(timesteps, desc=f"{args.sampler} {steps} steps", leave=False, **progress_kwargs())  # noqa: E731
 
     def generate(unet, scheduler_config, count, noise=None, shared_step_noise=False):
-        # a bar only in a terminal: in a notebook's or a log file's output it would pile up carriage-return lines
-        bar = lambda timesteps: tqdm(timesteps, desc=f"{args.sampler} {steps} steps", leave=False, **progress_kwargs())  # noqa: E731
         return sample_ddpm(unet.to(device), scheduler_config, count, steps, args.sampler, args.seed, noise=noise,
-                           batch_size=args.batch_size, autocast_dtype=autocast, progress=bar, eta=args.eta or 0.0,
+                           batch_size=args.batch_size, autocast_dtype=autocast, progress=progress, eta=args.eta or 0.0,
                            timestep_spacing=args.timestep_spacing, shared_step_noise=shared_step_noise)
-
-    def generate_chunk(unet, scheduler_config, count, chunk_seed):
-        return sample_ddpm(unet.to(device), scheduler_config, count, steps, args.sampler, chunk_seed, batch_size=args.batch_size,
-                           autocast_dtype=autocast, eta=args.eta or 0.0, timestep_spacing=args.timestep_spacing)
 
     if args.compare:
         per_row = args.num_samples or 8
@@ -133,33 +177,16 @@ def run(args: argparse.Namespace) -> Path:
             rows.extend(generate(unet, scheduler_config, per_row))
             labels.append(_checkpoint_label(path, unet.config.sample_size))
             unet.cpu()
-        output = save_grid(rows, output, nrow=per_row, row_labels=labels)
-    elif args.interpolate:
-        _, unet, scheduler_config = models[0]
+        return make_grid_image(rows, nrow=per_row, row_labels=labels)
+    _, unet, scheduler_config = models[0]
+    if args.interpolate:
         frames = args.frames or 8
         noise = interpolation_noise(unet.config.in_channels, unet.config.sample_size, frames, args.seed)
         images = generate(unet, scheduler_config, frames, noise=noise, shared_step_noise=True)
         captions = [f"{a:.2f}" for a in torch.linspace(0, 1, frames).tolist()]
-        output = save_grid(images, output, nrow=frames, captions=captions)
-    elif args.save_images:
-        path, unet, scheduler_config = models[0]
-        count = args.num_samples or 16
-        settings = {"model": str(Path(path).resolve()), "sampler": args.sampler, "num_inference_steps": steps, "eta": args.eta or 0.0,
-                    "timestep_spacing": args.timestep_spacing, "seed": args.seed, "batch_size": args.batch_size}
-        files = save_samples(lambda n, chunk_seed: generate_chunk(unet, scheduler_config, n, chunk_seed),
-                             output.parent / "samples", count, args.batch_size, args.seed, settings)
-        from utils.images import load_rgb, pil_to_tensor
-
-        first = [pil_to_tensor(load_rgb(file)) for file in files[:GRID_LIMIT]]
-        output = save_grid(torch.stack(first), output, nrow=math.ceil(math.sqrt(len(first))))
-        print(f"{count} single images in {output.parent / 'samples'}")
-    else:
-        _, unet, scheduler_config = models[0]
-        count = args.num_samples or 16
-        images = generate(unet, scheduler_config, count)
-        output = save_grid(images, output, nrow=math.ceil(math.sqrt(count)))
-    print(f"wrote {output}")
-    return output
+        return make_grid_image(images, nrow=frames, captions=captions)
+    count = args.num_samples or 16
+    return make_grid_image(generate(unet, scheduler_config, count), nrow=math.ceil(math.sqrt(count)))
 
 
 GRID_LIMIT = 64  # images shown in the grid beside a --save_images folder

@@ -306,3 +306,19 @@ def test_train_seesr_timestep_trains_from_the_tools_folder(made, tmp_path):
     result = train.main(args)
     assert result["step"] == 1 and np.isfinite(result["history"][-1][1])
     assert "6 images" in (tmp_path / "run/train.log").read_text()
+
+
+@pytest.mark.parametrize("name", ["make_paired_data", "make_paired_data_dape", "make_tags"])
+def test_help_parses(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(name).parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "SeeSR" in out and ("--gt_path" in out or "--root_path" in out)
+
+
+def test_the_script_itself_ends_with_one_error_line(tmp_path):
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(ROOT / "scripts/make_paired_data.py"), "--gt_path", str(tmp_path / "none"),
+                             "--save_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.startswith("error: The GT image folder") and "Traceback" not in result.stderr

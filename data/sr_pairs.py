@@ -20,6 +20,9 @@ Both datasets return per sample::
 * :class:`SeeSRPreparedDataset` -- SeeSR's prepared training folders (``train_seesr.py --root_folders``), each
   with ``gt/``, ``sr_bicubic/`` (the LR already bicubic-upsampled to the GT size), optionally ``lr/``, and
   ``tag/<stem>.txt`` (``make_tags.py``: RAM tags of the GT); matched by stem, not zipped unsorted as SeeSR does.
+* :func:`write_prepared_pairs` -- writes those folders once, as SeeSR's ``utils_data/make_paired_data.py`` and
+  ``make_paired_data_DAPE.py`` do (``scripts/make_paired_data*.py``): numbered ``gt/``, ``lr/``, ``sr_bicubic/`` PNGs,
+  each pair seeded on its own, a rerun skipping the pairs already written.
 * :class:`PairedSRFolderDataset` -- prepared LR and HR folders matched by file stem after sorting; unpaired
   files are an error that names them. (SeeSR's ``PairedCaptionDataset`` zips three unsorted globs, which
   misaligns LR, HR and tags whenever the listings differ in order.)

@@ -134,12 +134,15 @@ class CrossAttentionProjections(nn.Module):
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.encoder_width, config.hidden_size)
         self.value = nn.Linear(config.encoder_width, config.hidden_size)
+        self.attention_dropout = config.attention_probs_dropout_prob  # 0 for inference; DAPE training sets BERT's 0.1
 
     def forward(self, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         def heads(x):
             return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(heads(self.query(hidden)), heads(self.key(context)), heads(self.value(context)))
+        dropout = self.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(heads(self.query(hidden)), heads(self.key(context)), heads(self.value(context)),
+                                             dropout_p=dropout)
         return out.transpose(1, 2).flatten(2)
 
 
@@ -150,9 +153,10 @@ class ResidualOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)  # p = 0 for inference; DAPE training sets BERT's 0.1
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(hidden) + residual)
+        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
 
 
 class CrossAttention(nn.Module):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PROGRAMS = ("train_ddpm_highres", "train_phaseformer", "train_dit_user", "train_seesr_timestep", "infer")
+PROGRAMS = ("train_ddpm_highres", "train_phaseformer", "train_dit_user", "train_seesr_timestep", "train_dape", "infer")
 
 
 def program_parser(module_name: str) -> argparse.ArgumentParser:
@@ -84,6 +84,8 @@ PARSE_ONLY = [
     ("train_seesr_timestep", SD2, ["--validation_image", "a.png", "b.png"], "validation_image", ["a.png", "b.png"]),
     ("train_seesr_timestep", SD2, ["--validation_guidance_scale", "3.0"], "validation_guidance_scale", 3.0),
     ("train_seesr_timestep", SD2, ["--validation_process_size", "256"], "validation_process_size", 256),
+    ("train_dape", ["--root_folders", "data"], ["--num_processes", "2"], "num_processes", 2),
+    ("train_dape", ["--root_folders", "data"], ["--checkpointing_minutes", "30"], "checkpointing_minutes", 30.0),
 ]
 
 

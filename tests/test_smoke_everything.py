@@ -270,9 +270,18 @@ def test_seesr_variant_scripts(tmp_path, monkeypatch):
     assert parsed[3].inputs == [str(tmp_path / "results" / v / "0001.png") for v in ("baseline", "timestep_only", "timestep_multiscale")]
 
 
+def test_train_dape_launcher_takes_its_two_process_form(tmp_path, monkeypatch):
+    """SeeSR's scripts/train_dape.sh (basicsr/train.py -opt dape.yaml) as accelerate launch with configs/dape.yaml."""
+    calls = run_shell_script(tmp_path, "scripts/train_dape.sh", ["--root_folders", str(tmp_path), "--max_train_steps", "2"], {})
+    launcher, _ = program_calls(calls)[0]
+    assert "--multi_gpu" in launcher and launcher[launcher.index("--num_processes") + 1] == "2"
+    (args,) = check_calls(calls, monkeypatch, ["train_dape.py"])
+    assert args.config == "configs/dape.yaml" and args.train_batch_size == 8 and args.lr_milestones == [20000, 30000]
+
+
 def test_every_shell_script_is_exercised():
     tested = {"demo.sh", "setup.sh", "test.sh", "train_phaseformer.sh", "train_dit_user.sh", "infer_user.sh",
-              "infer_phaseformer.sh", "train_seesr_variants.sh", "compare_seesr_variants.sh"}
+              "infer_phaseformer.sh", "train_seesr_variants.sh", "compare_seesr_variants.sh", "train_dape.sh"}
     assert {path.name for path in (ROOT / "scripts").glob("*.sh")} - tested == set()
 
 
@@ -281,7 +290,7 @@ def test_every_shell_script_is_exercised():
 # --------------------------------------------------------------------------------------------------
 
 PRESET_FAMILIES = {"ddpm": "train_ddpm_highres", "phaseformer": "train_phaseformer", "seesr": "train_seesr_timestep",
-                   "user": "train_dit_user"}
+                   "user": "train_dit_user", "dape": "train_dape"}
 
 
 def test_every_preset_has_a_family():
@@ -343,6 +352,36 @@ def test_user_presets_build_their_dit(tmp_path, name, size):
     assert config.model_size == size and model.num_classes == 31
     if size == "B":
         assert 125e6 < parameters(model) < 135e6  # DiT-B/1 on 32-channel latents, ~130M
+
+
+@pytest.mark.parametrize("name", ["dape", "dape_tiny"])
+def test_dape_presets_build_their_student(tmp_path, monkeypatch, name):
+    """On tiny RAM files (RAM's Swin-L weights are not available here): the preset's LoRA student, teacher and data."""
+    import numpy as np
+    from PIL import Image
+
+    import models.ram
+    import train_dape as train
+    from models.dape import lora_parameters
+    from recipes.dape import build_dape_training
+    from tests.ram_tiny import TINY_RAM_CONFIG, write_tiny_ram
+
+    monkeypatch.setattr(models.ram, "RAM_SWIN_L", TINY_RAM_CONFIG)
+    ram = write_tiny_ram(tmp_path / "ram")["ram"]
+    for sub in ("gt", "sr_bicubic"):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((64, 64, 3), 40 * i, dtype=np.uint8)).save(tmp_path / "data" / sub / f"{i:07d}.png")
+    args = train.parse_args(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--ram_path", str(ram),
+                             "--root_folders", str(tmp_path / "data"), "--num_validation_images", "1"])
+    parts = build_dape_training(args, "cpu")
+    student = parts.models["student"].tagger
+    assert args.lora_rank == 8 and student.visual_encoder.layers[0].blocks[0].attn.qkv.lora_A.shape == (16, 8)
+    assert len(lora_parameters(student)) == 2 * (sum(TINY_RAM_CONFIG.depths) + 2 * TINY_RAM_CONFIG.num_hidden_layers)
+    assert len(parts.datasets["train"]) == 2 and parts.datasets["train"][0]["gt"].shape[-1] == args.image_size
+    if name == "dape":  # SeeSR's dape.yaml
+        expected = (1e-4, 8, [20000, 30000], 0.5, 10, 300000)
+        assert (args.learning_rate, args.train_batch_size, args.lr_milestones, args.lr_gamma, args.seed, args.max_train_steps) == expected
 
 
 @pytest.mark.parametrize("name", ["seesr_sd2_base", "seesr_tiny"])

@@ -518,6 +518,10 @@ def check_paired_data_arguments(parser, args) -> None:
         parser.error(f"--epoch must be at least 1, found {args.epoch}")
     if args.start_gpu < 0:
         parser.error(f"--start_gpu must be 0 or more, found {args.start_gpu}")
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be at least 1, found {args.batch_size}")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        parser.error(f"--seed must be in 0..2^32-1, found {args.seed}")
     if args.gt_size < 8 or args.gt_size % 4:
         parser.error(f"--gt_size must be a multiple of 4 (the x4 LR size) of at least 8, found {args.gt_size}")
     if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:

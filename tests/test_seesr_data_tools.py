@@ -187,6 +187,13 @@ def test_dape_pairs_are_whole_images_resized_with_lanczos(hr_folder, tmp_path):
                                    rtol=0, atol=1.01 / 255)
         assert Image.open(save_dir / "lr" / f"{number:07d}.png").size == (8, 8)
         assert Image.open(save_dir / "sr_bicubic" / f"{number:07d}.png").size == (32, 32)
+    if (ROOT / "recipes/dape.py").is_file():  # what train_dape.py reads from --root_folders: every pair, by name
+        from recipes.dape import DAPEPairs, dape_pairs
+
+        pairs = DAPEPairs(dape_pairs([str(save_dir)]), image_size=32)
+        assert [gt.name for _, gt in pairs.pairs] == ["0000004.png", "0000005.png", "0000006.png"]
+        torch.testing.assert_close(pairs[2]["gt"], read01(save_dir / "gt/0000006.png"))
+        torch.testing.assert_close(pairs[2]["lq"], read01(save_dir / "sr_bicubic/0000006.png"))
 
 
 def test_dape_degradation_is_make_paired_data_dapes():

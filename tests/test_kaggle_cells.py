@@ -17,6 +17,9 @@ cell with bash, in document order:
   ``/kaggle/input/previous-run`` (a previous version's output attached as a data set), as in a new Kaggle session,
   and the ``data`` cells (links into ``/kaggle/working``) run again, as a user runs them in every session.
 
+Cells of a second program in the same doc carry a group, ``<!-- kaggle-cell[dape]: ROLE -->`` (DAPE, SeeSR's
+stage 1, in docs/seesr.md), and run as a notebook of their own after the group-less set-up cell.
+
 The output of every cell must be free of carriage returns (readable progress in a notebook's log). SeeSR's cells
 load RAM from its weight file, which does not record the architecture: a ``sitecustomize`` in the cells'
 ``PYTHONPATH`` swaps RAM's Swin-L for the tiny configuration of tests/ram_tiny.py, as the ``tiny_ram`` fixture of
@@ -38,7 +41,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CELL = re.compile(r"<!-- kaggle-cell: ([\w-]+) -->\s*\n```bash\n(.*?)```", re.S)
+CELL = re.compile(r"<!-- kaggle-cell(?:\[([\w-]+)\])?: ([\w-]+) -->\s*\n```bash\n(.*?)```", re.S)
 ROLES = {"setup", "data", "extract", "train", "resume", "infer"}
 PROGRESS_LINE = re.compile(r"step \d+/\d+ \| loss \d")
 SKIPPED = {"setup"}  # git clone and pip install: the test runs in this checkout with its environment
@@ -73,11 +76,13 @@ sys.meta_path.insert(0, _TinyRAM())
 '''
 
 
-def read_cells(doc: str) -> list[tuple[str, str]]:
-    """(role, bash text) of every marked cell of ``docs/<doc>``, in order, without the ``%%bash`` line."""
+def read_cells(doc: str, group: str = "") -> list[tuple[str, str]]:
+    """(role, bash text) of every marked cell of ``docs/<doc>`` in ``group``, in order, without the ``%%bash`` line."""
     text = (ROOT / "docs" / doc).read_text(encoding="utf-8")
     cells = []
-    for role, body in CELL.findall(text):
+    for cell_group, role, body in CELL.findall(text):
+        if cell_group != group:
+            continue
         assert role in ROLES, f"docs/{doc}: unknown cell role {role!r} (known: {sorted(ROLES)})"
         lines = body.splitlines()
         assert lines and lines[0].strip() == "%%bash", f"docs/{doc}: a {role} cell must start with %%bash"
@@ -134,11 +139,13 @@ class KaggleSession:
         return output
 
 
-def run_cells(session: KaggleSession, doc: str, env_per_role: dict[str, dict[str, str]], tiny_ram: bool = False) -> dict:
-    """Runs every cell of ``doc`` but the set-up; returns each role's output (the last cell of a role wins)."""
-    cells = read_cells(doc)
+def run_cells(session: KaggleSession, doc: str, env_per_role: dict[str, dict[str, str]], tiny_ram: bool = False,
+              group: str = "") -> dict:
+    """Runs every cell of ``doc`` (of ``group``) but the set-up; returns each role's output (the last cell of a role wins)."""
+    cells = read_cells(doc, group)
     roles = [role for role, _ in cells]
-    assert {"setup", "train", "resume"} <= set(roles), f"docs/{doc}: a Kaggle section needs setup, train and resume cells"
+    assert {"train", "resume"} <= set(roles) and (group or "setup" in roles), \
+        f"docs/{doc}: a Kaggle section needs setup, train and resume cells"
     outputs = {}
     for role, cell in cells:
         if role in SKIPPED:
@@ -170,6 +177,11 @@ def test_cells_are_marked_in_every_family_doc():
                 assert "torchrun --standalone --nproc_per_node ${GPUS:-2}" in cell, f"{doc} {role}: not one process per GPU"
                 assert "--mixed_precision ${PRECISION:-fp16}" in cell, f"{doc} {role}: not fp16 on the T4s"
             assert "/kaggle/working/lab" in cell or role == "setup", f"{doc} {role}: the cell does not cd to the code"
+    dape = dict(read_cells("seesr.md", "dape"))  # SeeSR's stage 1, after the SeeSR section's set-up cell
+    assert {"train", "resume"} <= set(dape)
+    for role in ("train", "resume"):
+        assert "--checkpointing_minutes" in dape[role] and "--mixed_precision ${PRECISION:-fp16}" in dape[role]
+        assert "torchrun --standalone --nproc_per_node ${GPUS:-2}" in dape[role] and "/kaggle/working/lab" in dape[role]
 
 
 def test_ddpm_cells(tmp_path):
@@ -241,6 +253,26 @@ def test_user_generation_cells(tmp_path):
     assert load(run / "last.ckpt")["epoch"] == 2
     generated = session.path("/kaggle/working/generated_images")
     assert (generated / "micro_doppler_grid.png").is_file() and (generated / "micro_doppler_user05_004.png").is_file()
+
+
+def test_dape_cells(tmp_path):
+    """DAPE (SeeSR's stage 1): pairs written by the data tool, two processes, a new session resumes, the report."""
+    from data.demo_data import build_demo_image_folder
+    from tests.ram_tiny import write_tiny_ram
+
+    session = KaggleSession(tmp_path)
+    write_tiny_ram(session.path("/kaggle/input/ram"))
+    build_demo_image_folder(session.path("/kaggle/input/div2k/DIV2K_train_HR"), size=64, count=6, seed=0)
+    common = {"CONFIG": "configs/dape_tiny.yaml", "PRECISION": "no"}
+    env = {
+        "train": {**common, "GT_SIZE": "64", "STEPS": "2", "EXTRA_ARGS": "--checkpointing_steps 2"},
+        "resume": {**common, "GPUS": "1", "EXTRA_ARGS": "--max_train_steps 3"},
+    }
+    outputs = run_cells(session, "seesr.md", env, tiny_ram=True, group="dape")
+    assert "x 2 process" in outputs["train"] and "resumed at step 2" in outputs["resume"]
+    run = session.path("/kaggle/working/dape")
+    assert load(run / "checkpoints" / "dape_last.pt")["step"] == 3 and (run / "DAPE.pth").is_file()
+    assert "before {'step': 0" in outputs["infer"] and "after {'step': 3" in outputs["infer"]
 
 
 def test_seesr_cells(tmp_path):

@@ -64,6 +64,7 @@ from utils.training import (
     backward_and_step,
     fused_optimizer,
     make_loader,
+    out_of_memory_message,
     restore_rng,
     restore_training_checkpoint,
     training_checkpoint,
@@ -341,10 +342,13 @@ def main(args: argparse.Namespace) -> dict:
         loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
         for batch in batches:
-            with accelerator.accumulate(student):
-                with accelerator.autocast():
-                    loss, terms = objective(batch, student, teacher)
-                backward_and_step(accelerator, loss, optimizer, lora_parameters(student), config.max_grad_norm)
+            try:
+                with accelerator.accumulate(student):
+                    with accelerator.autocast():
+                        loss, terms = objective(batch, student, teacher)
+                    backward_and_step(accelerator, loss, optimizer, lora_parameters(student), config.max_grad_norm)
+            except torch.OutOfMemoryError as err:
+                raise UserError(out_of_memory_message(config.train_batch_size, " (--gradient_accumulation_steps)")) from err
             batches_done += 1
             micro.append(loss.detach())
             if not accelerator.sync_gradients:

@@ -229,7 +229,7 @@ class DDPMTab:
             with gr.Column(scale=1):
                 checkpoint = gr.Dropdown(self.paths, value=self.paths[0], label="checkpoint (--model)")
                 sampler = gr.Dropdown(samplers, value="dpmsolver++", label="sampler (--sampler)")
-                steps = gr.Number(25, label="steps (--num_inference_steps)", precision=0, minimum=1, maximum=1000)
+                steps = gr.Number(25, label="steps (--num_inference_steps)", precision=0, minimum=1)
                 seed = gr.Number(0, label="seed (--seed)", precision=0, minimum=0)
                 count = gr.Slider(1, MAX_SAMPLES, value=16, step=1, label="images (--num_samples)")
                 frames = gr.Slider(2, 16, value=8, step=1, label="interpolation frames (--frames)")
@@ -317,7 +317,8 @@ class PhaseformerTab:
                 button = gr.Button("Enhance", variant="primary", elem_id="phaseformer_run")
                 scores = gr.Markdown(elem_id="phaseformer_scores")
             with gr.Column(scale=2):
-                slider = gr.ImageSlider(label="before / after (L)", type="pil", format="png", elem_id="phaseformer_slider", interactive=False)
+                slider = gr.ImageSlider(label="before / after (L)", type="pil", format="png", elem_id="phaseformer_slider",
+                                        interactive=False)
                 with gr.Row():
                     low = gr.Image(label="L: input size", type="pil", format="png", elem_id="phaseformer_L", interactive=False)
                     high = gr.Image(label="H: twice the size", type="pil", format="png", elem_id="phaseformer_H", interactive=False)
@@ -391,6 +392,7 @@ class UserTab:
         args = infer_args([*self.base, "--user_ids", *map(str, users), "--num_samples_per_user", str(int(per_user)),
                            "--guidance_scale", f"{float(guidance)!r}", "--num_inference_steps", str(int(steps)),
                            "--seed", str(int(seed))])
+        user.check_request(args)
         plan = user.sampling_plan(args, self.model)
         items = [(u, index) for u in plan.users for index in range(args.start_index, args.start_index + args.num_samples_per_user)]
         pictures = []

@@ -233,11 +233,7 @@ def load_model(args: argparse.Namespace) -> UserModel:
         raise UserError("infer.py user needs one model: --dit_checkpoint CKPT (either backbone) or --unet_path (checkpoint or "
                         "UNet folder).")
     source = Path(args.checkpoint or args.unet_path)
-    if args.user_ids is not None and len(set(args.user_ids)) != len(args.user_ids):
-        repeated = sorted({user for user in args.user_ids if args.user_ids.count(user) > 1})
-        raise UserError(f"--user_ids lists {repeated[0]} more than once; give each user once and raise --num_samples_per_user instead.")
-    if args.guidance_interval is not None and args.guidance_interval[0] > args.guidance_interval[1]:
-        raise UserError(f"--guidance_interval {args.guidance_interval[0]:g} {args.guidance_interval[1]:g}: START must not be after END.")
+    check_request(args)
     if not source.exists():
         flag = "--dit_checkpoint" if args.checkpoint else "--unet_path"
         raise CheckpointError(f"{flag} {source} does not exist; pass checkpoints/best.ckpt or last.ckpt of train_dit_user.py.")
@@ -263,6 +259,14 @@ def load_model(args: argparse.Namespace) -> UserModel:
                             "drop the flag.")
     return UserModel(source, bundle, stats_note)
 
+
+def check_request(args: argparse.Namespace) -> None:
+    """The sampling flags that contradict themselves, whatever the model."""
+    if args.user_ids is not None and len(set(args.user_ids)) != len(args.user_ids):
+        repeated = sorted({user for user in args.user_ids if args.user_ids.count(user) > 1})
+        raise UserError(f"--user_ids lists {repeated[0]} more than once; give each user once and raise --num_samples_per_user instead.")
+    if args.guidance_interval is not None and args.guidance_interval[0] > args.guidance_interval[1]:
+        raise UserError(f"--guidance_interval {args.guidance_interval[0]:g} {args.guidance_interval[1]:g}: START must not be after END.")
 
 def sampling_plan(args: argparse.Namespace, model: UserModel) -> SamplingPlan:
     """The users, settings and seed ``args`` asks of ``model``, checked against it before anything is sampled."""

@@ -4,6 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # The evaluation extras (torch-fidelity, lpips, piq: small wheels, no new heavy dependencies) so that the metric
-# tests run instead of skipping; pyiqa is not among them (see requirements-eval.txt).
-.venv/bin/python -m pip install --quiet -r requirements-eval.txt
+# tests run instead of skipping; pyiqa is not among them (see requirements-eval.txt). The web demo's extras (gradio,
+# gradio_client, selenium) so that app.py is tested everywhere; its browser tests also need Debian's chromium and
+# chromium-driver, which .ci/run installs (elsewhere they skip and say why).
+.venv/bin/python -m pip install --quiet -r requirements-eval.txt -r requirements-app.txt
 .venv/bin/python -m pytest "$@"

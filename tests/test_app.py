@@ -1,0 +1,202 @@
+"""app.py through its HTTP API (gradio_client), one app per module on a free loopback port with every tab's tiny model.
+
+Each tab's picture must equal the file infer.py writes for the same weights, seed and settings; every bad upload is one
+sentence in the answer and the next request succeeds; the server listens on loopback only, serves no file outside its
+output folder, and runs one job at a time per model from a bounded queue.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gradio", reason="the app's extras are not installed (pip install -r requirements-app.txt)")
+pytest.importorskip("gradio_client", reason="the app's extras are not installed (pip install -r requirements-app.txt)")
+
+import app  # noqa: E402
+import infer  # noqa: E402
+from tests.app_models import app_argv, build_models, pixels, start_app, write_uploads  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    models = build_models(tmp_path_factory.getbasetemp() / "app_models")
+    uploads = write_uploads(tmp_path_factory.mktemp("uploads"))
+    output_dir = tmp_path_factory.mktemp("app_output")
+    demo, url = start_app(app_argv(models, output_dir))
+    from gradio_client import Client
+
+    client = Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+    yield {"demo": demo, "url": url, "client": client, "models": models, "uploads": uploads, "output_dir": output_dir}
+    demo.close()
+
+
+def call(served, api_name: str, *inputs):
+    return served["client"].predict(*inputs, api_name=api_name)
+
+
+def upload(path):
+    from gradio_client import handle_file
+
+    return handle_file(str(path))
+
+
+def app_error(served, api_name: str, *inputs) -> str:
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as error:
+        call(served, api_name, *inputs)
+    return str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------- infer.py equality
+
+def test_ddpm_grid_and_strip_equal_infer_files(served, tmp_path):
+    path = str(served["models"]["ddpm"])
+    grid = call(served, "/ddpm_sample", path, "ddim", 4, 3, 5)
+    strip = call(served, "/ddpm_interpolate", path, "ddpm", 3, 7, 4)
+    common = ["ddpm", "--model", path, "--device", "cpu", "--output_dir", str(tmp_path)]
+    infer.main(infer.parse_args([*common, "--sampler", "ddim", "--num_inference_steps", "4", "--seed", "3", "--num_samples", "5"]))
+    infer.main(infer.parse_args([*common, "--sampler", "ddpm", "--num_inference_steps", "3", "--seed", "7", "--interpolate",
+                                 "--frames", "4"]))
+    assert np.array_equal(pixels(grid), pixels(tmp_path / "ddpm_samples.png"))
+    assert np.array_equal(pixels(strip), pixels(tmp_path / "ddpm_interpolation.png"))
+
+
+def test_phaseformer_outputs_and_scores_equal_infer_files(served, tmp_path):
+    uploads = served["uploads"]
+    slider, low, high, scores = call(served, "/phaseformer_enhance", upload(uploads["rgb"]), upload(uploads["reference"]))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "in/photo.png").write_bytes(uploads["rgb"].read_bytes())
+    (tmp_path / "gt/photo.png").write_bytes(uploads["reference"].read_bytes())
+    infer.main(infer.parse_args(["phaseformer", "--checkpoint", str(served["models"]["phaseformer"]), "--input",
+                                 str(tmp_path / "in"), "--gt_dir", str(tmp_path / "gt"), "--output_dir", str(tmp_path / "out"),
+                                 "--underwater_metrics", "--device", "cpu"]))
+    assert np.array_equal(pixels(low), pixels(tmp_path / "out/L/photo.png"))
+    assert np.array_equal(pixels(high), pixels(tmp_path / "out/H/photo.png"))
+    before, after = slider
+    assert np.array_equal(pixels(before), pixels(uploads["rgb"])) and np.array_equal(pixels(after), pixels(low))
+    row = next(csv.DictReader(open(tmp_path / "out/metrics.csv")))
+    for key, label in (("uiqm", "UIQM"), ("uciqe", "UCIQE")):
+        assert f"| {label} | {float(row[key + '_input']):.4f} | {float(row[key]):.4f} |" in scores
+    assert f"| PSNR (dB) | | {float(row['psnr']):.4f} |" in scores and f"| SSIM | | {float(row['ssim']):.4f} |" in scores
+
+
+def test_user_samples_equal_infer_files_with_the_classifier_prediction(served, tmp_path):
+    gallery = call(served, "/user_generate", "1, 3", 2, 2.5, 3, 5)
+    infer.main(infer.parse_args(["user", "--dit_checkpoint", str(served["models"]["dit"]), "--vavae_path",
+                                 str(served["models"]["vavae"]), "--vavae_config", "tiny", "--user_ids", "1", "3",
+                                 "--num_samples_per_user", "2", "--guidance_scale", "2.5", "--num_inference_steps", "3",
+                                 "--seed", "5", "--output_dir", str(tmp_path), "--device", "cpu"]))
+    expected = [(1, 0), (1, 1), (3, 0), (3, 1)]
+    assert len(gallery) == len(expected)
+    for entry, (user, index) in zip(gallery, expected, strict=True):
+        assert np.array_equal(pixels(entry["image"]), pixels(tmp_path / f"user_{user:02d}/generated_{index:03d}.png"))
+        assert entry["caption"].startswith(f"user {user} #{index:03d}: classifier says user ")
+    assert "more than once" in app_error(served, "/user_generate", "1 1", 1, 2.5, 3, 5)
+    assert "outside the valid range 1..3" in app_error(served, "/user_generate", "9", 1, 2.5, 3, 5)
+
+
+def test_parse_user_ids():
+    assert app.parse_user_ids("1 3, 5-7") == [1, 3, 5, 6, 7]
+    for text in ("", "a", "1-b"):
+        with pytest.raises(UserError):
+            app.parse_user_ids(text)
+
+
+# ------------------------------------------------------------------------------------------------- bad uploads
+
+REFUSED = {
+    "text": "is not an image this app can read",
+    "truncated": "is damaged or truncated",
+    "tiny": "is 1x1 px; upload an image of at least 16 px per side",
+    "sixteen_bit": "is a 16-bit or floating-point grayscale image",
+    "large": "is 640x480 px, over this app's --max_upload_pixels 100000",
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_a_bad_upload_is_a_message_and_the_next_request_succeeds(served, case):
+    message = app_error(served, "/phaseformer_enhance", upload(served["uploads"][case]), None)
+    assert REFUSED[case] in message and "Traceback" not in message
+    _, low, _, _ = call(served, "/phaseformer_enhance", upload(served["uploads"]["rgb"]), None)
+    assert pixels(low).shape == (24, 32, 3)
+
+
+@pytest.mark.parametrize("case, note", [("rgba", "composited on white"), ("gray", "grayscale: read as RGB")])
+def test_rgba_and_grayscale_are_converted_as_infer_reads_them(served, tmp_path, case, note):
+    _, low, _, scores = call(served, "/phaseformer_enhance", upload(served["uploads"][case]), None)
+    assert note in scores
+    infer.main(infer.parse_args(["phaseformer", "--checkpoint", str(served["models"]["phaseformer"]), "--input",
+                                 str(served["uploads"][case]), "--output_dir", str(tmp_path), "--device", "cpu"]))
+    assert np.array_equal(pixels(low), pixels(tmp_path / "L" / served["uploads"][case].name))
+
+
+def test_missing_upload_and_mismatched_reference(served):
+    assert "Upload underwater image first" in app_error(served, "/phaseformer_enhance", None, None)
+    message = app_error(served, "/phaseformer_enhance", upload(served["uploads"]["rgb"]), upload(served["uploads"]["other_size"]))
+    assert "The reference is 20x20 px but the image is 32x24 px" in message
+
+
+def test_bad_settings_are_messages_with_infer_wording(served):
+    path = str(served["models"]["ddpm"])
+    assert "more than the 1000 timesteps" in app_error(served, "/ddpm_sample", path, "ddim", 5000, 0, 2)
+    assert "less than minimum value 1" in app_error(served, "/ddpm_sample", path, "ddim", 0, 0, 2)  # the widget's own bound
+
+
+# ------------------------------------------------------------------------------------------ serving and safety
+
+def test_serves_loopback_only_and_no_file_outside_its_output_folder(served):
+    import httpx
+
+    assert served["url"].startswith("http://127.0.0.1:")
+    for outside in (app.__file__, "/etc/passwd", os.path.abspath("infer.py")):
+        assert httpx.get(f"{served['url']}/gradio_api/file={outside}").status_code in (403, 404)
+    inside = next((served["output_dir"] / "gradio").rglob("*.png"))  # a result written by an earlier request
+    assert httpx.get(f"{served['url']}/gradio_api/file={inside}").status_code == 200
+
+
+def test_one_job_per_model_from_a_bounded_queue(served):
+    demo = served["demo"]
+    assert demo._queue.max_size == 8
+    events = [fn for fn in demo.fns.values() if fn.api_name in ("ddpm_sample", "ddpm_interpolate", "phaseformer_enhance",
+                                                                  "user_generate")]
+    assert len(events) == 4
+    for fn in events:
+        assert fn.concurrency_limit == 1 and fn.trigger_mode == "once"
+    ids = {fn.api_name: fn.concurrency_id for fn in events}
+    assert ids["ddpm_sample"] == ids["ddpm_interpolate"] != ids["phaseformer_enhance"] != ids["user_generate"]
+
+
+def test_tab_without_weights_names_its_flag(served):
+    import httpx
+
+    config = httpx.get(f"{served['url']}/config").text
+    assert "--pretrained_model_path" in config and "--seesr_model_path" in config
+
+
+def test_flags_and_their_checks(tmp_path, monkeypatch):
+    args = app.parse_args([])
+    assert (args.host, args.share, args.auth, args.output_dir) == ("127.0.0.1", False, None, "app_output")
+    for argv in (["--auth", "nopassword"], ["--auth", ":x"], ["--dit_checkpoint", "a", "--unet_path", "b"], ["--port", "0"]):
+        with pytest.raises(SystemExit):
+            app.parse_args(argv)
+    monkeypatch.chdir(tmp_path)  # no demo_output/ here: every tab names its flag, nothing is loaded
+    demo = app.build_app(app.parse_args(["--output_dir", str(tmp_path / "out")]))
+    assert demo.app_tabs == {}
+    with pytest.raises(UserError, match="--vavae_path"):
+        app.build_app(app.parse_args(["--dit_checkpoint", "x.ckpt", "--output_dir", str(tmp_path / "out")]))
+    with pytest.raises(UserError, match="--checkpoint missing.pth does not exist"):
+        app.build_app(app.parse_args(["--checkpoint", "missing.pth", "--output_dir", str(tmp_path / "out")]))
+
+
+def test_test_script_installs_the_app_requirements(tmp_path):
+    from tests.test_smoke_everything import run_shell_script
+
+    calls = run_shell_script(tmp_path, "scripts/test.sh", ["-q", "tests/test_app.py"], {})
+    assert any("requirements-app.txt" in call for call in calls[:-1])

@@ -86,6 +86,7 @@ from pathlib import Path
 
 import torch
 
+from models.timestep_adaptive import INJECTORS
 from utils.accelerator import create_accelerator, log_run_header, reset_accelerate_state
 from utils.checkpoint import atomic_write_text
 from utils.cli import add_ram_arguments, add_training_arguments, check_training_arguments
@@ -172,10 +173,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--conditioning_embedding_channels", type=int, nargs=4, default=None, metavar="C",
                        help="channels of a new ControlNet's LR-image encoder, 4 stages down to the latent size "
                        "(default diffusers' 16 32 96 256, as SeeSR; tiny presets use fewer)")
-    model.add_argument("--injector", choices=("baseline", "timestep_only", "timestep_multiscale"),
-                       default="timestep_multiscale",
-                       help="baseline: plain ControlNet; timestep_only: residuals * w(t); timestep_multiscale: "
-                       "residuals * s[level] * w(t) (default)")
+    model.add_argument("--injector", choices=INJECTORS.names(), default="timestep_multiscale",
+                       help=INJECTORS.help_text())
     model.add_argument("--timestep_weights", choices=("table", "mlp"), default="table",
                        help="w(t) as a lookup table over the 1000 training timesteps or an MLP on the timestep "
                        "embedding (default table)")

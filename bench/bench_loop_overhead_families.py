@@ -56,6 +56,7 @@ import torch  # noqa: E402
 
 from bench.bench_ddpm_vs_diffusers import run_quietly, step_clock, step_times  # noqa: E402
 from bench.common import bench_device, median, scaled_optimizer_step, synchronize  # noqa: E402
+from models.timestep_adaptive import INJECTORS  # noqa: E402
 from utils.accelerator import describe_device  # noqa: E402
 from utils.training import fused_optimizer  # noqa: E402
 
@@ -80,8 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sr_images", type=int, default=136, help="HR images generated (default 136: 34 steps of 4)")
     parser.add_argument("--sr_data", choices=("degraded", "pairs", "both"), default="both",
                         help="SeeSR training data: HR crops degraded on the fly, pairs degraded beforehand, or both (default)")
-    parser.add_argument("--sr_injector", choices=("baseline", "timestep_only", "timestep_multiscale"), default="timestep_multiscale",
-                        help="SeeSR --injector (default timestep_multiscale, the trainer's)")
+    parser.add_argument("--sr_injector", choices=INJECTORS.names(), default="timestep_multiscale",
+                        help="SeeSR --injector (default timestep_multiscale, the trainer's): " + INJECTORS.help_text())
     parser.add_argument("--sr_logging_steps", type=int, default=10,
                         help="SeeSR --logging_steps (default 10: a mean loss, the injector's s and w(t) to the tracker every "
                         "10 steps, as the other rows; the trainer's default is 50)")

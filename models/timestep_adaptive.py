@@ -1,7 +1,7 @@
 """Timestep-adaptive multi-scale condition injector for SeeSR-style ControlNet super-resolution.
 
-The users' idea ("Timestep-adaptive condition control", see ``shared/spec/seesr_timestep.md``): between a
-ControlNet branch and the frozen Stable Diffusion UNet, scale every ControlNet residual by
+The users' idea ("Timestep-adaptive condition control", summarised in ``docs/seesr.md``): between a ControlNet
+branch and the frozen Stable Diffusion UNet, scale every ControlNet residual by
 
     residual' = residual * s[level] * w(t)
 
@@ -16,6 +16,10 @@ Both parts are the identity at initialisation (a table of ones; an MLP producing
 term``), so a fresh injector reproduces the plain ControlNet bit for bit. The weights stay in fp32 and are cast
 to the residuals' dtype when applied.
 
+Variants are the entries of :data:`INJECTORS` (``--injector``): ``baseline`` (no injector), ``timestep_only`` and
+``timestep_multiscale``. A new variant is one ``INJECTORS.register`` call naming its module class and the
+constructor arguments that make it that variant (``docs/extending.md``).
+
 Related work: TASR (Lin et al., "TASR: Timestep-Aware Diffusion Model for Image Super-Resolution",
 arXiv:2412.03355, https://github.com/SleepyLin/TASR) gates every ControlNet residual with a timestep-aware
 adapter (``2 * sigmoid(adapter(features, t_emb))``, spatial and channel-wise). The injector here is the scalar,
@@ -25,18 +29,21 @@ much cheaper relative of that idea. Hand-set schedules are the other baselines: 
 Checkpoint layout (its own folder, never inside the UNet or ControlNet state dicts)::
 
     checkpoint-<step>/multi_scale_injector/
-        config.json          # MultiScaleInjector's config (diffusers ConfigMixin)
+        config.json          # the module's ConfigMixin config: its registry key ("variant") and constructor arguments
         model.safetensors    # the state dict
         pytorch_model.bin    # the same state dict written with torch.save (the users' file name)
 
-:func:`load_injector` reads that folder (safetensors first, then the ``.bin`` with ``weights_only=True``), and
-accepts checkpoints without the folder (returns ``None``: identity weights, standard SeeSR inference) or with
-scale weights but no timestep weights.
+:func:`load_injector` builds the module from config.json (``from_config`` of the variant's class) and loads the
+state dict strictly. Folders written before the variant was recorded are rebuilt from the state dict's keys and
+shapes (:func:`_injector_config_from_state`, the one fallback); without the folder it returns ``None`` (identity
+weights, standard SeeSR inference).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,13 +55,13 @@ from torch import nn
 
 from utils.checkpoint import atomic_write
 from utils.errors import CheckpointError, UserError
+from utils.registry import Registry
 
 INJECTOR_FOLDER = "multi_scale_injector"
 INJECTOR_BIN_NAME = "pytorch_model.bin"
 INJECTOR_SAFETENSORS_NAME = "model.safetensors"
 INJECTOR_CONFIG_NAME = "config.json"
 
-INJECTOR_VARIANTS = ("baseline", "timestep_only", "timestep_multiscale")
 TIMESTEP_WEIGHT_KINDS = ("table", "mlp")
 GROUPINGS = ("tensor", "level")
 
@@ -212,6 +219,8 @@ class MultiScaleInjector(ModelMixin, ConfigMixin):
         timestep_weights_shared: one w(t) curve for all residuals, else one per group.
         num_train_timesteps, table_bins, mlp_embedding_dim, mlp_hidden_dim: see
             :func:`create_timestep_adaptive_weights`.
+        variant: the :data:`INJECTORS` key it was built as, recorded in config.json so loading rebuilds the same
+            variant (``None``: a folder from before the key was recorded that matches no registered variant).
     """
 
     config_name = INJECTOR_CONFIG_NAME
@@ -228,6 +237,7 @@ class MultiScaleInjector(ModelMixin, ConfigMixin):
         table_bins: int | None = None,
         mlp_embedding_dim: int = 128,
         mlp_hidden_dim: int = 64,
+        variant: str | None = None,
     ):
         super().__init__()
         if grouping not in GROUPINGS:
@@ -263,11 +273,9 @@ class MultiScaleInjector(ModelMixin, ConfigMixin):
             )
 
     @property
-    def variant(self) -> str:
-        """``timestep_multiscale``, ``timestep_only`` or ``multiscale_only`` (old checkpoints)."""
-        if self.scale_weights is not None and self.timestep_weights is not None:
-            return "timestep_multiscale"
-        return "timestep_only" if self.timestep_weights is not None else "multiscale_only"
+    def variant(self) -> str | None:
+        """The :data:`INJECTORS` key this injector was built as (recorded in its config)."""
+        return self.config.variant
 
     def group_labels(self) -> list[str]:
         """A readable name per weight group, for plots and logs."""
@@ -338,6 +346,34 @@ class MultiScaleInjector(ModelMixin, ConfigMixin):
         return timesteps.cpu(), self.get_weight_at_step(timesteps).float().cpu(), self.group_labels()
 
 
+# ------------------------------------------------------------------------------------------------ variants
+
+
+@dataclass(frozen=True)
+class InjectorVariant:
+    """One ``--injector`` choice: the module class it builds (``None``: no injector, the plain ControlNet) and the
+    constructor arguments that make it this variant; the injector flags (:func:`build_injector`) fill in the rest,
+    each only where the class's constructor takes it."""
+
+    model_class: type | None
+    fixed: dict = field(default_factory=dict)
+
+    def build(self, name: str, residual_levels, **options) -> nn.Module | None:
+        if self.model_class is None:
+            return None
+        accepted = inspect.signature(self.model_class.__init__).parameters
+        options = {key: value for key, value in options.items() if key in accepted}
+        return self.model_class(residual_levels=list(residual_levels), **options, **self.fixed, variant=name)
+
+
+INJECTORS: Registry[InjectorVariant] = Registry("injector", flag="--injector")
+INJECTORS.register("baseline", InjectorVariant(None), help="plain ControlNet, no injector (SeeSR)")
+INJECTORS.register("timestep_only", InjectorVariant(MultiScaleInjector, {"use_scale_weights": False}),
+                   help="residuals * w(t)")
+INJECTORS.register("timestep_multiscale", InjectorVariant(MultiScaleInjector, {"use_scale_weights": True}),
+                   help="residuals * s[level] * w(t) (default)")
+
+
 def build_injector(
     variant: str,
     residual_levels=SD2_RESIDUAL_LEVELS,
@@ -345,35 +381,28 @@ def build_injector(
     grouping: str = "level",
     timestep_weights_shared: bool = True,
     **kwargs,
-) -> MultiScaleInjector | None:
-    """The injector for one of the users' variants: ``baseline`` gives ``None`` (plain ControlNet)."""
-    if variant == "baseline":
-        return None
-    if variant not in INJECTOR_VARIANTS:
-        raise UserError(f"Expected --injector to be one of {', '.join(INJECTOR_VARIANTS)}, found {variant!r}.")
-    return MultiScaleInjector(
-        residual_levels=list(residual_levels),
-        grouping=grouping,
-        use_scale_weights=variant == "timestep_multiscale",
-        timestep_weights_kind=timestep_weights,
-        timestep_weights_shared=timestep_weights_shared,
-        **kwargs,
+) -> nn.Module | None:
+    """The injector registered as ``variant`` in :data:`INJECTORS` (``baseline`` gives ``None``), built for the
+    ControlNet's ``residual_levels`` with the injector flags' values."""
+    return INJECTORS.get(variant).build(
+        variant, residual_levels, timestep_weights_kind=timestep_weights, grouping=grouping,
+        timestep_weights_shared=timestep_weights_shared, **kwargs,
     )
 
 
 def describe_injector(injector) -> str:
     """One line: the scale weights and w(t) at a few timesteps (for training logs)."""
     parts = []
-    if injector.scale_weights is not None:
+    if getattr(injector, "scale_weights", None) is not None:
         weights = injector.scale_weights.weights.detach().float().cpu().tolist()
         parts.append("s = [" + ", ".join(f"{w:.3f}" for w in weights) + "]")
-    if injector.timestep_weights is not None:
+    if getattr(injector, "timestep_weights", None) is not None:
         for t in (999, 500, 1):
             weights = injector.get_weight_at_step(t).detach().float().cpu()
             shown = f"{weights[0]:.3f}" if injector.config.timestep_weights_shared else (
                 "[" + ", ".join(f"{w:.3f}" for w in weights.tolist()) + "]")
             parts.append(f"w({t}) = {shown}")
-    return "injector " + ", ".join(parts)
+    return "injector " + (", ".join(parts) or f"{injector.variant} ({type(injector).__name__})")
 
 
 # ------------------------------------------------------------------------------------------------ save / load
@@ -442,7 +471,13 @@ def read_injector_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], Pa
 def _injector_config_from_state(
     state: dict[str, torch.Tensor], saved_config: dict, residual_levels, messages: list[str]
 ) -> dict:
-    """Rebuild MultiScaleInjector's arguments from the state dict's keys and shapes (+ config.json if any)."""
+    """MultiScaleInjector's arguments rebuilt from the state dict's keys and shapes (+ an older config.json if any).
+
+    The fallback for folders written before config.json recorded the variant: the users' older
+    ``pytorch_model.bin``-only format included. The variant is named where the structure is one of
+    :data:`INJECTORS`' (scale and timestep weights: ``timestep_multiscale``; timestep weights alone:
+    ``timestep_only``); scale weights alone match no registered variant and load with ``variant=None``.
+    """
     unknown = [key for key in state if not key.startswith(("scale_weights.", "timestep_weights."))]
     if unknown:
         raise CheckpointError(
@@ -511,7 +546,29 @@ def _injector_config_from_state(
     if not has_scale and not curves:
         raise CheckpointError("The injector checkpoint holds neither scale_weights.weights nor timestep_weights.*.")
     config.setdefault("grouping", saved_config.get("grouping", "level"))
+    if curves:
+        config["variant"] = "timestep_multiscale" if has_scale else "timestep_only"
     return config
+
+
+def _injector_from_record(saved_config: dict, config_path: Path) -> nn.Module:
+    """The injector config.json describes: its recorded variant's class, built with ``from_config``."""
+    variant = saved_config["variant"]
+    if variant not in INJECTORS or INJECTORS.get(variant).model_class is None:
+        raise CheckpointError(
+            f"{config_path} records injector variant {variant!r}, which is not one of {', '.join(INJECTORS.names())}; "
+            "load it with the code that registered that variant."
+        )
+    model_class = INJECTORS.get(variant).model_class
+    if saved_config.get("_class_name", model_class.__name__) != model_class.__name__:
+        raise CheckpointError(
+            f"{config_path} describes a {saved_config['_class_name']}, but variant {variant!r} builds a "
+            f"{model_class.__name__}; load it with the code that wrote it."
+        )
+    try:
+        return model_class.from_config(saved_config)
+    except (TypeError, ValueError, UserError) as error:
+        raise CheckpointError(f"Cannot build the injector described by {config_path}: {error}") from None
 
 
 def load_injector(
@@ -520,8 +577,9 @@ def load_injector(
     """Load ``checkpoint_dir/multi_scale_injector/``; returns ``(injector or None, log messages)``.
 
     A checkpoint without the folder (old, or the baseline) gives ``None``: run the plain ControlNet (identity
-    weights). Scale weights without timestep weights load with the timestep part absent. The structure comes
-    from the weights' keys and shapes, so a ``pytorch_model.bin`` without ``config.json`` loads too;
+    weights). The module is built from config.json's record (variant and constructor arguments) and loaded
+    strictly. A folder written before the record existed (no ``variant`` in config.json, or only a
+    ``pytorch_model.bin``) is rebuilt from the weights' keys and shapes (:func:`_injector_config_from_state`);
     ``residual_levels`` (from :func:`residual_levels_of`) is needed then only for non-SD2 ControlNets.
     """
     checkpoint_dir = Path(checkpoint_dir)
@@ -542,21 +600,25 @@ def load_injector(
         except (OSError, json.JSONDecodeError) as error:
             raise CheckpointError(f"Cannot read {config_path}: {error}.") from None
     messages: list[str] = []
-    config = _injector_config_from_state(state, saved_config, residual_levels, messages)
-    injector = MultiScaleInjector(**config)
+    if saved_config.get("variant") is not None:
+        injector = _injector_from_record(saved_config, config_path)
+    else:
+        injector = MultiScaleInjector(**_injector_config_from_state(state, saved_config, residual_levels, messages))
+        messages.append(f"{folder} records no injector variant (written by an older version): its structure was "
+                        "read from the weights.")
     try:
         injector.load_state_dict({key: value.float() for key, value in state.items()}, strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"The injector weights in {source} do not fit: {str(error).splitlines()[0]}") from None
     injector.eval()
-    details = []
-    if injector.scale_weights is not None:
+    details = [f"variant {injector.variant or 'unnamed (scale weights only)'}"]
+    if getattr(injector, "scale_weights", None) is not None:
         details.append(f"{injector.num_groups} scale weights ({injector.config.grouping})")
-    if injector.timestep_weights is not None:
+    if getattr(injector, "timestep_weights", None) is not None:
         curves = "shared" if injector.config.timestep_weights_shared else f"one per {injector.config.grouping}"
         details.append(f"timestep weights: {injector.config.timestep_weights_kind}, {curves}")
     messages = [MESSAGE_INJECTOR_LOADED] + messages
-    if injector.timestep_weights is not None:
+    if getattr(injector, "timestep_weights", None) is not None:
         messages.append(MESSAGE_TIMESTEP_WEIGHTS_LOADED)
     else:
         messages.append("No timestep_weights.* in the injector checkpoint: weights are constant over timesteps.")

@@ -12,7 +12,7 @@
 # first LR image), STEPS / GUIDANCE / PROCESS_SIZE (sampling), RAM / DAPE (RAM's weights and SeeSR's DAPE.pth, for
 # checkpoints with image attention; defaults preset/models/ram_swin_large_14m.pth and preset/models/DAPE.pth when it
 # exists), SEED (default 42, the same noise for every variant), EXTRA (more infer.py flags, e.g. tile sizes).
-# Outputs: $RESULTS/<variant>/<name>.png, $RESULTS/<variant>/metrics.csv, $RESULTS/comparison.png,
+# Outputs: $RESULTS/<variant>/sample00/<name>.png (SeeSR's layout), $RESULTS/<variant>/metrics.csv, $RESULTS/comparison.png,
 # $RESULTS/timestep_weights_visualization.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,9 @@ LR=${LR:-preset/datasets/test_datasets/DIV2K/LR}
 GT=${GT:-}
 STEP=${STEP:-latest}
 GPU=${GPU:-0}
-VARIANTS=${VARIANTS:-"baseline timestep_only timestep_multiscale"}
+PYTHON=${PYTHON:-python}
+# Every registered injector variant unless VARIANTS names some (the registry is the one list of them).
+VARIANTS=${VARIANTS:-$($PYTHON -m utils.registry models.timestep_adaptive INJECTORS)}
 EXPERIENCE=${EXPERIENCE:-experience}
 RESULTS=${RESULTS:-results}
 STEPS=${STEPS:-50}
@@ -35,7 +37,6 @@ if [ -z "$DAPE" ] && [ -f preset/models/DAPE.pth ]; then
 fi
 SEED=${SEED:-42}
 EXTRA=${EXTRA:-}
-PYTHON=${PYTHON:-python}
 
 checkpoint_of() {  # the run's checkpoint-$STEP, or its newest
     if [ "$STEP" = latest ]; then
@@ -76,7 +77,7 @@ if [ -z "${IMAGE:-}" ]; then
     fi
 fi
 for variant in $VARIANTS; do
-    grid_inputs+=("$RESULTS/$variant/$IMAGE")
+    grid_inputs+=("$RESULTS/$variant/sample00/$IMAGE")
 done
 $PYTHON scripts/create_comparison_grid.py --inputs "${grid_inputs[@]}" --output "$RESULTS/comparison.png"
 

@@ -38,7 +38,8 @@ def main(args: argparse.Namespace) -> Path:
         raise CheckpointError(
             f"{args.checkpoint} has no multi_scale_injector/ (a baseline or old checkpoint): there is no w(t) to plot."
         )
-    path = plot_timestep_weights(injector, args.output, title=f"{Path(args.checkpoint).name}: {injector.variant}")
+    variant = injector.variant or "scale weights only (an older checkpoint)"
+    path = plot_timestep_weights(injector, args.output, title=f"{Path(args.checkpoint).name}: {variant}")
     print(describe_injector(injector))
     print(f"wrote {path}")
     return path

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Train the three SeeSR variants the users compare, one after the other, on a GPU server:
-#   baseline             SeeSR (ControlNet + the UNet's image attentions, RAM/DAPE embeddings and tags)
-#   timestep_only        ControlNet residuals * w(t)
-#   timestep_multiscale  ControlNet residuals * s[level] * w(t)
-# into experience/<variant>/checkpoint-<step>/. Re-running the script resumes every variant from its newest checkpoint.
+# Train the SeeSR injector variants the users compare, one after the other, on a GPU server: by default every key of
+# models.timestep_adaptive.INJECTORS (`python -m utils.registry models.timestep_adaptive INJECTORS` lists them: SeeSR
+# itself, w(t) alone, s[level] * w(t)), into experience/<variant>/checkpoint-<step>/. Re-running the script resumes
+# every variant from its newest checkpoint.
 #
 #   bash scripts/train_seesr_variants.sh
 #   GPUS=0,1,2,3 DATA=datasets/DIV2K_HR bash scripts/train_seesr_variants.sh
@@ -32,11 +31,12 @@ if [ -z "$DAPE" ] && [ -f preset/models/DAPE.pth ]; then
     DAPE=preset/models/DAPE.pth
 fi
 SEESR=${SEESR:-}
-VARIANTS=${VARIANTS:-"baseline timestep_only timestep_multiscale"}
+PYTHON=${PYTHON:-python}
+# Every registered injector variant unless VARIANTS names some (the registry is the one list of them).
+VARIANTS=${VARIANTS:-$($PYTHON -m utils.registry models.timestep_adaptive INJECTORS)}
 CONFIG=${CONFIG:-configs/seesr_sd2_base.yaml}
 EXPERIENCE=${EXPERIENCE:-experience}
 EXTRA=${EXTRA:-}
-PYTHON=${PYTHON:-python}
 
 if [ -n "${GPUS:-}" ]; then
     export CUDA_VISIBLE_DEVICES=$GPUS

@@ -116,6 +116,9 @@ RECORDER = r"""#!/usr/bin/env bash
 # Test stand-in for python / accelerate: records its command line; answers the GPU-count probe.
 name=$(basename "$0")
 printf '%s\0' "$name" "$@" > "$CALL_LOG/$(date +%s%N)-$$"
+if [ "$name" != accelerate ] && [ "${1:-}" = "-m" ] && [ "${2:-}" = utils.registry ]; then
+  PYTHONPATH="$REPO_ROOT" exec "$REAL_PYTHON" "$@"  # the registries' keys, read for real (scripts loop over them)
+fi
 if [ "$name" != accelerate ] && [ "${1:-}" = "-c" ]; then
   case "${2:-}" in *device_count*) echo "${STUB_GPUS:-2}" ;; esac
 else
@@ -143,7 +146,7 @@ def run_shell_script(tmp_path: Path, script: str, args: list[str], env: dict) ->
     for old in log.iterdir():
         old.unlink()
     full_env = dict(os.environ, CALL_LOG=str(log), PATH=f"{root / 'bin'}:{os.environ['PATH']}", PYTHON=str(root / "bin" / "python"),
-                    STUB_GPUS="2", OMP_NUM_THREADS="1", **env)
+                    REPO_ROOT=str(ROOT), REAL_PYTHON=sys.executable, STUB_GPUS="2", OMP_NUM_THREADS="1", **env)
     full_env.pop("CUDA_VISIBLE_DEVICES", None)
     result = subprocess.run(["bash", str(root / script), *args], cwd=tmp_path, env=full_env, capture_output=True, text=True,
                             timeout=120)
@@ -253,21 +256,26 @@ def test_infer_phaseformer_script(tmp_path, monkeypatch):
 
 
 def test_seesr_variant_scripts(tmp_path, monkeypatch):
+    from models.timestep_adaptive import INJECTORS
+
+    variants = list(INJECTORS.names())  # the scripts' default: every registered variant
     calls = run_shell_script(tmp_path, "scripts/train_seesr_variants.sh", [], {"EXTRA": "--max_train_steps 2"})
-    parsed = check_calls(calls, monkeypatch, ["train_seesr_timestep.py"] * 3)
-    assert [args.injector for args in parsed] == ["baseline", "timestep_only", "timestep_multiscale"]
+    parsed = check_calls(calls, monkeypatch, ["train_seesr_timestep.py"] * len(variants))
+    assert [args.injector for args in parsed] == variants and "timestep_multiscale" in variants
     assert all("--multi_gpu" in launcher for launcher, _ in program_calls(calls))
+    calls = run_shell_script(tmp_path, "scripts/train_seesr_variants.sh", [], {"VARIANTS": "timestep_only"})
+    assert [args.injector for args in check_calls(calls, monkeypatch, ["train_seesr_timestep.py"])] == ["timestep_only"]
     experience, lr = tmp_path / "experience", tmp_path / "LR"
-    for variant in ("baseline", "timestep_only", "timestep_multiscale"):
+    for variant in variants:
         (experience / variant / "checkpoint-4").mkdir(parents=True)
     (experience / "timestep_multiscale" / "checkpoint-4" / "multi_scale_injector").mkdir()
     lr.mkdir()
     (lr / "0001.png").write_bytes(b"")
     env = {"EXPERIENCE": str(experience), "LR": str(lr), "GT": str(tmp_path / "GT"), "RESULTS": str(tmp_path / "results")}
     calls = run_shell_script(tmp_path, "scripts/compare_seesr_variants.sh", [], env)
-    expected = ["infer.py"] * 3 + ["scripts/create_comparison_grid.py"] + ["scripts/eval_sr.py"] * 3
+    expected = ["infer.py"] * len(variants) + ["scripts/create_comparison_grid.py"] + ["scripts/eval_sr.py"] * len(variants)
     parsed = check_calls(calls, monkeypatch, expected + ["scripts/plot_timestep_weights.py"])
-    assert parsed[3].inputs == [str(tmp_path / "results" / v / "0001.png") for v in ("baseline", "timestep_only", "timestep_multiscale")]
+    assert parsed[len(variants)].inputs == [str(tmp_path / "results" / v / "0001.png") for v in variants]
 
 
 def test_train_dape_launcher_takes_its_two_process_form(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from models.timestep_adaptive import (
     INJECTOR_CONFIG_NAME,
     INJECTOR_FOLDER,
     INJECTOR_SAFETENSORS_NAME,
+    INJECTORS,
     MESSAGE_INJECTOR_LOADED,
     MESSAGE_TIMESTEP_WEIGHTS_LOADED,
     SD2_RESIDUAL_LEVELS,
@@ -36,7 +37,7 @@ def sd2_like_residuals(batch=2, dtype=torch.float32, seed=0):
 
 ALL_CONFIGS = [
     dict(variant=variant, timestep_weights=kind, grouping=grouping, timestep_weights_shared=shared)
-    for variant in ("timestep_only", "timestep_multiscale")
+    for variant in INJECTORS.names() if INJECTORS.get(variant).model_class is MultiScaleInjector
     for kind in ("table", "mlp")
     for grouping in ("tensor", "level")
     for shared in (True, False)
@@ -229,7 +230,7 @@ def test_old_checkpoint_with_scale_weights_only(tmp_path):
     # The users' older format: only pytorch_model.bin, 13 per-residual weights, no config, no timestep part.
     torch.save({"scale_weights.weights": torch.linspace(0.5, 1.7, 13)}, folder / INJECTOR_BIN_NAME)
     injector, messages = load_injector(tmp_path)
-    assert injector.timestep_weights is None and injector.variant == "multiscale_only"
+    assert injector.timestep_weights is None and injector.variant is None  # no registered variant has s alone
     assert injector.config.grouping == "tensor"
     assert messages[0] == MESSAGE_INJECTOR_LOADED and MESSAGE_TIMESTEP_WEIGHTS_LOADED not in messages
     assert any("constant over timesteps" in message for message in messages)
@@ -260,3 +261,64 @@ def test_load_errors_are_checkpoint_errors(tmp_path):
     torch.save({"weights": torch.nn.Linear(2, 2)}, folder / INJECTOR_BIN_NAME)  # a pickled module
     with pytest.raises(CheckpointError, match="plain state dict"):
         load_injector(tmp_path)
+
+
+def test_registry_is_the_variant_list_and_builds_each():
+    assert INJECTORS.names() == ("baseline", "timestep_only", "timestep_multiscale")
+    assert build_injector("timestep_only").variant == "timestep_only"
+    injector = build_injector("timestep_multiscale", timestep_weights="mlp", grouping="tensor")
+    assert (injector.variant, injector.scale_weights.weights.shape, injector.config.timestep_weights_kind) == (
+        "timestep_multiscale", (13,), "mlp")
+    assert build_injector("timestep_only").scale_weights is None
+
+
+def test_saved_config_records_the_variant_and_loading_builds_from_it(tmp_path):
+    """config.json names the variant and the constructor arguments; loading follows it, not the weights' shapes."""
+    injector = build_injector("timestep_only", timestep_weights="mlp", mlp_hidden_dim=8, timestep_weights_shared=False)
+    folder = save_injector(injector, tmp_path / "checkpoint-1")
+    saved = json.loads((folder / INJECTOR_CONFIG_NAME).read_text())
+    assert (saved["variant"], saved["_class_name"], saved["mlp_hidden_dim"], saved["grouping"]) == (
+        "timestep_only", "MultiScaleInjector", 8, "level")
+    loaded, messages = load_injector(tmp_path / "checkpoint-1")
+    public = {key: value for key, value in injector.config.items() if not key.startswith("_")}
+    assert {key: loaded.config[key] for key in public} == public and not any("older version" in m for m in messages)
+
+    # A record that disagrees with the weights is an error (key/shape sniffing would have loaded them silently).
+    (folder / INJECTOR_CONFIG_NAME).write_text(json.dumps({**saved, "mlp_hidden_dim": 16}))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_injector(tmp_path / "checkpoint-1")
+    (folder / INJECTOR_CONFIG_NAME).write_text(json.dumps({**saved, "variant": "timestep_spline"}))
+    with pytest.raises(CheckpointError, match="'timestep_spline', which is not one of baseline, timestep_only"):
+        load_injector(tmp_path / "checkpoint-1")
+
+
+OLD_FORMAT_CONFIG = {  # config.json as save_injector wrote it before the variant was recorded
+    "_class_name": "MultiScaleInjector", "_diffusers_version": "0.31.0", "grouping": "level",
+    "mlp_embedding_dim": 128, "mlp_hidden_dim": 64, "num_train_timesteps": 1000,
+    "residual_levels": [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3], "table_bins": None, "timestep_weights_kind": "table",
+    "timestep_weights_shared": False, "use_scale_weights": True,
+}
+
+
+def test_an_old_format_folder_loads_through_the_shape_fallback(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "checkpoint-7" / INJECTOR_FOLDER
+    folder.mkdir(parents=True)
+    state = {"scale_weights.weights": torch.linspace(0.5, 1.5, 5),
+             "timestep_weights.table": torch.linspace(0.8, 1.2, 5000).view(1000, 5)}
+    save_file(state, str(folder / INJECTOR_SAFETENSORS_NAME))
+    torch.save(state, folder / INJECTOR_BIN_NAME)
+    (folder / INJECTOR_CONFIG_NAME).write_text(json.dumps(OLD_FORMAT_CONFIG))
+    injector, messages = load_injector(tmp_path / "checkpoint-7")
+    assert injector.variant == "timestep_multiscale" and injector.config.grouping == "level"
+    assert not injector.config.timestep_weights_shared and injector.timestep_weights.table.shape == (1000, 5)
+    assert any("records no injector variant" in message for message in messages)
+    down, mid = sd2_like_residuals()
+    _, new_mid = injector(down, mid, torch.tensor([999, 0]))
+    torch.testing.assert_close(new_mid[0], mid[0] * 1.5 * state["timestep_weights.table"][999, 4])
+    torch.testing.assert_close(new_mid[1], mid[1] * 1.5 * state["timestep_weights.table"][0, 4])
+    # Saved again, it carries the record and loads without the fallback.
+    save_injector(injector, tmp_path / "checkpoint-8")
+    again, messages = load_injector(tmp_path / "checkpoint-8")
+    assert again.variant == "timestep_multiscale" and not any("records no" in m for m in messages)

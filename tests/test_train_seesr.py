@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import infer
 import train_seesr_timestep as train
+from models.timestep_adaptive import INJECTORS
 from tests.launch import two_node_launch
 from tests.sd2_tiny import build_tiny_sd2
 from utils.errors import CheckpointError, UserError, run_cli
@@ -56,11 +57,9 @@ def tiny_args(workspace, output_dir, *extra, image_attention=False):
     ])
 
 
-VARIANTS = {
-    "baseline": ["--injector", "baseline"],
-    "timestep_only": ["--injector", "timestep_only", "--timestep_weights", "mlp"],
-    "timestep_multiscale": ["--injector", "timestep_multiscale", "--timestep_weights", "table"],
-}
+# Every registered variant; timestep_only with the MLP so both kinds of w(t) are trained.
+VARIANTS = {name: ["--injector", name, *{"timestep_only": ["--timestep_weights", "mlp"]}.get(name, [])]
+            for name in INJECTORS.names()}
 
 
 @pytest.fixture(scope="module")

@@ -38,14 +38,15 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DModel
 
-from data.image_datasets import DATASET_CHOICES, build_image_dataset, random_hflip
-from models.ddpm_sampling import DEFAULT_STEPS, SAMPLERS, ddpm_loss, make_noise_scheduler, sample_ddpm
-from models.ddpm_unet import DDPM_PRESETS, ddpm_unet_config, default_learning_rate, preset_for_size
+from data.image_datasets import DATASET_CHOICES, random_hflip
+from models.ddpm_sampling import SAMPLERS, sample_ddpm
+from models.ddpm_unet import UNET_PRESETS, preset_for_size
+from recipes.ddpm import build_ddpm_training, complete_config
 from utils.accelerator import PRECISION_DTYPES, create_accelerator, describe_device, log_run_header, reset_accelerate_state
 from utils.batch_size import BatchPlan, plan_batches, probe_max_batch_size
 from utils.checkpoint import load_checkpoint, resolve_resume, save_checkpoint_files
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--no-hflip", dest="hflip", action="store_false", help="turn off random horizontal flips")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", choices=list(DDPM_PRESETS), default=None,
+    model.add_argument("--model", choices=UNET_PRESETS.names(), default=None,
                        help="UNet preset; default: the paper-sized one for --size ('tiny' is for tests and the demo)")
     model.add_argument("--dropout", type=float, default=None,
                        help="dropout in the UNet's residual blocks (default: the preset's, 0.1 at 32/64/96 px as DDPM's "
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--quick_every", type=int, default=5,
                      help="few-step quick samples every N epochs to watch progress, 0 turns them off (default 5)")
     out.add_argument("--num_samples", type=int, default=16, help="images in each sample grid (default 16)")
-    out.add_argument("--sampler", choices=SAMPLERS, default="dpmsolver++",
+    out.add_argument("--sampler", choices=SAMPLERS.names(), default="dpmsolver++",
                      help="sampler of the sample grids and FID, as infer.py ddpm (default dpmsolver++: DDIM-50's accuracy in "
                      "15-20 steps, docs/benchmarks.md)")
     out.add_argument("--sample_steps", type=int, default=None,
@@ -188,13 +189,6 @@ def experiment_paths(output_dir: str, name: str | None, dataset: str, size: int)
     return {"run": root / name, "samples": root / "samples" / name, "progress": root / "training_progress" / name}
 
 
-def build_unet(preset: str, size: int, dropout: float | None) -> UNet2DModel:
-    config = ddpm_unet_config(preset, size)
-    if dropout is not None:
-        config["dropout"] = dropout
-    return UNet2DModel(**config)
-
-
 def resolve_config(args: argparse.Namespace, checkpoint: dict | None, source: str) -> argparse.Namespace:
     """The run's settings: the flags, then (resuming) the checkpoint's for every flag not given, then the defaults that
     depend on other settings (size, UNet preset, learning rate)."""
@@ -204,14 +198,10 @@ def resolve_config(args: argparse.Namespace, checkpoint: dict | None, source: st
         if saved.get("model") is None and "model_preset" in saved:  # checkpoints written before the house names
             saved["model"] = saved["model_preset"]
     config = resolve_resumed_config(args, None, saved, fixed=FIXED_ON_RESUME, source=source)
-    config.size = config.size or 32
-    config.model = config.model or preset_for_size(config.size)
-    config.learning_rate = config.learning_rate or default_learning_rate(config.model)
-    config.sample_steps = config.sample_steps or DEFAULT_STEPS[config.sampler]
-    return config
+    return complete_config(config)
 
 
-def plan_batch_size(config, unet, scheduler, accelerator, logger, saved_plan: list[int] | None) -> BatchPlan:
+def plan_batch_size(config, unet, objective, accelerator, logger, saved_plan: list[int] | None) -> BatchPlan:
     """Probe the largest batch on the GPU (unless --train_batch_size), then accumulate to --effective_batch.
 
     A resumed run keeps its batch plan (``saved_plan``: batch, accumulation, processes) unless the batch flags were
@@ -240,7 +230,7 @@ def plan_batch_size(config, unet, scheduler, accelerator, logger, saved_plan: li
         def training_step(model, optimizer, batch):
             images = torch.randn(batch, 3, config.size, config.size, device=device)
             with accelerator.autocast():
-                loss = ddpm_loss(model, scheduler, images)
+                loss = objective(images, model=model)["loss"]
             loss.backward()
             optimizer.step()
 
@@ -253,6 +243,110 @@ def plan_batch_size(config, unet, scheduler, accelerator, logger, saved_plan: li
     plan = plan_batches(effective, max_batch, processes, probed)
     logger.info(plan.describe(describe_device(device)))
     return plan
+
+
+@dataclass
+class Run:
+    """The objects one training run holds while it loops (what the checkpoint and sampling helpers read)."""
+
+    config: argparse.Namespace
+    accelerator: object
+    unet: torch.nn.Module  # as prepared by accelerate
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    ema: EMA
+    scheduler_config: dict
+    plan: BatchPlan
+    paths: dict
+    best: BestMetric
+    fid_reference: tuple | None
+    history: list
+    step: int = 0
+
+
+def save_run(run: Run, epoch: int, copies: list[Path], batches_done: int = 0, meter=None) -> None:
+    """Rewrite the resumable ``ddpm_last.pt`` (and ``copies``), atomically, on the main process."""
+    config, accelerator, plan = run.config, run.accelerator, run.plan
+    state = training_checkpoint(
+        CHECKPOINT_KIND, accelerator, run.unet, run.optimizer, dict(vars(config)), run.step, epoch, run.lr_scheduler, run.ema,
+        model_preset=config.model,
+        model_config=dict(unwrap(accelerator, run.unet).config),
+        scheduler_config=run.scheduler_config,
+        loss_history=run.history,
+        best=run.best.state_dict(),
+        best_loss=run.best.best,
+        batch_plan=[plan.batch_size, plan.accumulation, plan.num_processes],
+        batches_done=batches_done,
+        epoch_loss_sum=[float(meter.total), meter.count] if meter is not None and meter.count else None,
+    )
+    if accelerator.is_main_process:
+        save_checkpoint_files(state, run.paths["run"] / "ddpm_last.pt", copies, rotate_pattern="ddpm_epoch_*.pt",
+                              keep=config.checkpoints_total_limit)
+
+
+def sample_grid(run: Run, path: Path, steps: int, sampler: str, epoch: int, logger) -> None:
+    """A grid of EMA samples, drawn by the function ``infer.py ddpm`` calls."""
+    bare = unwrap(run.accelerator, run.unet)
+    with run.ema.averaged_weights(bare):
+        images = sample_ddpm(bare, run.scheduler_config, run.config.num_samples, steps, sampler, seed=run.config.seed,
+                             autocast_dtype=_autocast_dtype(run.accelerator))
+    save_grid(images, path, nrow=math.ceil(math.sqrt(run.config.num_samples)))
+    log_image(run.accelerator, f"samples/{path.stem}", path, run.step)
+    logger.info("epoch %d: %s", epoch, path)
+
+
+def log_fid(run: Run, epoch: int, logger) -> None:
+    config = run.config
+    bare = unwrap(run.accelerator, run.unet)
+    with run.ema.averaged_weights(bare):
+        fid = training_fid(bare, run.scheduler_config, config, run.fid_reference, run.paths["run"] / "fid_cache",
+                           _autocast_dtype(run.accelerator))
+    log_scalars(run.accelerator, {"eval/fid": fid}, run.step)
+    logger.info("epoch %d: FID %.3f (%d EMA samples, %s %d steps, vs %s)", epoch, fid, config.fid_samples, config.sampler,
+                config.sample_steps, run.fid_reference[0])
+
+
+def end_of_epoch(run: Run, done: int, epoch_loss: float, seconds: float, images_seen: int, logger) -> None:
+    """Log, checkpoint, and draw the sample grids, loss curve and FID that are due after epoch ``done``."""
+    config, accelerator, paths = run.config, run.accelerator, run.paths
+    run.history.append(epoch_loss)
+    is_best = run.best.update(epoch_loss, done)
+    logger.info(
+        "epoch %d/%d | loss %.4f | best %.4f (smoothed, epoch %d) | step %d | lr %.2e | %.1f s, %.1f img/s",
+        done, config.epochs, epoch_loss, run.best.best, run.best.epoch, run.step, run.lr_scheduler.get_last_lr()[0], seconds,
+        images_seen * accelerator.num_processes / seconds,
+    )
+    log_scalars(accelerator, {"epoch/loss": epoch_loss, "epoch/loss_smoothed_best": run.best.best, "epoch/epoch": done}, run.step)
+    is_final = done == config.epochs
+    copies = [paths["run"] / f"ddpm_epoch_{done}.pt"] if done % config.save_every == 0 else []
+    copies += [paths["run"] / "ddpm_best.pt"] if is_best else []
+    copies += [paths["run"] / "ddpm_final.pt"] if is_final else []
+    save_run(run, done, copies)
+    if accelerator.is_main_process:
+        if config.quick_every and done % config.quick_every == 0:
+            sample_grid(run, paths["progress"] / f"quick_epoch_{done}.png", config.quick_steps, "ddim", done, logger)
+        if done % config.sample_every == 0 or is_final:
+            sample_grid(run, paths["samples"] / f"epoch_{done}_samples.png", config.sample_steps, config.sampler, done, logger)
+            plot_curves({"train loss (epoch mean)": run.history}, paths["samples"] / f"loss_curve_epoch_{done}.png",
+                        title=f"{paths['run'].name}: epsilon MSE", log_y=True)
+        if config.fid_every and (done % config.fid_every == 0 or is_final):
+            log_fid(run, done, logger)
+    accelerator.wait_for_everyone()
+
+
+def restore_run(run: Run, checkpoint: dict, logger) -> tuple[int, int, list | None]:
+    """Load a resumed checkpoint into ``run``; ``(start epoch, batches done within it, their loss sum)``."""
+    restore_training_checkpoint(checkpoint, run.accelerator, run.unet, run.optimizer, run.lr_scheduler, run.ema)
+    run.step, start_epoch = checkpoint["step"], checkpoint["epoch"]
+    run.history = list(checkpoint["loss_history"])
+    if "best" in checkpoint:
+        run.best.load_state_dict(checkpoint["best"])
+    skip_batches = int(checkpoint.get("batches_done", 0))
+    partial = checkpoint.get("epoch_loss_sum")
+    restore_rng(checkpoint, run.accelerator)
+    logger.info("resumed at epoch %d%s, optimiser step %d, lr %.3e", start_epoch,
+                f" (+{skip_batches} batches)" if skip_batches else "", run.step, run.lr_scheduler.get_last_lr()[0])
+    return start_epoch, skip_batches, partial
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -281,93 +375,38 @@ def main(args: argparse.Namespace) -> dict:
     logger.info("experiment %s: %s", paths["run"].name, f"resuming from {resume_path}" if resume_path else "new run")
 
     fid_reference = fid_reference_for(config) if config.fid_every else None  # a missing weight file stops here
-    # Flips on the batch from a seeded generator (random_hflip), not in the dataset: exact resumes within an epoch.
-    dataset = build_image_dataset(config.dataset, config.data_dir, config.size, hflip=False, download=config.download)
+    parts = build_ddpm_training(config, accelerator.device, checkpoint=checkpoint)
+    unet, dataset, channels_last = parts.model, parts.datasets["train"], parts.extras["channels_last"]
     if config.dataset == "imagenet":
         logger.info("--dataset imagenet is STL-10 (96 px, 105k images of 10 ImageNet-like classes), resized to %d px", config.size)
-    unet = build_unet(config.model, config.size, config.dropout).to(accelerator.device)
-    channels_last = accelerator.device.type == "cuda"
-    if channels_last:  # convolution-heavy: NHWC kernels are faster under AMP
-        unet = unet.to(memory_format=torch.channels_last)
-    scheduler = make_noise_scheduler()
     logger.info("UNet '%s' at %d px (dropout %g): %.1fM parameters", config.model, config.size, unet.config.dropout,
                 sum(p.numel() for p in unet.parameters()) / 1e6)
 
     keeps_plan = checkpoint is not None and not {"train_batch_size", "effective_batch"} & given_flags(args)
     saved_plan = checkpoint.get("batch_plan", checkpoint["config"].get("batch_plan")) if keeps_plan else None
-    plan = plan_batch_size(config, unet, scheduler, accelerator, logger, saved_plan)
+    plan = plan_batch_size(config, unet, parts.objective, accelerator, logger, saved_plan)
     accelerator.gradient_accumulation_steps = plan.accumulation
     loader = make_loader(dataset, plan.batch_size, workers=config.dataloader_num_workers, device_type=accelerator.device.type,
                          seed=config.seed)
-    optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=config.learning_rate, betas=(0.9, 0.999), weight_decay=0.0,
-        fused=fused_optimizer(accelerator.device),
-    )
+    optimizer = parts.extras["optimizer_class"](parts.param_groups, fused=fused_optimizer(accelerator.device))
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
     steps_per_epoch = max(1, len(loader) // plan.accumulation)
     warmup = config.lr_warmup_steps
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
     ema = EMA(unwrap(accelerator, unet), decay=config.ema_decay)
+    run = Run(config, accelerator, unet, optimizer, lr_scheduler, ema, dict(parts.extras["noise_scheduler"].config), plan, paths,
+              BestMetric("min", smoothing=BEST_LOSS_SMOOTHING), fid_reference, history=[])
 
-    step, start_epoch, history = 0, 0, []
-    best = BestMetric("min", smoothing=BEST_LOSS_SMOOTHING)
-    skip_batches, partial = 0, None  # a checkpoint written within an epoch: batches already done, their loss sum
+    start_epoch, skip_batches, partial = 0, 0, None  # a checkpoint written within an epoch: batches already done, their loss sum
     if checkpoint is not None:
-        restore_training_checkpoint(checkpoint, accelerator, unet, optimizer, lr_scheduler, ema)
-        step, start_epoch = checkpoint["step"], checkpoint["epoch"]
-        history = list(checkpoint["loss_history"])
-        if "best" in checkpoint:
-            best.load_state_dict(checkpoint["best"])
-        skip_batches = int(checkpoint.get("batches_done", 0))
-        partial = checkpoint.get("epoch_loss_sum")
-        restore_rng(checkpoint, accelerator)
-        logger.info("resumed at epoch %d%s, optimiser step %d, lr %.3e", start_epoch,
-                    f" (+{skip_batches} batches)" if skip_batches else "", step, lr_scheduler.get_last_lr()[0])
+        start_epoch, skip_batches, partial = restore_run(run, checkpoint, logger)
         del checkpoint
-    run_config = dict(vars(config))
     if is_main:
-        save_config(run_config, paths["run"] / "args.yaml")
-    start_tracking(accelerator, paths["run"].name, run_config)
+        save_config(dict(vars(config)), paths["run"] / "args.yaml")
+    start_tracking(accelerator, paths["run"].name, dict(vars(config)))
     log_run_header(logger, accelerator, plan.batch_size,
                    f"{steps_per_epoch} optimiser steps per epoch, lr {config.learning_rate:g}, warm-up {warmup} steps, "
                    f"clipping {config.max_grad_norm:g}")
-
-    def save(epoch: int, copies: list[Path], batches_done: int = 0, meter=None) -> None:
-        state = training_checkpoint(
-            CHECKPOINT_KIND, accelerator, unet, optimizer, run_config, step, epoch, lr_scheduler, ema,
-            model_config=dict(unwrap(accelerator, unet).config),
-            scheduler_config=dict(scheduler.config),
-            loss_history=history,
-            best=best.state_dict(),
-            best_loss=best.best,
-            batch_plan=[plan.batch_size, plan.accumulation, plan.num_processes],
-            batches_done=batches_done,
-            epoch_loss_sum=[float(meter.total), meter.count] if meter is not None and meter.count else None,
-        )
-        if is_main:
-            save_checkpoint_files(state, paths["run"] / "ddpm_last.pt", copies, rotate_pattern="ddpm_epoch_*.pt",
-                                  keep=config.checkpoints_total_limit)
-        cadence.saved()
-
-    def sample_grid(path: Path, steps: int, sampler: str, epoch: int) -> None:
-        bare = unwrap(accelerator, unet)
-        with ema.averaged_weights(bare):
-            images = sample_ddpm(
-                bare, dict(scheduler.config), config.num_samples, steps, sampler, seed=config.seed,
-                autocast_dtype=_autocast_dtype(accelerator),
-            )
-        save_grid(images, path, nrow=math.ceil(math.sqrt(config.num_samples)))
-        log_image(accelerator, f"samples/{path.stem}", path, step)
-        logger.info("epoch %d: %s", epoch, path)
-
-    def log_fid(epoch: int) -> None:
-        bare = unwrap(accelerator, unet)
-        with ema.averaged_weights(bare):
-            fid = training_fid(bare, dict(scheduler.config), config, fid_reference, paths["run"] / "fid_cache",
-                               _autocast_dtype(accelerator))
-        log_scalars(accelerator, {"eval/fid": fid}, step)
-        logger.info("epoch %d: FID %.3f (%d EMA samples, %s %d steps, vs %s)", epoch, fid, config.fid_samples, config.sampler,
-                    config.sample_steps, fid_reference[0])
 
     cadence = CheckpointCadence(config.checkpointing_steps, config.checkpointing_minutes)
     guard = NonFiniteGuard(accelerator.device)
@@ -390,59 +429,36 @@ def main(args: argparse.Namespace) -> dict:
                 images = images.contiguous(memory_format=torch.channels_last)
             try:
                 with accelerator.accumulate(unet):
-                    loss = ddpm_loss(unet, scheduler, images)
+                    loss = parts.objective(images, model=unet)["loss"]
                     backward_and_step(accelerator, loss, optimizer, unet.parameters(), config.max_grad_norm)
             except torch.OutOfMemoryError as err:
                 raise UserError(out_of_memory_message(plan.batch_size, " (--effective_batch)")) from err
-            guard.update(loss, step + 1)
+            guard.update(loss, run.step + 1)
             batches_done += 1
             images_seen += images.shape[0]
             progress.update(loss, lr_scheduler.get_last_lr()[0])
             if accelerator.sync_gradients:
                 lr_scheduler.step()
                 ema.update(unwrap(accelerator, unet))
-                step += 1
-                if step % LOG_EVERY == 0:
+                run.step += 1
+                if run.step % LOG_EVERY == 0:
                     guard.check(accelerator)
-                    log_scalars(accelerator, {"train/loss": loss, "train/lr": lr_scheduler.get_last_lr()[0]}, step)
-                if batches_done < len(loader) and cadence.due(step, accelerator):
+                    log_scalars(accelerator, {"train/loss": loss, "train/lr": lr_scheduler.get_last_lr()[0]}, run.step)
+                if batches_done < len(loader) and cadence.due(run.step, accelerator):
                     guard.check(accelerator)
-                    save(epoch, [], batches_done, progress.epoch_meter)
+                    save_run(run, epoch, [], batches_done, progress.epoch_meter)
+                    cadence.saved()
         progress.close()
         guard.check(accelerator)
 
         epoch_loss = float(accelerator.gather(progress.epoch_meter.total[None] / progress.epoch_meter.count).mean())
-        check_finite(epoch_loss, step)
-        history.append(epoch_loss)
-        done = epoch + 1
-        is_best = best.update(epoch_loss, done)
-        seconds = time.perf_counter() - started
-        logger.info(
-            "epoch %d/%d | loss %.4f | best %.4f (smoothed, epoch %d) | step %d | lr %.2e | %.1f s, %.1f img/s",
-            done, config.epochs, epoch_loss, best.best, best.epoch, step, lr_scheduler.get_last_lr()[0], seconds,
-            images_seen * accelerator.num_processes / seconds,
-        )
-        log_scalars(accelerator, {"epoch/loss": epoch_loss, "epoch/loss_smoothed_best": best.best, "epoch/epoch": done}, step)
-        is_final = done == config.epochs
-        run = paths["run"]
-        copies = [run / f"ddpm_epoch_{done}.pt"] if done % config.save_every == 0 else []
-        copies += [run / "ddpm_best.pt"] if is_best else []
-        copies += [run / "ddpm_final.pt"] if is_final else []
-        save(done, copies)
-        if is_main:
-            if config.quick_every and done % config.quick_every == 0:
-                sample_grid(paths["progress"] / f"quick_epoch_{done}.png", config.quick_steps, "ddim", done)
-            if done % config.sample_every == 0 or is_final:
-                sample_grid(paths["samples"] / f"epoch_{done}_samples.png", config.sample_steps, config.sampler, done)
-                plot_curves({"train loss (epoch mean)": history}, paths["samples"] / f"loss_curve_epoch_{done}.png",
-                            title=f"{paths['run'].name}: epsilon MSE", log_y=True)
-            if config.fid_every and (done % config.fid_every == 0 or is_final):
-                log_fid(done)
-        accelerator.wait_for_everyone()
+        check_finite(epoch_loss, run.step)
+        end_of_epoch(run, epoch + 1, epoch_loss, time.perf_counter() - started, images_seen, logger)
+        cadence.saved()
 
     logger.info("done: checkpoints in %s, samples in %s", paths["run"], paths["samples"])
     accelerator.end_training()
-    return {"history": history, "paths": paths, "step": step, "config": config, "best_epoch": best.epoch}
+    return {"history": run.history, "paths": paths, "step": run.step, "config": config, "best_epoch": run.best.epoch}
 
 
 def fid_reference_for(config) -> tuple[str, str | None]:

@@ -56,32 +56,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.latents import STATS_FILENAME, LatentDataset, LatentStats, load_latent_file
-from models.dit import DIT_SIZES, build_dit, load_lightningdit_init, read_lightningdit_release, release_uses_qknorm
-from models.user_generation import (
-    DDPM_SAMPLERS,
-    FLOW_SAMPLERS,
-    TIME_SAMPLINGS,
-    TIMESTEP_SPACINGS,
-    build_noise_scheduler,
-    ddpm_loss,
-    flow_matching_loss,
-    training_loss,
-    validate_user_ids,
-)
-from models.user_pipeline import (
-    CHECKPOINT_KIND,
-    SAMPLING_DEFAULTS,
-    build_backbone,
-    check_vae_matches,
-    generate_user_images,
-    model_config_of,
-    plain_config,
-    sampling_kwargs,
-)
-from models.user_unet import UNET_SIZES, build_user_unet
+from data.latents import LatentDataset, LatentStats
+from models.user_generation import BACKBONES, TIME_SAMPLINGS, TIMESTEP_SPACINGS, plain_config, sampler_names, validate_user_ids
+from models.user_pipeline import CHECKPOINT_KIND, check_vae_matches, generate_user_images, sampling_kwargs
 from models.vavae import VAVAE_CONFIGS
 from pipelines.user_io import export_unet_folder, save_user_grid
+from recipes.user import build_user_training, complete_config, load_latents
 from utils.accelerator import create_accelerator, log_run_header, reset_accelerate_state
 from utils.checkpoint import load_checkpoint, resolve_resume, save_checkpoint_files
 from utils.cli import add_training_arguments, check_training_arguments
@@ -113,7 +93,6 @@ FIXED_ON_RESUME = ("backbone", "model_size", "patch_size", "prediction_type", "n
 NOT_INHERITED = ("init_from",)
 LOG_EVERY = 10  # optimiser steps between tracker scalars (each one a host sync)
 NAN_HINT = ", or train with bf16 or fp32 (or --qk_norm) instead of fp16"
-DEFAULT_SIZES = {"dit": "B", "unet": "default"}
 UNET_FOLDER = "best_unet"  # checkpoints/best_unet/: config.json + weights, condition_encoder.pt, scheduler and latent stats
 
 
@@ -129,12 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "time reversal is not label-safe for gait)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--backbone", choices=("dit", "unet"), default=None,
-                       help="dit: LightningDiT with rectified flow (default); unet: UNet2DConditionModel + UserConditionEncoder "
-                       "with DDPM (default: dit, or the resumed run's)")
+    model.add_argument("--backbone", choices=BACKBONES.names(), default=None,
+                       help=f"{BACKBONES.help_text()} (default: {BACKBONES.names()[0]}, or the resumed run's)")
     model.add_argument("--model_size", default=None,
-                       help=f"DiT: {', '.join(DIT_SIZES)} (default B); UNet: {', '.join(UNET_SIZES)} (default default); "
-                       "XL is the released LightningDiT-XL/1 (use it with --init_from)")
+                       help="; ".join(f"{name}: {', '.join(spec.sizes)} (default {spec.default_size})" for name, spec in BACKBONES.items())
+                       + "; XL is the released LightningDiT-XL/1 (use it with --init_from)")
     model.add_argument("--patch_size", type=int, default=1,
                        help="DiT patch size on the latent grid (default 1, as LightningDiT on 16x16 latents)")
     model.add_argument("--num_users", type=int, default=None,
@@ -215,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="architecture of a .pt VA-VAE (default f16d32)")
 
     sample = parser.add_argument_group("sampling defaults (stored in checkpoints, used by previews and infer.py user)")
-    sample.add_argument("--sampler", choices=FLOW_SAMPLERS + DDPM_SAMPLERS, default=None,
+    sample.add_argument("--sampler", choices=sampler_names(), default=None,
                         help="DiT: euler (default) or heun; UNet: ddim (default), dpmsolver++ or unipc")
     sample.add_argument("--sample_steps", type=int, default=None, help="inference steps (default 250 for the DiT, 50 for the UNet)")
     sample.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance scale, 1 = none (default 4.0)")
@@ -349,9 +327,9 @@ def launch(argv: list[str] | None = None) -> int:
 
 def resolve_sampling(args, backbone: str) -> dict:
     """Sampling defaults of the backbone, overridden by the flags given."""
-    settings = dict(SAMPLING_DEFAULTS[backbone])
+    settings = dict(BACKBONES.get(backbone).sampling_defaults)
     if args.sampler is not None:
-        allowed = FLOW_SAMPLERS if backbone == "dit" else DDPM_SAMPLERS
+        allowed = BACKBONES.get(backbone).objective.samplers
         if args.sampler not in allowed:
             raise UserError(f"--sampler {args.sampler} does not sample the {backbone} backbone; use {' or '.join(allowed)}.")
         settings["sampler"] = args.sampler
@@ -374,30 +352,6 @@ def resolve_sampling(args, backbone: str) -> dict:
     return settings
 
 
-def build_new_model(args, num_users: int, channels: int, size: int, logger):
-    """A new model; with --init_from, a LightningDiT release's weights (its QK-norm setting unless --qk_norm/--no-qk_norm)."""
-    if args.backbone == "dit":
-        release = None
-        qk_norm = args.qk_norm if args.qk_norm is not None else True
-        if args.init_from:
-            release = read_lightningdit_release(args.init_from)
-            if args.qk_norm is None:
-                qk_norm = release_uses_qknorm(release)
-        model = build_dit(
-            args.model_size, num_users=num_users, input_size=size, in_channels=channels, patch_size=args.patch_size,
-            class_dropout_prob=args.cfg_dropout, use_qknorm=qk_norm, use_checkpoint=args.gradient_checkpointing,
-        )
-        if release is not None:
-            report = load_lightningdit_init(model, release, num_users=num_users, source=args.init_from)
-            logger.info("--init_from %s (QK-norm %s%s): %s", args.init_from, "on" if qk_norm else "off",
-                        ", as the release" if args.qk_norm is None else ", from --qk_norm", report.summary())
-        return model, qk_norm
-    if args.init_from:
-        raise UserError("--init_from loads LightningDiT weights and works with --backbone dit only.")
-    model = build_user_unet(args.model_size, num_users=num_users, in_channels=channels, sample_size=size, dropout_prob=args.cfg_dropout)
-    return model, args.qk_norm
-
-
 def _seeded(seed: int, salt: int, index: int) -> torch.Generator:
     state = np.random.SeedSequence([seed, salt, index]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)
     return torch.Generator().manual_seed(int(state))
@@ -408,27 +362,21 @@ def val_noise(seed: int, time_bin: int, indices: list[int], shape) -> torch.Tens
     return torch.stack([torch.randn(shape, generator=_seeded(seed, 104729 + time_bin, index)) for index in indices])
 
 
-def validation_draws(seed: int, indices: list[int], shape, *, backbone: str, time_sampling: str, num_train_timesteps: int,
-                     cfg_dropout: float) -> dict[str, torch.Tensor]:
+def validation_draws(seed: int, indices: list[int], shape, *, objective, setup, cfg_dropout: float) -> dict[str, torch.Tensor]:
     """Per validation sample, drawn as the training step draws them but seeded by the sample's index: the label
     dropout, the time (logit-normal or uniform flow time; uniform DDPM timestep) and the noise, so every epoch
     and every process measures the training objective on the same draws."""
-    from models.user_generation import sample_flow_times
-
     drops, times, noises = [], [], []
     for index in indices:
         generator = _seeded(seed, 7919, index)
         drops.append(bool(torch.rand((), generator=generator) < cfg_dropout))
-        if backbone == "dit":
-            times.append(sample_flow_times(1, time_sampling, generator=generator)[0])
-        else:
-            times.append(torch.randint(0, num_train_timesteps, (), generator=generator))
+        times.append(objective.draw_time(generator, setup))
         noises.append(torch.randn(shape, generator=generator))
     return {"drop": torch.tensor(drops), "t": torch.stack(times), "noise": torch.stack(noises)}
 
 
 @torch.no_grad()
-def validation_objective(model, config, val_set: LatentDataset, accelerator, noise_scheduler=None) -> float:
+def validation_objective(model, config, val_set: LatentDataset, accelerator, objective, setup) -> float:
     """The training objective on the validation set: the same loss, label dropout and time distribution as the
     training step, on seeded draws (:func:`validation_draws`), averaged over all processes. Run it with the raw
     weights to compare with the training loss, with the EMA weights to judge what inference samples with."""
@@ -437,29 +385,23 @@ def validation_objective(model, config, val_set: LatentDataset, accelerator, noi
     null_label = inner.null_label
     indices = list(range(accelerator.process_index, len(val_set), accelerator.num_processes))
     shape = tuple(val_set.latents.shape[1:])
-    num_train = noise_scheduler.config.num_train_timesteps if noise_scheduler is not None else 1000
     total = torch.zeros((), device=device, dtype=torch.float64)
     was_training = model.training
     model.eval()  # eval: no label dropout inside the model; the seeded draws apply it instead
     try:
         for start in range(0, len(indices), config.train_batch_size):
             chunk = indices[start:start + config.train_batch_size]
-            draws = validation_draws(config.seed, chunk, shape, backbone=config.backbone, time_sampling=config.time_sampling,
-                                     num_train_timesteps=num_train, cfg_dropout=config.cfg_dropout if null_label is not None else 0.0)
+            draws = validation_draws(config.seed, chunk, shape, objective=objective, setup=setup,
+                                     cfg_dropout=config.cfg_dropout if null_label is not None else 0.0)
             latents = val_set.latents[chunk].to(device)
             labels = val_set.labels[chunk].clone()
             if null_label is not None:
                 labels[draws["drop"]] = null_label
             labels = labels.to(device)
             with accelerator.autocast():
-                if config.backbone == "dit":
-                    terms = flow_matching_loss(model, latents, labels, t=draws["t"].to(device), noise=draws["noise"].to(device),
-                                               use_cosine_loss=config.cosine_loss)
-                else:
-                    terms = ddpm_loss(model, noise_scheduler, latents, labels, timesteps=draws["t"].to(device),
-                                      noise=draws["noise"].to(device))
+                terms = objective.loss(model, latents, labels, setup, times=draws["t"].to(device), noise=draws["noise"].to(device))
             per_sample = terms["mse_per_sample"].double()
-            if terms.get("cos") is not None:  # the cosine term of the DiT objective, per sample as well
+            if terms.get("cos_per_sample") is not None:  # the flow objective's cosine term, per sample as well
                 per_sample = per_sample + terms["cos_per_sample"].double()
             total += per_sample.sum()
     finally:
@@ -469,7 +411,7 @@ def validation_objective(model, config, val_set: LatentDataset, accelerator, noi
 
 
 @torch.no_grad()
-def validation_at_times(model, args, val_set: LatentDataset, accelerator, noise_scheduler=None) -> list[float]:
+def validation_at_times(model, args, val_set: LatentDataset, accelerator, objective, setup) -> list[float]:
     """A diagnostic: the objective at each of ``--val_time_bins`` with seeded noise and no label dropout."""
     device = accelerator.device
     indices = list(range(accelerator.process_index, len(val_set), accelerator.num_processes))
@@ -484,15 +426,9 @@ def validation_at_times(model, args, val_set: LatentDataset, accelerator, noise_
                 latents = val_set.latents[chunk].to(device)
                 labels = val_set.labels[chunk].to(device)
                 noise = val_noise(args.seed, bin_index, chunk, shape).to(device)
+                times = torch.full((len(chunk),), objective.time_at(float(t_value), setup), device=device)
                 with accelerator.autocast():
-                    if args.backbone == "dit":
-                        t = torch.full((len(chunk),), float(t_value), device=device)
-                        terms = flow_matching_loss(model, latents, labels, t=t, noise=noise, use_cosine_loss=args.cosine_loss)
-                    else:
-                        num_train = noise_scheduler.config.num_train_timesteps
-                        timestep = min(num_train - 1, int(round((1.0 - t_value) * num_train)))
-                        timesteps = torch.full((len(chunk),), timestep, device=device, dtype=torch.long)
-                        terms = ddpm_loss(model, noise_scheduler, latents, labels, timesteps=timesteps, noise=noise)
+                    terms = objective.loss(model, latents, labels, setup, times=times, noise=noise)
                 totals[bin_index] += terms["loss"].double() * len(chunk)
     finally:
         model.train(was_training)
@@ -515,26 +451,6 @@ def _autocast_dtype(accelerator) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
 
 
-def load_latents(args, logger) -> tuple[LatentStats, LatentDataset, LatentDataset | None, int]:
-    latent_dir = Path(args.latent_dir)
-    if not latent_dir.is_dir():
-        raise UserError(f"--latent_dir {latent_dir} does not exist; run scripts/extract_features.py first.")
-    stats = LatentStats.load(latent_dir / STATS_FILENAME)
-    train_file = load_latent_file(latent_dir / "train.safetensors")
-    train_set = LatentDataset(train_file, stats, use_flip=args.use_flip)
-    val_path = latent_dir / "val.safetensors"
-    val_set = LatentDataset(val_path, stats) if val_path.is_file() else None
-    recorded = train_file.num_users
-    if recorded is None:  # a LightningDiT latent file without our metadata
-        recorded = args.num_users or int(train_file.labels.max()) + 1
-    if args.num_users is not None and args.num_users != recorded:
-        raise UserError(f"--num_users {args.num_users} disagrees with the {recorded} users recorded in {latent_dir / 'train.safetensors'}; "
-                        f"drop the flag or re-extract with --num_users {args.num_users}.")
-    if val_set is not None and val_set.num_users not in (None, recorded):
-        raise UserError(f"{val_path} records {val_set.num_users} users but train.safetensors {recorded}; re-extract both together.")
-    return stats, train_set, val_set, recorded
-
-
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
@@ -544,11 +460,7 @@ def resolve_config(args: argparse.Namespace, checkpoint: dict | None, source: st
     """The run's settings: the flags, and (resuming) the checkpoint's for every flag not given."""
     saved = checkpoint["config"] if checkpoint is not None else None
     config = resolve_resumed_config(args, None, saved, fixed=FIXED_ON_RESUME, session=NOT_INHERITED, source=source)
-    config.backbone = config.backbone or "dit"
-    config.model_size = config.model_size or DEFAULT_SIZES[config.backbone]
-    if config.qk_norm is None and config.init_from is None:
-        config.qk_norm = True
-    return config
+    return complete_config(config)
 
 
 @dataclass
@@ -587,11 +499,12 @@ def prepare_run(args: argparse.Namespace, logger=None) -> RunPlan:
         raise UserError(f"{resume_path} was written with --slim_best and holds no optimiser state; resume from last.ckpt.")
     if config.latent_dir is None:
         raise UserError("--latent_dir is required (the output folder of scripts/extract_features.py)")
-    sizes = DIT_SIZES if config.backbone == "dit" else UNET_SIZES
-    if config.model_size.lower() not in {name.lower() for name in sizes}:
-        raise UserError(f"--model_size {config.model_size} is not a {config.backbone} size; choose one of {', '.join(sizes)}.")
-    if config.init_from and config.backbone != "dit":
-        raise UserError("--init_from loads LightningDiT weights and works with --backbone dit only.")
+    spec = BACKBONES.get(config.backbone)
+    if config.model_size.lower() not in {name.lower() for name in spec.sizes}:
+        raise UserError(f"--model_size {config.model_size} is not a {config.backbone} size; choose one of {', '.join(spec.sizes)}.")
+    if config.init_from and not spec.supports_init_from:
+        raise UserError(f"--init_from loads LightningDiT weights and works with --backbone "
+                        f"{' or '.join(name for name, other in BACKBONES.items() if other.supports_init_from)} only.")
     if config.init_from and checkpoint is None and not Path(config.init_from).is_file():
         raise UserError(f"--init_from {config.init_from} does not exist; expected a LightningDiT .pt file such as "
                         "lightningdit-xl-imagenet256-800ep.pt.")
@@ -599,7 +512,7 @@ def prepare_run(args: argparse.Namespace, logger=None) -> RunPlan:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto.")
 
-    stats, train_set, val_set, num_users = load_latents(config, logger)
+    stats, train_set, val_set, num_users = load_latents(config)
     channels, height, width = train_set.latents.shape[1:]
     if height != width:
         raise UserError(f"The latents are {height}x{width}; the DiT and UNet here need square latents "
@@ -618,6 +531,137 @@ def prepare_run(args: argparse.Namespace, logger=None) -> RunPlan:
     return RunPlan(config, checkpoint, resume_path, stats, train_set, val_set, num_users, sampling, preview_users)
 
 
+@dataclass
+class Run:
+    """The objects one training run holds while it loops (what the checkpoint, preview and validation helpers read)."""
+
+    config: argparse.Namespace
+    accelerator: object
+    model: torch.nn.Module  # as prepared by accelerate (DDP-wrapped on several processes)
+    bare: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    ema: EMA
+    parts: object  # recipes.TrainingParts
+    output: Path
+    sampling: dict
+    preview: dict
+    history: dict
+    best: BestMetric
+    best_on: str
+    step: int = 0
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output / "checkpoints"
+
+
+def save_run(run: Run, epoch: int, is_best: bool = False, batches_done: int = 0, meter=None) -> None:
+    """Write ``last.ckpt`` (and ``best.ckpt``, ``epoch_NNNN.ckpt``, the users' UNet folder where due), atomically."""
+    config, extras = run.config, run.parts.extras
+    noise_scheduler = extras["noise_scheduler"]
+    state = training_checkpoint(
+        CHECKPOINT_KIND, run.accelerator, run.model, run.optimizer, vars(config), run.step, epoch, run.lr_scheduler, run.ema,
+        backbone=config.backbone, model_config=extras["model_config"], num_users=extras["num_users"],
+        latent_stats=extras["stats"].to_dict(), latent_shape=[int(n) for n in run.parts.datasets["train"].latents.shape[1:]],
+        noise_scheduler_config=plain_config(noise_scheduler.config) if noise_scheduler is not None else None,
+        sampling=run.sampling, preview=run.preview, history=run.history,
+        best={"metric": run.best.best, "epoch": run.best.epoch, "on": run.best_on}, batches_done=batches_done,
+        epoch_loss_sum=[float(meter.total), meter.count] if meter is not None and meter.count else None,
+    )
+    if not run.accelerator.is_main_process:
+        return
+    copies, variants = [], {}
+    if is_best and config.slim_best:  # inference only: half the size (resume from last.ckpt)
+        resume_only = ("optimizer", "rng", "lr_scheduler", "scaler")
+        variants[run.checkpoint_dir / "best.ckpt"] = {k: v for k, v in state.items() if k not in resume_only}
+    elif is_best:
+        copies.append(run.checkpoint_dir / "best.ckpt")
+    if batches_done == 0 and config.save_every and epoch % config.save_every == 0:
+        copies.append(run.checkpoint_dir / f"epoch_{epoch:04d}.ckpt")
+    save_checkpoint_files(state, run.checkpoint_dir / "last.ckpt", copies, rotate_pattern="epoch_*.ckpt",
+                          keep=config.checkpoints_total_limit, variants=variants)
+    if is_best and extras["spec"].exports_unet_folder:  # the users' latent-UNet layout, EMA weights, for their generation script
+        with run.ema.averaged_weights(run.bare):
+            export_unet_folder(run.bare, noise_scheduler, extras["stats"], run.checkpoint_dir / UNET_FOLDER)
+
+
+def write_preview(run: Run, epoch: int, vae, logger) -> Path:
+    """A grid with a row per preview user, sampled with the EMA weights as ``infer.py user`` samples."""
+    config, preview = run.config, run.preview
+    with run.ema.averaged_weights(run.bare):
+        images, _ = generate_user_images(
+            run.bare, config.backbone, preview["users"], config.preview_samples, stats=run.parts.extras["stats"], vae=vae,
+            seed=config.seed, batch_size=config.preview_batch_size, device=run.accelerator.device,
+            autocast_dtype=_autocast_dtype(run.accelerator), noise_scheduler=run.parts.extras["noise_scheduler"],
+            **sampling_kwargs(preview["settings"]),
+        )
+    path = save_user_grid(images, preview["users"], config.preview_samples, run.output / "previews" / f"epoch_{epoch:04d}.png")
+    log_image(run.accelerator, "previews", path, run.step)
+    logger.info("epoch %d: preview %s%s", epoch, path, "" if vae is not None else " (latent channels 0-2: no --vavae_path)")
+    return path
+
+
+def validate(run: Run, done: int, is_final: bool) -> tuple[float | None, float | None]:
+    """``(val with raw weights, val with EMA weights)`` when validation is due, else ``(None, None)``."""
+    config, val_set = run.config, run.parts.datasets["val"]
+    if val_set is None or not (done % config.val_every == 0 or is_final):
+        return None, None
+    objective, setup = run.parts.extras["spec"].objective, run.parts.extras["setup"]
+    val_loss = validation_objective(run.bare, config, val_set, run.accelerator, objective, setup)
+    with run.ema.averaged_weights(run.bare):
+        val_ema = validation_objective(run.bare, config, val_set, run.accelerator, objective, setup)
+        if config.val_time_bins:
+            run.history["val_per_bin"].append(validation_at_times(run.bare, config, val_set, run.accelerator, objective, setup))
+    check_finite(val_loss, run.step)
+    check_finite(val_ema, run.step)
+    return val_loss, val_ema
+
+
+def restore_run(run: Run, checkpoint: dict, logger) -> tuple[int, int, list | None]:
+    """Load a resumed checkpoint into ``run``; ``(start epoch, batches done within it, their loss sum)``."""
+    restore_training_checkpoint(checkpoint, run.accelerator, run.model, run.optimizer, run.lr_scheduler, run.ema)
+    run.step, start_epoch = checkpoint["step"], checkpoint["epoch"]
+    run.history = dict({"val_ema": [float("nan")] * len(checkpoint["history"]["train"])},
+                       **{k: list(v) for k, v in checkpoint["history"].items()})
+    run.best_on, run.best.best, run.best.epoch = checkpoint["best"]["on"], checkpoint["best"]["metric"], checkpoint["best"]["epoch"]
+    skip_batches, partial = int(checkpoint.get("batches_done", 0)), checkpoint.get("epoch_loss_sum")
+    logger.info("resumed at epoch %d%s, optimiser step %d", start_epoch, f" (+{skip_batches} batches)" if skip_batches else "", run.step)
+    return start_epoch, skip_batches, partial
+
+
+def end_of_epoch(run: Run, done: int, epoch_loss: float, seconds: float, steps: int, vae, logger) -> None:
+    """Validate, log, checkpoint, plot and preview after epoch ``done``."""
+    config, history, best = run.config, run.history, run.best
+    is_final = done == config.max_epochs
+    val_loss, val_ema = validate(run, done, is_final)
+    history["train"].append(epoch_loss)
+    history["val"].append(val_loss if val_loss is not None else float("nan"))
+    history["val_ema"].append(val_ema if val_ema is not None else float("nan"))
+    metric = epoch_loss if run.best_on == "train" else val_ema
+    is_best = metric is not None and best.update(metric, done)
+    val_text = f" | val {val_loss:.4f} (raw weights, same objective) | val EMA {val_ema:.4f}" if val_loss is not None else ""
+    logger.info("epoch %d/%d | train %.4f (raw weights, epoch mean)%s | best %s %.4f (epoch %d) | step %d | lr %.2e | "
+                "%.1f s, %.0f latents/s",
+                done, config.max_epochs, epoch_loss, val_text, run.best_on, best.best, best.epoch, run.step,
+                run.lr_scheduler.get_last_lr()[0], seconds,
+                steps * config.train_batch_size * run.accelerator.num_processes / max(seconds, 1e-9))
+    scalars = {"epoch/train_loss": epoch_loss, "epoch/val_loss": val_loss, "epoch/val_loss_ema": val_ema}
+    if val_loss is not None and config.val_time_bins:
+        scalars.update({f"val_ema/t_{t:g}": value for t, value in zip(config.val_time_bins, history["val_per_bin"][-1])})
+    log_scalars(run.accelerator, scalars, run.step)
+    save_run(run, done, is_best)
+    if run.accelerator.is_main_process:
+        curves = {"train (raw weights)": history["train"]}
+        if run.parts.datasets["val"] is not None:
+            curves["validation (raw weights)"] = _connect_gaps(history["val"])
+            curves["validation (EMA weights)"] = _connect_gaps(history["val_ema"])
+        plot_curves(curves, run.output / "loss_curves.png", title=f"{config.backbone} {config.model_size}: training objective", log_y=True)
+        if config.preview_every and (done % config.preview_every == 0 or is_final):
+            write_preview(run, done, vae, logger)
+    run.accelerator.wait_for_everyone()
+
+
 def main(args: argparse.Namespace) -> dict:
     if args.num_processes > 1 and not under_launcher():
         raise UserError(f"--devices {args.num_processes} starts {args.num_processes} processes from the command line "
@@ -625,13 +669,8 @@ def main(args: argparse.Namespace) -> dict:
     reset_accelerate_state()
     plan = prepare_run(args)
     config, checkpoint, resume_path = plan.config, plan.checkpoint, plan.resume_path
-    stats, train_set, val_set, num_users = plan.stats, plan.train_set, plan.val_set, plan.num_users
-    sampling, preview_users = plan.sampling, plan.preview_users
-    del plan
-    config.num_users = num_users
-    channels, height, width = train_set.latents.shape[1:]
+    config.num_users = plan.num_users
     output = Path(config.output_dir)
-    checkpoint_dir = output / "checkpoints"
     accelerator = create_accelerator(
         mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
         cpu=config.device == "cpu", seed=config.seed, compile_model=config.compile, project_dir=str(output),
@@ -643,30 +682,19 @@ def main(args: argparse.Namespace) -> dict:
         logger.warning("--num_processes %d, but the launcher started %d processes; training on %d", config.num_processes,
                        accelerator.num_processes, accelerator.num_processes)
     logger.info("run %s: %s", output, f"resuming from {resume_path}" if resume_path else "new run")
-    if val_set is None:
+    if plan.val_set is None:
         logger.warning("no %s: no validation loss; best.ckpt follows the training loss", Path(config.latent_dir) / "val.safetensors")
 
-    # Model, objective, optimiser.
-    if checkpoint is not None:
-        model = build_backbone(config.backbone, checkpoint["model_config"])  # weights restored below
-        if config.gradient_checkpointing and config.backbone == "dit":
-            model.gradient_checkpointing = True
-    else:
-        model, config.qk_norm = build_new_model(config, num_users, channels, height, logger)
-    if config.gradient_checkpointing and config.backbone == "unet":
-        model.unet.enable_gradient_checkpointing()
-    noise_scheduler = None
-    if config.backbone == "unet":
-        if checkpoint is not None and checkpoint.get("noise_scheduler_config"):
-            from diffusers import DDPMScheduler
-
-            noise_scheduler = DDPMScheduler.from_config(checkpoint["noise_scheduler_config"])
-        else:
-            noise_scheduler = build_noise_scheduler(config.num_train_timesteps, config.beta_schedule, config.prediction_type)
-    model_config = model_config_of(model, config.backbone)
-    model = model.to(accelerator.device)
+    parts = build_user_training(config, accelerator.device, checkpoint=checkpoint,
+                                data=(plan.stats, plan.train_set, plan.val_set, plan.num_users))
+    train_set, val_set, model = parts.datasets["train"], parts.datasets["val"], parts.model
+    if checkpoint is None:
+        config.qk_norm = parts.extras["qk_norm"]
+    if parts.extras["note"]:
+        logger.info(parts.extras["note"])
+    channels, height, width = train_set.latents.shape[1:]
     logger.info("%s %s: %.2fM parameters, %d users%s, latents %dx%dx%d", config.backbone, config.model_size,
-                sum(p.numel() for p in model.parameters()) / 1e6, num_users,
+                sum(p.numel() for p in model.parameters()) / 1e6, plan.num_users,
                 " (+ null user)" if model.null_label is not None else " (no null user: unguided sampling)", channels, height, width)
 
     vae = None
@@ -678,80 +706,31 @@ def main(args: argparse.Namespace) -> dict:
     # The loader's own generator: creating an iterator draws nothing from the global RNG (exact resumes within an epoch).
     loader = make_loader(train_set, config.train_batch_size, workers=config.dataloader_num_workers,
                          device_type=accelerator.device.type, seed=config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, config.adam_beta2),
-                                  weight_decay=config.weight_decay, fused=fused_optimizer(accelerator.device))
+    optimizer = parts.extras["optimizer_class"](parts.param_groups, fused=fused_optimizer(accelerator.device))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     warmup = config.lr_warmup_steps
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0)
     bare = unwrap(accelerator, model)
     ema = EMA(bare, decay=config.ema_decay, warmup=config.ema_warmup)
-    objective = {"time_sampling": config.time_sampling, "use_cosine_loss": config.cosine_loss} if config.backbone == "dit" else {}
     steps_per_epoch = max(1, len(loader) // config.gradient_accumulation_steps)
+    autocast_dtype = _autocast_dtype(accelerator)
+    preview = {"users": plan.preview_users, "samples_per_user": config.preview_samples, "seed": config.seed,
+               "batch_size": config.preview_batch_size, "autocast": accelerator.mixed_precision if autocast_dtype else None,
+               "settings": dict(plan.sampling, num_steps=config.preview_steps)}
+    run = Run(config, accelerator, model, bare, optimizer, lr_scheduler, ema, parts, output, plan.sampling, preview,
+              history={"train": [], "val": [], "val_ema": [], "val_per_bin": []}, best=BestMetric("min"),
+              best_on="val_ema" if val_set is not None else "train")  # best.ckpt is sampled with its EMA weights
+    del plan
 
-    step, start_epoch = 0, 0
-    history = {"train": [], "val": [], "val_ema": [], "val_per_bin": []}
-    best_on = "val_ema" if val_set is not None else "train"  # best.ckpt is sampled with its EMA weights
-    best = BestMetric("min")
-    skip_batches, partial = 0, None  # a checkpoint written within an epoch: batches done, their loss sum
+    start_epoch, skip_batches, partial = 0, 0, None  # a checkpoint written within an epoch: batches done, their loss sum
     if checkpoint is not None:
-        restore_training_checkpoint(checkpoint, accelerator, model, optimizer, lr_scheduler, ema)
-        step, start_epoch = checkpoint["step"], checkpoint["epoch"]
-        history = dict({"val_ema": [float("nan")] * len(checkpoint["history"]["train"])},
-                       **{k: list(v) for k, v in checkpoint["history"].items()})
-        best_on, best.best, best.epoch = checkpoint["best"]["on"], checkpoint["best"]["metric"], checkpoint["best"]["epoch"]
-        skip_batches, partial = int(checkpoint.get("batches_done", 0)), checkpoint.get("epoch_loss_sum")
-        logger.info("resumed at epoch %d%s, optimiser step %d", start_epoch, f" (+{skip_batches} batches)" if skip_batches else "", step)
-    run_config = vars(config)
+        start_epoch, skip_batches, partial = restore_run(run, checkpoint, logger)
     if is_main:
-        save_config(run_config, output / "args.yaml")
-    start_tracking(accelerator, output.name, run_config)
+        save_config(vars(config), output / "args.yaml")
+    start_tracking(accelerator, output.name, vars(config))
     log_run_header(logger, accelerator, config.train_batch_size,
                    f"{len(train_set)} training latents, {len(val_set) if val_set else 0} validation, {steps_per_epoch} steps per epoch, "
                    f"lr {config.learning_rate:g}")
-    autocast_dtype = _autocast_dtype(accelerator)
-    preview = {"users": preview_users, "samples_per_user": config.preview_samples, "seed": config.seed,
-               "batch_size": config.preview_batch_size, "autocast": accelerator.mixed_precision if autocast_dtype else None,
-               "settings": dict(sampling, num_steps=config.preview_steps)}
-
-    def save(epoch: int, is_best: bool = False, batches_done: int = 0, meter=None) -> None:
-        state = training_checkpoint(
-            CHECKPOINT_KIND, accelerator, model, optimizer, run_config, step, epoch, lr_scheduler, ema,
-            backbone=config.backbone, model_config=model_config, num_users=num_users, latent_stats=stats.to_dict(),
-            latent_shape=[int(channels), int(height), int(width)],
-            noise_scheduler_config=plain_config(noise_scheduler.config) if noise_scheduler is not None else None,
-            sampling=sampling, preview=preview, history=history,
-            best={"metric": best.best, "epoch": best.epoch, "on": best_on}, batches_done=batches_done,
-            epoch_loss_sum=[float(meter.total), meter.count] if meter is not None and meter.count else None,
-        )
-        cadence.saved()
-        if not is_main:
-            return
-        copies, variants = [], {}
-        if is_best and config.slim_best:  # inference only: half the size (resume from last.ckpt)
-            resume_only = ("optimizer", "rng", "lr_scheduler", "scaler")
-            variants[checkpoint_dir / "best.ckpt"] = {k: v for k, v in state.items() if k not in resume_only}
-        elif is_best:
-            copies.append(checkpoint_dir / "best.ckpt")
-        if batches_done == 0 and config.save_every and epoch % config.save_every == 0:
-            copies.append(checkpoint_dir / f"epoch_{epoch:04d}.ckpt")
-        save_checkpoint_files(state, checkpoint_dir / "last.ckpt", copies, rotate_pattern="epoch_*.ckpt",
-                              keep=config.checkpoints_total_limit, variants=variants)
-        if is_best and config.backbone == "unet":  # the users' latent-UNet layout, EMA weights, for their generation script
-            with ema.averaged_weights(bare):
-                export_unet_folder(bare, noise_scheduler, stats, checkpoint_dir / UNET_FOLDER)
-
-    def write_preview(epoch: int) -> Path:
-        with ema.averaged_weights(bare):
-            images, _ = generate_user_images(
-                bare, config.backbone, preview_users, config.preview_samples, stats=stats, vae=vae, seed=config.seed,
-                batch_size=config.preview_batch_size, device=accelerator.device, autocast_dtype=autocast_dtype,
-                noise_scheduler=noise_scheduler, **sampling_kwargs(preview["settings"]),
-            )
-        path = save_user_grid(images, preview_users, config.preview_samples, output / "previews" / f"epoch_{epoch:04d}.png")
-        log_image(accelerator, "previews", path, step)
-        logger.info("epoch %d: preview %s%s", epoch, path, "" if vae is not None else " (latent channels 0-2: no --vavae_path)")
-        return path
-
     if checkpoint is not None:
         restore_rng(checkpoint, accelerator)  # last thing before the loop: nothing after it may draw random numbers
         del checkpoint
@@ -770,72 +749,38 @@ def main(args: argparse.Namespace) -> dict:
         for latents, labels in batches:
             try:
                 with accelerator.accumulate(model):
-                    terms = training_loss(config.backbone, model, latents, labels, noise_scheduler=noise_scheduler, **objective)
-                    loss = terms["loss"]
+                    loss = parts.objective(latents, labels, model=model)["loss"]
                     backward_and_step(accelerator, loss, optimizer, model.parameters(), config.max_grad_norm)
             except torch.OutOfMemoryError as err:
                 raise UserError(out_of_memory_message(config.train_batch_size,
                                                       " (--gradient_accumulation_steps), or add --gradient_checkpointing")) from err
-            guard.update(loss, step + 1)
+            guard.update(loss, run.step + 1)
             batches_done += 1
             progress.update(loss, lr_scheduler.get_last_lr()[0])
             if accelerator.sync_gradients:
                 lr_scheduler.step()
                 ema.update(bare)
-                step += 1
-                if step % LOG_EVERY == 0:
+                run.step += 1
+                if run.step % LOG_EVERY == 0:
                     guard.check(accelerator)
-                    log_scalars(accelerator, {"train/loss": loss, "train/lr": lr_scheduler.get_last_lr()[0]}, step)
-                if batches_done < len(loader) and cadence.due(step, accelerator):
+                    log_scalars(accelerator, {"train/loss": loss, "train/lr": lr_scheduler.get_last_lr()[0]}, run.step)
+                if batches_done < len(loader) and cadence.due(run.step, accelerator):
                     guard.check(accelerator)
-                    save(epoch, batches_done=batches_done, meter=progress.epoch_meter)
+                    save_run(run, epoch, batches_done=batches_done, meter=progress.epoch_meter)
+                    cadence.saved()
         progress.close()
         guard.check(accelerator)
         seconds = time.perf_counter() - started
-
         epoch_loss = float(accelerator.gather(progress.epoch_meter.total[None] / progress.epoch_meter.count).mean())
-        check_finite(epoch_loss, step, NAN_HINT)
-        history["train"].append(epoch_loss)
-        done = epoch + 1
-        is_final = done == config.max_epochs
-        val_loss = val_ema = None
-        if val_set is not None and (done % config.val_every == 0 or is_final):
-            val_loss = validation_objective(bare, config, val_set, accelerator, noise_scheduler)
-            with ema.averaged_weights(bare):
-                val_ema = validation_objective(bare, config, val_set, accelerator, noise_scheduler)
-                if config.val_time_bins:
-                    history["val_per_bin"].append(validation_at_times(bare, config, val_set, accelerator, noise_scheduler))
-            check_finite(val_loss, step)
-            check_finite(val_ema, step)
-        history["val"].append(val_loss if val_loss is not None else float("nan"))
-        history["val_ema"].append(val_ema if val_ema is not None else float("nan"))
-        metric = epoch_loss if best_on == "train" else val_ema
-        is_best = metric is not None and best.update(metric, done)
-        val_text = f" | val {val_loss:.4f} (raw weights, same objective) | val EMA {val_ema:.4f}" if val_loss is not None else ""
-        logger.info("epoch %d/%d | train %.4f (raw weights, epoch mean)%s | best %s %.4f (epoch %d) | step %d | lr %.2e | "
-                    "%.1f s, %.0f latents/s",
-                    done, config.max_epochs, epoch_loss, val_text, best_on, best.best, best.epoch, step,
-                    lr_scheduler.get_last_lr()[0], seconds,
-                    progress.steps * config.train_batch_size * accelerator.num_processes / max(seconds, 1e-9))
-        scalars = {"epoch/train_loss": epoch_loss, "epoch/val_loss": val_loss, "epoch/val_loss_ema": val_ema}
-        if val_loss is not None and config.val_time_bins:
-            scalars.update({f"val_ema/t_{t:g}": value for t, value in zip(config.val_time_bins, history["val_per_bin"][-1])})
-        log_scalars(accelerator, scalars, step)
-        save(done, is_best)
-        if is_main:
-            curves = {"train (raw weights)": history["train"]}
-            if val_set is not None:
-                curves["validation (raw weights)"] = _connect_gaps(history["val"])
-                curves["validation (EMA weights)"] = _connect_gaps(history["val_ema"])
-            plot_curves(curves, output / "loss_curves.png", title=f"{config.backbone} {config.model_size}: training objective", log_y=True)
-            if config.preview_every and (done % config.preview_every == 0 or is_final):
-                write_preview(done)
-        accelerator.wait_for_everyone()
+        check_finite(epoch_loss, run.step, NAN_HINT)
+        end_of_epoch(run, epoch + 1, epoch_loss, seconds, progress.steps, vae, logger)
+        cadence.saved()
 
-    best_dict = {"metric": best.best, "epoch": best.epoch, "on": best_on}
-    logger.info("done: %s (best %s loss %.4f at epoch %d)", checkpoint_dir, best_on, best.best, best.epoch)
+    best_dict = {"metric": run.best.best, "epoch": run.best.epoch, "on": run.best_on}
+    logger.info("done: %s (best %s loss %.4f at epoch %d)", run.checkpoint_dir, run.best_on, run.best.best, run.best.epoch)
     accelerator.end_training()
-    return {"history": history, "step": step, "best": best_dict, "output_dir": output, "checkpoints": checkpoint_dir, "config": config}
+    return {"history": run.history, "step": run.step, "best": best_dict, "output_dir": output, "checkpoints": run.checkpoint_dir,
+            "config": config}
 
 
 if __name__ == "__main__":

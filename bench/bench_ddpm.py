@@ -45,7 +45,7 @@ def bench_training(size: int, batch: int, steps: int, warmup: int, device, amp: 
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = ddpm_loss(model, scheduler, images)
+            loss = ddpm_loss(model, scheduler, images)["loss"]
         scaled_optimizer_step(loss, optimizer, scaler, unet.parameters())
         ema.update(unet)
 

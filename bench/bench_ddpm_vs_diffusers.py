@@ -215,7 +215,7 @@ def make_bare_step(args, device: torch.device, dtype: torch.dtype | None, ema: s
         synchronize(device)
         started = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = ddpm_loss(unet, scheduler, images)
+            loss = ddpm_loss(unet, scheduler, images)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         synchronize(device)

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from models.user_generation import build_noise_scheduler, ddpm_loss, sample_ddim  # noqa: E402
+from models.ddpm_sampling import ddpm_loss  # noqa: E402
+from models.user_generation import build_noise_scheduler, sample_ddim  # noqa: E402
 from models.user_unet import build_user_unet  # noqa: E402
 
 ROWS = [("ddim", 10), ("ddim", 25), ("ddim", 50), ("ddim", 100), ("dpmsolver++", 10), ("dpmsolver++", 15),

@@ -132,34 +132,31 @@ def dit_argv(args, latent_dir: Path, output_dir: Path, precision: str) -> list[s
 
 
 def dit_bare_steps(args, latent_dir: Path, work: Path, device, dtype, precision: str) -> dict:
-    """{row: step function returning its seconds}: the trainer's step on a resident batch, without and with EMA."""
-    import logging
-
+    """{row: step function returning its seconds}: the trainer's step on a resident batch, without and with EMA; the
+    model, objective and optimiser from the trainer's builder (recipes.user)."""
     import train_dit_user as trainer
+    from recipes.user import build_user_training, complete_config, load_latents
     from utils.ema import EMA
 
-    config = trainer.resolve_config(trainer.parse_args(dit_argv(args, latent_dir, work / "unused", precision)), None, "")
-    stats, train_set, _, num_users = trainer.load_latents(config, None)
-    channels, size = train_set.latents.shape[1], train_set.latents.shape[2]
+    config = complete_config(trainer.parse_args(dit_argv(args, latent_dir, work / "unused", precision)))
+    data = load_latents(config)
+    train_set = data[1]
     latents = train_set.latents[: config.train_batch_size].to(device)
     labels = train_set.labels[: config.train_batch_size].to(device)
-    objective = {"time_sampling": config.time_sampling, "use_cosine_loss": config.cosine_loss}
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def make(with_ema: bool):
         torch.manual_seed(config.seed)
-        model, _ = trainer.build_new_model(config, num_users, channels, size, logging.getLogger("bench"))
-        model = model.to(device).train()
-        # As train_dit_user.main builds it (re-read it when the trainer's optimiser changes).
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, config.adam_beta2),
-                                      weight_decay=config.weight_decay, fused=fused_optimizer(device))
+        parts = build_user_training(config, device, data=data)
+        model = parts.model.train()
+        optimizer = parts.extras["optimizer_class"](parts.param_groups, fused=fused_optimizer(device))
         ema = EMA(model, decay=config.ema_decay, warmup=config.ema_warmup) if with_ema else None
 
         def step() -> float:
             synchronize(device)
             started = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = trainer.training_loss("dit", model, latents, labels, **objective)["loss"]
+                loss = parts.objective(latents, labels, model=model)["loss"]
             scaled_optimizer_step(loss, optimizer, scaler, model.parameters(), config.max_grad_norm)
             if ema is not None:
                 ema.update(model)
@@ -204,35 +201,23 @@ def phaseformer_bare_steps(args, data: Path, vgg: Path, work: Path, device, dtyp
     from torch.utils.data import default_collate
 
     import train_phaseformer as trainer
-    from losses import PhaseformerLoss, optimizer_param_groups
-    from models.phaseformer import build_phaseformer
-    from models.phaseformer_enhance import to_model_range
+    from recipes.phaseformer import build_phaseformer_training
 
-    config = trainer.resolve_config(trainer.parse_args(phaseformer_argv(args, data, vgg, work / "unused", precision)), None, "")
+    config = trainer.parse_args(phaseformer_argv(args, data, vgg, work / "unused", precision))
     torch.manual_seed(config.seed)
-    train_set, _, _ = trainer.build_datasets(config, work / "bare_split")
+    parts = build_phaseformer_training(config, device, split_dir=work / "bare_split")
+    train_set, model = parts.datasets["train"], parts.model.train()
+    parts.models["loss"].train()
     batch = default_collate([train_set[i] for i in range(config.train_batch_size)])
-    inputs, target, target_2x = (to_model_range(batch[key], config.value_range).to(device) for key in ("input", "target", "target_2x"))
-    # As train_phaseformer.main builds them (re-read it when the trainer's optimiser changes).
-    loss_fn = PhaseformerLoss(
-        config.loss_weighting, use_perceptual=not config.no_perceptual, vgg_weights=config.vgg_weights, pixel_loss=config.pixel_loss,
-        msssim_as_similarity=config.msssim_as_similarity, value_range=config.value_range, vgg_resize_224=config.vgg_resize_224,
-        seed=config.seed,
-    ).to(device)
-    model = build_phaseformer(config.model, eca=config.eca).to(device).train()
-    loss_fn.train()
-    optimizer = torch.optim.Adam(
-        optimizer_param_groups(model, loss_fn, loss_weights_lr=config.loss_weights_lr),
-        lr=config.learning_rate, betas=(config.beta1, 0.999), fused=fused_optimizer(device),
-    )
+    batch = {key: batch[key].to(device) for key in ("input", "target", "target_2x")}
+    optimizer = parts.extras["optimizer_class"](parts.param_groups, fused=fused_optimizer(device))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step() -> float:
         synchronize(device)
         started = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            fake_b_L, fake_b_H = model(inputs)
-            total, _ = loss_fn(fake_b_L.float(), fake_b_H.float(), target, target_2x)
+            total, _ = parts.objective(batch, model=model)
         scaled_optimizer_step(total, optimizer, scaler, model.parameters(), config.max_grad_norm)
         synchronize(device)
         return time.perf_counter() - started

@@ -74,7 +74,7 @@ class Workload:
     def loss(self, model, batch) -> torch.Tensor:
         x, labels = batch
         if self.family == "ddpm":
-            return ddpm_loss(model, self.scheduler, x)
+            return ddpm_loss(model, self.scheduler, x)["loss"]
         return flow_matching_loss(model, x, labels)["loss"]
 
 

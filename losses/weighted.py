@@ -20,7 +20,7 @@ Learned weights belong in their own optimiser group without weight decay: :func:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -34,18 +34,23 @@ class WeightedLoss(nn.Module):
 
     ``init``: raw logits for the softmax modes (default ``torch.rand(1, n)``, from ``seed`` when given, else
     from the global RNG as in the reference), initial ``log(sigma^2)`` for ``uncertainty`` (default 0), the
-    weights for ``fixed`` (default equal).
+    weights for ``fixed`` (default equal); a mapping gives them by term name. :meth:`combine` takes the terms by
+    name too, so a caller never has to keep two lists in the same order.
     """
 
     def __init__(
         self,
         num_terms: int,
         mode: str = "softmax",
-        init: Sequence[float] | None = None,
+        init: Sequence[float] | Mapping[str, float] | None = None,
         seed: int | None = None,
         names: Sequence[str] | None = None,
     ):
         super().__init__()
+        if isinstance(init, Mapping):
+            if names is None or set(init) != set(names):
+                raise ValueError(f"init names {sorted(init)} do not match the loss terms {list(names or [])}")
+            init = [init[name] for name in names]
         if mode not in WEIGHTING_MODES:
             raise ValueError(f"loss weighting mode must be one of {WEIGHTING_MODES}, got {mode!r}")
         if init is not None and len(init) != num_terms:
@@ -81,6 +86,12 @@ class WeightedLoss(nn.Module):
         if self.mode == "fixed":
             return (self.fixed_weights * stacked).sum()
         return (torch.softmax(self.raw_weights, dim=1)[0] * stacked).sum()
+
+    def combine(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted sum of ``terms`` given by name (every one of :attr:`names`, no other)."""
+        if set(terms) != set(self.names):
+            raise ValueError(f"expected the loss terms {self.names}, got {list(terms)}")
+        return self(*(terms[name] for name in self.names))
 
     @torch.no_grad()
     def weights(self) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The pixel DDPM's noise schedule, training objective and its one sampling function.
+"""The DDPM noise schedule, the DDPM objective of both DDPM families and the pixel DDPM's one sampling function.
 
 Ho et al. 2020: a linear beta schedule from 1e-4 to 0.02 over 1000 steps, an epsilon-predicting UNet trained
 with the simple MSE objective at uniformly drawn timesteps. ``sample_ddpm`` is what the training loop's sample
@@ -23,18 +23,71 @@ diffusers' ``leading`` spacing (DDIM's and DDPM's default there) starts at t = 9
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel, UniPCMultistepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from utils.checkpoint import load_checkpoint
 from utils.errors import CheckpointError, UserError
+from utils.registry import Registry
 
-SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "unipc")
 TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
-DEFAULT_STEPS = {"ddpm": 1000, "ddim": 100, "dpmsolver++": 25, "unipc": 25}
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler of the DDPM family: how to build its diffusers scheduler and what its ``step`` takes.
+
+    ``make(schedule_config, timestep_spacing)`` returns the scheduler (``set_timesteps`` not yet called);
+    ``default_steps`` is its step count when none is given; ``takes_eta`` (DDIM's noise mix) and ``takes_generator``
+    (per-step noise drawn from the caller's CPU generators) say which options :func:`sampler_step_options` passes.
+    """
+
+    make: Callable[[dict, str], SchedulerMixin]
+    default_steps: int
+    takes_eta: bool = False
+    takes_generator: bool = False
+
+
+def _multistep_solver(cls, **extra) -> Callable[[dict, str], SchedulerMixin]:
+    # Order 3, as the solvers' authors advise for unconditional models; ``thresholding`` with ``sample_max_value`` 1
+    # is exactly DDPM's x0 clip, so a clipped schedule stays clipped.
+    def make(config: dict, spacing: str) -> SchedulerMixin:
+        clip = bool(config.get("clip_sample", False))
+        return cls.from_config(config, timestep_spacing=spacing, solver_order=3, thresholding=clip,
+                               sample_max_value=float(config.get("clip_sample_range", 1.0)), **extra)
+
+    return make
+
+
+# The keys are ``--sampler``'s choices in train_ddpm_highres.py, ``infer.py ddpm`` and (for the latent UNet) the user
+# generation trainer and ``infer.py user``.
+SAMPLERS: Registry[SamplerSpec] = Registry("sampler", flag="--sampler")
+SAMPLERS.register("ddpm", SamplerSpec(lambda config, spacing: DDPMScheduler.from_config(config, timestep_spacing=spacing), 1000,
+                                      takes_generator=True), help="ancestral, the paper's (1000 steps)")
+SAMPLERS.register("ddim", SamplerSpec(lambda config, spacing: DDIMScheduler.from_config(config, timestep_spacing=spacing), 100,
+                                      takes_eta=True, takes_generator=True), help="DDIM, deterministic at eta 0 (100 steps)")
+SAMPLERS.register("dpmsolver++", SamplerSpec(_multistep_solver(DPMSolverMultistepScheduler, algorithm_type="dpmsolver++"), 25),
+                  help="multistep DPM-Solver++, order 3 (25 steps)")
+SAMPLERS.register("unipc", SamplerSpec(_multistep_solver(UniPCMultistepScheduler), 25),
+                  help="UniPC predictor-corrector, order 3 (25 steps)")
+
+
+def default_steps(sampler: str) -> int:
+    """The step count of ``sampler`` when none is given."""
+    return SAMPLERS.get(sampler).default_steps
+
+
+def sampler_step_options(sampler: str, eta: float, generator) -> dict:
+    """The keyword arguments ``scheduler.step`` of ``sampler`` takes: DDIM's ``eta``, the stochastic samplers' generators."""
+    spec = SAMPLERS.get(sampler)
+    options = {"eta": eta} if spec.takes_eta else {}
+    if spec.takes_generator:
+        options["generator"] = generator
+    return options
 
 
 def make_noise_scheduler(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> DDPMScheduler:
@@ -50,36 +103,61 @@ def make_noise_scheduler(num_train_timesteps: int = 1000, beta_start: float = 1e
     )
 
 
-def ddpm_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, images: torch.Tensor) -> torch.Tensor:
-    """The simple objective: MSE between the true and predicted noise at a uniform timestep (in fp32)."""
-    noise = torch.randn_like(images)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],), device=images.device)
-    noisy = scheduler.add_noise(images, noise, timesteps)
-    prediction = unet(noisy, timesteps).sample
-    return F.mse_loss(prediction.float(), noise.float())
+def ddpm_loss(
+    model,
+    scheduler: DDPMScheduler,
+    clean: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    timesteps: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> dict:
+    """The DDPM objective of both DDPM families: MSE to the noise (or to v / x0, following the scheduler's
+    ``prediction_type``) at uniformly drawn timesteps, in fp32.
+
+    ``model(noisy, timesteps)`` for the pixel UNet (a diffusers output's ``.sample`` is taken), ``model(noisy,
+    timesteps, labels)`` for a conditioned one (the latent UNet). ``timesteps`` and ``noise`` fix the draws (validation);
+    ``generator`` draws them on its own device. Returns ``loss`` (to back-propagate) and detached ``mse``,
+    ``mse_per_sample`` and the ``timesteps``.
+    """
+    num_train = scheduler.config.num_train_timesteps
+    if noise is None:
+        if generator is None:
+            noise = torch.randn_like(clean)
+        else:
+            noise = torch.randn(clean.shape, generator=generator, device=generator.device, dtype=clean.dtype).to(clean.device)
+    if timesteps is None:
+        if generator is None:
+            timesteps = torch.randint(0, num_train, (clean.shape[0],), device=clean.device)
+        else:
+            timesteps = torch.randint(0, num_train, (clean.shape[0],), generator=generator, device=generator.device).to(clean.device)
+    noisy = scheduler.add_noise(clean, noise, timesteps)
+    output = model(noisy, timesteps) if labels is None else model(noisy, timesteps, labels)
+    prediction = getattr(output, "sample", output).float()
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = scheduler.get_velocity(clean, noise, timesteps)
+    elif prediction_type == "sample":
+        target = clean
+    else:
+        raise UserError(f"Unsupported prediction_type {prediction_type!r}; use epsilon, v_prediction or sample.")
+    mse = (prediction - target.float()).pow(2).mean(dim=tuple(range(1, prediction.ndim)))
+    return {"loss": mse.mean(), "mse": mse.mean().detach(), "mse_per_sample": mse.detach(), "timesteps": timesteps}
 
 
 def make_sampler(scheduler_config: dict, sampler: str, steps: int, *, timestep_spacing: str = "trailing"):
     """A diffusers scheduler for ``sampler`` on the model's schedule, set to ``steps`` inference steps."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    spec = SAMPLERS.get(sampler)
     if timestep_spacing not in TIMESTEP_SPACINGS:
         raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
     config = dict(scheduler_config)
     total = int(config.get("num_train_timesteps", 1000))
     if not 1 <= steps <= total:
         raise UserError(f"The number of sampling steps must be between 1 and the model's {total} training timesteps, got {steps}.")
-    if sampler in ("ddpm", "ddim"):
-        cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
-        scheduler = cls.from_config(config, timestep_spacing=timestep_spacing)
-    else:
-        cls = DPMSolverMultistepScheduler if sampler == "dpmsolver++" else UniPCMultistepScheduler
-        extra = {"algorithm_type": "dpmsolver++"} if sampler == "dpmsolver++" else {}
-        clip = bool(config.get("clip_sample", False))
-        scheduler = cls.from_config(
-            config, timestep_spacing=timestep_spacing, solver_order=3, thresholding=clip,
-            sample_max_value=float(config.get("clip_sample_range", 1.0)), **extra,
-        )
+    scheduler = spec.make(config, timestep_spacing)
     scheduler.set_timesteps(steps)
     return scheduler
 
@@ -150,11 +228,7 @@ def sample_ddpm(
 
 def _step(scheduler, eps, t, sample, sampler, eta, generator):
     # Per-step noise comes from the CPU generator(s) (diffusers moves it), for device-independent seeds.
-    if sampler == "ddim":
-        return scheduler.step(eps, t, sample, eta=eta, generator=generator).prev_sample
-    if sampler == "ddpm":
-        return scheduler.step(eps, t, sample, generator=generator).prev_sample
-    return scheduler.step(eps, t, sample).prev_sample
+    return scheduler.step(eps, t, sample, **sampler_step_options(sampler, eta, generator)).prev_sample
 
 
 def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float) -> torch.Tensor:

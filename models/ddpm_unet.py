@@ -30,23 +30,23 @@ from __future__ import annotations
 from diffusers import UNet2DModel
 
 from utils.errors import UserError
+from utils.registry import Registry
 
-# Learning rates follow the papers: 2e-4 for CIFAR-10 (DDPM), 1e-4 for 64/128 px (iDDPM), 2e-5 at 256 px (DDPM LSUN).
-DDPM_PRESETS: dict[str, dict] = {
-    "tiny": dict(channels=(32, 64), attention=(False, True), layers=1, dropout=0.0, groups=8, lr=1e-3),
-    "32": dict(channels=(128, 256, 256, 256), attention=(False, True, False, False), layers=2, dropout=0.1, lr=2e-4),
-    "64": dict(channels=(128, 256, 384, 512), attention=(False, False, True, True), layers=2, dropout=0.1, lr=1e-4),
-    "128": dict(
-        channels=(128, 128, 256, 384, 512), attention=(False, False, False, True, True), layers=2, dropout=0.0, lr=1e-4
-    ),
-    "256": dict(
-        channels=(128, 128, 256, 256, 512, 512),
-        attention=(False, False, False, False, True, False),
-        layers=2,
-        dropout=0.0,
-        lr=2e-5,
-    ),
-}
+# The registry's keys are ``--model``'s choices and the ``model_preset`` recorded in every checkpoint. Each entry is a
+# preset: channels per level, which levels attend, residual blocks per level, dropout, GroupNorm groups (32 unless
+# given) and the learning rate. Learning rates follow the papers: 2e-4 for CIFAR-10 (DDPM), 1e-4 for 64/128 px
+# (iDDPM), 2e-5 at 256 px (DDPM LSUN).
+UNET_PRESETS: Registry[dict] = Registry("UNet preset", flag="--model")
+UNET_PRESETS.register("tiny", dict(channels=(32, 64), attention=(False, True), layers=1, dropout=0.0, groups=8, lr=1e-3),
+                      help="0.7M parameters, for tests and the demo")
+UNET_PRESETS.register("32", dict(channels=(128, 256, 256, 256), attention=(False, True, False, False), layers=2, dropout=0.1,
+                                 lr=2e-4), help="DDPM's CIFAR-10 network, 35.7M")
+UNET_PRESETS.register("64", dict(channels=(128, 256, 384, 512), attention=(False, False, True, True), layers=2, dropout=0.1,
+                                 lr=1e-4), help="iDDPM/ADM multipliers 1,2,3,4")
+UNET_PRESETS.register("128", dict(channels=(128, 128, 256, 384, 512), attention=(False, False, False, True, True), layers=2,
+                                  dropout=0.0, lr=1e-4), help="iDDPM/ADM multipliers 1,1,2,3,4")
+UNET_PRESETS.register("256", dict(channels=(128, 128, 256, 256, 512, 512), attention=(False, False, False, False, True, False),
+                                  layers=2, dropout=0.0, lr=2e-5), help="DDPM's LSUN network, 6 levels")
 # Image size -> preset: the paper-sized network, and for STL-10's 96 px the 64 px network (no paper model at 96 px).
 SIZE_PRESETS = {32: "32", 64: "64", 96: "64", 128: "128", 256: "256"}
 SUPPORTED_SIZES = tuple(SIZE_PRESETS)
@@ -61,9 +61,7 @@ def preset_for_size(size: int) -> str:
 
 def ddpm_unet_config(preset: str, sample_size: int) -> dict:
     """The ``UNet2DModel`` keyword arguments of ``preset`` for images of ``sample_size`` px."""
-    if preset not in DDPM_PRESETS:
-        raise UserError(f"UNet preset '{preset}' is unknown; choose one of {', '.join(DDPM_PRESETS)}.")
-    spec = DDPM_PRESETS[preset]
+    spec = UNET_PRESETS.get(preset)
     levels = len(spec["channels"])
     if sample_size % 2 ** (levels - 1):
         raise UserError(f"The '{preset}' UNet halves the image {levels - 1} times; --size {sample_size} must be a multiple "
@@ -92,9 +90,13 @@ def ddpm_unet_config(preset: str, sample_size: int) -> dict:
     )
 
 
-def build_ddpm_unet(preset: str, sample_size: int) -> UNet2DModel:
-    return UNet2DModel(**ddpm_unet_config(preset, sample_size))
+def build_ddpm_unet(preset: str, sample_size: int, dropout: float | None = None) -> UNet2DModel:
+    """A new UNet of ``preset`` for ``sample_size`` px images; ``dropout`` overrides the preset's."""
+    config = ddpm_unet_config(preset, sample_size)
+    if dropout is not None:
+        config["dropout"] = dropout
+    return UNet2DModel(**config)
 
 
 def default_learning_rate(preset: str) -> float:
-    return DDPM_PRESETS[preset]["lr"]
+    return UNET_PRESETS.get(preset)["lr"]

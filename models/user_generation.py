@@ -29,19 +29,23 @@ User IDs are 1..num_users (as on the command line and in ``ID_<n>`` folder names
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from torch import nn
 from tqdm.auto import tqdm
 
-from utils.errors import UserError
+from models.ddpm_sampling import SAMPLERS, ddpm_loss, make_sampler, sampler_step_options
+from models.dit import DIT_SIZES, LightningDiT, build_dit, load_lightningdit_init, read_lightningdit_release, release_uses_qknorm
+from models.user_unet import UNET_SIZES, UserConditionedUNet, UserConditionEncoder, build_user_unet
+from utils.config import config_to_dict
+from utils.errors import CheckpointError, UserError
+from utils.registry import Registry
 
-BACKBONES = ("dit", "unet")
-FLOW_SAMPLERS = ("euler", "heun")
-DDPM_SAMPLERS = ("ddim", "dpmsolver++", "unipc")  # the latent UNet; the multistep solvers as models/ddpm_sampling.py
 # DDIM step placement (diffusers' timestep_spacing). trailing (default) starts at t = T - 1, the pure noise the UNet
 # learned to start from; leading (what DDIMScheduler.from_config of a DDPM config gives, the users' note) starts at
 # T - T/steps, e.g. 980 of 1000 with 50 steps (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed").
@@ -173,49 +177,19 @@ def build_noise_scheduler(
     )
 
 
-def ddpm_loss(
-    model,
-    noise_scheduler: DDPMScheduler,
-    latents: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    timesteps: torch.Tensor | None = None,
-    noise: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> dict:
-    """DDPM loss: MSE to the noise (or to v / x0, following the scheduler's ``prediction_type``)."""
-    num_train = noise_scheduler.config.num_train_timesteps
-    if noise is None:
-        noise = _randn(latents.shape, generator, latents.device, latents.dtype)
-    if timesteps is None:
-        if generator is None:
-            timesteps = torch.randint(0, num_train, (latents.shape[0],), device=latents.device)
-        else:
-            timesteps = torch.randint(0, num_train, (latents.shape[0],), generator=generator, device=generator.device).to(latents.device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    prediction = model(noisy, timesteps, labels).float()
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    elif prediction_type == "sample":
-        target = latents
-    else:
-        raise UserError(f"Unsupported prediction_type {prediction_type!r}; use epsilon, v_prediction or sample.")
-    mse = (prediction - target.float()).pow(2).mean(dim=tuple(range(1, prediction.ndim)))
-    return {"loss": mse.mean(), "mse": mse.mean().detach(), "mse_per_sample": mse.detach(), "timesteps": timesteps}
+@dataclass
+class ObjectiveSetup:
+    """What an objective needs beside the model and batch: the DDPM ``noise_scheduler`` (DDPM objective), the flow
+    objective's ``time_sampling`` and ``use_cosine_loss``."""
+
+    noise_scheduler: DDPMScheduler | None = None
+    time_sampling: str = "logit_normal"
+    use_cosine_loss: bool = True
 
 
-def training_loss(backbone: str, model, latents, labels, *, noise_scheduler: DDPMScheduler | None = None, **kwargs) -> dict:
-    """The objective of ``backbone``: :func:`flow_matching_loss` (``dit``) or :func:`ddpm_loss` (``unet``)."""
-    if backbone == "dit":
-        return flow_matching_loss(model, latents, labels, **kwargs)
-    if backbone == "unet":
-        if noise_scheduler is None:
-            raise ValueError("The UNet objective needs its noise_scheduler.")
-        return ddpm_loss(model, noise_scheduler, latents, labels, **kwargs)
-    raise UserError(f"Unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}.")
+def training_loss(backbone: str, model, latents, labels, setup: ObjectiveSetup | None = None, **draws) -> dict:
+    """The training objective of ``backbone`` (its registry entry's): ``draws`` fixes ``times``, ``noise`` or ``generator``."""
+    return BACKBONES.get(backbone).objective.loss(model, latents, labels, setup or ObjectiveSetup(), **draws)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,6 +265,23 @@ def flow_time_grid(num_steps: int, shift: float = 1.0) -> torch.Tensor:
     return grid
 
 
+# The flow ODE's integrators: ``step(velocity, x, t, t_next) -> x at t_next``. The keys are ``--sampler``'s choices for
+# the backbones trained with the flow objective.
+FLOW_SAMPLERS: Registry[Callable] = Registry("flow sampler", flag="--sampler")
+
+
+@FLOW_SAMPLERS.register("euler", help="Euler, one model call per step (LightningDiT's)")
+def euler_step(velocity, x: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+    return x + (t_next - t) * velocity(x, t)
+
+
+@FLOW_SAMPLERS.register("heun", help="Heun's trapezoidal rule, two model calls per step (torchdiffeq's heun2)")
+def heun_step(velocity, x: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+    dt = t_next - t
+    v = velocity(x, t)
+    return x + 0.5 * dt * (v + velocity(x + dt * v, t_next))
+
+
 @torch.no_grad()
 def sample_flow(
     model,
@@ -313,8 +304,7 @@ def sample_flow(
     (torchdiffeq's ``heun2``), two model calls per step. Guidance applies where the evaluation time lies in
     ``guidance_interval`` (LightningDiT's ``cfg_interval_start: 0.11`` is ``(0.11, 1.0)``).
     """
-    if sampler not in FLOW_SAMPLERS:
-        raise UserError(f"Unknown flow sampler {sampler!r}; choose one of {', '.join(FLOW_SAMPLERS)}.")
+    integrate = FLOW_SAMPLERS.get(sampler)
     grid = flow_time_grid(num_steps, shift).tolist()  # Python floats: no device sync inside the loop
     x = noise.float()
     batch = x.shape[0]
@@ -328,14 +318,7 @@ def sample_flow(
         )
 
     for step in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
-        t, t_next = grid[step], grid[step + 1]
-        dt = t_next - t
-        v = velocity(x, t)
-        if sampler == "euler":
-            x = x + dt * v
-        else:
-            v_next = velocity(x + dt * v, t_next)
-            x = x + 0.5 * dt * (v + v_next)
+        x = integrate(velocity, x, grid[step], grid[step + 1])
     return x
 
 
@@ -360,8 +343,8 @@ def sample_ddim(
 ) -> torch.Tensor:
     """DDIM sampling with ``DDIMScheduler.from_config(noise_scheduler.config)`` and the same guidance rules.
 
-    ``sampler`` ``dpmsolver++`` or ``unipc`` takes diffusers' multistep solver on the same schedule instead (built by
-    ``models.ddpm_sampling.make_sampler``, as the pixel DDPM's; deterministic, so ``eta`` must stay 0).
+    ``sampler`` is any of ``models.ddpm_sampling.SAMPLERS`` (built by its ``make_sampler``, as the pixel DDPM's): the
+    multistep solvers are deterministic, so ``eta`` must stay 0 for them; ``ddpm`` draws its noise from ``generators``.
 
     ``timestep_spacing`` overrides the config's (see :data:`TIMESTEP_SPACINGS`; ``leading`` is the users'
     note exactly). The guidance interval is read on the flow time scale ``t = 1 - timestep / num_train_timesteps``
@@ -371,19 +354,10 @@ def sample_ddim(
         raise UserError(f"The number of sampling steps must be at least 1, got {num_steps}.")
     if timestep_spacing not in TIMESTEP_SPACINGS:
         raise UserError(f"Unknown DDIM timestep spacing {timestep_spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}.")
-    if sampler not in DDPM_SAMPLERS:
-        raise UserError(f"Unknown latent-UNet sampler {sampler!r}; choose one of {', '.join(DDPM_SAMPLERS)}.")
-    if sampler == "ddim":
-        scheduler = DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing=timestep_spacing)
-        scheduler.set_timesteps(num_steps)
-        step_options = {"eta": eta, "generator": generators}
-    else:
-        if eta:
-            raise UserError(f"--eta applies to DDIM; {sampler} is deterministic, drop --eta or use --sampler ddim.")
-        from models.ddpm_sampling import make_sampler
-
-        scheduler = make_sampler(dict(noise_scheduler.config), sampler, num_steps, timestep_spacing=timestep_spacing)
-        step_options = {}
+    if eta and not SAMPLERS.get(sampler).takes_eta:
+        raise UserError(f"--eta applies to DDIM; {sampler} is deterministic, drop --eta or use --sampler ddim.")
+    scheduler = make_sampler(dict(noise_scheduler.config), sampler, num_steps, timestep_spacing=timestep_spacing)
+    step_options = sampler_step_options(sampler, eta, generators)
     timesteps = scheduler.timesteps.tolist()  # on the CPU: no device sync inside the loop
     num_train = scheduler.config.num_train_timesteps
     x = noise.float() * scheduler.init_noise_sigma
@@ -434,17 +408,11 @@ def _unwrap(model):
 
 def backbone_num_users(model, backbone: str) -> int:
     """The number of users the model was built for (its own configuration, never a command-line guess)."""
-    model = _unwrap(model)
-    return model.config.num_classes if backbone == "dit" else model.num_users
+    return BACKBONES.get(backbone).num_users(_unwrap(model))
 
 
 def backbone_latent_shape(model, backbone: str) -> tuple[int, int, int]:
-    model = _unwrap(model)
-    if backbone == "dit":
-        return (model.config.in_channels, model.config.input_size, model.config.input_size)
-    size = model.unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    return (model.unet.config.in_channels, height, width)
+    return BACKBONES.get(backbone).latent_shape(_unwrap(model))
 
 
 def generate_latents(
@@ -482,18 +450,19 @@ def generate_latents(
     ``first_index`` are then ignored): ``infer.py user`` draws a large set in pieces this way, with the batches of
     one full run, so a resumed set equals an uninterrupted one.
 
-    ``backbone`` is ``dit`` (rectified flow, ``sampler`` euler | heun, ``shift``) or ``unet`` (DDPM
-    noise prediction, ``sampler`` ddim, ``noise_scheduler`` required, ``eta``, ``timestep_spacing``). The model runs in eval
-    mode (its mode is restored afterwards); pass the EMA model.
+    ``backbone`` is a :data:`BACKBONES` key; its objective decides the sampler family: the flow ODE (``sampler`` one of
+    :data:`FLOW_SAMPLERS`, ``shift``) or DDPM (``sampler`` one of ``models.ddpm_sampling.SAMPLERS``, ``noise_scheduler``
+    required, ``eta``, ``timestep_spacing``). The model runs in eval mode (its mode is restored afterwards); pass the
+    EMA model.
     """
-    if backbone not in BACKBONES:
-        raise UserError(f"Unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}.")
-    sampler = sampler or ("euler" if backbone == "dit" else "ddim")
-    allowed = FLOW_SAMPLERS if backbone == "dit" else DDPM_SAMPLERS
+    spec = BACKBONES.get(backbone)
+    sampler = sampler or spec.sampling_defaults["sampler"]
+    allowed = spec.objective.samplers
     if sampler not in allowed:
         raise UserError(f"The {backbone} backbone samples with {', '.join(allowed)}, not {sampler!r}.")
-    if backbone == "unet" and noise_scheduler is None:
-        raise ValueError("The UNet backbone needs the noise_scheduler it was trained with.")
+    if spec.objective.uses_noise_scheduler and noise_scheduler is None:
+        raise ValueError(f"The {backbone} backbone needs the noise_scheduler it was trained with.")
+    setup = ObjectiveSetup(noise_scheduler=noise_scheduler)
     if items is not None:
         user_ids, num_per_user = [user for user, _ in items], 1
     if num_per_user < 1 or batch_size < 1 or not user_ids:
@@ -504,10 +473,10 @@ def generate_latents(
     if guidance_channels is not None and guidance_channels < 1:
         raise UserError(f"guidance_channels must be a positive channel count or None (all), got {guidance_channels}.")
     inner = _unwrap(model)
-    num_users = backbone_num_users(inner, backbone)
+    num_users = spec.num_users(inner)
     users = validate_user_ids(user_ids, num_users) if items is None else validate_user_ids(sorted(set(user_ids)), num_users)
     null_label = inner.null_label
-    shape = backbone_latent_shape(inner, backbone)
+    shape = spec.latent_shape(inner)
     device = torch.device(device) if device is not None else next(inner.parameters()).device
     if items is None:
         items = [(user, first_index + i) for user in users for i in range(num_per_user)]
@@ -532,14 +501,235 @@ def generate_latents(
                 guidance_interval=guidance_interval, guidance_channels=guidance_channels,
                 autocast_dtype=autocast_dtype, progress=progress,
             )
-            if backbone == "dit":
-                latents = sample_flow(model, noise, labels, sampler=sampler, shift=shift, **common)
-            else:
-                latents = sample_ddim(model, noise_scheduler, noise, labels, eta=eta, timestep_spacing=timestep_spacing,
-                                      generators=generators, sampler=sampler, **common)
+            latents = spec.objective.sample(model, noise, labels, setup, sampler=sampler, generators=generators, shift=shift,
+                                            eta=eta, timestep_spacing=timestep_spacing, **common)
             outputs.append(latents.float().cpu())
     finally:
         model.train(was_training)
         for parameter, flag in grad_flags:
             parameter.requires_grad_(flag)
     return torch.cat(outputs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Objectives and backbones: the registry
+# --------------------------------------------------------------------------------------------------
+
+
+def _flow_loss(model, latents, labels, setup: ObjectiveSetup, *, times=None, noise=None, generator=None) -> dict:
+    return flow_matching_loss(model, latents, labels, time_sampling=setup.time_sampling, use_cosine_loss=setup.use_cosine_loss,
+                              t=times, noise=noise, generator=generator)
+
+
+def _flow_sample(model, noise, labels, setup: ObjectiveSetup, *, sampler, generators, shift, eta, timestep_spacing, **common):
+    return sample_flow(model, noise, labels, sampler=sampler, shift=shift, **common)
+
+
+def _ddpm_objective_loss(model, latents, labels, setup: ObjectiveSetup, *, times=None, noise=None, generator=None) -> dict:
+    if setup.noise_scheduler is None:
+        raise ValueError("The DDPM objective needs its noise_scheduler.")
+    return ddpm_loss(model, setup.noise_scheduler, latents, labels, timesteps=times, noise=noise, generator=generator)
+
+
+def _ddpm_sample(model, noise, labels, setup: ObjectiveSetup, *, sampler, generators, shift, eta, timestep_spacing, **common):
+    return sample_ddim(model, setup.noise_scheduler, noise, labels, eta=eta, timestep_spacing=timestep_spacing,
+                       generators=generators, sampler=sampler, **common)
+
+
+def _ddpm_timestep(t: float, setup: ObjectiveSetup) -> int:
+    # Flow time (0 noise, 1 data) -> the DDPM timestep of the same place on the path.
+    num_train = setup.noise_scheduler.config.num_train_timesteps
+    return min(num_train - 1, int(round((1.0 - t) * num_train)))
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A training objective and the sampler family that inverts it.
+
+    ``loss(model, latents, labels, setup, *, times, noise, generator) -> dict`` (``loss`` to back-propagate, detached
+    ``mse_per_sample`` and, where the objective has one, ``cos_per_sample``); ``draw_time(generator, setup)`` draws one
+    training time as ``loss`` does (seeded validation); ``time_at(t, setup)`` is the objective's time at flow time ``t``
+    (0 noise, 1 data); ``sample(model, noise, labels, setup, *, sampler, generators, shift, eta, timestep_spacing,
+    **guidance)`` integrates from noise to latents with a sampler of ``samplers``; ``sampling_flags``: the sampling
+    options it honours (the others are refused on the command line).
+    """
+
+    loss: Callable[..., dict]
+    draw_time: Callable[[torch.Generator, ObjectiveSetup], torch.Tensor]
+    time_at: Callable[[float, ObjectiveSetup], float | int]
+    sample: Callable[..., torch.Tensor]
+    samplers: Registry
+    sampling_flags: frozenset[str]
+    uses_noise_scheduler: bool = False
+
+
+RECTIFIED_FLOW = Objective(
+    loss=_flow_loss,
+    draw_time=lambda generator, setup: sample_flow_times(1, setup.time_sampling, generator=generator)[0],
+    time_at=lambda t, setup: float(t),
+    sample=_flow_sample,
+    samplers=FLOW_SAMPLERS,
+    sampling_flags=frozenset({"shift"}),
+)
+DDPM = Objective(
+    loss=_ddpm_objective_loss,
+    draw_time=lambda generator, setup: torch.randint(0, setup.noise_scheduler.config.num_train_timesteps, (), generator=generator),
+    time_at=_ddpm_timestep,
+    sample=_ddpm_sample,
+    samplers=SAMPLERS,
+    sampling_flags=frozenset({"eta", "timestep_spacing"}),
+    uses_noise_scheduler=True,
+)
+
+
+def plain_config(config) -> dict:
+    """A diffusers config as plain data (no private ``_`` keys, lists for tuples): checkpoint- and YAML-safe."""
+    return config_to_dict({k: v for k, v in dict(config).items() if not str(k).startswith("_")})
+
+
+@dataclass
+class NewBackbone:
+    """What :attr:`BackboneSpec.build` returns: the model, the QK-norm setting it has (DiT) and a line for the log."""
+
+    model: nn.Module
+    qk_norm: bool | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One user-conditioned backbone behind one registry key: network, objective, sampler family and defaults.
+
+    The key is ``--backbone``'s choice and the ``backbone`` recorded in every checkpoint. The network that ``build``
+    returns and ``from_config`` rebuilds must meet this interface (the objectives, :func:`generate_latents`, the EMA,
+    guidance and the trainer rely on nothing else):
+
+    * ``model(x, t, labels) -> prediction`` of ``x``'s shape, ``labels`` 0-based user rows, ``t`` the objective's time
+      (flow time in [0, 1] or an integer DDPM timestep);
+    * ``model.null_label``: the label row of the null user (row ``num_users``), or None when it was built without
+      label dropout; in training mode the model drops labels to it itself (classifier-free guidance);
+    * the spec's ``num_users(model)`` and ``latent_shape(model)`` read what it was built for from its own
+      configuration (LightningDiT's ``config.num_classes`` and ``config.input_size``, the UNet's ``num_users`` and
+      ``unet.config.sample_size``); ``config_of(model)`` gives JSON-able constructor arguments and ``from_config``
+      takes them back; ``enable_gradient_checkpointing(model)`` turns on activation checkpointing.
+
+    ``build(size, *, num_users, in_channels, input_size, patch_size, cfg_dropout, qk_norm, gradient_checkpointing,
+    init_from) -> NewBackbone`` (a backbone ignores the settings that do not apply to it); ``sizes`` are
+    ``--model_size``'s choices, ``default_size`` the one without it; ``sampling_defaults`` the settings previews and
+    ``infer.py user`` sample with; ``supports_init_from``: whether ``--init_from`` (LightningDiT release weights)
+    applies; ``exports_unet_folder``: ``best.ckpt`` also gets the users' latent-UNet folder layout.
+    """
+
+    title: str
+    build: Callable[..., NewBackbone]
+    config_of: Callable[[nn.Module], dict]
+    from_config: Callable[[dict], nn.Module]
+    num_users: Callable[[nn.Module], int]
+    latent_shape: Callable[[nn.Module], tuple[int, int, int]]
+    enable_gradient_checkpointing: Callable[[nn.Module], None]
+    objective: Objective
+    sizes: tuple[str, ...]
+    default_size: str
+    sampling_defaults: dict = field(default_factory=dict)
+    supports_init_from: bool = False
+    exports_unet_folder: bool = False
+
+
+def _build_dit(size, *, num_users, in_channels, input_size, patch_size, cfg_dropout, qk_norm, gradient_checkpointing,
+               init_from) -> NewBackbone:
+    """A new LightningDiT; with ``init_from``, a release's weights (its QK-norm setting unless ``qk_norm`` is given)."""
+    release = None
+    chosen = qk_norm if qk_norm is not None else True
+    if init_from:
+        release = read_lightningdit_release(init_from)
+        if qk_norm is None:
+            chosen = release_uses_qknorm(release)
+    model = build_dit(size, num_users=num_users, input_size=input_size, in_channels=in_channels, patch_size=patch_size,
+                      class_dropout_prob=cfg_dropout, use_qknorm=chosen, use_checkpoint=gradient_checkpointing)
+    note = ""
+    if release is not None:
+        report = load_lightningdit_init(model, release, num_users=num_users, source=init_from)
+        note = (f"--init_from {init_from} (QK-norm {'on' if chosen else 'off'}"
+                f"{', as the release' if qk_norm is None else ', from --qk_norm'}): {report.summary()}")
+    return NewBackbone(model, chosen, note)
+
+
+def _build_unet(size, *, num_users, in_channels, input_size, patch_size, cfg_dropout, qk_norm, gradient_checkpointing,
+                init_from) -> NewBackbone:
+    # The UNet has no patches and no QK-norm: patch_size and qk_norm do not apply.
+    if init_from:
+        raise UserError("--init_from loads LightningDiT weights and works with --backbone dit only.")
+    model = build_user_unet(size, num_users=num_users, in_channels=in_channels, sample_size=input_size, dropout_prob=cfg_dropout)
+    if gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    return NewBackbone(model, qk_norm)
+
+
+def _dit_from_config(config: dict) -> nn.Module:
+    return LightningDiT(**config)
+
+
+def _unet_from_config(config: dict) -> nn.Module:
+    return UserConditionedUNet(UNet2DConditionModel(**config["unet"]), UserConditionEncoder(**config["condition_encoder"]))
+
+
+def _unet_latent_shape(model) -> tuple[int, int, int]:
+    size = model.unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return (model.unet.config.in_channels, height, width)
+
+
+def _enable_dit_checkpointing(model) -> None:
+    model.gradient_checkpointing = True
+
+
+BACKBONES: Registry[BackboneSpec] = Registry("backbone", flag="--backbone")
+# DiT: LightningDiT's release sampling (Euler on a 250-point grid shifted by 0.3, guidance from t = 0.11 on) with the
+# users' guidance 4.0; num_steps counts updates, so 250 here is one more update than the reference's "250 steps".
+BACKBONES.register("dit", BackboneSpec(
+    title="DiT",
+    build=_build_dit,
+    config_of=lambda model: plain_config(model.config),
+    from_config=_dit_from_config,
+    num_users=lambda model: model.config.num_classes,
+    latent_shape=lambda model: (model.config.in_channels, model.config.input_size, model.config.input_size),
+    enable_gradient_checkpointing=_enable_dit_checkpointing,
+    objective=RECTIFIED_FLOW,
+    sizes=tuple(DIT_SIZES),
+    default_size="B",
+    sampling_defaults={"sampler": "euler", "num_steps": 250, "guidance_scale": 4.0, "guidance_interval": [0.11, 1.0], "shift": 0.3,
+                       "guidance_channels": None, "eta": 0.0},
+    supports_init_from=True,
+), help="LightningDiT, rectified flow (velocity, logit-normal times, cosine term), Euler/Heun ODE sampling")
+# UNet: DDIM as in the users' note (20 steps there, 50 here).
+BACKBONES.register("unet", BackboneSpec(
+    title="UNet",
+    build=_build_unet,
+    config_of=lambda model: {"unet": plain_config(model.unet.config), "condition_encoder": plain_config(model.condition_encoder.config)},
+    from_config=_unet_from_config,
+    num_users=lambda model: model.num_users,
+    latent_shape=_unet_latent_shape,
+    enable_gradient_checkpointing=lambda model: model.unet.enable_gradient_checkpointing(),
+    objective=DDPM,
+    sizes=tuple(UNET_SIZES),
+    default_size="default",
+    sampling_defaults={"sampler": "ddim", "num_steps": 50, "guidance_scale": 4.0, "guidance_interval": [0.0, 1.0], "shift": 1.0,
+                       "guidance_channels": None, "eta": 0.0, "timestep_spacing": "trailing"},
+    exports_unet_folder=True,
+), help="the users' latent UNet2DConditionModel + user encoder, DDPM noise prediction, DDIM/DPM-Solver++/UniPC sampling")
+
+
+def sampler_names() -> tuple[str, ...]:
+    """Every backbone's samplers, once each: ``--sampler``'s choices before the backbone is known."""
+    return tuple(dict.fromkeys(name for _, spec in BACKBONES.items() for name in spec.objective.samplers))
+
+
+def build_backbone(backbone: str, model_config: dict) -> nn.Module:
+    """A freshly initialised model of ``backbone`` from its recorded constructor arguments (``spec.config_of``)."""
+    spec = BACKBONES.get(backbone)
+    try:
+        return spec.from_config(model_config)
+    except (TypeError, KeyError, ValueError) as err:
+        raise CheckpointError(
+            f"The checkpoint's {backbone} configuration does not build a model ({err}); it was written by another version."
+        ) from err

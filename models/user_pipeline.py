@@ -20,64 +20,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler
 from torch import nn
 
 from data.latents import LatentStats
-from models.dit import LightningDiT
-from models.user_generation import backbone_num_users, build_noise_scheduler, generate_latents
-from models.user_unet import UserConditionedUNet, UserConditionEncoder
+from models.user_generation import BACKBONES, build_backbone, build_noise_scheduler, generate_latents
 from utils.checkpoint import load_checkpoint
-from utils.config import config_to_dict
-from utils.errors import CheckpointError, UserError
+from utils.errors import CheckpointError
 
 CHECKPOINT_KIND = "user_generation"
 
-# Sampling defaults per backbone. DiT: LightningDiT's release settings (Euler on a 250-point grid shifted by 0.3,
-# guidance from t = 0.11 on) with the users' guidance 4.0; num_steps counts updates, so 250 here is one more
-# update than the reference's "250 steps". UNet: DDIM as in the users' note (20 steps there, 50 here).
-SAMPLING_DEFAULTS = {
-    "dit": {"sampler": "euler", "num_steps": 250, "guidance_scale": 4.0, "guidance_interval": [0.11, 1.0], "shift": 0.3,
-            "guidance_channels": None, "eta": 0.0},
-    "unet": {"sampler": "ddim", "num_steps": 50, "guidance_scale": 4.0, "guidance_interval": [0.0, 1.0], "shift": 1.0,
-             "guidance_channels": None, "eta": 0.0, "timestep_spacing": "trailing"},
-}
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# --------------------------------------------------------------------------------------------------
-# Model configuration <-> module
-# --------------------------------------------------------------------------------------------------
-
-
-def plain_config(config) -> dict:
-    """A diffusers config as plain data (no private ``_`` keys, lists for tuples): checkpoint- and YAML-safe."""
-    return config_to_dict({k: v for k, v in dict(config).items() if not str(k).startswith("_")})
-
-
-def model_config_of(model: nn.Module, backbone: str) -> dict:
-    """The constructor arguments that rebuild ``model`` (stored in checkpoints as ``model_config``)."""
-    if backbone == "dit":
-        return plain_config(model.config)
-    if backbone == "unet":
-        return {"unet": plain_config(model.unet.config), "condition_encoder": plain_config(model.condition_encoder.config)}
-    raise UserError(f"Unknown backbone {backbone!r}; choose dit or unet.")
-
-
-def build_backbone(backbone: str, model_config: dict) -> nn.Module:
-    """A freshly initialised model from :func:`model_config_of`'s output."""
-    try:
-        if backbone == "dit":
-            return LightningDiT(**model_config)
-        if backbone == "unet":
-            unet = UNet2DConditionModel(**model_config["unet"])
-            return UserConditionedUNet(unet, UserConditionEncoder(**model_config["condition_encoder"]))
-    except (TypeError, KeyError, ValueError) as err:
-        raise CheckpointError(
-            f"The checkpoint's {backbone} configuration does not build a model ({err}); "
-            "it was written by another version."
-        ) from err
-    raise CheckpointError(f"The checkpoint names an unknown backbone {backbone!r}; expected dit or unet.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,12 +86,13 @@ def load_user_checkpoint(path: str | Path, *, use_ema: bool = True, command: str
         weights = "ema"
     model.eval().requires_grad_(False)
     num_users = int(checkpoint["num_users"])
-    if backbone_num_users(model, backbone) != num_users:
-        raise CheckpointError(f"{path} says {num_users} users but its model was built for {backbone_num_users(model, backbone)}.")
+    spec = BACKBONES.get(backbone)
+    if spec.num_users(model) != num_users:
+        raise CheckpointError(f"{path} says {num_users} users but its model was built for {spec.num_users(model)}.")
     scheduler = None
-    if backbone == "unet":
+    if spec.objective.uses_noise_scheduler:
         scheduler = DDPMScheduler.from_config(checkpoint.get("noise_scheduler_config") or dict(build_noise_scheduler().config))
-    sampling = dict(SAMPLING_DEFAULTS[backbone], **(checkpoint.get("sampling") or {}))
+    sampling = dict(spec.sampling_defaults, **(checkpoint.get("sampling") or {}))
     rest = {k: v for k, v in checkpoint.items() if k not in ("model", "ema", "optimizer", "rng", "lr_scheduler", "scaler")}
     return UserModel(model, backbone, num_users, LatentStats.from_dict(checkpoint["latent_stats"]), scheduler, sampling,
                      str(path), weights, rest)

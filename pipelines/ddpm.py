@@ -23,7 +23,7 @@ from utils.validators import check_output_dir, fraction, int_at_least, positive_
 
 
 def add_parser(subparsers) -> None:
-    from models.ddpm_sampling import DEFAULT_STEPS, SAMPLERS, TIMESTEP_SPACINGS
+    from models.ddpm_sampling import SAMPLERS, TIMESTEP_SPACINGS
 
     parser = subparsers.add_parser(
         "ddpm",
@@ -38,10 +38,10 @@ def add_parser(subparsers) -> None:
                         "checked before the first is sampled)")
     add_flag(parser, "--num_samples", "--samples", type=positive_int, default=None, metavar="N",
              help="images to generate (default 16; with --compare, images per checkpoint row, default 8)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="dpmsolver++",
+    parser.add_argument("--sampler", choices=SAMPLERS.names(), default="dpmsolver++",
                         help="dpmsolver++ (default) or unipc: diffusers' multistep solvers, as accurate as DDIM-50 in 15-20 "
                         "steps (docs/benchmarks.md); ddim (deterministic at --eta 0), ddpm (ancestral, the paper's sampler)")
-    defaults = ", ".join(f"{steps} for {name}" for name, steps in DEFAULT_STEPS.items())
+    defaults = ", ".join(f"{spec.default_steps} for {name}" for name, spec in SAMPLERS.items())
     add_flag(parser, "--num_inference_steps", "--steps", "--num_steps", type=positive_int, default=None, metavar="N",
              help=f"denoising steps, at most the model's training timesteps (default {defaults}); more steps, higher quality")
     parser.add_argument("--eta", type=fraction, default=None,
@@ -82,13 +82,13 @@ def _output_path(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> Path:
-    from models.ddpm_sampling import DEFAULT_STEPS
+    from models.ddpm_sampling import default_steps
     from utils.accelerator import resolve_device
     from utils.images import save_grid
 
     check_modes(args)
     output = _output_path(args)
-    steps = args.num_inference_steps or DEFAULT_STEPS[args.sampler]
+    steps = args.num_inference_steps or default_steps(args.sampler)
     device = resolve_device(args.device)
     autocast = autocast_dtype(args.mixed_precision, device)  # a precision the device lacks is refused before loading
     models = load_models(args.compare or [args.model], steps)
@@ -155,11 +155,11 @@ def sample_picture(args: argparse.Namespace, models, device: torch.device, progr
     """
     from tqdm.auto import tqdm
 
-    from models.ddpm_sampling import DEFAULT_STEPS, interpolation_noise, sample_ddpm
+    from models.ddpm_sampling import default_steps, interpolation_noise, sample_ddpm
     from utils.images import make_grid_image
     from utils.log import progress_kwargs
 
-    steps = args.num_inference_steps or DEFAULT_STEPS[args.sampler]
+    steps = args.num_inference_steps or default_steps(args.sampler)
     autocast = autocast_dtype(args.mixed_precision, device)
     if progress is None:
         # a bar only in a terminal: in a notebook's or a log file's output it would pile up carriage-return lines

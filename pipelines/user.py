@@ -34,8 +34,10 @@ GRID_COLUMNS = 16  # micro_doppler_grid.png shows at most the first 16 samples o
 
 
 def add_parser(subparsers) -> None:
-    # Choices written out (models.user_generation.FLOW_SAMPLERS/DDPM_SAMPLERS, models.vavae.VAVAE_CONFIGS,
-    # pipelines.user_io.OUTPUT_LAYOUTS) so that building the parser imports no model code.
+    # Choices written out (models.vavae.VAVAE_CONFIGS, pipelines.user_io.OUTPUT_LAYOUTS) so that building the parser
+    # imports no model code; the samplers are the backbone registry's (diffusers is imported by infer.py ddpm's parser).
+    from models.user_generation import sampler_names
+
     parser = subparsers.add_parser(
         "user",
         help="generate spectrograms for chosen users from a train_dit_user.py checkpoint (DiT or latent UNet)",
@@ -88,7 +90,7 @@ def add_parser(subparsers) -> None:
     add_flag(parser, "--num_inference_steps", "--num_steps", "--steps", type=positive_int, default=None, metavar="N",
              help="sampler updates (default: the checkpoint's, 250 for the DiT, 50 for the UNet; at most the UNet's "
              "training timesteps)")
-    parser.add_argument("--sampler", choices=("euler", "heun", "ddim", "dpmsolver++", "unipc"), default=None,
+    parser.add_argument("--sampler", choices=sampler_names(), default=None,
                         help="DiT: euler or heun; UNet: ddim, or dpmsolver++ / unipc (diffusers' multistep solvers, 20-25 "
                         "steps) (default: the checkpoint's)")
     parser.add_argument("--shift", type=positive_float, default=None,
@@ -331,23 +333,25 @@ def sample_items(model: UserModel, plan: SamplingPlan, items, *, batch_size: int
 
 def check_sampling(args: argparse.Namespace, bundle, settings: dict) -> None:
     """Flags that the loaded model cannot honour, refused before the VA-VAE loads or anything is sampled."""
-    from models.user_generation import DDPM_SAMPLERS, FLOW_SAMPLERS
+    from models.ddpm_sampling import SAMPLERS
+    from models.user_generation import BACKBONES
 
-    allowed = FLOW_SAMPLERS if bundle.backbone == "dit" else DDPM_SAMPLERS
+    spec = BACKBONES.get(bundle.backbone)
+    allowed = spec.objective.samplers
     if settings.get("sampler") not in (None, *allowed):
         raise UserError(f"--sampler {settings['sampler']}: the {bundle.backbone} backbone samples with {', '.join(allowed)}.")
-    if bundle.backbone == "dit" and args.eta is not None:
-        raise UserError("--eta applies to the UNet backbone's DDIM sampler; this DiT checkpoint samples an ODE, drop --eta.")
-    if bundle.backbone == "dit" and args.timestep_spacing is not None:
-        raise UserError("--timestep_spacing applies to the UNet backbone's DDIM sampler; this DiT checkpoint samples an ODE, drop it.")
+    for flag in ("eta", "timestep_spacing", "shift"):
+        if getattr(args, flag) is not None and flag not in spec.objective.sampling_flags:
+            owners = " or ".join(other.title for _, other in BACKBONES.items() if flag in other.objective.sampling_flags)
+            raise UserError(f"--{flag} applies to the {owners} backbone's sampler; this {spec.title} checkpoint does not use it, "
+                            f"drop --{flag}.")
     if bundle.model.null_label is None and float(settings["guidance_scale"]) != 1.0:
         raise UserError(f"--guidance_scale {float(settings['guidance_scale']):g}: this model has no null user (its condition "
                         "encoder was trained without label dropout), so there is nothing to guide against; drop --guidance_scale.")
-    if bundle.backbone == "unet" and settings.get("sampler") in ("dpmsolver++", "unipc") and settings.get("eta"):
-        raise UserError(f"--eta applies to DDIM; {settings['sampler']} is deterministic, drop --eta or use --sampler ddim.")
-    if bundle.backbone == "unet" and args.shift is not None:
-        raise UserError("--shift applies to the DiT backbone's flow sampler; this UNet checkpoint uses DDIM, drop --shift.")
-    if bundle.backbone == "unet":
+    sampler = settings.get("sampler")
+    if sampler in SAMPLERS and settings.get("eta") and not SAMPLERS.get(sampler).takes_eta:
+        raise UserError(f"--eta applies to DDIM; {sampler} is deterministic, drop --eta or use --sampler ddim.")
+    if spec.objective.uses_noise_scheduler:
         total = int(bundle.noise_scheduler.config.num_train_timesteps)
         if int(settings["num_steps"]) > total:
             raise UserError(f"--num_inference_steps {settings['num_steps']} is more than the {total} timesteps the UNet was "

@@ -30,8 +30,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from data.latents import STATS_FILENAME, LatentStats
-from models.user_generation import build_noise_scheduler
-from models.user_pipeline import SAMPLING_DEFAULTS, UserModel
+from models.user_generation import BACKBONES, build_noise_scheduler
+from models.user_pipeline import UserModel
 from models.user_unet import ENCODER_CONFIG_SUFFIX, UserConditionedUNet, load_condition_encoder
 from utils.errors import CheckpointError, DataError, UserError
 from utils.images import save_grid
@@ -83,7 +83,7 @@ def load_user_unet_folder(
     scheduler_file = next((p for p in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json") if p.is_file()), None)
     scheduler = DDPMScheduler.from_pretrained(str(scheduler_file.parent)) if scheduler_file else build_noise_scheduler()
     model = UserConditionedUNet(unet, encoder).eval().requires_grad_(False)
-    sampling = dict(SAMPLING_DEFAULTS["unet"])
+    sampling = dict(BACKBONES.get("unet").sampling_defaults)
     if encoder.null_label is None:
         sampling["guidance_scale"] = 1.0  # nothing to guide against: the note's generation is unguided
     extra = {"encoder_path": str(encoder_path), "null_row": encoder.null_label is not None,

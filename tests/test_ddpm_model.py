@@ -40,7 +40,7 @@ def test_linear_schedule_of_the_paper():
 
 def test_loss_is_epsilon_mse_and_reaches_every_parameter():
     unet = build_ddpm_unet("tiny", 16)
-    loss = ddpm_loss(unet, make_noise_scheduler(), torch.randn(2, 3, 16, 16))
+    loss = ddpm_loss(unet, make_noise_scheduler(), torch.randn(2, 3, 16, 16))["loss"]
     assert loss.ndim == 0 and loss.dtype == torch.float32
     loss.backward()
     assert all(p.grad is not None for p in unet.parameters())

@@ -324,7 +324,7 @@ def test_user_bad_values_before_loading(tmp_path):
         ("unet", {"shift": 0.3}, "--shift applies to the DiT backbone"),
         ("unet", {"num_inference_steps": 2000}, "--num_inference_steps 2000 is more than the 1000 timesteps"),
         ("dit", {"sampler": "ddim"}, "--sampler ddim: the dit backbone samples with euler, heun"),
-        ("unet", {"sampler": "heun"}, "--sampler heun: the unet backbone samples with ddim, dpmsolver++, unipc"),
+        ("unet", {"sampler": "heun"}, "--sampler heun: the unet backbone samples with ddpm, ddim, dpmsolver++, unipc"),
         ("dit", {"guidance_channels": 33}, "--guidance_channels 33 is more than the model's 32 latent channels"),
         ("unet", {"sampler": "unipc", "eta": 0.5}, "--eta applies to DDIM; unipc is deterministic"),
     ],

@@ -40,7 +40,6 @@ from models.user_generation import (
     sample_ddim,
     sample_flow,
 )
-from models.user_generation import ddpm_loss as latent_ddpm_loss
 from tests.sd2_tiny import SD2_BASE_SCHEDULER_CONFIG
 from utils.errors import UserError
 
@@ -100,7 +99,7 @@ class PixelOracle(nn.Module):
 def test_pixel_ddpm_oracle_gives_zero_loss_and_timesteps_are_uniform():
     clean = torch.rand(512, 3, 2, 2) * 2 - 1
     oracle = PixelOracle(clean)
-    loss = ddpm_loss(oracle, make_noise_scheduler(), clean)
+    loss = ddpm_loss(oracle, make_noise_scheduler(), clean)["loss"]
     # float32 x_t against the float64 schedule: measured 3.4e-11 at 1 and 2 threads (290x margin). A target of x0,
     # a beta_end of 0.021 or a reversed t give > 1e-3.
     assert loss.item() < 1e-8
@@ -117,7 +116,7 @@ def test_pixel_ddpm_oracle_gives_zero_loss_and_timesteps_are_uniform():
 def test_pixel_ddpm_loss_is_mse_to_the_noise_for_a_fixed_model():
     clean = torch.rand(64, 3, 4, 4) * 2 - 1
     model = PixelOracle(clean, fn=lambda noisy, eps: 0.3 * noisy)  # not the oracle: a fixed linear map
-    loss = ddpm_loss(model, make_noise_scheduler(), clean)
+    loss = ddpm_loss(model, make_noise_scheduler(), clean)["loss"]
     noisy, timesteps = model.inputs[0], model.seen[0]
     expected = (0.3 * noisy.double() - true_noise(noisy, clean, timesteps, model.alphas)).pow(2).mean()
     # Same float32 rounding as above: measured relative error 9e-7 at 1 and 2 threads, 100x below 1e-4.
@@ -152,7 +151,7 @@ def test_pixel_ddpm_overfits_one_batch():
 
     def fixed_batch_loss():
         torch.manual_seed(1)  # the same noise and timesteps at every step: one fixed batch
-        return ddpm_loss(unet, scheduler, images)
+        return ddpm_loss(unet, scheduler, images)["loss"]
 
     first = fixed_batch_loss().item()
     for _ in range(40):
@@ -262,7 +261,7 @@ def test_seesr_loss_is_mse_to_the_target_for_a_fixed_model():
 
 
 # --------------------------------------------------------------------------------------------------
-# Latent UNet (models/user_generation.py ddpm_loss and sample_ddim, train_dit_user.py --backbone unet)
+# Latent UNet (models/ddpm_sampling.py ddpm_loss, models/user_generation.py sample_ddim, train_dit_user.py --backbone unet)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -288,12 +287,12 @@ def test_latent_unet_oracle_gives_zero_loss_for_each_prediction_type(prediction_
     clean = torch.randn(256, 4, 2, 2, generator=torch.Generator().manual_seed(0)) * 2
     labels = torch.zeros(256, dtype=torch.long)
     scheduler = build_noise_scheduler(prediction_type=prediction_type)
-    terms = latent_ddpm_loss(LatentOracle(clean, prediction_type), scheduler, clean, labels, generator=torch.Generator().manual_seed(1))
+    terms = ddpm_loss(LatentOracle(clean, prediction_type), scheduler, clean, labels, generator=torch.Generator().manual_seed(1))
     # Measured 2.4e-11 at 1 and 2 threads; the linear schedule (1e-4..0.02) is written out here, not read back.
     assert terms["loss"].item() < 1e-8
     assert terms["timesteps"].min() < 40 and terms["timesteps"].max() > 960
     other = {"epsilon": "v_prediction", "v_prediction": "sample", "sample": "epsilon"}[prediction_type]
-    assert latent_ddpm_loss(LatentOracle(clean, other), scheduler, clean, labels)["loss"].item() > 1e-2
+    assert ddpm_loss(LatentOracle(clean, other), scheduler, clean, labels)["loss"].item() > 1e-2
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "unipc"])
@@ -410,7 +409,7 @@ def test_latent_unet_ddpm_overfits_one_batch():
 
     def loss():
         torch.manual_seed(2)  # the condition encoder's label dropout draws from the global generator
-        return latent_ddpm_loss(unet, scheduler, latents, labels, generator=torch.Generator().manual_seed(1))["loss"]
+        return ddpm_loss(unet, scheduler, latents, labels, generator=torch.Generator().manual_seed(1))["loss"]
 
     first, last = overfit(unet.parameters(), loss, steps=20, lr=2e-3)
     assert last < first / 10, (first, last)  # measured 1.20 -> 0.037 (32x) at 1 and 2 threads

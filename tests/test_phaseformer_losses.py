@@ -247,7 +247,7 @@ def test_uncertainty_weighting_of_both_outputs_is_bounded_below():
     W2(W4(L), W4(H)) does once a term is below 1."""
     loss = PhaseformerLoss("uncertainty", use_perceptual=False)
     term_scale, branch_scale = torch.tensor([0.05, 0.02, 0.3]), torch.tensor([1.0, 0.5])
-    fixed_terms = [list(term_scale * b) for b in branch_scale]
+    fixed_terms = {branch: dict(zip(loss.term_names, term_scale * b)) for branch, b in zip(("L", "H"), branch_scale)}
     optimizer = torch.optim.Adam(loss.weight_parameters(), lr=0.05)
     for _ in range(1500):
         optimizer.zero_grad()
@@ -258,9 +258,11 @@ def test_uncertainty_weighting_of_both_outputs_is_bounded_below():
     assert total.item() == pytest.approx((0.5 + 0.5 * products.log()).sum().item(), abs=1e-3)
     # By hand: s = (0.2, 0, -0.1), t = (0.3, -0.4); only pixel_L = 0.5 is non-zero, so the data part is
     # 0.5 * exp(-(0.2 + 0.3)) * 0.5 and the regulariser 0.5 * sum(s_i + t_b) = 0.5 * (1.0 - 1.1).
-    fresh = PhaseformerLoss("uncertainty", use_perceptual=False, term_init=[0.2, 0.0, -0.1], branch_init=[0.3, -0.4])
+    fresh = PhaseformerLoss("uncertainty", use_perceptual=False, term_init={"msssim": -0.1, "pixel": 0.2, "gradient": 0.0},
+                            branch_init=[0.3, -0.4])  # initial values by name, in any order
     zero = torch.zeros(())
-    value = fresh._uncertainty_total([[torch.tensor(0.5), zero, zero], [zero, zero, zero]])
+    value = fresh._uncertainty_total({"L": {"pixel": torch.tensor(0.5), "gradient": zero, "msssim": zero},
+                                      "H": {"pixel": zero, "gradient": zero, "msssim": zero}})
     assert value.item() == pytest.approx(0.25 * math.exp(-0.5) + 0.5 * (1.0 - 1.1), abs=1e-6)
 
 

@@ -318,10 +318,11 @@ def parameters(model) -> int:
 ])
 def test_ddpm_presets_build_their_unet(name, expected):
     import train_ddpm_highres as train
+    from models.ddpm_unet import build_ddpm_unet
 
     args = train.parse_args(["--config", str(ROOT / "configs" / f"{name}.yaml")])
     config = train.resolve_config(args, None, "flags")
-    unet = train.build_unet(config.model, config.size, config.dropout)
+    unet = build_ddpm_unet(config.model, config.size, config.dropout)
     preset, size, count = expected
     assert (config.model, unet.config.sample_size) == (preset, size)
     if count is not None:
@@ -349,14 +350,16 @@ def test_phaseformer_presets_build_their_model(tmp_path, name, model):
 
 @pytest.mark.parametrize("name, size", [("user_dit_b", "B"), ("user_dit_tiny", "tiny")])
 def test_user_presets_build_their_dit(tmp_path, name, size):
-    import logging
-
     import train_dit_user as train
+    from models.user_generation import BACKBONES
 
     args = train.parse_args(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--latent_dir", str(tmp_path),
                              "--output_dir", str(tmp_path / "out")])
     config = train.resolve_config(args, None, "flags")
-    model, _ = train.build_new_model(config, 31, 32, 16, logging.getLogger("test"))
+    model = BACKBONES.get(config.backbone).build(
+        config.model_size, num_users=31, in_channels=32, input_size=16, patch_size=config.patch_size, cfg_dropout=config.cfg_dropout,
+        qk_norm=config.qk_norm,
+        gradient_checkpointing=False, init_from=None).model
     assert config.model_size == size and model.num_classes == 31
     if size == "B":
         assert 125e6 < parameters(model) < 135e6  # DiT-B/1 on 32-channel latents, ~130M

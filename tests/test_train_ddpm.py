@@ -12,6 +12,7 @@ from PIL import Image
 
 import infer
 import train_ddpm_highres as train
+from models.ddpm_unet import build_ddpm_unet
 from utils.errors import CheckpointError
 from utils.training import BestMetric
 
@@ -103,20 +104,28 @@ def test_a_step_checkpoint_resumes_within_the_epoch(demo_images, tmp_path, monke
     common = ["--epochs", "2", "--sample_every", "5", "--quick_every", "0"]
     straight = run_training(demo_images, tmp_path / "straight", *common)
     calls = {"n": 0}
-    real_loss = train.ddpm_loss
+    real_build = train.build_ddpm_training
 
-    def dies_at_the_fifth_batch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # epoch 2, second batch; the step checkpoint after step 4 is on disk
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
+    def build_dying_at_the_fifth_batch(*args, **kwargs):
+        parts = real_build(*args, **kwargs)
+        real_loss = parts.objective
 
-    monkeypatch.setattr(train, "ddpm_loss", dies_at_the_fifth_batch)
+        def dies_at_the_fifth_batch(*loss_args, **loss_kwargs):
+            calls["n"] += 1
+            if calls["n"] == 5:  # epoch 2, second batch; the step checkpoint after step 4 is on disk
+                raise KeyboardInterrupt
+            return real_loss(*loss_args, **loss_kwargs)
+
+        parts.objective = dies_at_the_fifth_batch
+        return parts
+
+    monkeypatch.setattr(train, "build_ddpm_training", build_dying_at_the_fifth_batch)
     with pytest.raises(KeyboardInterrupt):
         run_training(demo_images, tmp_path / "killed", *common, "--checkpointing_steps", "2")
     last = torch.load(tmp_path / "killed/folder_16x16/ddpm_last.pt", weights_only=True)
     assert (last["epoch"], last["step"], last["batches_done"]) == (1, 4, 1)
-    monkeypatch.setattr(train, "ddpm_loss", real_loss)
+    assert last["model_preset"] == "tiny"  # the registry key the UNet was built from
+    monkeypatch.setattr(train, "build_ddpm_training", real_build)
     resumed = run_training(demo_images, tmp_path / "killed", *common, "--resume_from_checkpoint", "latest")
     assert resumed["step"] == straight["step"] == 6
     np.testing.assert_allclose(resumed["history"], straight["history"], rtol=1e-6)
@@ -145,7 +154,7 @@ def test_size_96_uses_the_64_px_network(tmp_path):
     args = train.parse_args(["--dataset", "imagenet", "--size", "96"])
     config = train.resolve_config(args, None, "")
     assert config.model == "64" and config.learning_rate == 1e-4
-    unet = train.build_unet(config.model, 96, dropout=0.2)
+    unet = build_ddpm_unet(config.model, 96, dropout=0.2)
     assert unet.config.sample_size == 96 and unet.config.dropout == 0.2
 
 
@@ -304,18 +313,18 @@ def test_fp16_compiled_training_with_the_batch_probe_on_cuda(demo_images, tmp_pa
     """The CUDA defaults' three paths, each observed where it acts: the UNet's layers compute in fp16 (autocast), the
     UNet goes through torch.compile, and without --train_batch_size the batch comes from the memory probe."""
     dtypes, compiled = [], []
-    real_build, real_compile = train.build_unet, torch.compile
+    real_build, real_compile = train.build_ddpm_training, torch.compile
 
     def build_watched(*args, **kwargs):
-        unet = real_build(*args, **kwargs)
-        unet.conv_out.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
-        return unet
+        parts = real_build(*args, **kwargs)
+        parts.model.conv_out.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+        return parts
 
     def compile_watched(model, *args, **kwargs):
         compiled.append(type(model).__name__)
         return real_compile(model, *args, **kwargs)
 
-    monkeypatch.setattr(train, "build_unet", build_watched)
+    monkeypatch.setattr(train, "build_ddpm_training", build_watched)
     monkeypatch.setattr(torch, "compile", compile_watched)
     flags = ["--dataset", "folder", "--size", "16", "--model", "tiny", "--effective_batch", "8", "--lr_warmup_steps", "2",
              "--num_samples", "4", "--sample_steps", "3", "--report_to", "none"]  # TINY without --train_batch_size, --device

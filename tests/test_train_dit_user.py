@@ -185,20 +185,27 @@ def test_resume_from_a_step_checkpoint_alone_continues_within_the_epoch(stage1, 
              "--cfg_dropout", "0.2", "--seed", "5", "--report_to", "none"]
     straight = train_run(stage1, tmp_path / "straight", *flags)
     calls = {"n": 0}
-    real_loss = train.training_loss
+    real_build = train.build_user_training
 
-    def dies_at_the_fourth_batch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # epoch 2, second batch: the step checkpoint after step 3 is on disk
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
+    def build_dying_at_the_fourth_batch(*args, **kwargs):
+        parts = real_build(*args, **kwargs)
+        real_loss = parts.objective
 
-    monkeypatch.setattr(train, "training_loss", dies_at_the_fourth_batch)
+        def dies_at_the_fourth_batch(*loss_args, **loss_kwargs):
+            calls["n"] += 1
+            if calls["n"] == 4:  # epoch 2, second batch: the step checkpoint after step 3 is on disk
+                raise KeyboardInterrupt
+            return real_loss(*loss_args, **loss_kwargs)
+
+        parts.objective = dies_at_the_fourth_batch
+        return parts
+
+    monkeypatch.setattr(train, "build_user_training", build_dying_at_the_fourth_batch)
     with pytest.raises(KeyboardInterrupt):
         train_run(stage1, tmp_path / "killed", *flags, "--checkpointing_steps", "1")
     last = tmp_path / "killed/checkpoints/last.ckpt"
     assert (lambda c: (c["epoch"], c["step"], c["batches_done"]))(torch.load(last, weights_only=True)) == (1, 3, 1)
-    monkeypatch.setattr(train, "training_loss", real_loss)
+    monkeypatch.setattr(train, "build_user_training", real_build)
     resumed = train.main(train.parse_args(["--resume_from_checkpoint", str(last)]))
     config = resumed["config"]
     assert (config.learning_rate, config.lr_warmup_steps, config.max_grad_norm, config.cfg_dropout) == (3e-3, 3, 0.2, 0.2)

@@ -6,6 +6,7 @@ from torch import nn
 
 from models.dit import build_dit
 from models.user_generation import (
+    ObjectiveSetup,
     build_noise_scheduler,
     ddpm_loss,
     generate_latents,
@@ -163,7 +164,7 @@ def test_unet_ddim_generation_follows_the_same_rules(unet):
     torch.testing.assert_close(alone, together[2:], atol=1e-4, rtol=1e-4)  # batched GEMMs round differently
     noisy = dict(settings, eta=0.7)
     assert torch.equal(generate_latents(unet, "unet", [1], 2, **noisy), generate_latents(unet, "unet", [1], 2, **noisy))
-    with pytest.raises(UserError, match="samples with ddim"):
+    with pytest.raises(UserError, match="samples with ddpm, ddim"):
         generate_latents(unet, "unet", [1], 1, seed=0, num_steps=2, sampler="euler", noise_scheduler=scheduler)
 
 
@@ -217,7 +218,8 @@ def test_ddpm_loss_targets(unet):
     assert ddpm_loss(lambda x, t, y: velocity, v_scheduler, data, labels, noise=noise, timesteps=timesteps)["loss"].item() < 1e-10
     unet.train()
     try:
-        terms = training_loss("unet", unet, data, labels, noise_scheduler=scheduler, generator=torch.Generator().manual_seed(0))
+        terms = training_loss("unet", unet, data, labels, ObjectiveSetup(noise_scheduler=scheduler),
+                              generator=torch.Generator().manual_seed(0))
         terms["loss"].backward()
         assert terms["loss"].ndim == 0 and unet.condition_encoder.embedding.weight.grad is not None
     finally:

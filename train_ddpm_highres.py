@@ -72,6 +72,7 @@ from utils.training import (
     training_checkpoint,
     unwrap,
 )
+from utils.validators import fraction_below_one, int_at_least, non_negative_int, positive_int
 
 CHECKPOINT_KIND = "ddpm"
 RESUME_PATTERNS = ["ddpm_last.pt", "ddpm_epoch_*.pt", "ddpm_final.pt"]
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data_dir", default="data", help="where the data set lives (default ./data)")
     data.add_argument("--download", action="store_true",
                       help="download a torchvision data set into --data_dir if it is missing (never done otherwise)")
-    data.add_argument("--size", type=int, default=None,
+    data.add_argument("--size", type=positive_int, default=None,
                       help="image side in pixels: 32, 64, 96 (STL-10), 128 or 256; picks the UNet (default 32, or the "
                       "resumed run's)")
     data.add_argument("--no-hflip", dest="hflip", action="store_false", help="turn off random horizontal flips")
@@ -101,12 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=UNET_PRESETS.names(), default=None,
                        help="UNet preset; default: the paper-sized one for --size ('tiny' is for tests and the demo)")
-    model.add_argument("--dropout", type=float, default=None,
+    model.add_argument("--dropout", type=fraction_below_one, default=None,
                        help="dropout in the UNet's residual blocks (default: the preset's, 0.1 at 32/64/96 px as DDPM's "
                        "CIFAR-10 model, 0 at 128/256 px as its LSUN models); 0.1-0.2 against overfitting when a 128/256 "
                        "px model trains on a small data set (a few thousand images)")
-    model.add_argument("--epochs", type=int, default=50, help="epochs to train in total (default 50)")
-    model.add_argument("--ema_decay", type=float, default=0.9999,
+    model.add_argument("--epochs", type=positive_int, default=50, help="epochs to train in total (default 50)")
+    model.add_argument("--ema_decay", type=fraction_below_one, default=0.9999,
                        help="EMA decay of the weights used for sampling, reached after a warm-up (default 0.9999)")
 
     add_training_arguments(
@@ -138,23 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     out = parser.add_argument_group("outputs")
     out.add_argument("--name", default=None, help="experiment name (default <dataset>_<size>x<size>)")
-    out.add_argument("--save_every", type=int, default=10, help="write ddpm_epoch_N.pt every N epochs (default 10)")
-    out.add_argument("--sample_every", type=int, default=10,
+    out.add_argument("--save_every", type=positive_int, default=10, help="write ddpm_epoch_N.pt every N epochs (default 10)")
+    out.add_argument("--sample_every", type=positive_int, default=10,
                      help="sample grid and loss curve every N epochs, and at the end (default 10)")
-    out.add_argument("--quick_every", type=int, default=5,
+    out.add_argument("--quick_every", type=non_negative_int, default=5,
                      help="few-step quick samples every N epochs to watch progress, 0 turns them off (default 5)")
-    out.add_argument("--num_samples", type=int, default=16, help="images in each sample grid (default 16)")
+    out.add_argument("--num_samples", type=positive_int, default=16, help="images in each sample grid (default 16)")
     out.add_argument("--sampler", choices=SAMPLERS.names(), default="dpmsolver++",
                      help="sampler of the sample grids and FID, as infer.py ddpm (default dpmsolver++: DDIM-50's accuracy in "
                      "15-20 steps, docs/benchmarks.md)")
-    out.add_argument("--sample_steps", type=int, default=None,
+    out.add_argument("--sample_steps", type=positive_int, default=None,
                      help="denoising steps of the sample grids (default: the sampler's, 25 for dpmsolver++/unipc, 100 for "
                      "ddim, 1000 for ddpm)")
-    out.add_argument("--quick_steps", type=int, default=25, help="DDIM steps of the quick samples (default 25)")
-    out.add_argument("--fid_every", type=int, default=0,
+    out.add_argument("--quick_steps", type=positive_int, default=25, help="DDIM steps of the quick samples (default 25)")
+    out.add_argument("--fid_every", type=non_negative_int, default=0,
                      help="every N epochs and at the end, FID of --fid_samples EMA samples (--sampler, --sample_steps) "
                      "against the training images, logged as eval/fid (as lucidrains' Trainer; default 0: off)")
-    out.add_argument("--fid_samples", type=int, default=1000,
+    out.add_argument("--fid_samples", type=int_at_least(2), default=1000,
                      help="samples per FID (default 1000: a trend, biased upwards against the 50k of published FIDs)")
     out.add_argument("--inception_weights", default=None,
                      help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth, needed by --fid_every")
@@ -166,6 +167,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parse_with_config(parser, argv)
     args.given_flags = sorted(explicitly_given(parser, argv, args.config))
     check_training_arguments(parser, args)
+    batch, effective = args.train_batch_size, args.effective_batch
+    if batch and effective % batch and ({"train_batch_size", "effective_batch"} & set(args.given_flags)):
+        parser.error(f"--effective_batch {effective} is not a multiple of --train_batch_size {batch}; pass --effective_batch "
+                     f"{_multiples(effective, batch)}, or a --train_batch_size that divides it")
     for flag in ("epochs", "save_every", "sample_every", "num_samples", "sample_steps", "quick_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
@@ -181,6 +186,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except UserError as err:
             parser.error(str(err))
     return args
+
+
+def _multiples(value: int, unit: int) -> str:
+    """The multiples of ``unit`` nearest ``value``, as a suggestion: "8 or 16"."""
+    below, above = value // unit * unit, (value // unit + 1) * unit
+    return f"{below} or {above}" if below else str(above)
 
 
 def experiment_paths(output_dir: str, name: str | None, dataset: str, size: int) -> dict[str, Path]:
@@ -225,7 +236,13 @@ def plan_batch_size(config, unet, objective, accelerator, logger, saved_plan: li
         return plan
     if config.train_batch_size:
         max_batch = config.train_batch_size
-        effective = max(effective, config.train_batch_size * processes)
+        unit = config.train_batch_size * processes
+        if effective % unit:  # the plan would change the batch or the effective batch the user asked for
+            raise UserError(
+                f"--effective_batch {effective} is not a multiple of --train_batch_size {config.train_batch_size} x "
+                f"{processes} process(es); pass --effective_batch {_multiples(effective, unit)}, or a --train_batch_size that "
+                "divides it."
+            )
     elif device.type == "cuda":
         def training_step(model, optimizer, batch):
             images = torch.randn(batch, 3, config.size, config.size, device=device)

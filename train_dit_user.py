@@ -85,6 +85,15 @@ from utils.training import (
     training_checkpoint,
     unwrap,
 )
+from utils.validators import (
+    fraction,
+    fraction_below_one,
+    guidance_scale,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 RESUME_PATTERNS = ["last.ckpt", "epoch_*.ckpt"]
 # Settings a resumed run cannot change: the network and its objective.
@@ -113,11 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model_size", default=None,
                        help="; ".join(f"{name}: {', '.join(spec.sizes)} (default {spec.default_size})" for name, spec in BACKBONES.items())
                        + "; XL is the released LightningDiT-XL/1 (use it with --init_from)")
-    model.add_argument("--patch_size", type=int, default=1,
+    model.add_argument("--patch_size", type=positive_int, default=1,
                        help="DiT patch size on the latent grid (default 1, as LightningDiT on 16x16 latents)")
-    model.add_argument("--num_users", type=int, default=None,
+    model.add_argument("--num_users", type=positive_int, default=None,
                        help="users the model knows, IDs 1..N (default: recorded in the latent files; must agree with them)")
-    model.add_argument("--cfg_dropout", type=float, default=0.1,
+    model.add_argument("--cfg_dropout", type=fraction_below_one, default=0.1,
                        help="probability of replacing a user by the null user in training, for classifier-free guidance "
                        "(default 0.1, as DiT/LightningDiT; 0 makes guidance impossible)")
     model.add_argument("--qk_norm", action=argparse.BooleanOptionalAction, default=None,
@@ -136,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="DiT: drop the cosine-similarity term LightningDiT adds to the velocity MSE")
     objective.add_argument("--prediction_type", choices=("epsilon", "v_prediction", "sample"), default="epsilon",
                            help="UNet: what the network predicts (default epsilon, as the users' note)")
-    objective.add_argument("--num_train_timesteps", type=int, default=1000, help="UNet: DDPM timesteps (default 1000)")
+    objective.add_argument("--num_train_timesteps", type=positive_int, default=1000, help="UNet: DDPM timesteps (default 1000)")
     objective.add_argument("--beta_schedule", choices=("linear", "scaled_linear", "squaredcos_cap_v2"), default="linear",
                            help="UNet: DDPM beta schedule (default linear, diffusers' DDPMScheduler default)")
 
@@ -162,28 +171,29 @@ def build_parser() -> argparse.ArgumentParser:
         },
     )
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--max_epochs", type=int, default=100, help="epochs in total (default 100)")
-    optim.add_argument("--adam_beta2", type=float, default=0.999,
+    optim.add_argument("--max_epochs", type=positive_int, default=100, help="epochs in total (default 100)")
+    optim.add_argument("--adam_beta2", type=fraction_below_one, default=0.999,
                        help="AdamW beta2 (default 0.999; LightningDiT uses 0.95 at batch 1024)")
-    optim.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default 0, as DiT/LightningDiT)")
-    optim.add_argument("--ema_decay", type=float, default=0.9999,
+    optim.add_argument("--weight_decay", type=non_negative_float, default=0.0, help="AdamW weight decay (default 0, as DiT/LightningDiT)")
+    optim.add_argument("--ema_decay", type=fraction_below_one, default=0.9999,
                        help="EMA decay of the weights used for validation, previews and inference (default 0.9999, reached "
                        "through a warm-up so small data sets do not sample from an average stuck near initialisation)")
     optim.add_argument("--no-ema_warmup", dest="ema_warmup", action="store_false",
                        help="use the EMA decay from the first step (not advised for short runs)")
 
     check = parser.add_argument_group("validation and previews")
-    check.add_argument("--val_every", type=int, default=1, help="validation loss every N epochs and at the end (default 1)")
-    check.add_argument("--val_time_bins", type=float, nargs="+", default=None,
+    check.add_argument("--val_every", type=positive_int, default=1, help="validation loss every N epochs and at the end (default 1)")
+    check.add_argument("--val_time_bins", type=fraction, nargs="+", default=None,
                        help="also log the EMA validation loss at these flow times (0 noise, 1 data) with seeded noise, a "
                        "diagnostic (e.g. 0.1 0.3 0.5 0.7 0.9; for the UNet, timestep = (1 - t) x num_train_timesteps; default off). "
                        "The validation loss itself is the training objective on seeded draws, with raw and EMA weights")
-    check.add_argument("--preview_every", type=int, default=5,
+    check.add_argument("--preview_every", type=non_negative_int, default=5,
                        help="preview grid every N epochs and at the end; 0 turns it off (default 5)")
-    check.add_argument("--preview_users", type=int, nargs="+", default=None, help="user IDs in the preview grid (default the first 8)")
-    check.add_argument("--preview_samples", type=int, default=4, help="samples per user in the preview grid (default 4)")
-    check.add_argument("--preview_steps", type=int, default=50, help="sampling steps of the previews (default 50)")
-    check.add_argument("--preview_batch_size", type=int, default=64,
+    check.add_argument("--preview_users", type=positive_int, nargs="+", default=None,
+                       help="user IDs in the preview grid (default the first 8)")
+    check.add_argument("--preview_samples", type=positive_int, default=4, help="samples per user in the preview grid (default 4)")
+    check.add_argument("--preview_steps", type=positive_int, default=50, help="sampling steps of the previews (default 50)")
+    check.add_argument("--preview_batch_size", type=positive_int, default=64,
                        help="samples generated at once in previews (default 64, infer.py user's default, so inference "
                        "reproduces a preview bit for bit)")
     check.add_argument("--vavae_path", default=None,
@@ -195,19 +205,22 @@ def build_parser() -> argparse.ArgumentParser:
     sample = parser.add_argument_group("sampling defaults (stored in checkpoints, used by previews and infer.py user)")
     sample.add_argument("--sampler", choices=sampler_names(), default=None,
                         help="DiT: euler (default) or heun; UNet: ddim (default), dpmsolver++ or unipc")
-    sample.add_argument("--sample_steps", type=int, default=None, help="inference steps (default 250 for the DiT, 50 for the UNet)")
-    sample.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance scale, 1 = none (default 4.0)")
-    sample.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("START", "END"),
+    sample.add_argument("--sample_steps", type=positive_int, default=None,
+                        help="inference steps (default 250 for the DiT, 50 for the UNet)")
+    sample.add_argument("--guidance_scale", type=guidance_scale, default=None,
+                        help="classifier-free guidance scale, 1 = none, at most 100 (default 4.0)")
+    sample.add_argument("--guidance_interval", type=fraction, nargs=2, default=None, metavar=("START", "END"),
                         help="flow-time interval where guidance acts (default 0.11 1.0 for the DiT as LightningDiT, 0 1 for the UNet)")
-    sample.add_argument("--shift", type=float, default=None, help="DiT timestep shift, LightningDiT's convention (default 0.3)")
+    sample.add_argument("--shift", type=positive_float, default=None, help="DiT timestep shift, LightningDiT's convention (default 0.3)")
     sample.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=None,
                         help="UNet DDIM step placement: trailing (default: the first of 50 steps is t=999) or leading "
                         "(DDIMScheduler.from_config of the DDPM config, the note's: t=980) or linspace")
-    sample.add_argument("--guidance_channels", type=int, default=None,
+    sample.add_argument("--guidance_channels", type=positive_int, default=None,
                         help="guide only the first N latent channels (the reference's 3-channel bug; default: all)")
 
     out = parser.add_argument_group("outputs")
-    out.add_argument("--save_every", type=int, default=0, help="also keep checkpoints/epoch_NNNN.ckpt every N epochs (default 0: off)")
+    out.add_argument("--save_every", type=non_negative_int, default=0,
+                     help="also keep checkpoints/epoch_NNNN.ckpt every N epochs (default 0: off)")
     out.add_argument("--slim_best", action="store_true",
                      help="write best.ckpt without the optimiser and RNG state: half the size, enough for inference "
                      "(resume from last.ckpt); useful for XL on a small disk")

@@ -87,6 +87,7 @@ from utils.training import (
     training_checkpoint,
     unwrap,
 )
+from utils.validators import fraction_below_one, int_at_least, non_negative_float, non_negative_int, positive_int, seed
 
 CHECKPOINT_KIND = "phaseformer"
 LOG_EVERY = 10  # optimiser steps between tracker scalars (each one a host sync)
@@ -122,8 +123,14 @@ def eval_size_type(value: str) -> int | str:
 
 
 def test_split_type(value: str) -> int | float:
-    number = float(value)
-    return int(number) if number >= 1 and number == int(number) else number
+    """A count of test pairs (a whole number >= 1) or a fraction of the pairs in (0, 1)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {value!r}") from None
+    if not (0 < number < 1 or (number >= 1 and number == int(number))):
+        raise argparse.ArgumentTypeError(f"must be a count of test pairs (1, 2, ...) or a fraction in (0, 1), got {value}")
+    return int(number) if number >= 1 else number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="one or more dataset folders in the LSUI layout (train/input, train/gt, test/input, test/gt) or "
                       "with input/ and gt/ only (split by --test_split); several folders train on their union")
     data.add_argument("--name", default=None, help="run name under checkpoint/ (default: the dataset folder names joined by '+')")
-    data.add_argument("--crop_size", type=int, default=256, help="training image side in pixels (default 256 as the reference)")
+    data.add_argument("--crop_size", type=int_at_least(16), default=256,
+                      help="training image side in pixels (default 256 as the reference)")
     data.add_argument("--resize_mode", choices=RESIZE_MODES, default="resize",
                       help="resize whole images to --crop_size (the reference) or take random crops of that size (default resize)")
     data.add_argument("--flips", choices=FLIP_MODES, default="horizontal", help="flip augmentation (default horizontal)")
@@ -144,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--test_split", type=test_split_type, default=400,
                       help="for a folder of input/ and gt/ without train/test: test pairs held out, a count or a fraction "
                       "(default 400, the LSUI convention 3879/400); the split is saved in the run folder")
-    data.add_argument("--split_seed", type=int, default=0,
+    data.add_argument("--split_seed", type=seed, default=0,
                       help="seed of that split, apart from --seed so the test set stays put (default 0)")
 
     model = parser.add_argument_group("model and optimisation")
@@ -156,19 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "gate, a constant of about 0.5)")
     model.add_argument("--init_weights", default=None,
                        help="start from these weights (our .pth or a converted official .safetensors) with a fresh schedule")
-    model.add_argument("--niter", type=int, default=50, help="epochs at the initial learning rate (default 50)")
-    model.add_argument("--niter_decay", type=int, default=500, help="epochs of decay to zero after --niter (default 500)")
+    model.add_argument("--niter", type=non_negative_int, default=50, help="epochs at the initial learning rate (default 50)")
+    model.add_argument("--niter_decay", type=non_negative_int, default=500, help="epochs of decay to zero after --niter (default 500)")
     model.add_argument("--lr_schedule", choices=("linear", "cosine"), default="linear",
                        help="shape of the decay over --niter_decay epochs (default linear, as the reference)")
-    model.add_argument("--warmup", type=float, default=0.0,
+    model.add_argument("--warmup", type=non_negative_float, default=0.0,
                        help="linear LR warm-up in epochs, may be fractional (default 0 as the reference; 1-5 helps at lr 1e-3)")
-    model.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (default 0.5 as the reference; beta2 is 0.999)")
+    model.add_argument("--beta1", type=fraction_below_one, default=0.5, help="Adam beta1 (default 0.5 as the reference; beta2 is 0.999)")
 
     loss = parser.add_argument_group("loss (see the table above for the reference behaviours)")
     loss.add_argument("--loss_weighting", choices=WEIGHTING_MODES, default=None,
                       help="softmax (learned, the note; default), softmax_frozen (the reference: random weights never "
                       "optimised), uncertainty (Kendall et al. 2018) or fixed (equal weights)")
-    loss.add_argument("--loss_weights_lr", type=float, default=None, help="learning rate of the loss weights (default: --lr)")
+    loss.add_argument("--loss_weights_lr", type=non_negative_float, default=None, help="learning rate of the loss weights (default: --lr)")
     loss.add_argument("--no_perceptual", action="store_true", help="drop the VGG perceptual term (no VGG weights needed)")
     loss.add_argument("--vgg_weights", default=None,
                       help="torchvision's vgg16-397923af.pth (default: torch's hub cache, <TORCH_HOME>/hub/checkpoints/)")
@@ -186,13 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
                       "unless given explicitly")
 
     evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--eval_every", type=int, default=1,
+    evaluation.add_argument("--eval_every", type=positive_int, default=1,
                             help="PSNR/SSIM on the test split every N epochs and at the end (default 1)")
     evaluation.add_argument("--eval_size", type=eval_size_type, default=256,
                             help="test images resized to NxN (default 256, as the reference) or 'full' for full resolution (batch 1)")
     evaluation.add_argument("--test_y_channel", action="store_true", help="score the BT.601 Y channel instead of RGB (default RGB)")
-    evaluation.add_argument("--crop_border", type=int, default=0, help="pixels cropped from each border before scoring (default 0)")
-    evaluation.add_argument("--num_preview", type=int, default=4,
+    evaluation.add_argument("--crop_border", type=non_negative_int, default=0,
+                            help="pixels cropped from each border before scoring (default 0)")
+    evaluation.add_argument("--num_preview", type=non_negative_int, default=4,
                             help="test images in each samples/epoch_N.png grid, 0 for none (default 4)")
 
     add_training_arguments(
@@ -220,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         },
     )
     out = parser.add_argument_group("outputs")
-    out.add_argument("--save_every", type=int, default=1, help="write netG_model_epoch_N.pth every N epochs (default 1)")
-    out.add_argument("--stop_epoch", type=int, default=None,
+    out.add_argument("--save_every", type=positive_int, default=1, help="write netG_model_epoch_N.pth every N epochs (default 1)")
+    out.add_argument("--stop_epoch", type=positive_int, default=None,
                      help="stop after this epoch, the schedule still planned for niter + niter_decay (e.g. Kaggle's session "
                      "limit; continue with --resume latest)")
     return parser
@@ -250,6 +259,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--warmup and --crop_border must not be negative")
     if args.stop_epoch is not None and args.stop_epoch < 1:
         parser.error("--stop_epoch must be at least 1")
+    if args.eval_size != "full" and 2 * args.crop_border >= int(args.eval_size):
+        parser.error(f"--crop_border {args.crop_border} leaves nothing of the {args.eval_size} px test images (--eval_size); "
+                     f"pass a border below {(int(args.eval_size) + 1) // 2}")
     if not args.dataset_path and not (args.resume_from_checkpoint and args.resume_from_checkpoint != "latest"):
         parser.error("--dataset_path is required: one or more folders in the LSUI layout (train/input, train/gt, test/input, test/gt)")
     return args

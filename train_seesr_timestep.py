@@ -103,6 +103,16 @@ from utils.training import (
     out_of_memory_message,
     unwrap,
 )
+from utils.validators import (
+    fraction,
+    fraction_below_one,
+    guidance_scale,
+    int_at_least,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_NAME = "training_state.json"
@@ -170,7 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="UNet modules trained with the ControlNet: those whose names end with one of these (default "
                        "image_attentions, as SeeSR; give the flag alone to freeze the whole UNet)")
     add_ram_arguments(model)
-    model.add_argument("--conditioning_embedding_channels", type=int, nargs=4, default=None, metavar="C",
+    model.add_argument("--conditioning_embedding_channels", type=positive_int, nargs=4, default=None, metavar="C",
                        help="channels of a new ControlNet's LR-image encoder, 4 stages down to the latent size "
                        "(default diffusers' 16 32 96 256, as SeeSR; tiny presets use fewer)")
     model.add_argument("--injector", choices=INJECTORS.names(), default="timestep_multiscale",
@@ -183,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "+ mid (level: 5 for SD2, default)")
     model.add_argument("--timestep_weights_per_group", action="store_true",
                        help="one w(t) curve per group (level or residual) instead of one shared curve")
-    model.add_argument("--timestep_table_bins", type=int, default=None,
+    model.add_argument("--timestep_table_bins", type=positive_int, default=None,
                        help="bins of the w(t) table (default 1000, one per training timestep; fewer bins share "
                        "entries between neighbouring timesteps and see more samples each)")
     model.add_argument("--train_injector_only", action="store_true",
@@ -214,11 +224,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="where --train_data_dir's degradation runs: cuda = batched on the training GPU as Real-ESRGAN "
                       "(data/degradations_batched.py; the workers only crop and draw each sample's kernels), cpu = per "
                       "sample in the data-loader workers; auto (default) = cuda when training on CUDA, else cpu")
-    data.add_argument("--scale", type=int, default=4, help="super-resolution factor of the training pairs (default 4)")
-    data.add_argument("--resolution", type=int, default=512,
+    data.add_argument("--scale", type=positive_int, default=4, help="super-resolution factor of the training pairs (default 4)")
+    data.add_argument("--resolution", type=int_at_least(16), default=512,
                       help="HR training crop in pixels, divisible by 8 and --scale (default 512, SD2 base's size)")
     data.add_argument("--null_text_ratio", "--null_prompt_ratio", "--proportion_empty_prompts", dest="null_text_ratio",
-                      type=float, default=0.5,
+                      type=fraction, default=0.5,
                       help="probability of replacing an image's tag prompt by '' so that the unconditional branch of "
                       "classifier-free guidance is trained too (default 0.5, SeeSR's) [alias: --null_prompt_ratio, "
                       "diffusers' --proportion_empty_prompts]")
@@ -253,22 +263,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         },
     )
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--injector_learning_rate", type=float, default=1e-3,
+    optim.add_argument("--injector_learning_rate", type=non_negative_float, default=1e-3,
                        help="injector learning rate (default 1e-3: a few dozen scalars starting at 1.0, and each "
                        "w(t) table entry only learns from the samples drawn at its timestep)")
     optim.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant",
                        help="learning-rate schedule (diffusers.optimization; default constant, as SeeSR)")
-    optim.add_argument("--lr_num_cycles", type=int, default=1, help="hard restarts of cosine_with_restarts (default 1)")
-    optim.add_argument("--lr_power", type=float, default=1.0, help="power of the polynomial schedule (default 1.0)")
-    optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1 (default 0.9)")
-    optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2 (default 0.999)")
-    optim.add_argument("--adam_weight_decay", type=float, default=1e-2,
+    optim.add_argument("--lr_num_cycles", type=positive_int, default=1, help="hard restarts of cosine_with_restarts (default 1)")
+    optim.add_argument("--lr_power", type=non_negative_float, default=1.0, help="power of the polynomial schedule (default 1.0)")
+    optim.add_argument("--adam_beta1", type=fraction_below_one, default=0.9, help="AdamW beta1 (default 0.9)")
+    optim.add_argument("--adam_beta2", type=fraction_below_one, default=0.999, help="AdamW beta2 (default 0.999)")
+    optim.add_argument("--adam_weight_decay", type=non_negative_float, default=1e-2,
                        help="AdamW weight decay of the ControlNet (default 1e-2); the injector gets none, since "
                        "decay would pull its weights towards 0 instead of their identity value 1")
-    optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon (default 1e-8)")
-    optim.add_argument("--max_train_steps", type=int, default=None,
+    optim.add_argument("--adam_epsilon", type=positive_float, default=1e-8, help="AdamW epsilon (default 1e-8)")
+    optim.add_argument("--max_train_steps", type=positive_int, default=None,
                        help="optimiser steps in total (default: --num_train_epochs epochs when given, else 100000)")
-    optim.add_argument("--num_train_epochs", type=int, default=None,
+    optim.add_argument("--num_train_epochs", type=positive_int, default=None,
                        help="passes over the data when --max_train_steps is not given (diffusers' meaning)")
     optim.add_argument("--scale_lr", action="store_true",
                        help="multiply --learning_rate by batch x accumulation x processes (diffusers' meaning)")
@@ -282,12 +292,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "PyTorch's scaled-dot-product attention (already memory-efficient) is used and logged")
     hardware.add_argument("--set_grads_to_none", action="store_true",
                           help="accepted for diffusers/SeeSR command lines: gradients are always set to None")
-    hardware.add_argument("--prompt_cache_size", type=int, default=256,
+    hardware.add_argument("--prompt_cache_size", type=non_negative_int, default=256,
                           help="text embeddings of this many distinct prompts kept on the device so the frozen text "
                           "encoder runs once per prompt (default 256; 0 turns the cache off)")
 
     out = parser.add_argument_group("checkpoints and logging")
-    out.add_argument("--logging_steps", type=int, default=50,
+    out.add_argument("--logging_steps", type=positive_int, default=50,
                      help="log the mean loss (over all processes) every N steps; one point of loss_curve.png and of "
                      "the tracker's curves (default 50)")
     out.add_argument("--logging_dir", default="logs",
@@ -297,16 +307,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "(default: the run folder's name; SeeSR's was SeeSR)")
 
     val = parser.add_argument_group("validation")
-    val.add_argument("--validation_steps", type=int, default=500,
+    val.add_argument("--validation_steps", type=non_negative_int, default=500,
                      help="super-resolve the validation images every N steps and at the end, 0 turns it off (default 500)")
     val.add_argument("--validation_image", nargs="+", default=None,
                      help="LR images to super-resolve at validation (default: --num_validation_images degraded "
                      "crops of the training data, shown with their HR crop)")
-    val.add_argument("--num_validation_images", type=int, default=2,
+    val.add_argument("--num_validation_images", type=non_negative_int, default=2,
                      help="degraded training crops used when no --validation_image is given (default 2)")
-    val.add_argument("--validation_num_inference_steps", type=int, default=50, help="sampling steps (default 50)")
-    val.add_argument("--validation_guidance_scale", type=float, default=5.5, help="guidance scale (default 5.5)")
-    val.add_argument("--validation_process_size", type=int, default=None,
+    val.add_argument("--validation_num_inference_steps", type=positive_int, default=50, help="sampling steps (default 50)")
+    val.add_argument("--validation_guidance_scale", type=guidance_scale, default=5.5, help="guidance scale (default 5.5)")
+    val.add_argument("--validation_process_size", type=int_at_least(8), default=None,
                      help="SeeSR's process size of the validation images (default --resolution)")
     refused = parser.add_argument_group("SeeSR flags refused here (each says why when given)")
     for flag, (takes_value, _) in REFUSED_SEESR_FLAGS.items():

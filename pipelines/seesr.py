@@ -15,7 +15,17 @@ import torch
 
 from utils.cli import add_device_flag, add_flag, add_precision_flags
 from utils.errors import UserError
-from utils.validators import check_output_dir, fraction, int_at_least, non_negative_float, non_negative_int, positive_int, seed
+from utils.validators import (
+    check_output_dir,
+    fraction,
+    guidance_scale,
+    int_at_least,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    seed,
+    zero_or_at_least,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -62,7 +72,7 @@ def add_parser(subparsers) -> None:
                         help="this repository's earlier name of --start_steps; when given it replaces --start_steps")
     add_flag(parser, "--num_inference_steps", "--steps", "--num_steps", type=positive_int, default=50, metavar="N",
              help="DDPM sampling steps, at most the training timesteps: 20, 50 or 100 (default 50, SeeSR's)")
-    parser.add_argument("--guidance_scale", type=non_negative_float, default=5.5,
+    parser.add_argument("--guidance_scale", type=guidance_scale, default=5.5,
                         help="classifier-free guidance, 3.0-8.0; <= 1 turns it off (default 5.5; 5.0-6.0 suggested "
                         "with the injector)")
     parser.add_argument("--conditioning_scale", type=non_negative_float, default=1.0,
@@ -97,10 +107,10 @@ def add_parser(subparsers) -> None:
                         "Gaussian-weighted tiles (default 96; try 64 on 12 GB GPUs)")
     parser.add_argument("--latent_tiled_overlap", type=non_negative_int, default=4,
                         help="latent pixels shared by tiles, less than --latent_tiled_size (default 4)")
-    parser.add_argument("--vae_encoder_tiled_size", type=non_negative_int, default=1024,
-                        help="VAE encoder tile in image px, 0 turns tiling off (default 1024)")
-    parser.add_argument("--vae_decoder_tiled_size", type=non_negative_int, default=224,
-                        help="VAE decoder tile in latent px, 0 turns tiling off (default 224; try 128 on 12 GB GPUs)")
+    parser.add_argument("--vae_encoder_tiled_size", type=zero_or_at_least(64), default=1024,
+                        help="VAE encoder tile in image px, at least 64 (8 latent px), 0 turns tiling off (default 1024)")
+    parser.add_argument("--vae_decoder_tiled_size", type=zero_or_at_least(8), default=224,
+                        help="VAE decoder tile in latent px, at least 8, 0 turns tiling off (default 224; try 128 on 12 GB GPUs)")
     add_device_flag(parser)
     add_precision_flags(parser, "auto", "network weights' precision: auto is fp16 on CUDA (SeeSR's default; bf16 and "
                         "fp32 (no) on request) and fp32 on CPU")

@@ -28,7 +28,7 @@ import torch
 from utils.accelerator import autocast_dtype, precision_name
 from utils.cli import add_device_flag, add_flag, add_precision_flags
 from utils.errors import UserError
-from utils.validators import check_output_dir, fraction, non_negative_float, non_negative_int, positive_float, positive_int, seed
+from utils.validators import check_output_dir, fraction, guidance_scale, non_negative_int, positive_float, positive_int, seed
 
 GRID_COLUMNS = 16  # micro_doppler_grid.png shows at most the first 16 samples of each user
 
@@ -81,7 +81,7 @@ def add_parser(subparsers) -> None:
              help="images per user (default 4)")
     parser.add_argument("--start_index", type=non_negative_int, default=0,
                         help="index of each user's first sample: continue a set without repeating it (default 0)")
-    parser.add_argument("--guidance_scale", type=non_negative_float, default=None,
+    parser.add_argument("--guidance_scale", type=guidance_scale, default=None,
                         help="classifier-free guidance, 1 = none (default: the checkpoint's, 4.0)")
     parser.add_argument("--guidance_interval", type=fraction, nargs=2, default=None, metavar=("START", "END"),
                         help="flow times where guidance acts, 0 noise .. 1 data, START <= END (default: the checkpoint's; DiT 0.11 1.0)")

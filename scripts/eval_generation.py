@@ -1,6 +1,6 @@
 """Score generated images the way generative-model papers do: FID, KID, Inception Score, precision/recall.
 
-    python infer.py ddpm --checkpoint runs/ddpm/checkpoint-final --output_dir samples/ddpm --samples 50000
+    python infer.py ddpm --model checkpoints/cifar10_32x32/ddpm_best.pt --output_dir samples/ddpm --samples 50000 --save_images
     python scripts/eval_generation.py --samples samples/ddpm --reference cifar10 --datasets_root data \\
         --inception_weights weights/weights-inception-2015-12-05-6726825d.pth
     python scripts/eval_generation.py --samples samples/ddpm --reference demo_output/data --inception_weights W.pth
@@ -25,8 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils.config import ArgumentParser  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
-from utils.validators import positive_int  # noqa: E402
+from utils.validators import check_output_file, positive_int, seed  # noqa: E402
 
 METRIC_CHOICES = ("fid", "kid", "isc", "prc")
 LABELS = {
@@ -42,7 +43,7 @@ LABELS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", required=True, help="folder of generated images (png/jpg, sub-folders included)")
     parser.add_argument(
         "--reference", default=None, help="folder of real images, or cifar10 / cifar10-val (torchvision layout under --datasets_root)"
@@ -73,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kid_subsets", type=positive_int, default=100, help="KID subsets (default 100 as published)")
     parser.add_argument("--isc_splits", type=positive_int, default=10, help="Inception Score splits (default 10 as published)")
     parser.add_argument("--prc_neighborhood", type=positive_int, default=3, help="k of precision/recall (default 3 as published)")
-    parser.add_argument("--seed", type=int, default=2020, help="seed of KID subsets and IS splits (default 2020, torch-fidelity's)")
+    parser.add_argument("--seed", type=seed, default=2020, help="seed of KID subsets and IS splits (default 2020, torch-fidelity's)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto")
     parser.add_argument("--out", default=None, help="JSON with the values (default <samples>/generation_metrics.json)")
     parser.add_argument("--verbose", action="store_true", help="torch-fidelity's progress output")
@@ -86,6 +87,8 @@ def main(args: argparse.Namespace) -> dict:
     from utils.accelerator import resolve_device
     from utils.generation_metrics import compute_generation_metrics, image_files
 
+    if args.out:
+        check_output_file(args.out, "--out")
     device = resolve_device(args.device)
     if args.cache_dir is None:
         cache_dir = Path(torch.hub.get_dir()) / "eval_generation_cache"

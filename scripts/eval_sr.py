@@ -8,7 +8,8 @@ MUSIQ, MANIQA, CLIP-IQA; one CSV per image and a Markdown summary per run, ``--c
         --vgg16_weights vgg16-397923af.pth --inception_weights weights-inception-2015-12-05-6726825d.pth \\
         --pyiqa_metrics niqe musiq maniqa clipiqa --pyiqa_weights_dir iqa_weights
 
-Files are matched by name stem (``results/x/0801.png`` with ``GT/0801.png``); a result without a ground truth is an
+A run folder of ``infer.py seesr`` is read from its ``sample00/`` (SeeSR's layout). Files are matched by name stem
+(``results/x/0801.png`` with ``GT/0801.png``); a result without a ground truth is an
 error, ground truths without a result are listed and skipped. Writes one row per image to ``--csv`` (default
 ``<results>/metrics.csv``, last row the means) and the means as a Markdown table to ``--summary`` (default
 ``<results>/metrics.md``); ``--compare DIR ...`` does so for each folder and writes one table (``--compare_out``).
@@ -45,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from utils.errors import DataError, run_cli  # noqa: E402
+from utils.config import ArgumentParser  # noqa: E402
+from utils.errors import DataError, UserError, run_cli  # noqa: E402
 from utils.iqa_metrics import (  # noqa: E402
     ALEXNET_FILE,
     DISTS_WEIGHTS_FILE,
@@ -59,6 +61,7 @@ from utils.iqa_metrics import (  # noqa: E402
 )
 from utils.iqa_metrics import default_lpips_paths as lpips_default_paths  # noqa: E402
 from utils.iqa_metrics import load_lpips as load_lpips_model  # noqa: E402
+from utils.validators import check_output_file, non_negative_int  # noqa: E402
 
 TABLE_ORDER = ("psnr", "ssim", "lpips", "dists", "fid", "niqe", "musiq", "maniqa", "clipiqa")  # the SeeSR/OSEDiff tables' order
 MAX_SIZE_MISMATCH = 8  # px: SR of an LR whose side was floored by the scale can miss a few GT pixels
@@ -83,6 +86,8 @@ def match_by_stem(results_dir: Path, gt_dir: Path) -> tuple[list[tuple[str, Path
         if not folder.is_dir():
             raise DataError(f"{what} {folder} does not exist; pass a folder of images.")
         files = list_images(folder, recursive=False)
+        if not files and what == "--results" and (folder / "sample00").is_dir():
+            files = list_images(folder / "sample00", recursive=False)  # infer.py seesr's (SeeSR's) <run>/sample00/
         if not files:
             raise DataError(f"{what} {folder} holds no images.")
         by_stem = {}
@@ -138,13 +143,29 @@ def evaluate(pairs, crop_border: int, test_y_channel: bool, lpips_model, device,
     return rows
 
 
+def check_crop_border(pairs: list[tuple[str, Path, Path]], crop_border: int) -> None:
+    """Every image keeps some pixels after the border crop (image headers only, before any network loads)."""
+    from PIL import Image
+
+    for _, result, gt in pairs:
+        for path in (result, gt):
+            try:
+                with Image.open(path) as image:
+                    width, height = image.size
+            except OSError as err:
+                raise DataError(f"Cannot read image {path} ({err}); replace or remove it.") from err
+            if 2 * crop_border >= min(width, height):
+                raise UserError(f"--crop_border {crop_border} leaves nothing of {path} ({width}x{height}); pass a border "
+                                f"below {(min(width, height) + 1) // 2}.")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=None, help="folder of super-resolved images (or several with --compare)")
     parser.add_argument("--compare", nargs="+", default=None, metavar="DIR",
                         help="several result folders scored alike against --gt, one table in --compare_out")
     parser.add_argument("--gt", required=True, help="folder of ground-truth HR images (matched by name stem)")
-    parser.add_argument("--crop_border", type=int, default=4,
+    parser.add_argument("--crop_border", type=non_negative_int, default=4,
                         help="pixels removed from each side before PSNR/SSIM (default 4, BasicSR's x4 habit; the SeeSR and "
                              "OSEDiff tables use 0)")
     parser.add_argument("--rgb", action="store_true", help="PSNR/SSIM on RGB instead of the Y channel")
@@ -169,8 +190,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Markdown table of a --compare run (default comparison.md beside the first folder)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="for the networks (default auto)")
     args = parser.parse_args(argv)
-    if args.crop_border < 0:
-        parser.error("--crop_border cannot be negative")
     if (args.results is None) == (args.compare is None):
         parser.error("pass --results DIR, or --compare DIR [DIR ...]")
     if args.compare and (args.csv or args.summary):
@@ -220,8 +239,11 @@ def main(args: argparse.Namespace) -> dict:
 
     device = resolve_device(args.device)
     folders = [Path(args.results)] if args.results else [Path(folder) for folder in args.compare]
+    for flag in ("csv", "summary", "compare_out"):
+        if getattr(args, flag):
+            check_output_file(getattr(args, flag), f"--{flag}")
     for folder in folders:  # before any network is loaded
-        match_by_stem(folder, Path(args.gt))
+        check_crop_border(match_by_stem(folder, Path(args.gt))[0], args.crop_border)
     if args.inception_weights:
         from utils.generation_metrics import check_inception_weights
 

@@ -31,14 +31,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils.config import ArgumentParser  # noqa: E402
 from utils.errors import DataError, UserError, run_cli  # noqa: E402
-from utils.validators import positive_int  # noqa: E402
+from utils.validators import check_output_dir, positive_float, positive_int, seed  # noqa: E402
 
 FLAT_NAME = re.compile(r"^micro_doppler_user0*(\d+)_\d+$")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", required=True, help="the users' ID_n folders (or train/ and val/ holding them)")
     parser.add_argument("--generated_dir", default=None, help="infer.py user's output folder (omit for the VA-VAE report only)")
     parser.add_argument("--output_dir", required=True, help="where report.json/.md, per_user.csv and the PNG go (created)")
@@ -49,13 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_size", type=positive_int, default=256, help="side the VA-VAE sees, as extraction (default 256)")
     parser.add_argument("--resize", choices=("crop", "stretch"), default="crop", help="as scripts/extract_features.py (default crop)")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="held-out share when there is no val/ (default 0.1)")
-    parser.add_argument("--seed", type=int, default=0, help="split and classifier seed (default 0, as extraction)")
+    parser.add_argument("--seed", type=seed, default=0, help="split and classifier seed (default 0, as extraction)")
     parser.add_argument("--classifier", default=None, help="a classifier.pt saved by an earlier run, instead of training one")
     parser.add_argument("--classifier_weights", default=None, help="torchvision's ImageNet resnet18-f37072fd.pth (default: from scratch)")
     parser.add_argument("--classifier_size", type=positive_int, default=128, help="side of the classifier's input (default 128)")
     parser.add_argument("--classifier_epochs", type=positive_int, default=15, help="training epochs (default 15)")
     parser.add_argument("--classifier_batch_size", type=positive_int, default=32, help="default 32")
-    parser.add_argument("--classifier_lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    parser.add_argument("--classifier_lr", type=positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto")
     args = parser.parse_args(argv)
     if not 0.0 < args.val_fraction < 1.0:
@@ -130,8 +131,9 @@ def main(args: argparse.Namespace) -> dict:
     )
 
     device = resolve_device(args.device)
+    output_dir = check_output_dir(args.output_dir)
+    check_paths(args)
     torch.manual_seed(args.seed)
-    output_dir = Path(args.output_dir)
     train, val = split_real(Path(args.data_dir), args.val_fraction, args.seed)
     user_ids = sorted({item.user_id for item in train + val})
     if not val:
@@ -141,6 +143,8 @@ def main(args: argparse.Namespace) -> dict:
     if unknown:
         raise DataError(f"--generated_dir holds samples of user(s) {unknown} that {args.data_dir} has no folder for.")
     index_of = {user: k for k, user in enumerate(user_ids)}
+    # Every model file is read before the classifier trains, so a bad path costs seconds, not a training run.
+    reconstruction_models = load_reconstruction_models(args, device) if args.vavae_path else None
     output_dir.mkdir(parents=True, exist_ok=True)
 
     train_full, train_small = load_images([i.path for i in train], args.image_size, args.resize, args.classifier_size)
@@ -150,10 +154,6 @@ def main(args: argparse.Namespace) -> dict:
     print(f"{len(user_ids)} users: {len(train)} training and {len(val)} held-out images")
 
     if args.classifier:
-        if not Path(args.classifier).is_file():
-            raise UserError(
-                f"--classifier {args.classifier} does not exist; pass a classifier.pt from an earlier run or drop it to train one."
-            )
         saved = torch.load(args.classifier, map_location="cpu", weights_only=True)
         if saved.get("user_ids") != user_ids or saved.get("classifier_size") != args.classifier_size:
             raise UserError(f"--classifier {args.classifier} was trained for users {saved.get('user_ids')} at "
@@ -196,18 +196,28 @@ def main(args: argparse.Namespace) -> dict:
         print(f"generated: {len(generated)} samples, accuracy {accuracy:.3f} for the requested user")
 
     if args.vavae_path:
-        report["vavae"] = vavae_report(args, val_full, val_labels, classifier, device)
+        report["vavae"] = vavae_report(args, val_full, val_labels, classifier, device, *reconstruction_models)
     write_reports(report, rows, output_dir)
     return report
 
 
-def vavae_report(args, images, labels, classifier, device) -> dict:
-    """Encode-decode of the held-out images: PSNR/SSIM/LPIPS and the classifier's accuracy on the reconstructions."""
-    import torch
+def check_paths(args) -> None:
+    """Every file flag names an existing file and every folder flag a folder (before any image is read)."""
+    for flag, hint in (("classifier", "pass a classifier.pt from an earlier run or drop it to train one"),
+                       ("lpips_weights", "pass lpips' weights/v0.1/alex.pth or drop it"),
+                       ("lpips_backbone", "pass torchvision's alexnet-owt-7be5be79.pth or drop it")):
+        value = getattr(args, flag)
+        if value and not Path(value).is_file():
+            raise UserError(f"--{flag} {value} does not exist; {hint}.")
+    if args.vavae_path and not Path(args.vavae_path).exists():
+        raise UserError(f"--vavae_path {args.vavae_path} does not exist; pass the VA-VAE file or diffusers folder used for extraction.")
+    if args.generated_dir and not Path(args.generated_dir).is_dir():
+        raise DataError(f"--generated_dir {args.generated_dir} does not exist; pass infer.py user's output folder.")
 
+
+def load_reconstruction_models(args, device) -> tuple:
+    """``(vae, lpips_model or None)`` for the reconstruction report."""
     from models.vavae import load_vavae
-    from utils.metrics import batch_psnr, batch_ssim
-    from utils.user_generation_metrics import classify
 
     vae = load_vavae(args.vavae_path, device=device, config=args.vavae_config)
     lpips_model = None
@@ -217,6 +227,16 @@ def vavae_report(args, images, labels, classifier, device) -> dict:
         lpips_model, note = load_lpips(args.lpips_weights, args.lpips_backbone, device)
         if lpips_model is None:
             raise UserError(note)
+    return vae, lpips_model
+
+
+def vavae_report(args, images, labels, classifier, device, vae, lpips_model) -> dict:
+    """Encode-decode of the held-out images: PSNR/SSIM/LPIPS and the classifier's accuracy on the reconstructions."""
+    import torch
+
+    from utils.metrics import batch_psnr, batch_ssim
+    from utils.user_generation_metrics import classify
+
     recon = []
     for start in range(0, len(images), 16):
         batch = images[start : start + 16].to(device)

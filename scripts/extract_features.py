@@ -36,6 +36,7 @@ from models.vavae import VAVAE_CONFIGS  # noqa: E402
 from pipelines.user_features import DTYPES, ExtractionSettings, extract_features  # noqa: E402
 from utils.config import ArgumentParser, add_config_argument, parse_with_config  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
+from utils.validators import fraction_below_one, int_at_least, non_negative_int, positive_int, seed  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,13 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "folder carries its own (default f16d32)")
     parser.add_argument("--output_path", "--output_dir", dest="output_path", required=True,
                         help="where train.safetensors, val.safetensors, latents_stats.safetensors and users.json go")
-    parser.add_argument("--batch_size", type=int, default=32, help="images encoded at once (default 32)")
-    parser.add_argument("--image_size", type=int, default=256,
+    parser.add_argument("--batch_size", type=positive_int, default=32, help="images encoded at once (default 32)")
+    parser.add_argument("--image_size", type=int_at_least(16), default=256,
                         help="side of the square the images are brought to before encoding (default 256, the VA-VAE's)")
     parser.add_argument("--resize", choices=RESIZE_MODES, default="crop",
                         help="crop: ADM centre crop as LightningDiT (default); stretch: resize the whole image to a square, "
                         "keeping the full time axis of wide spectrograms")
-    parser.add_argument("--val_fraction", type=float, default=0.1,
+    parser.add_argument("--val_fraction", type=fraction_below_one, default=0.1,
                         help="share of each user's images held out for validation when DATA_DIR has no val/ (default 0.1; "
                         "0 writes no val.safetensors)")
     parser.add_argument("--group_pattern", default=None,
@@ -71,24 +72,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split_manifest", default=None,
                         help="CSV with a header path,group (recordings for the seeded split) or path,split (train/val given); "
                         "paths relative to --data_dir")
-    parser.add_argument("--num_users", type=int, default=None,
+    parser.add_argument("--num_users", type=positive_int, default=None,
                         help="number of users the model will know (default: the highest folder number); IDs run 1..num_users")
     parser.add_argument("--posterior", choices=POSTERIOR_MODES, default="sample",
                         help="sample: a draw from the VA-VAE posterior, seeded (LightningDiT's extractor, default); mode: its mean")
     parser.add_argument("--flip", action="store_true",
                         help="also store horizontally flipped copies (latents_flip); off by default because time reversal is "
                         "not label-safe for micro-Doppler gait")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the validation split and of posterior samples (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the validation split and of posterior samples (default 0)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto uses the GPU when there is one")
     parser.add_argument("--precision", choices=sorted(DTYPES), default="fp32",
                         help="VA-VAE weights and activations: fp32 (default), bf16 or fp16 (GPU only)")
-    parser.add_argument("--num_workers", type=int, default=None, help="image-loading worker processes (default 4 on GPU, 0 on CPU)")
-    args = parse_with_config(parser, argv)
-    if args.batch_size < 1 or args.image_size < 16:
-        parser.error("--batch_size must be at least 1 and --image_size at least 16")
-    if not 0.0 <= args.val_fraction < 1.0:
-        parser.error("--val_fraction must be in [0, 1)")
-    return args
+    parser.add_argument("--num_workers", type=non_negative_int, default=None,
+                        help="image-loading worker processes (default 4 on GPU, 0 on CPU)")
+    return parse_with_config(parser, argv)
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -26,10 +26,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from the repository root or anywhere
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import shlex  # noqa: E402
 
 from utils.config import ArgumentParser  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
+from utils.validators import (  # noqa: E402
+    check_output_dir,
+    fraction_below_one,
+    guidance_scale,
+    int_at_least,
+    positive_float,
+    positive_int,
+    seed,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,43 +48,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vavae_path", required=True, help="vavae-imagenet256-f16d32-dinov2.pt (or a diffusers AutoencoderKL folder)")
     parser.add_argument("--vavae_config", default="f16d32", help="architecture of a .pt VA-VAE: f16d32 (default) or tiny (tests)")
     parser.add_argument("--output_dir", required=True, help="gets latent_features/, trained_models/ and generated_images/")
-    parser.add_argument("--image_size", type=int, default=256, help="extraction image size (default 256)")
-    parser.add_argument("--val_fraction", type=float, default=0.1,
+    parser.add_argument("--image_size", type=int_at_least(16), default=256, help="extraction image size (default 256)")
+    parser.add_argument("--val_fraction", type=fraction_below_one, default=0.1,
                         help="per-user validation share of recordings without a val/ folder (default 0.1)")
     parser.add_argument("--group_pattern", default=None,
                         help="regular expression naming an image's recording (see scripts/extract_features.py; default: the "
                         "subfolder inside the user folder)")
-    parser.add_argument("--extract_batch_size", type=int, default=32, help="images encoded at once (default 32)")
+    parser.add_argument("--extract_batch_size", type=positive_int, default=32, help="images encoded at once (default 32)")
     parser.add_argument("--skip_extraction", action="store_true", help="reuse OUTPUT_DIR/latent_features from an earlier run")
     parser.add_argument("--backbone", choices=("dit", "unet"), default="dit", help="dit (default) or unet")
     parser.add_argument("--model_size", default=None, help="DiT tiny|S|B|L|XL (default B) or UNet tiny|default")
-    parser.add_argument("--batch_size", type=int, default=32, help="training batch per device (default 32)")
-    parser.add_argument("--max_epochs", type=int, default=50, help="training epochs (default 50)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
-    parser.add_argument("--devices", type=int, default=1, help="training processes/GPUs (default 1)")
+    parser.add_argument("--batch_size", type=positive_int, default=32, help="training batch per device (default 32)")
+    parser.add_argument("--max_epochs", type=positive_int, default=50, help="training epochs (default 50)")
+    parser.add_argument("--lr", type=positive_float, default=1e-4, help="learning rate (default 1e-4)")
+    parser.add_argument("--devices", type=positive_int, default=1, help="training processes/GPUs (default 1)")
     parser.add_argument("--precision", default="auto", help="32 | 16-mixed | bf16-mixed | no | fp16 | bf16 | auto (default auto)")
     parser.add_argument("--resume", action="store_true", help="continue training from OUTPUT_DIR/trained_models/checkpoints/last.ckpt")
     parser.add_argument("--train_extra", default="", help="more train_dit_user.py flags, one quoted string")
-    parser.add_argument("--generate_user_ids", type=int, nargs="+", default=None, help="users to generate (default: all)")
-    parser.add_argument("--num_samples_per_user", type=int, default=4, help="images per user (default 4)")
-    parser.add_argument("--guidance_scale", type=float, default=None, help="guidance for generation (default: the checkpoint's, 4.0)")
-    parser.add_argument("--num_steps", type=int, default=None, help="sampling steps for generation (default: the checkpoint's)")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the split, training and generation (default 42)")
+    parser.add_argument("--generate_user_ids", type=positive_int, nargs="+", default=None, help="users to generate (default: all)")
+    parser.add_argument("--num_samples_per_user", type=positive_int, default=4, help="images per user (default 4)")
+    parser.add_argument("--guidance_scale", type=guidance_scale, default=None,
+                        help="guidance for generation, 0-100 (default: the checkpoint's, 4.0)")
+    parser.add_argument("--num_steps", type=positive_int, default=None, help="sampling steps for generation (default: the checkpoint's)")
+    parser.add_argument("--seed", type=seed, default=42, help="seed of the split, training and generation (default 42)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto (GPU if present)")
     return parser.parse_args(argv)
 
 
 def check_stages(args: argparse.Namespace, settings, latents: Path) -> int:
     """Every stage's flags, before stage 1 starts; returns the number of users the data (or the latents) hold."""
+    import infer
     import train_dit_user
     from data.latents import load_latent_file
     from pipelines.user_features import collect_splits
 
-    for flag in ("batch_size", "max_epochs", "devices", "num_samples_per_user", "extract_batch_size", "image_size"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
-    if args.num_steps is not None and args.num_steps < 1:
-        raise UserError(f"--num_steps must be at least 1, got {args.num_steps}.")
+    check_output_dir(args.output_dir)
     if not Path(args.vavae_path).exists():
         raise UserError(f"--vavae_path {args.vavae_path} does not exist; pass vavae-imagenet256-f16d32-dinov2.pt.")
     if args.skip_extraction:
@@ -92,9 +100,36 @@ def check_stages(args: argparse.Namespace, settings, latents: Path) -> int:
                             f"pass IDs between 1 and {num_users}.")
         if len(set(args.generate_user_ids)) != len(args.generate_user_ids):
             raise UserError("--generate_user_ids lists a user more than once; give each once and raise --num_samples_per_user.")
-    # A refused training flag (--train_extra) prints its own one-line error and exits 2, before stage 1.
-    train_dit_user.parse_args(training_argv(args, latents, Path(args.output_dir) / "trained_models"))
+    # A refused training or generation flag (--train_extra) prints its own one-line error and exits 2, before stage 1,
+    # pointing to the help of the command that owns the flag.
+    output = Path(args.output_dir)
+    with _program("train_dit_user.py"):
+        train_dit_user.parse_args(training_argv(args, latents, output / "trained_models"))
+    with _program("infer.py"):
+        infer.parse_args(generation_argv(args, output / "trained_models" / "checkpoints" / "best.ckpt", output / "generated_images"))
     return num_users
+
+
+@contextlib.contextmanager
+def _program(name: str):
+    """Parsers built inside take ``name`` as their program, so their errors say ``see <name> --help``."""
+    saved = sys.argv[0]
+    sys.argv[0] = name
+    try:
+        yield
+    finally:
+        sys.argv[0] = saved
+
+
+def generation_argv(args: argparse.Namespace, checkpoint: Path, generated: Path) -> list[str]:
+    return [
+        "user", "--dit_checkpoint", str(checkpoint), "--vavae_path", str(args.vavae_path), "--vavae_config", args.vavae_config,
+        "--output_dir", str(generated), "--num_samples_per_user", str(args.num_samples_per_user), "--seed", str(args.seed),
+        "--device", args.device,
+        *(["--user_ids", *map(str, args.generate_user_ids)] if args.generate_user_ids else []),
+        *(["--guidance_scale", str(args.guidance_scale)] if args.guidance_scale is not None else []),
+        *(["--num_steps", str(args.num_steps)] if args.num_steps is not None else []),
+    ]
 
 
 def training_argv(args: argparse.Namespace, latents: Path, trained: Path) -> list[str]:
@@ -136,15 +171,7 @@ def main(args: argparse.Namespace) -> dict:
 
     print("== stage 3/3: generation ==", flush=True)
     checkpoint = trained / "checkpoints" / "best.ckpt"
-    infer_argv = [
-        "user", "--dit_checkpoint", str(checkpoint), "--vavae_path", str(args.vavae_path), "--vavae_config", args.vavae_config,
-        "--output_dir", str(generated), "--num_samples_per_user", str(args.num_samples_per_user), "--seed", str(args.seed),
-        "--device", args.device,
-        *(["--user_ids", *map(str, args.generate_user_ids)] if args.generate_user_ids else []),
-        *(["--guidance_scale", str(args.guidance_scale)] if args.guidance_scale is not None else []),
-        *(["--num_steps", str(args.num_steps)] if args.num_steps is not None else []),
-    ]
-    result = infer.main(infer.parse_args(infer_argv))
+    result = infer.main(infer.parse_args(generation_argv(args, checkpoint, generated)))
     print(f"pipeline done: latents in {latents}, checkpoints in {trained / 'checkpoints'}, images in {generated}")
     return {"latents": latents, "trained": trained, "generated": generated, "generation": result}
 

@@ -178,7 +178,7 @@ PARSE_ERRORS = [
     (["user", "--dit_checkpoint", "c", "--batch_size", "0"], "--batch_size: must be at least 1"),
     (["user", "--dit_checkpoint", "c", "--start_index", "-1"], "--start_index: must be at least 0"),
     (["user", "--dit_checkpoint", "c", "--num_steps", "0"], "--num_inference_steps/--num_steps/--steps: must be at least 1"),
-    (["user", "--dit_checkpoint", "c", "--guidance_scale", "-1"], "--guidance_scale: must be at least 0"),
+    (["user", "--dit_checkpoint", "c", "--guidance_scale", "-1"], "--guidance_scale: must be between 0 and 100"),
     (["user", "--dit_checkpoint", "c", "--guidance_interval", "0.5", "1.5"], "--guidance_interval: must be between 0 and 1"),
     (["user", "--dit_checkpoint", "c", "--guidance_channels", "0"], "--guidance_channels: must be at least 1"),
     (["user", "--dit_checkpoint", "c", "--shift", "0"], "--shift: must be greater than 0"),

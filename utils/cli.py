@@ -23,6 +23,7 @@ import importlib.util
 from typing import Any
 
 from utils.accelerator import PRECISION_CHOICES
+from utils.validators import seed
 
 # Lightning's names (the users' DiT scripts) and older spellings -> accelerate's mixed_precision.
 PRECISION_ALIASES = {
@@ -71,7 +72,7 @@ _HELP = {
 }
 _TYPES: dict[str, Any] = {
     "train_batch_size": int, "gradient_accumulation_steps": int, "effective_batch": int, "learning_rate": float,
-    "lr_warmup_steps": int, "max_grad_norm": float, "dataloader_num_workers": int, "seed": int, "output_dir": str,
+    "lr_warmup_steps": int, "max_grad_norm": float, "dataloader_num_workers": int, "seed": seed, "output_dir": str,
     "resume_from_checkpoint": str, "checkpointing_steps": int, "checkpointing_minutes": float,
     "checkpoints_total_limit": int, "num_processes": int,
 }
@@ -98,6 +99,23 @@ def precision_value(value: str) -> str:
 
 
 precision_value.translates = True  # utils.config applies it to YAML numbers too (`precision: 32`)
+
+
+class OnePrecision(argparse.Action):
+    """Store a precision flag's value; another spelling with another value on the same command line is an error.
+
+    ``--no-amp``, ``--precision`` and ``--mixed_precision`` write one setting: argparse would keep the last one given,
+    so ``--no-amp --mixed_precision bf16`` trained in bf16 on the CPU without a word.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        value = self.const if self.nargs == 0 else values
+        current = getattr(namespace, self.dest, None)
+        if current is not None and current != parser.get_default(self.dest) and current != value:
+            shown = option_string if self.nargs == 0 else f"{option_string} {value}"
+            parser.error(f"{shown} contradicts the precision given before it ({current}); give one of --mixed_precision, "
+                         "--precision or --no-amp")
+        setattr(namespace, self.dest, value)
 
 
 def _describe_default(name: str, value: Any) -> str:
@@ -141,11 +159,11 @@ def add_training_arguments(
         text = text.replace("%", "%%")
         if name == "mixed_precision":
             group.add_argument("--mixed_precision", type=precision_value, choices=PRECISION_CHOICES, default=default,
-                               metavar="{no,fp16,bf16,auto}", help=text)
-            group.add_argument("--precision", dest="mixed_precision", type=precision_value, metavar="P",
+                               metavar="{no,fp16,bf16,auto}", action=OnePrecision, help=text)
+            group.add_argument("--precision", dest="mixed_precision", type=precision_value, metavar="P", action=OnePrecision,
                                help="alias of --mixed_precision in Lightning's names: 32 -> no, 16-mixed -> fp16, "
                                     "bf16-mixed -> bf16 (accelerate's names work too)")
-            group.add_argument("--no-amp", dest="mixed_precision", action="store_const", const="no",
+            group.add_argument("--no-amp", dest="mixed_precision", action=OnePrecision, nargs=0, const="no",
                                help="alias of --mixed_precision no: train in fp32")
         elif name == "compile":
             group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=default, help=text)

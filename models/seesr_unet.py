@@ -272,12 +272,16 @@ def unet_with_image_attention(
 def unet_trainable_parameters(
     unet: nn.Module, trainable_modules: tuple[str, ...] | list[str] = (IMAGE_ATTENTIONS,)
 ) -> dict[str, nn.Parameter]:
-    """The UNet parameters whose name contains any of ``trainable_modules`` (SeeSR's ``--trainable_modules``)."""
-    return {
-        name: parameter
-        for name, parameter in unet.named_parameters()
-        if any(module in name for module in trainable_modules)
-    }
+    """The parameters of the UNet modules whose name ends with any of ``trainable_modules``, and everything inside
+    them (SeeSR's ``--trainable_modules``: ``name.endswith(tuple(args.trainable_modules))`` over ``named_modules``)."""
+    suffixes = tuple(trainable_modules)
+    chosen = {}
+    for module_name, module in unet.named_modules():
+        if module_name.endswith(suffixes):
+            prefix = f"{module_name}." if module_name else ""
+            for name, parameter in module.named_parameters():
+                chosen[prefix + name] = parameter
+    return chosen
 
 
 def load_strict(model_class: type, folder: str | Path, torch_dtype: torch.dtype | None = None) -> nn.Module:

@@ -3,12 +3,17 @@
 Loading is ``models.seesr.SeeSRPipeline.from_pretrained`` (SeeSR's release folders or our checkpoints) and each image
 goes through ``models.seesr.super_resolve_image``, the function train_seesr_timestep.py's validation calls; tags and
 image embeddings come from RAM (+ DAPE) in ``models.ram``. This module checks the flags against the base model, finds
-the checkpoint, builds each image's prompt as SeeSR does and writes the results.
+the checkpoint, builds each image's prompt as SeeSR does and writes the results as SeeSR lays them out
+(``OUTPUT_DIR/sample00/<name>.png``). A base folder that is a turbo model (sd-turbo) runs SeeSR's
+``test_seesr_turbo.py`` instead: its defaults, and the base folder's UNet with the checkpoint's image attentions.
+
+Other front ends (a web app) call what ``run`` calls: :func:`load_pipeline` once, then :func:`super_resolve` per image.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,8 +46,12 @@ def add_parser(subparsers) -> None:
         "the checkpoint when present. Prompt per image, as SeeSR: '{tags}, {--prompt},' + --added_prompt; the tags and "
         "the image embeddings come from RAM (+ DAPE with --ram_ft_path) on the LR image. A model without image "
         "attention (our older checkpoints) needs no RAM: then the tags are RAM's when its weights are at --ram_path, "
-        "else those of a <name>.txt beside the image, else none; the log says which. Writes OUTPUT_DIR/<name>.png "
-        "(with --sample_times N > 1, OUTPUT_DIR/sample00..NN/<name>.png as SeeSR) at --upscale times the input size.",
+        "else those of a <name>.txt beside the image, else none; the log says which. SeeSR-Turbo (test_seesr_turbo.py): "
+        "when --pretrained_model_path is a turbo model (its scheduler config uses trailing timestep spacing, as "
+        "sd-turbo's), the UNet is that folder's with only the image attentions of the checkpoint's unet/, and the "
+        "defaults are test_seesr_turbo.py's (2 steps, guidance 1.0, latent overlap 32); otherwise the checkpoint's "
+        "whole UNet and test_seesr.py's defaults; the log names the UNet used. Writes OUTPUT_DIR/sample00/<name>.png "
+        "(sample00..sample<N-1> with --sample_times N), as SeeSR, at --upscale times the input size.",
     )
     parser.add_argument("--pretrained_model_path", required=True,
                         help="local diffusers Stable Diffusion 2 base folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)")
@@ -70,11 +79,13 @@ def add_parser(subparsers) -> None:
                         "flag but never uses it, here it means what it says)")
     parser.add_argument("--lr_start_timestep", type=non_negative_int, default=None,
                         help="this repository's earlier name of --start_steps; when given it replaces --start_steps")
-    add_flag(parser, "--num_inference_steps", "--steps", "--num_steps", type=positive_int, default=50, metavar="N",
-             help="DDPM sampling steps, at most the training timesteps: 20, 50 or 100 (default 50, SeeSR's)")
-    parser.add_argument("--guidance_scale", type=guidance_scale, default=5.5,
+    add_flag(parser, "--num_inference_steps", "--steps", "--num_steps", type=positive_int, default=None, metavar="N",
+             help="DDPM sampling steps, at most the training timesteps: 20, 50 or 100 (default 50, test_seesr.py's); "
+             "with a turbo base 1-4 (default 2, test_seesr_turbo.py's); 4 or fewer on a base that is not a turbo "
+             "model are refused")
+    parser.add_argument("--guidance_scale", type=guidance_scale, default=None,
                         help="classifier-free guidance, 3.0-8.0; <= 1 turns it off (default 5.5; 5.0-6.0 suggested "
-                        "with the injector)")
+                        "with the injector; 1.0 with a turbo base, as test_seesr_turbo.py)")
     parser.add_argument("--conditioning_scale", type=non_negative_float, default=1.0,
                         help="ControlNet residual scale (default 1.0)")
     parser.add_argument("--blending_alpha", type=float, default=1.0,
@@ -98,15 +109,17 @@ def add_parser(subparsers) -> None:
                         help="seed of each image's noise; every image restarts from it, so an image's result does not "
                         "depend on the others (default none: a random seed, printed so the run can be repeated)")
     parser.add_argument("--sample_times", type=positive_int, default=1,
-                        help="samples per image, drawn one after another from the image's generator; N > 1 writes "
-                        "OUTPUT_DIR/sample00..sample<N-1>/<name>.png as SeeSR (default 1: OUTPUT_DIR/<name>.png)")
+                        help="samples per image, drawn one after another from the image's generator, written to "
+                        "OUTPUT_DIR/sample00/<name>.png .. sample<N-1>/<name>.png as SeeSR (default 1: sample00/ only)")
     parser.add_argument("--align_method", choices=("adain", "wavelet", "nofix"), default="adain",
                         help="colour fix against the upscaled LR after decoding (default adain, SeeSR's)")
     parser.add_argument("--latent_tiled_size", type=positive_int, default=96,
-                        help="latent tile side (latent px = image px / 8): larger latents are denoised in overlapping "
-                        "Gaussian-weighted tiles (default 96; try 64 on 12 GB GPUs)")
-    parser.add_argument("--latent_tiled_overlap", type=non_negative_int, default=4,
-                        help="latent pixels shared by tiles, less than --latent_tiled_size (default 4)")
+                        help="latent tile side (latent px = image px / 8): a latent of larger area is denoised in "
+                        "overlapping Gaussian-weighted square tiles of side min(this, its short side), as SeeSR (default "
+                        "96; try 64 on 12 GB GPUs)")
+    parser.add_argument("--latent_tiled_overlap", type=non_negative_int, default=None,
+                        help="latent pixels shared by tiles, less than --latent_tiled_size (default 4, test_seesr.py's; "
+                        "32 with a turbo base, test_seesr_turbo.py's)")
     parser.add_argument("--vae_encoder_tiled_size", type=zero_or_at_least(64), default=1024,
                         help="VAE encoder tile in image px, at least 64 (8 latent px), 0 turns tiling off (default 1024)")
     parser.add_argument("--vae_decoder_tiled_size", type=zero_or_at_least(8), default=224,
@@ -114,6 +127,27 @@ def add_parser(subparsers) -> None:
     add_device_flag(parser)
     add_precision_flags(parser, "auto", "network weights' precision: auto is fp16 on CUDA (SeeSR's default; bf16 and "
                         "fp32 (no) on request) and fp32 on CPU")
+
+
+# test_seesr.py's and test_seesr_turbo.py's defaults of the flags they set differently; the base folder decides.
+SEESR_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 5.5, "latent_tiled_overlap": 4}
+TURBO_DEFAULTS = {"num_inference_steps": 2, "guidance_scale": 1.0, "latent_tiled_overlap": 32}
+# SeeSR-Turbo's regime (its README shows 2 and 4 steps); a DDPM run this short on SD2-base's UNet ends unfinished.
+TURBO_MAX_STEPS = 4
+
+
+def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of ``args`` with the defaults that depend on the base folder filled in (test_seesr.py's, or
+    test_seesr_turbo.py's when it is a turbo model: ``settings.turbo``), every flag checked before anything loads."""
+    from models.seesr import check_sd2_folder, is_turbo_base
+
+    settings = argparse.Namespace(**vars(args))
+    settings.turbo = is_turbo_base(check_sd2_folder(args.pretrained_model_path))
+    for key, value in (TURBO_DEFAULTS if settings.turbo else SEESR_DEFAULTS).items():
+        if getattr(settings, key, None) is None:
+            setattr(settings, key, value)
+    _check_flags(settings)
+    return settings
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -131,6 +165,10 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--latent_tiled_overlap {args.latent_tiled_overlap} must be smaller than --latent_tiled_size "
                         f"{args.latent_tiled_size}.")
     sd2 = check_sd2_folder(args.pretrained_model_path)
+    if not args.turbo and args.num_inference_steps <= TURBO_MAX_STEPS:
+        raise UserError(f"--num_inference_steps {args.num_inference_steps} is SeeSR-Turbo's regime, but --pretrained_model_path "
+                        f"{sd2} is not a turbo model (its scheduler does not use trailing timestep spacing), so its UNet "
+                        f"needs more than {TURBO_MAX_STEPS} steps; pass sd-turbo's folder, or 20-50 steps (SeeSR: 50).")
     schedule = json.loads((sd2 / "scheduler/scheduler_config.json").read_text())
     last = int(schedule.get("num_train_timesteps", 1000)) - 1
     if args.num_inference_steps > last + 1:
@@ -197,68 +235,146 @@ def _input_images(image_path: Path) -> list[Path]:
     raise DataError(f"--image_path {image_path} does not exist; pass an LR image or a folder of them.")
 
 
+def seesr_dtypes(mixed_precision: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(network weights' dtype, RAM's dtype). The weights are cast, not autocast, as SeeSR runs; ``auto`` is SeeSR's
+    fp16 on CUDA and fp32 on the CPU. RAM always runs in fp32, as in SeeSR: its tags are hard thresholds per class,
+    and fp16 flips those near a threshold, which changes the prompt."""
+    from utils.accelerator import PRECISION_DTYPES
+
+    if mixed_precision in ("fp16", "bf16") and device.type != "cuda":
+        raise UserError(f"--mixed_precision {mixed_precision} needs a CUDA GPU; use auto or no on the CPU.")
+    if mixed_precision == "auto":
+        return (torch.float16 if device.type == "cuda" else torch.float32), torch.float32
+    return PRECISION_DTYPES.get(mixed_precision, torch.float32), torch.float32
+
+
+@dataclass
+class SeeSRInference:
+    """What ``infer.py seesr`` loads once and uses for every image (:func:`load_pipeline`)."""
+
+    pipeline: object  # models.seesr.SeeSRPipeline
+    tagger: object | None  # models.ram.RAMTagger, or None: tags from <name>.txt files
+    image_attention: bool  # the models read RAM's image embeddings
+    settings: argparse.Namespace  # the flags with the base folder's defaults filled in (resolve_settings)
+    checkpoint: Path
+    device: torch.device
+    messages: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SuperResolution:
+    """One input image's results: ``--sample_times`` PIL images at ``--upscale`` times its size, and its prompt."""
+
+    images: list
+    prompt: str
+
+
+def load_pipeline(args: argparse.Namespace) -> SeeSRInference:
+    """Check the flags, then load the pipeline and the tagger as ``infer.py seesr`` does (``args``: its parsed flags;
+    ``--image_path`` and ``--output_dir`` are not read here). The log lines are in ``.messages``."""
+    from models.seesr import SeeSRPipeline
+    from utils.accelerator import resolve_device
+
+    settings = resolve_settings(args)
+    checkpoint = _model_folder(settings)
+    _check_cross_attention_width(checkpoint, settings.pretrained_model_path)
+    device = resolve_device(settings.device)
+    dtype, ram_dtype = seesr_dtypes(settings.mixed_precision, device)
+    pipeline, messages = SeeSRPipeline.from_pretrained(
+        settings.pretrained_model_path, checkpoint, device, dtype, turbo=settings.turbo
+    )
+    # Tags: RAM (+ DAPE) whenever the model has image attention (it needs RAM's embeddings), else when RAM's weights
+    # are where --ram_path says; otherwise a <name>.txt beside each image.
+    image_attention = any(getattr(model.config, "use_image_cross_attention", False)
+                          for model in (pipeline.unet, pipeline.controlnet))
+    tagger = None
+    if image_attention or Path(settings.ram_path).is_file():
+        from models.ram import load_ram_tagger
+
+        tagger = load_ram_tagger(settings.ram_path, settings.ram_ft_path, settings.ram_tag_list,
+                                 settings.ram_tag_thresholds, device=device, dtype=ram_dtype)
+        source = f"RAM ({settings.ram_path}" + (f" + DAPE {settings.ram_ft_path})" if settings.ram_ft_path else ", no DAPE)")
+        messages.append(f"tags: {source}" + (", image embeddings to the image cross-attention" if image_attention else ""))
+    else:
+        if settings.ram_ft_path:
+            raise UserError(f"--ram_ft_path {settings.ram_ft_path} needs RAM's weights, but --ram_path {settings.ram_path} "
+                            "does not exist; pass --ram_path ram_swin_large_14m.pth.")
+        messages.append(f"tags: <name>.txt beside each image (the model has no image attention and there is no RAM at "
+                        f"{settings.ram_path})")
+    return SeeSRInference(pipeline, tagger, image_attention, settings, checkpoint, device, messages)
+
+
+def super_resolve(
+    inference: SeeSRInference, image, seed: int, tags: str | None = None, progress_bar: bool = False
+) -> SuperResolution:
+    """Super-resolve one LR image (a PIL image or a ``[3, h, w]`` tensor in [0, 1]) as ``infer.py seesr`` does: its
+    ``--sample_times`` results (PIL, what infer.py writes) drawn from one generator seeded with ``seed``, and the
+    prompt. ``tags``: used when there is no tagger (None: no tags); with a tagger, RAM's tags of ``image``."""
+    from models.seesr import encode_prompts, super_resolve_image
+    from utils.images import pil_to_tensor, tensor_to_pil
+
+    settings, pipeline, device = inference.settings, inference.pipeline, inference.device
+    lr = image if isinstance(image, torch.Tensor) else pil_to_tensor(image.convert("RGB"), (0.0, 1.0))
+    image_embeds = None
+    if inference.tagger is not None:
+        found, embeds = inference.tagger(lr[None].to(device))
+        tags = found[0]
+        image_embeds = embeds if inference.image_attention else None
+    prompt = f"{tags or ''}, {settings.prompt}," + settings.added_prompt  # test_seesr.py's string, character for character
+    prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [prompt], device)
+    generator = torch.Generator().manual_seed(seed)
+    results = []
+    for _ in range(settings.sample_times):
+        result = super_resolve_image(
+            pipeline, lr, upscale=settings.upscale, process_size=settings.process_size,
+            prompt_embeds=prompt_embeds, negative_prompt=settings.negative_prompt,
+            image_embeds=image_embeds, num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale, conditioning_scale=settings.conditioning_scale,
+            start_point=settings.start_point,
+            start_steps=settings.start_steps if settings.lr_start_timestep is None else settings.lr_start_timestep,
+            latent_tiled_size=settings.latent_tiled_size, latent_tiled_overlap=settings.latent_tiled_overlap,
+            vae_encoder_tiled_size=settings.vae_encoder_tiled_size or None,
+            vae_decoder_tiled_size=settings.vae_decoder_tiled_size or None, align_method=settings.align_method,
+            control_schedule=settings.control_schedule, control_guidance_start=settings.control_guidance_start,
+            control_guidance_end=settings.control_guidance_end, control_scale_start=settings.control_scale_start,
+            generator=generator, progress_bar=progress_bar,
+        )
+        results.append(tensor_to_pil(result, (0.0, 1.0)))
+    return SuperResolution(results, prompt)
+
+
+def sample_folders(output_dir: str | Path, sample_times: int) -> list[Path]:
+    """SeeSR's output folders: ``OUTPUT_DIR/sample00`` .. ``sample<N-1>``, one per draw, even for one."""
+    return [Path(output_dir) / f"sample{index:02d}" for index in range(sample_times)]
+
+
 def run(args: argparse.Namespace) -> dict:
     import random
 
     from tqdm.auto import tqdm
 
     from data.sr_pairs import load_image_tensor, read_tag_prompt
-    from models.seesr import SeeSRPipeline, encode_prompts, super_resolve_image
-    from utils.accelerator import resolve_device
     from utils.errors import DataError
-    from utils.images import tensor_to_pil
     from utils.log import interactive_output
 
     images = _input_images(Path(args.image_path))
-    _check_flags(args)
-    checkpoint = _model_folder(args)
-    _check_cross_attention_width(checkpoint, args.pretrained_model_path)
-    device = resolve_device(args.device)
-    if args.mixed_precision in ("fp16", "bf16") and device.type != "cuda":
-        raise UserError(f"--mixed_precision {args.mixed_precision} needs a CUDA GPU; use auto or no on the CPU.")
-    from utils.accelerator import PRECISION_DTYPES
-
-    # The weights are cast, not autocast, as SeeSR runs; auto is SeeSR's fp16 on CUDA and fp32 on the CPU.
-    if args.mixed_precision == "auto":
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = PRECISION_DTYPES.get(args.mixed_precision, torch.float32)
-    pipeline, messages = SeeSRPipeline.from_pretrained(args.pretrained_model_path, checkpoint, device, dtype)
-    for message in messages:
+    inference = load_pipeline(args)
+    settings = inference.settings
+    for message in inference.messages:
         print(message)
-
-    # Tags: RAM (+ DAPE) whenever the model has image attention (it needs RAM's embeddings), else when RAM's weights
-    # are where --ram_path says; otherwise a <name>.txt beside each image.
-    image_attention = any(getattr(model.config, "use_image_cross_attention", False)
-                          for model in (pipeline.unet, pipeline.controlnet))
-    tagger = None
-    if image_attention or Path(args.ram_path).is_file():
-        from models.ram import load_ram_tagger
-
-        tagger = load_ram_tagger(args.ram_path, args.ram_ft_path, args.ram_tag_list, args.ram_tag_thresholds,
-                                 device=device, dtype=dtype)
-        source = f"RAM ({args.ram_path}" + (f" + DAPE {args.ram_ft_path})" if args.ram_ft_path else ", no DAPE)")
-        print(f"tags: {source}" + (", image embeddings to the image cross-attention" if image_attention else ""))
-    else:
-        if args.ram_ft_path:
-            raise UserError(f"--ram_ft_path {args.ram_ft_path} needs RAM's weights, but --ram_path {args.ram_path} "
-                            "does not exist; pass --ram_path ram_swin_large_14m.pth.")
-        print(f"tags: <name>.txt beside each image (the model has no image attention and there is no RAM at {args.ram_path})")
-
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    if args.seed is None:
+    seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**31)
+    if settings.seed is None:
         print(f"seed: {seed} (random; pass --seed {seed} to repeat this run)")
-    output_dir = Path(args.output_dir)
-    sample_dirs = [output_dir] if args.sample_times == 1 else [
-        output_dir / f"sample{index:02d}" for index in range(args.sample_times)]
+    output_dir = Path(settings.output_dir)
+    sample_dirs = sample_folders(output_dir, settings.sample_times)
     for folder in sample_dirs:
         folder.mkdir(parents=True, exist_ok=True)
-    if args.save_prompts:
+    if settings.save_prompts:
         (output_dir / "txt").mkdir(parents=True, exist_ok=True)
     written, skipped, prompts = [], [], {}
     # Bars only in a terminal: in a notebook's or a log file's output they would pile up as carriage-return lines.
     bars = interactive_output()
-    for path in tqdm(images, desc=f"SeeSR x{args.upscale}", disable=len(images) == 1 or not bars, dynamic_ncols=True):
+    for path in tqdm(images, desc=f"SeeSR x{settings.upscale}", disable=len(images) == 1 or not bars, dynamic_ncols=True):
         try:
             lr = load_image_tensor(path)
         except DataError as error:
@@ -267,40 +383,18 @@ def run(args: argparse.Namespace) -> dict:
             print(f"warning: skipped {path}: not a readable image; the other images are processed ({error})")
             skipped.append(path)
             continue
-        image_embeds = None
-        if tagger is not None:
-            tags, embeds = tagger(lr[None].to(device))
-            tags = tags[0]
-            image_embeds = embeds if image_attention else None
-        else:
-            tags = read_tag_prompt(path)
-        prompt = f"{tags}, {args.prompt}," + args.added_prompt  # test_seesr.py's string, character for character
-        prompts[path.stem] = prompt
-        print(prompt)
-        if args.save_prompts:
-            (output_dir / "txt" / f"{path.stem}.txt").write_text(prompt)
-        prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [prompt], device)
-        generator = torch.Generator().manual_seed(seed)
-        for folder in sample_dirs:
-            result = super_resolve_image(
-                pipeline, lr, upscale=args.upscale, process_size=args.process_size,
-                prompt_embeds=prompt_embeds, negative_prompt=args.negative_prompt,
-                image_embeds=image_embeds, num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale, conditioning_scale=args.conditioning_scale,
-                start_point=args.start_point,
-                start_steps=args.start_steps if args.lr_start_timestep is None else args.lr_start_timestep,
-                latent_tiled_size=args.latent_tiled_size, latent_tiled_overlap=args.latent_tiled_overlap,
-                vae_encoder_tiled_size=args.vae_encoder_tiled_size or None,
-                vae_decoder_tiled_size=args.vae_decoder_tiled_size or None, align_method=args.align_method,
-                control_schedule=args.control_schedule, control_guidance_start=args.control_guidance_start,
-                control_guidance_end=args.control_guidance_end, control_scale_start=args.control_scale_start,
-                generator=generator, progress_bar=bars,
-            )
+        tags = read_tag_prompt(path) if inference.tagger is None else None
+        result = super_resolve(inference, lr, seed, tags=tags, progress_bar=bars)
+        prompts[path.stem] = result.prompt
+        print(result.prompt)
+        if settings.save_prompts:
+            (output_dir / "txt" / f"{path.stem}.txt").write_text(result.prompt)
+        for folder, picture in zip(sample_dirs, result.images):
             target = folder / f"{path.stem}.png"
-            tensor_to_pil(result, (0.0, 1.0)).save(target)
+            picture.save(target)
             written.append(target)
     if len(skipped) == len(images):
         raise DataError(f"--image_path {args.image_path}: none of its {len(images)} images could be read.")
     print(f"wrote {len(written)} image(s) to {output_dir}" + (f"; skipped {len(skipped)} unreadable" if skipped else ""))
-    return {"written": written, "messages": messages, "checkpoint": checkpoint, "skipped": skipped,
-            "prompts": prompts, "seed": seed, "tagger": tagger is not None}
+    return {"written": written, "messages": inference.messages, "checkpoint": inference.checkpoint, "skipped": skipped,
+            "prompts": prompts, "seed": seed, "tagger": inference.tagger is not None, "turbo": settings.turbo}

@@ -1,10 +1,11 @@
 """Put several models' outputs side by side with a label under each tile (the users' comparison tool).
 
-    python scripts/create_comparison_grid.py --inputs results/*/image_001.png --output comparison.png
-    python scripts/create_comparison_grid.py --inputs LR/image_001.png results/*/image_001.png \\
+    python scripts/create_comparison_grid.py --inputs results/*/sample00/image_001.png --output comparison.png
+    python scripts/create_comparison_grid.py --inputs LR/image_001.png results/*/sample00/image_001.png \\
         --labels LR baseline timestep_only timestep_multiscale --output comparison.png --tile_size 512
 
-Each label defaults to the name of the image's folder (the run name: ``results/<run>/image_001.png``). Tiles are
+Each label defaults to the name of the image's folder, the run name (``results/<run>/image_001.png``, or the folder
+above ``sampleNN/`` in ``infer.py seesr``'s layout ``results/<run>/sample00/image_001.png``). Tiles are
 scaled to a common size with their aspect ratio kept (letterboxed on white), so a bicubic LR input can sit beside
 the SR outputs; by default the largest image side, and at least wide enough for the longest label. Built on
 :func:`utils.images.create_comparison_grid`. ``python utils/create_comparison_grid.py``

@@ -38,6 +38,30 @@ SD2_BASE_SCHEDULER_CONFIG = {
     "trained_betas": None,
 }
 
+# stabilityai/sd-turbo scheduler/scheduler_config.json: the base folder of SeeSR-Turbo (test_seesr_turbo.py), read with
+# DDPMScheduler as SeeSR does; its "trailing" spacing makes 2 steps visit t = 999, 499.
+SD_TURBO_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.24.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "sigma_max": None,
+    "sigma_min": None,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "trailing",
+    "timestep_type": "discrete",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable unicode character table."""
@@ -85,9 +109,13 @@ def write_tiny_clip_tokenizer(folder: Path, model_max_length: int = 77) -> int:
 
 
 def build_tiny_sd2(
-    path: str | Path, seed: int = 0, block_channels=(8, 16, 16, 16), light_attention: bool = False
+    path: str | Path, seed: int = 0, block_channels=(8, 16, 16, 16), light_attention: bool = False,
+    scheduler_config: dict | None = None,
 ) -> Path:
     """Write a tiny SD2-layout diffusers folder at ``path`` (created) and return it.
+
+    ``scheduler_config``: default SD2-base's; :data:`SD_TURBO_SCHEDULER_CONFIG` (with another ``seed``) makes a tiny
+    sd-turbo folder.
 
     ``light_attention=True`` drops the transformer of the first (full latent resolution) level and uses one
     attention head per block: self-attention over every latent pixel dominates CPU time at SeeSR's 512 px process
@@ -151,7 +179,7 @@ def build_tiny_sd2(
     text_encoder.save_pretrained(path / "text_encoder")
 
     (path / "scheduler").mkdir(exist_ok=True)
-    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD2_BASE_SCHEDULER_CONFIG, indent=2))
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config or SD2_BASE_SCHEDULER_CONFIG, indent=2))
     (path / "model_index.json").write_text(
         json.dumps(
             {

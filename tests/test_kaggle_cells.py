@@ -295,7 +295,7 @@ def test_seesr_cells(tmp_path):
     env = {
         "train": {"STEPS": "2", "PRECISION": "no", "EXTRA_ARGS": tiny},
         "resume": {"PRECISION": "no", "GPUS": "1", "EXTRA_ARGS": "--max_train_steps 3"},
-        "infer": {"EXTRA_ARGS": "--num_inference_steps 2 --process_size 64 --device cpu"},
+        "infer": {"EXTRA_ARGS": "--num_inference_steps 5 --process_size 64 --device cpu"},
     }
     outputs = run_cells(session, "seesr.md", env, tiny_ram=True)
     assert "x 2 process" in outputs["train"] and "DAPE" in outputs["train"]  # SeeSR proper: RAM + DAPE embeddings
@@ -303,4 +303,4 @@ def test_seesr_cells(tmp_path):
     run = session.path("/kaggle/working/experience/timestep_multiscale")
     assert sorted(path.name for path in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     results = session.path("/kaggle/working/results/timestep_multiscale")
-    assert (results / "0801x4.png").is_file() and (results / "w_t.png").is_file()
+    assert (results / "sample00/0801x4.png").is_file() and (results / "w_t.png").is_file()

@@ -377,6 +377,21 @@ def test_build_from_sd2_as_seesr_trains(components):
     assert fresh.config.use_image_cross_attention and len(image_attention_blocks(fresh)) == 4
 
 
+def test_trainable_modules_are_modules_ending_with_the_names(components):
+    """SeeSR's train_seesr.py: ``for name, module in unet.named_modules(): if name.endswith(tuple(trainable_modules))``,
+    then every parameter of the module; a name merely containing the string does not count."""
+    unet = unet_with_image_attention(components.unet)
+    for modules in (("image_attentions",), ("norm",), ("proj", "attn2"), ("weight",)):
+        expected = set()
+        for name, module in unet.named_modules():
+            if name.endswith(tuple(modules)):
+                expected |= {f"{name}.{parameter}" for parameter, _ in module.named_parameters()}
+        assert set(unet_trainable_parameters(unet, modules)) == expected, modules
+    chosen = unet_trainable_parameters(unet, ("norm",))  # Transformer2DModel.norm, not norm1/norm2/norm3 or conv_norm_out
+    assert chosen and not any(".norm1." in name or "norm_out" in name for name in chosen)
+    assert unet_trainable_parameters(unet, ("weight",)) == {}  # parameter names are not module names
+
+
 def test_training_loss_uses_image_embeds_and_reaches_image_attention(seesr_models, components):
     unet, controlnet = seesr_models
     generator = torch.Generator().manual_seed(1)

@@ -275,7 +275,7 @@ def test_seesr_variant_scripts(tmp_path, monkeypatch):
     calls = run_shell_script(tmp_path, "scripts/compare_seesr_variants.sh", [], env)
     expected = ["infer.py"] * len(variants) + ["scripts/create_comparison_grid.py"] + ["scripts/eval_sr.py"] * len(variants)
     parsed = check_calls(calls, monkeypatch, expected + ["scripts/plot_timestep_weights.py"])
-    assert parsed[len(variants)].inputs == [str(tmp_path / "results" / v / "0001.png") for v in variants]
+    assert parsed[len(variants)].inputs == [str(tmp_path / "results" / v / "sample00" / "0001.png") for v in variants]
 
 
 def test_train_dape_launcher_takes_its_two_process_form(tmp_path, monkeypatch):

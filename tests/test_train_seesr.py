@@ -231,9 +231,9 @@ def test_spec_command_as_written(runs, workspace, capsys):
     (single / "image_001.png").write_bytes((workspace["lr"] / "image_001.png").read_bytes())
     args = spec_command(workspace, checkpoint, workspace["root"] / "results_spec/timestep_multiscale")
     assert (args.num_inference_steps, args.process_size) == (50, 512)  # the note's command, as written
-    # What follows is checked on one image at 2 steps and a 64 px process size: 50 steps at 512 px repeat the same
+    # What follows is checked on one image at 5 steps and a 64 px process size: 50 steps at 512 px repeat the same
     # step and cost ~15 s of the suite's time; the note's log and the 4x output do not depend on them.
-    args.image_path, args.num_inference_steps, args.process_size = str(single), 2, 64
+    args.image_path, args.num_inference_steps, args.process_size = str(single), 5, 64
     result = infer.main(args)
     lines = capsys.readouterr().out.splitlines()
     assert lines[:3] == [  # the note's log, word for word
@@ -253,7 +253,7 @@ def inferred(runs, workspace):
     for name in VARIANTS:
         checkpoint = workspace["root"] / "experience" / name / "checkpoint-2"
         args = spec_command(workspace, checkpoint, workspace["root"] / "results" / name,
-                            "--num_inference_steps", "2", "--process_size", "64")
+                            "--num_inference_steps", "5", "--process_size", "64")
         outputs[name] = infer.main(args)
     return outputs
 
@@ -297,7 +297,7 @@ def test_the_checkpoints_injector_scales_the_control(runs, workspace):
         save_file(injector, checkpoint / "multi_scale_injector/model.safetensors")
         torch.save(injector, checkpoint / "multi_scale_injector/pytorch_model.bin")
         result = infer.main(spec_command(workspace, checkpoint, checkpoint.parent / "results",
-                                         "--num_inference_steps", "2", "--process_size", "64"))
+                                         "--num_inference_steps", "5", "--process_size", "64"))
         images[scale] = np.asarray(Image.open(result["written"][0]), dtype=np.float64) / 255
     # Measured: a mean absolute difference of 0.072 (18 grey levels); 8-bit rounding moves it by at most 0.002.
     assert np.abs(images[1.0] - images[0.0]).mean() > 0.007
@@ -305,7 +305,7 @@ def test_the_checkpoints_injector_scales_the_control(runs, workspace):
 
 def test_run_folder_picks_its_newest_checkpoint_and_tags_are_prompts(runs, workspace, capsys):
     run = workspace["root"] / "experience/timestep_only"
-    args = spec_command(workspace, run, workspace["root"] / "results_run", "--num_inference_steps", "2",
+    args = spec_command(workspace, run, workspace["root"] / "results_run", "--num_inference_steps", "5",
                         "--process_size", "64", "--seed", "3")
     result = infer.main(args)
     assert result["checkpoint"] == run / "checkpoint-2"
@@ -314,7 +314,7 @@ def test_run_folder_picks_its_newest_checkpoint_and_tags_are_prompts(runs, works
     (workspace["lr"] / "image_001.txt").rename(workspace["lr"] / "image_001.tags")
     try:
         untagged = infer.main(spec_command(workspace, run, workspace["root"] / "results_untagged",
-                                           "--num_inference_steps", "2", "--process_size", "64", "--seed", "3"))
+                                           "--num_inference_steps", "5", "--process_size", "64", "--seed", "3"))
     finally:
         (workspace["lr"] / "image_001.tags").rename(workspace["lr"] / "image_001.txt")
     tagged_pixels = np.asarray(Image.open(result["written"][0]))
@@ -352,13 +352,13 @@ def test_comparison_grid_labels_runs(inferred, workspace, tmp_path, monkeypatch)
 
     monkeypatch.chdir(workspace["root"])
     output = tmp_path / "comparison.png"
-    grid_tool.main(grid_tool.parse_args(["--inputs", "results/*/image_001.png", "--output", str(output)]))
+    grid_tool.main(grid_tool.parse_args(["--inputs", "results/*/sample00/image_001.png", "--output", str(output)]))
     image = Image.open(output)
     # Three tiles (the 40x48 outputs letterboxed, widened to fit the longest label) with 2 px padding, captions below.
     side = label_width(["baseline", "timestep_multiscale", "timestep_only"])
     assert side > 48 and image.width == 3 * (side + 2) + 2 and image.height > side + 4
-    paths = grid_tool.expand_inputs(["results/*/image_001.png"])
-    assert [p.parent.name for p in paths] == ["baseline", "timestep_multiscale", "timestep_only"]
+    paths = grid_tool.expand_inputs(["results/*/sample00/image_001.png"])  # infer.py seesr's (SeeSR's) layout
+    assert [p.parent.parent.name for p in paths] == ["baseline", "timestep_multiscale", "timestep_only"]
     with pytest.raises(UserError, match="2 labels for 3 images"):
         grid_tool.create_comparison_grid(paths, output, labels=["a", "b"])
     tile = letterbox(torch.zeros(3, 10, 20), 40)  # wide image: white bars above and below
@@ -486,7 +486,7 @@ def test_mixed_precision_training_and_fp16_inference_on_cuda(workspace, tmp_path
     assert all(v.dtype == torch.float32 for v in load_file(checkpoint / "controlnet/diffusion_pytorch_model.safetensors").values())
     assert all(v.dtype == torch.float32 for v in load_file(checkpoint / "multi_scale_injector/model.safetensors").values())
     assert all(np.isfinite(loss) for _, loss in result["history"])
-    output = infer.main(spec_command(workspace, checkpoint, tmp_path / "results", "--num_inference_steps", "3",
+    output = infer.main(spec_command(workspace, checkpoint, tmp_path / "results", "--num_inference_steps", "5",
                                      "--process_size", "64", "--device", "cuda", "--mixed_precision", "fp16"))
     pixels = np.asarray(Image.open(output["written"][0]))
     assert pixels.shape == (48, 40, 3) and pixels.std() > 0
@@ -546,12 +546,12 @@ def test_seesr_own_command_line_on_the_release_layout(seesr_release, workspace, 
         --num_inference_steps 50 --guidance_scale 5.5 --process_size 512""".split()
     args = infer.parse_args(argv)
     assert (args.num_inference_steps, args.process_size, args.start_steps, args.seed) == (50, 512, 999, None)
-    args.num_inference_steps, args.process_size = 2, 64
+    args.num_inference_steps, args.process_size = 5, 64
     result = infer.main(args)
     out = capsys.readouterr().out
     assert "tags: RAM (preset/models/ram_swin_large_14m.pth + DAPE preset/models/DAPE.pth)" in out
     [output] = result["written"]
-    assert output == Path("preset/datasets/output/image_001.png") and Image.open(output).size == (40, 48)
+    assert output == Path("preset/datasets/output/sample00/image_001.png") and Image.open(output).size == (40, 48)
     prompt = result["prompts"]["image_001"]
     assert prompt.endswith(", None,clean, high-resolution, 8k")  # test_seesr.py's f"{tags}, {prompt}," + added
     assert prompt in out.splitlines()
@@ -570,7 +570,7 @@ def test_seesr_flags(seesr_release, workspace, tiny_ram, tmp_path, monkeypatch, 
         return infer.main(infer.parse_args([
             "seesr", "--pretrained_model_path", str(workspace["sd2"]), "--seesr_model_path", str(seesr_release["seesr"]),
             "--ram_path", str(seesr_release["ram"]["ram"]), "--image_path", str(seesr_release["images"]),
-            "--process_size", "64", "--num_inference_steps", "2", *flags]))
+            "--process_size", "64", "--num_inference_steps", "5", *flags]))
 
     result = run("--output_dir", str(tmp_path / "a"), "--sample_times", "2", "--save_prompts", "--seed", "5",
                  "--blending_alpha", "0.3")
@@ -580,10 +580,10 @@ def test_seesr_flags(seesr_release, workspace, tiny_ram, tmp_path, monkeypatch, 
     assert np.abs(first - second).mean() > 0.5  # two draws of one generator, not one image twice
     assert (tmp_path / "a/txt/image_001.txt").read_text() == result["prompts"]["image_001"]
     assert result["prompts"]["image_001"].endswith(", ,clean, high-resolution, 8k")  # default --prompt ''
-    assert [int(t) for t in calls] == [501, 1] * 2  # 2 leading steps; start_steps 999 skips none
+    assert [int(t) for t in calls] == [801, 601, 401, 201, 1] * 2  # 5 leading steps; start_steps 999 skips none
 
     result = run("--output_dir", str(tmp_path / "b"), "--start_steps", "400")  # and no --seed
-    assert [int(t) for t in calls] == [1]  # the step above 400 is skipped, not only the latent noised
+    assert [int(t) for t in calls] == [201, 1]  # the steps above 400 are skipped, not only the latent noised
     assert result["seed"] is not None and f"pass --seed {result['seed']} to repeat" in capsys.readouterr().out
 
 
@@ -632,7 +632,7 @@ def test_a_corrupt_lr_image_is_skipped_with_a_warning(runs, workspace, tmp_path,
     (folder / "good.png").write_bytes((workspace["lr"] / "image_002.png").read_bytes())
     (folder / "broken.png").write_bytes(b"not a png")
     checkpoint = workspace["root"] / "experience/baseline/checkpoint-2"
-    args = spec_command(workspace, checkpoint, tmp_path / "out", "--num_inference_steps", "1", "--process_size", "64")
+    args = spec_command(workspace, checkpoint, tmp_path / "out", "--num_inference_steps", "5", "--process_size", "64")
     args.image_path = str(folder)
     result = infer.main(args)
     assert [p.name for p in result["written"]] == ["good.png"] and result["skipped"] == [folder / "broken.png"]
@@ -780,7 +780,7 @@ def test_seesr_proper_in_fp16_on_cuda(seesr_release, workspace, tiny_ram, tmp_pa
     checkpoint = result["checkpoints"][-1]
     assert all(v.dtype == torch.float32 for v in load_file(checkpoint / "unet/diffusion_pytorch_model.safetensors").values())
     assert all(np.isfinite(loss) for _, loss in result["history"])
-    output = infer.main(spec_command(workspace, checkpoint, tmp_path / "results", "--num_inference_steps", "3",
+    output = infer.main(spec_command(workspace, checkpoint, tmp_path / "results", "--num_inference_steps", "5",
                                      "--process_size", "64", "--device", "cuda", "--mixed_precision", "fp16", "--ram_path", str(ram["ram"]),
                                      "--ram_ft_path", str(ram["dape"])))
     pixels = np.asarray(Image.open(output["written"][0]))

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -234,7 +235,11 @@ def create_comparison_grid(
     for path in paths:
         if not path.is_file():
             raise DataError(f"--inputs {path} does not exist.")
-    labels = list(labels) if labels else [path.parent.name or path.stem for path in paths]
+    # SeeSR's layout results/<run>/sample00/<name>.png: the run is the folder above sampleNN/.
+    labels = list(labels) if labels else [
+        (path.parent.parent.name if re.fullmatch(r"sample\d+", path.parent.name) else path.parent.name) or path.stem
+        for path in paths
+    ]
     if len(labels) != len(paths):
         raise UserError(f"--labels gives {len(labels)} labels for {len(paths)} images; give one per image.")
     images = [pil_to_tensor(load_rgb(path), (0.0, 1.0)) for path in paths]

@@ -128,12 +128,13 @@ def plain_model_config(model: Phaseformer) -> dict[str, Any]:
 
 
 def load_phaseformer_for_inference(
-    path: str | Path, eca: str | None = None, value_range: str | None = None
+    path: str | Path, eca: str | None = None, value_range: str | None = None, needed_by: str = "infer.py phaseformer"
 ) -> tuple[Phaseformer, dict[str, Any]]:
     """(model on the CPU in eval mode, info) from any Phaseformer weights file this repository reads.
 
     ``info`` holds ``value_range`` (from the file unless given), ``eca`` and a one-line ``description``.
-    ``eca`` overrides the gate recorded in the file (the shapes do not depend on it).
+    ``eca`` overrides the gate recorded in the file (the shapes do not depend on it). ``needed_by`` names the command
+    and flag that read the file in a wrong-kind error (``train_phaseformer.py --init_weights``).
     """
     path = Path(path)
     if eca is not None and eca not in ECA_GATES:
@@ -153,7 +154,7 @@ def load_phaseformer_for_inference(
         if isinstance(raw, dict) and "kind" in raw:
             if raw["kind"] != CHECKPOINT_KIND:
                 raise CheckpointError(
-                    f"{path} is a '{raw['kind']}' checkpoint, but infer.py phaseformer needs a '{CHECKPOINT_KIND}' "
+                    f"{path} is a '{raw['kind']}' checkpoint, but {needed_by} needs a '{CHECKPOINT_KIND}' "
                     "checkpoint from train_phaseformer.py or official weights converted by scripts/convert_phaseformer.py."
                 )
             state_dict, config = raw["model"], dict(raw["model_config"])

@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.gt_dir is None and (args.lpips_weights or args.lpips_backbone):
         raise UserError("LPIPS compares outputs with ground truth; add --gt_dir or drop --lpips_weights/--lpips_backbone.")
     check_output_dir(args.output_dir)
+    _input_images(Path(args.input))  # a missing or empty --input is reported before the checkpoint loads
     device = resolve_device(args.device)
     lpips_model = None
     if args.lpips_weights or args.lpips_backbone:
@@ -208,7 +209,7 @@ def enhance_folder(
     """
     from tqdm.auto import tqdm
 
-    from utils.images import images_by_stem
+    from utils.images import images_by_stem, load_rgb
     from utils.log import progress_kwargs
 
     if outputs not in OUTPUT_CHOICES:
@@ -241,6 +242,8 @@ def enhance_folder(
             if stem not in targets:
                 raise DataError(f"Input image {path} has no ground truth with the stem {stem!r} in {gt_dir}; add it or drop --gt_dir.")
             _check_scorable(path, targets[stem], resize, crop_border)
+    for path in [*images.values(), *(targets[stem] for stem in images if targets)]:
+        load_rgb(path)  # a truncated or unreadable file stops here, before any output folder exists
     heads = ["L", "H"] if outputs == "both" else [outputs]
     output_dir = Path(output_dir)
     for head in heads:

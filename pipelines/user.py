@@ -295,10 +295,13 @@ def load_vae(args: argparse.Namespace, model: UserModel) -> UserModel:
     from models.vavae import load_vavae
     from pipelines.user_io import resolve_vae_folder
     from utils.accelerator import resolve_device
+    from utils.checkpoint import check_weights_file
 
     bundle = model.bundle
     vae_dir = resolve_vae_folder(args.vavae_path)
     vae_path = vae_dir if vae_dir is not None else Path(args.vavae_path)
+    if vae_dir is None:  # a file that is no weights file at all would otherwise read as "another VA-VAE"
+        check_weights_file(vae_path, "--vavae_path", "the VA-VAE weights file the latents were extracted with")
     vae_fingerprint = check_vae_matches(bundle.stats, vae_path)  # before the (large) VAE is loaded
     device = resolve_device(args.device)
     precision = args.mixed_precision

@@ -1,7 +1,7 @@
 """Folder I/O of user-conditioned generation: the users' latent-UNet layout (read and written) and the image files.
 
-The users' second note (``../shared/spec/user_generation.md``, the ``generate_training_style.py`` command) keeps
-its model as files, not as one checkpoint::
+The users' second note (their latent-UNet training and ``generate_training_style.py`` generation scripts, summarised
+in ``docs/user_generation.md``) keeps its model as files, not as one checkpoint::
 
     diffusion-final-model/            --unet_path: a diffusers UNet2DConditionModel folder
         config.json, diffusion_pytorch_model.safetensors
@@ -74,6 +74,10 @@ def load_user_unet_folder(
     unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
     if not (unet_dir / "config.json").is_file():
         raise CheckpointError(f"--unet_path {root} is neither a train_dit_user.py checkpoint nor a diffusers UNet folder (no config.json).")
+    found = _class_name(unet_dir / "config.json")
+    if found != UNet2DConditionModel.__name__:  # from_pretrained would load a ControlNet's config with warnings, then fail
+        raise CheckpointError(f"--unet_path {root} holds a diffusers {found or 'model without _class_name'}, not a "
+                              f"{UNet2DConditionModel.__name__}; pass the UNet folder of the users' model.")
     try:
         unet = UNet2DConditionModel.from_pretrained(str(unet_dir), local_files_only=True)
     except Exception as err:
@@ -89,6 +93,16 @@ def load_user_unet_folder(
     extra = {"encoder_path": str(encoder_path), "null_row": encoder.null_label is not None,
              "scheduler_file": str(scheduler_file) if scheduler_file else None}
     return UserModel(model, "unet", num_users, None, scheduler, sampling, str(root), "folder", extra)
+
+
+def _class_name(config_file: Path) -> str | None:
+    """The ``_class_name`` a diffusers ``config.json`` records (None when unreadable or absent)."""
+    import json
+
+    try:
+        return json.loads(config_file.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def resolve_vae_folder(path: str | Path) -> Path | None:

@@ -73,7 +73,7 @@ def build_phaseformer_training(config, device: torch.device | str, *, split_dir:
     else:
         model = build_phaseformer(config.model, eca=config.eca)
     if config.init_weights and checkpoint is None:
-        initial, info = load_phaseformer_for_inference(config.init_weights)
+        initial, info = load_phaseformer_for_inference(config.init_weights, needed_by="train_phaseformer.py --init_weights")
         load_phaseformer_state_dict(model, initial.state_dict(), config.init_weights)
         notes.append(f"initial weights: {info['description']}")
         if info["value_range"] != config.value_range:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.config import ArgumentParser  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
-from utils.validators import check_output_file, positive_int, seed  # noqa: E402
+from utils.validators import output_file, positive_int, seed  # noqa: E402
 
 METRIC_CHOICES = ("fid", "kid", "isc", "prc")
 LABELS = {
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prc_neighborhood", type=positive_int, default=3, help="k of precision/recall (default 3 as published)")
     parser.add_argument("--seed", type=seed, default=2020, help="seed of KID subsets and IS splits (default 2020, torch-fidelity's)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto")
-    parser.add_argument("--out", default=None, help="JSON with the values (default <samples>/generation_metrics.json)")
+    parser.add_argument("--out", default=None, type=output_file, help="JSON with the values (default <samples>/generation_metrics.json)")
     parser.add_argument("--verbose", action="store_true", help="torch-fidelity's progress output")
     return parser.parse_args(argv)
 
@@ -87,8 +87,6 @@ def main(args: argparse.Namespace) -> dict:
     from utils.accelerator import resolve_device
     from utils.generation_metrics import compute_generation_metrics, image_files
 
-    if args.out:
-        check_output_file(args.out, "--out")
     device = resolve_device(args.device)
     if args.cache_dir is None:
         cache_dir = Path(torch.hub.get_dir()) / "eval_generation_cache"

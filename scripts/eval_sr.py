@@ -61,7 +61,7 @@ from utils.iqa_metrics import (  # noqa: E402
 )
 from utils.iqa_metrics import default_lpips_paths as lpips_default_paths  # noqa: E402
 from utils.iqa_metrics import load_lpips as load_lpips_model  # noqa: E402
-from utils.validators import check_output_file, non_negative_int  # noqa: E402
+from utils.validators import non_negative_int, output_file  # noqa: E402
 
 TABLE_ORDER = ("psnr", "ssim", "lpips", "dists", "fid", "niqe", "musiq", "maniqa", "clipiqa")  # the SeeSR/OSEDiff tables' order
 MAX_SIZE_MISMATCH = 8  # px: SR of an LR whose side was floored by the scale can miss a few GT pixels
@@ -184,9 +184,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pyiqa_weights_dir", default=None,
                         help="folder laid out like torch hub's cache that holds pyiqa/<file> and clip/RN50.pt "
                              "(default: torch hub's cache, where pyiqa keeps them)")
-    parser.add_argument("--csv", default=None, help="per-image metrics file (default <results>/metrics.csv)")
-    parser.add_argument("--summary", default=None, help="Markdown summary of the run (default <results>/metrics.md)")
-    parser.add_argument("--compare_out", default=None,
+    parser.add_argument("--csv", default=None, type=output_file, help="per-image metrics file (default <results>/metrics.csv)")
+    parser.add_argument("--summary", default=None, type=output_file, help="Markdown summary of the run (default <results>/metrics.md)")
+    parser.add_argument("--compare_out", default=None, type=output_file,
                         help="Markdown table of a --compare run (default comparison.md beside the first folder)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="for the networks (default auto)")
     args = parser.parse_args(argv)
@@ -239,9 +239,6 @@ def main(args: argparse.Namespace) -> dict:
 
     device = resolve_device(args.device)
     folders = [Path(args.results)] if args.results else [Path(folder) for folder in args.compare]
-    for flag in ("csv", "summary", "compare_out"):
-        if getattr(args, flag):
-            check_output_file(getattr(args, flag), f"--{flag}")
     for folder in folders:  # before any network is loaded
         check_crop_border(match_by_stem(folder, Path(args.gt))[0], args.crop_border)
     if args.inception_weights:

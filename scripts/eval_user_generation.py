@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.config import ArgumentParser  # noqa: E402
 from utils.errors import DataError, UserError, run_cli  # noqa: E402
-from utils.validators import check_output_dir, positive_float, positive_int, seed  # noqa: E402
+from utils.validators import check_output_dir, output_folder, positive_float, positive_int, seed  # noqa: E402
 
 FLAT_NAME = re.compile(r"^micro_doppler_user0*(\d+)_\d+$")
 
@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", required=True, help="the users' ID_n folders (or train/ and val/ holding them)")
     parser.add_argument("--generated_dir", default=None, help="infer.py user's output folder (omit for the VA-VAE report only)")
-    parser.add_argument("--output_dir", required=True, help="where report.json/.md, per_user.csv and the PNG go (created)")
+    parser.add_argument("--output_dir", required=True, type=output_folder,
+                        help="where report.json/.md, per_user.csv and the PNG go (created)")
     parser.add_argument("--vavae_path", default=None, help="VA-VAE file or diffusers folder: the reconstruction report")
     parser.add_argument("--vavae_config", choices=("f16d32", "tiny"), default="f16d32", help="VA-VAE architecture (tiny: tests)")
     parser.add_argument("--lpips_weights", default=None, help="lpips' weights/v0.1/alex.pth: LPIPS of the reconstructions")

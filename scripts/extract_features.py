@@ -36,7 +36,7 @@ from models.vavae import VAVAE_CONFIGS  # noqa: E402
 from pipelines.user_features import DTYPES, ExtractionSettings, extract_features  # noqa: E402
 from utils.config import ArgumentParser, add_config_argument, parse_with_config  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
-from utils.validators import fraction_below_one, int_at_least, non_negative_int, positive_int, seed  # noqa: E402
+from utils.validators import fraction_below_one, int_at_least, non_negative_int, output_folder, positive_int, seed  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vavae_config", choices=sorted(VAVAE_CONFIGS), default="f16d32",
                         help="architecture of a .pt/.safetensors VA-VAE: f16d32 (the release) or tiny (tests); a diffusers "
                         "folder carries its own (default f16d32)")
-    parser.add_argument("--output_path", "--output_dir", dest="output_path", required=True,
+    parser.add_argument("--output_path", "--output_dir", dest="output_path", required=True, type=output_folder,
                         help="where train.safetensors, val.safetensors, latents_stats.safetensors and users.json go")
     parser.add_argument("--batch_size", type=positive_int, default=32, help="images encoded at once (default 32)")
     parser.add_argument("--image_size", type=int_at_least(16), default=256,

@@ -32,10 +32,10 @@ import shlex  # noqa: E402
 from utils.config import ArgumentParser  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.validators import (  # noqa: E402
-    check_output_dir,
     fraction_below_one,
     guidance_scale,
     int_at_least,
+    output_folder,
     positive_float,
     positive_int,
     seed,
@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data_dir", required=True, help="user folders ID_1, ID_2, ... (or train/ and val/ holding them)")
     parser.add_argument("--vavae_path", required=True, help="vavae-imagenet256-f16d32-dinov2.pt (or a diffusers AutoencoderKL folder)")
     parser.add_argument("--vavae_config", default="f16d32", help="architecture of a .pt VA-VAE: f16d32 (default) or tiny (tests)")
-    parser.add_argument("--output_dir", required=True, help="gets latent_features/, trained_models/ and generated_images/")
+    parser.add_argument("--output_dir", required=True, type=output_folder,
+                        help="gets latent_features/, trained_models/ and generated_images/")
     parser.add_argument("--image_size", type=int_at_least(16), default=256, help="extraction image size (default 256)")
     parser.add_argument("--val_fraction", type=fraction_below_one, default=0.1,
                         help="per-user validation share of recordings without a val/ folder (default 0.1)")
@@ -56,7 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "subfolder inside the user folder)")
     parser.add_argument("--extract_batch_size", type=positive_int, default=32, help="images encoded at once (default 32)")
     parser.add_argument("--skip_extraction", action="store_true", help="reuse OUTPUT_DIR/latent_features from an earlier run")
-    parser.add_argument("--backbone", choices=("dit", "unet"), default="dit", help="dit (default) or unet")
+    from models.user_generation import BACKBONES
+
+    parser.add_argument("--backbone", choices=BACKBONES.names(), default=BACKBONES.names()[0],
+                        help=f"{', '.join(BACKBONES.names())} (default {BACKBONES.names()[0]})")
     parser.add_argument("--model_size", default=None, help="DiT tiny|S|B|L|XL (default B) or UNet tiny|default")
     parser.add_argument("--batch_size", type=positive_int, default=32, help="training batch per device (default 32)")
     parser.add_argument("--max_epochs", type=positive_int, default=50, help="training epochs (default 50)")
@@ -82,7 +86,6 @@ def check_stages(args: argparse.Namespace, settings, latents: Path) -> int:
     from data.latents import load_latent_file
     from pipelines.user_features import collect_splits
 
-    check_output_dir(args.output_dir)
     if not Path(args.vavae_path).exists():
         raise UserError(f"--vavae_path {args.vavae_path} does not exist; pass vavae-imagenet256-f16d32-dinov2.pt.")
     if args.skip_extraction:

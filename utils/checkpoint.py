@@ -101,6 +101,28 @@ def load_state_file(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is not a readable torch checkpoint ({str(err).splitlines()[0]}).") from err
 
 
+def check_weights_file(path: str | Path, flag: str, expected: str) -> Path:
+    """``path`` starts like a torch checkpoint or a safetensors file (only its first bytes are read), else one
+    :class:`CheckpointError` naming ``flag`` and ``expected``: before a file is fingerprinted or loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{flag} {path} does not exist; pass {expected}.")
+    if path.suffix == ".safetensors":
+        import json
+        import struct
+
+        try:
+            with open(path, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                json.loads(handle.read(min(length, 100_000_000)))
+            return path
+        except (struct.error, ValueError, UnicodeDecodeError, MemoryError):
+            raise CheckpointError(f"{flag} {path} is not a readable .safetensors file; pass {expected}.") from None
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(f"{flag} {path} is not a torch checkpoint (nor a .safetensors file); pass {expected}.")
+    return path
+
+
 def _looks_like_torch_file(path: Path) -> bool:
     """torch.save writes a zip archive (or, before torch 1.6, a pickle whose first byte is the 0x80 opcode)."""
     import zipfile

@@ -23,7 +23,7 @@ import importlib.util
 from typing import Any
 
 from utils.accelerator import PRECISION_CHOICES
-from utils.validators import seed
+from utils.validators import output_folder, seed
 
 # Lightning's names (the users' DiT scripts) and older spellings -> accelerate's mixed_precision.
 PRECISION_ALIASES = {
@@ -72,7 +72,7 @@ _HELP = {
 }
 _TYPES: dict[str, Any] = {
     "train_batch_size": int, "gradient_accumulation_steps": int, "effective_batch": int, "learning_rate": float,
-    "lr_warmup_steps": int, "max_grad_norm": float, "dataloader_num_workers": int, "seed": seed, "output_dir": str,
+    "lr_warmup_steps": int, "max_grad_norm": float, "dataloader_num_workers": int, "seed": seed, "output_dir": output_folder,
     "resume_from_checkpoint": str, "checkpointing_steps": int, "checkpointing_minutes": float,
     "checkpoints_total_limit": int, "num_processes": int,
 }

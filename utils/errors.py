@@ -48,6 +48,9 @@ def run_cli(main: Callable[[], object]) -> None:
         _release_run_objects()
     except UserError as err:
         _close_progress_bars()
+        log = sys.modules.get("utils.log")
+        if log is not None:  # a run refused before it trained leaves no run folder holding only its log
+            log.remove_unstarted_run_folders()
         print(f"error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

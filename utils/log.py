@@ -29,6 +29,9 @@ import torch
 from tqdm.auto import tqdm
 
 LOGGER_NAME = "diffusion_lab"
+# Files a run folder may hold before training starts; a refused run's folder holding only these is removed.
+SETUP_FILES = ("train.log", "args.yaml")
+_created_run_folders: list[Path] = []  # the topmost folder each setup_logger call created, for a refused run's clean-up
 LINE_SECONDS = 60.0  # off a terminal, the longest wait between two progress lines (checked every refresh_every steps)
 
 
@@ -44,11 +47,35 @@ def setup_logger(run_dir: str | Path | None, is_main: bool = True, filename: str
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
     if run_dir is not None and is_main:
+        new = [folder for folder in (Path(run_dir), *Path(run_dir).parents) if not folder.exists()]
+        if new:
+            _created_run_folders.append(new[-1])
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         file = logging.FileHandler(Path(run_dir) / filename)
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(file)
     return logger
+
+
+def remove_unstarted_run_folders() -> list[Path]:
+    """Remove the folders :func:`setup_logger` created in this process that hold nothing but :data:`SETUP_FILES` and
+    empty folders: a run refused before it trained (bad data, a wrong flag found late) leaves no folder that looks
+    like a run. Called by ``utils.errors.run_cli`` on a user error."""
+    import shutil
+
+    removed = []
+    logger = logging.getLogger(LOGGER_NAME)
+    for folder in _created_run_folders:
+        if not folder.is_dir() or not all(p.is_dir() or p.name in SETUP_FILES for p in folder.rglob("*")):
+            continue
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(folder.resolve()):
+                handler.close()
+                logger.removeHandler(handler)
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    _created_run_folders.clear()
+    return removed
 
 
 def get_logger() -> logging.Logger:

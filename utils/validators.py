@@ -30,6 +30,8 @@ __all__ = [
     "int_between",
     "non_negative_float",
     "non_negative_int",
+    "output_file",
+    "output_folder",
     "positive_float",
     "positive_int",
     "seed",
@@ -166,33 +168,49 @@ def guidance_scale(text: str) -> float:
     return value
 
 
+def output_folder(text: str) -> str:
+    """A folder to write into (it may not exist yet): a file there, or a file where one of its parents should be, is
+    refused while parsing, before any work that would end in ``NotADirectoryError`` after hours."""
+    blocker = _file_in_the_way(Path(text))
+    if blocker is not None:
+        where = "is a file" if blocker == Path(text) else f"goes through the file {blocker}"
+        raise argparse.ArgumentTypeError(f"{text} {where}; pass a folder to write into")
+    return text
+
+
+def output_file(text: str) -> str:
+    """A file to write (it may not exist yet): a folder there, or a file where its parent folder should be, is refused."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; pass a file name to write")
+    blocker = _file_in_the_way(path.parent)
+    if blocker is not None:
+        raise argparse.ArgumentTypeError(f"{text} goes through the file {blocker}; pass a path inside a folder")
+    return text
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The first existing non-folder on the way to ``folder`` (itself included), or None."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
 def check_output_dir(path: str | Path, flag: str = "--output_dir") -> Path:
-    """``path`` as a folder to write into: an existing file there is an error (raised before any work is done)."""
-    from utils.errors import UserError
-
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{flag} {path} is a file; pass a folder to write into.")
-    _check_parents(path, flag)
-    return path
-
-
-def _check_parents(path: Path, flag: str) -> None:
-    from utils.errors import UserError
-
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"{flag} {path}: {parent} is a file, not a folder; pass a path inside a folder.")
-            return
+    """``path`` as a folder to write into, checked as :func:`output_folder` but after parsing (a :class:`UserError`)."""
+    return Path(_checked(output_folder, path, flag))
 
 
 def check_output_file(path: str | Path, flag: str) -> Path:
-    """``path`` as a file to write: a folder there, or a file where its parent folder should be, is an error."""
+    """``path`` as a file to write, checked as :func:`output_file` but after parsing (a :class:`UserError`)."""
+    return Path(_checked(output_file, path, flag))
+
+
+def _checked(validator: Callable[[str], str], path: str | Path, flag: str) -> str:
     from utils.errors import UserError
 
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{flag} {path} is a folder; pass a file name to write.")
-    _check_parents(path, flag)
-    return path
+    try:
+        return validator(str(path))
+    except argparse.ArgumentTypeError as err:
+        raise UserError(f"{flag} {err}.") from None

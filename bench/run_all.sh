@@ -10,6 +10,9 @@
 #   DIFFUSERS_EXAMPLES  the examples/ folder of github.com/huggingface/diffusers (default outputs/refs/diffusers_examples)
 #   LIGHTNINGDIT_REPO   a checkout of github.com/hustvl/LightningDiT (default outputs/refs/LightningDiT; needs pip
 #                       install einops torchdiffeq)
+#   SEESR_REPO          a checkout of github.com/cswry/SeeSR (default outputs/refs/SeeSR), run by SEESR_PYTHON (default
+#                       outputs/refs/seesr-venv/bin/python: a venv with diffusers==0.21.0 transformers==4.36.2
+#                       huggingface_hub==0.20.3 tokenizers==0.15.2 einops, and this repository's torch)
 # outputs/ is git-ignored: copy the checkouts there to carry them to a GPU machine with the working tree.
 #
 # On a GPU lent for a few minutes (10 per command, 15 in all), the rows still empty in docs/benchmarks.md, as two
@@ -26,6 +29,8 @@ PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 DIFFUSERS_EXAMPLES="${DIFFUSERS_EXAMPLES:-outputs/refs/diffusers_examples}"
 LIGHTNINGDIT_REPO="${LIGHTNINGDIT_REPO:-outputs/refs/LightningDiT}"
+SEESR_REPO="${SEESR_REPO:-outputs/refs/SeeSR}"
+SEESR_PYTHON="${SEESR_PYTHON:-outputs/refs/seesr-venv/bin/python}"
 
 wanted() {  # wanted NAME: true when no rows were named or NAME is one of them
   [ ${#ROWS[@]} -eq 0 ] && return 0
@@ -60,6 +65,9 @@ run loop_overhead 90 "$PY" bench/bench_loop_overhead.py --size 32 --preset 32 --
 run dit_vs_lightningdit 150 "$PY" bench/bench_dit_vs_lightningdit.py --lightningdit_repo "$LIGHTNINGDIT_REPO" \
   --size B --batch 32 --train_steps 10 --rounds 3 --compile
 run loop_overhead_families 120 "$PY" bench/bench_loop_overhead_families.py --rounds 3 --workers 8
+# Issue 19: infer.py seesr against SeeSR's test_seesr.py / test_seesr_turbo.py on the CPU (ours alone without a checkout).
+run seesr_vs_reference 900 "$PY" bench/bench_seesr_vs_reference.py --reference_checkout "$SEESR_REPO" \
+  --reference_python "$SEESR_PYTHON" --rounds 3 --images 2
 run throughput 280 "$PY" bench/bench_throughput.py --models ddpm32 ditB --batch probe --probe_limit 512 \
   --compile_modes none default --train_steps 20 --warmup 5
 run throughput_fp16 90 "$PY" bench/bench_throughput.py --models ddpm32 ditB --batch 64 --precision fp16 \

@@ -49,6 +49,7 @@ BENCH_SMOKE = {
     "--tile_image_size 64 --tile_steps 1 --tile_rounds 1",
     "bench_seesr_pipeline.py": "--device cpu --size tiny --steps 1 --time_resolution 64 --memory_resolutions --repeats 1",
     "bench_seesr_tiled_vae.py": "--device cpu --config tiny --latent_size 16 --tile_size 8",
+    "bench_seesr_vs_reference.py": "--smoke",  # no --reference_checkout: ours alone, the reference cells n/a
     "bench_throughput.py": "--smoke",
 }
 OWN_PROCESS = {"bench_seesr_tiled_vae.py"}  # spawns one process per method: runpy's __main__ cannot be pickled

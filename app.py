@@ -192,6 +192,7 @@ class DDPMTab:
     paths: list[str]
     device: str
     models: dict = field(default_factory=dict)
+    jobs: int = 0  # requests run: a second click while one runs must not start another
 
     def load(self) -> None:
         from pipelines.ddpm import load_models
@@ -215,6 +216,7 @@ class DDPMTab:
         from pipelines.ddpm import sample_picture
         from utils.accelerator import resolve_device
 
+        self.jobs += 1
         return sample_picture(args, [self.models[args.model]], resolve_device(args.device),
                               progress=progress_over(progress, f"{args.sampler} {args.num_inference_steps} steps"))
 
@@ -227,19 +229,19 @@ class DDPMTab:
         gr.Markdown("Samples of a pixel DDPM checkpoint (EMA weights), as `infer.py ddpm` draws them.")
         with gr.Row():
             with gr.Column(scale=1):
-                checkpoint = gr.Dropdown(self.paths, value=self.paths[0], label="checkpoint (--model)")
-                sampler = gr.Dropdown(samplers, value="dpmsolver++", label="sampler (--sampler)")
-                steps = gr.Number(25, label="steps (--num_inference_steps)", precision=0, minimum=1)
-                seed = gr.Number(0, label="seed (--seed)", precision=0, minimum=0)
-                count = gr.Slider(1, MAX_SAMPLES, value=16, step=1, label="images (--num_samples)")
-                frames = gr.Slider(2, 16, value=8, step=1, label="interpolation frames (--frames)")
+                checkpoint = gr.Dropdown(self.paths, value=self.paths[0], label="checkpoint (--model)", elem_id="ddpm_checkpoint")
+                sampler = gr.Dropdown(samplers, value="dpmsolver++", label="sampler (--sampler)", elem_id="ddpm_sampler")
+                steps = gr.Number(25, label="steps (--num_inference_steps)", precision=0, minimum=1, elem_id="ddpm_steps")
+                seed = gr.Number(0, label="seed (--seed)", precision=0, minimum=0, elem_id="ddpm_seed")
+                count = gr.Slider(1, MAX_SAMPLES, value=16, step=1, label="images (--num_samples)", elem_id="ddpm_count")
+                frames = gr.Slider(2, 16, value=8, step=1, label="interpolation frames (--frames)", elem_id="ddpm_frames")
                 with gr.Row():
                     sample_button = gr.Button("Sample", variant="primary", elem_id="ddpm_sample")
                     interpolate_button = gr.Button("Interpolate", elem_id="ddpm_interpolate")
             with gr.Column(scale=2):
-                grid = gr.Image(label="samples", type="pil", format="png", elem_id="ddpm_grid", interactive=False)
+                grid = gr.Image(label="samples", type="pil", format="png", elem_id="ddpm_grid", interactive=False, height=420)
                 strip = gr.Image(label="interpolation between the two starting noises of the seed", type="pil",
-                                 format="png", elem_id="ddpm_strip", interactive=False)
+                                 format="png", elem_id="ddpm_strip", interactive=False, height=160)
 
         @page_errors
         def sample(path, sampler, steps, seed, count, progress=gr.Progress()):
@@ -312,16 +314,18 @@ class PhaseformerTab:
                     "image of the same size is uploaded.")
         with gr.Row():
             with gr.Column(scale=1):
-                upload = UploadImage(label="underwater image", type="filepath", elem_id="phaseformer_input")
-                reference = UploadImage(label="reference (optional: PSNR/SSIM)", type="filepath", elem_id="phaseformer_reference")
+                upload = UploadImage(label="underwater image", type="filepath", elem_id="phaseformer_input", height=260)
+                reference = UploadImage(label="reference (optional: PSNR/SSIM)", type="filepath", elem_id="phaseformer_reference",
+                                        height=200)
                 button = gr.Button("Enhance", variant="primary", elem_id="phaseformer_run")
                 scores = gr.Markdown(elem_id="phaseformer_scores")
             with gr.Column(scale=2):
                 slider = gr.ImageSlider(label="before / after (L)", type="pil", format="png", elem_id="phaseformer_slider",
                                         interactive=False)
                 with gr.Row():
-                    low = gr.Image(label="L: input size", type="pil", format="png", elem_id="phaseformer_L", interactive=False)
-                    high = gr.Image(label="H: twice the size", type="pil", format="png", elem_id="phaseformer_H", interactive=False)
+                    low = gr.Image(label="L: input size", type="pil", format="png", elem_id="phaseformer_L", interactive=False, height=260)
+                    high = gr.Image(label="H: twice the size", type="pil", format="png", elem_id="phaseformer_H", interactive=False,
+                                    height=260)
 
         @page_errors
         def enhance(upload, reference, progress=gr.Progress()):
@@ -429,11 +433,12 @@ class UserTab:
         with gr.Row():
             with gr.Column(scale=1):
                 users = gr.Textbox("1 2", label=f"user IDs, 1..{self.num_users} (--user_ids; '1 3 5' or '1-4')", elem_id="user_ids")
-                per_user = gr.Slider(1, 16, value=4, step=1, label="samples per user (--num_samples_per_user)")
+                per_user = gr.Slider(1, 16, value=4, step=1, label="samples per user (--num_samples_per_user)", elem_id="user_per_user")
                 guidance = gr.Number(float(settings.get("guidance_scale", 4.0)), label="guidance (--guidance_scale, 1 = none)",
-                                     minimum=0)
-                steps = gr.Number(int(settings.get("num_steps", 50)), label="steps (--num_inference_steps)", precision=0, minimum=1)
-                seed = gr.Number(0, label="seed (--seed)", precision=0, minimum=0)
+                                     minimum=0, elem_id="user_guidance")
+                steps = gr.Number(int(settings.get("num_steps", 50)), label="steps (--num_inference_steps)", precision=0, minimum=1,
+                                  elem_id="user_steps")
+                seed = gr.Number(0, label="seed (--seed)", precision=0, minimum=0, elem_id="user_seed")
                 button = gr.Button("Generate", variant="primary", elem_id="user_run")
             with gr.Column(scale=2):
                 gallery = gr.Gallery(label="samples", columns=4, format="png", elem_id="user_gallery", interactive=False)

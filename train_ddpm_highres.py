@@ -426,7 +426,7 @@ def main(args: argparse.Namespace) -> dict:
                    f"clipping {config.max_grad_norm:g}")
 
     cadence = CheckpointCadence(config.checkpointing_steps, config.checkpointing_minutes)
-    guard = NonFiniteGuard(accelerator.device)
+    guard = NonFiniteGuard(accelerator.device, model=unet)  # also stops diverging weights whose loss stays finite
     for epoch in range(start_epoch, config.epochs):
         unet.train()
         loader.set_epoch(epoch)

@@ -748,7 +748,7 @@ def main(args: argparse.Namespace) -> dict:
         restore_rng(checkpoint, accelerator)  # last thing before the loop: nothing after it may draw random numbers
         del checkpoint
     cadence = CheckpointCadence(config.checkpointing_steps, config.checkpointing_minutes)
-    guard = NonFiniteGuard(accelerator.device, NAN_HINT)
+    guard = NonFiniteGuard(accelerator.device, NAN_HINT, model=model)  # also stops diverging weights
     for epoch in range(start_epoch, config.max_epochs):
         model.train()
         loader.set_epoch(epoch)

@@ -511,7 +511,7 @@ def main(args: argparse.Namespace) -> dict:
                               keep=config.checkpoints_total_limit)
 
     last_epoch = min(total_epochs, config.stop_epoch or total_epochs)
-    guard = NonFiniteGuard(device, NAN_HINT)
+    guard = NonFiniteGuard(device, NAN_HINT, model=model)  # also stops diverging weights whose loss stays finite
     cadence = CheckpointCadence(config.checkpointing_steps, config.checkpointing_minutes)
     lr_per_step: list[float] = []
     for epoch in range(start_epoch, last_epoch):

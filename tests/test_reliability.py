@@ -262,3 +262,101 @@ def test_eval_generation_help_shows_the_command_that_writes_the_sample_folder(ca
         module.parse_args(["--help"])
     text = capsys.readouterr().out
     assert "infer.py ddpm --model" in text and "--save_images" in text
+
+
+def test_phaseformer_init_weights_of_another_kind_names_the_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for split in ("train", "test"):
+        for stem in ("a", "b"):
+            for side in ("input", "gt"):
+                _write_image(tmp_path / "LSUI" / split / side / f"{stem}.png", (32, 32))
+    ddpm = tmp_path / "ddpm_last.pt"
+    torch.save({"kind": "ddpm", "model": {}}, ddpm)
+    code, lines = run_entry("train_phaseformer", [
+        "--dataset_path", str(tmp_path / "LSUI"), "--init_weights", str(ddpm), "--model", "phaseformer_tiny", "--no_perceptual",
+        "--crop_size", "16", "--eval_size", "16", "--train_batch_size", "2", "--device", "cpu", "--report_to", "none",
+        "--output_dir", str(tmp_path / "out")], capsys)
+    assert_one_error_line(code, lines, f"{ddpm} is a 'ddpm' checkpoint, but train_phaseformer.py --init_weights needs a 'phaseformer'")
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------- diverged weights
+
+
+def test_a_diverging_ddpm_run_keeps_no_diverged_checkpoint(demo_images, tmp_path, capsys, monkeypatch):
+    """The issue's run: the loss stays finite (GroupNorm absorbs the scale) while the weights reach 1e9; the guard stops
+    it before any checkpoint is written from them, so what is on disk is from before the blow-up (here: nothing)."""
+    monkeypatch.chdir(ROOT)
+    output = tmp_path / "run"
+    code, lines = run_entry("train_ddpm_highres", [
+        "--dataset", "folder", "--data_dir", str(demo_images), "--size", "16", "--model", "tiny", "--train_batch_size", "8",
+        "--effective_batch", "8", "--epochs", "2", "--num_samples", "2", "--sample_steps", "2", "--quick_every", "0",
+        "--device", "cpu", "--report_to", "none", "--output_dir", str(output), "--checkpointing_steps", "1",
+        "--learning_rate", "1e9", "--lr_warmup_steps", "0", "--max_grad_norm", "0"], capsys)
+    assert code == 2 and len(lines) == 1 and ("diverged" in lines[0] or "NaN" in lines[0]), lines
+    for file in output.rglob("ddpm_*.pt"):
+        state = torch.load(file, weights_only=True)
+        for weights in (state["model"], state.get("ema", {}).get("weights", {})):
+            assert all(torch.isfinite(v).all() and v.abs().max() < 1e3 for v in weights.values() if v.is_floating_point()), file
+
+
+def test_the_guard_stops_before_diverged_weights_replace_the_last_good_checkpoint(tmp_path):
+    from utils.checkpoint import atomic_torch_save
+    from utils.errors import UserError
+    from utils.training import NonFiniteGuard, check_finite_weights
+
+    class Single:  # what the guard asks of an accelerator on one process
+        num_processes = 1
+
+        @staticmethod
+        def gather(tensor):
+            return tensor
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GroupNorm(1, 8), torch.nn.Linear(8, 1))
+    guard = NonFiniteGuard(torch.device("cpu"), model=model)
+    last = tmp_path / "last.pt"
+    guard.update(torch.tensor(1.0), 1)
+    guard.check(Single)
+    atomic_torch_save(model.state_dict(), last)
+    with torch.no_grad():  # a learning rate of 1e9 for one step: finite, but a million times the norm
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 1e9)
+    guard.update(torch.tensor(3.0), 2)  # the loss is still finite
+    with pytest.raises(UserError, match=r"The weights diverged by optimiser step 2: their norm grew from .* \(the limit is 100x\)"):
+        guard.check(Single)
+    assert torch.load(last, weights_only=True)["0.weight"].abs().max() < 10
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match="weights became NaN or infinite by optimiser step 7; nothing was saved"):
+        check_finite_weights(model, 7)
+
+
+def test_no_image_is_written_from_nan_pixels(tmp_path):
+    from utils.errors import UserError
+    from utils.images import save_grid, tensor_to_pil
+
+    images = torch.zeros(2, 3, 8, 8)
+    images[1, 0, 0, 0] = float("nan")
+    with pytest.raises(UserError, match="The model produced NaN or infinite pixels, so no image was written"):
+        tensor_to_pil(images[1])
+    with pytest.raises(UserError, match="NaN or infinite pixels"):
+        save_grid(images, tmp_path / "grid.png", nrow=2)
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_infer_ddpm_refuses_to_write_nan_samples(tmp_path, capsys):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from models.ddpm_unet import ddpm_unet_config
+
+    folder = tmp_path / "diverged"
+    unet = UNet2DModel(**ddpm_unet_config("tiny", 16))
+    with torch.no_grad():
+        unet.conv_out.weight.fill_(float("nan"))
+    unet.save_pretrained(folder)
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").save_pretrained(folder)
+    output = tmp_path / "samples"
+    code, lines = run_entry("infer", ["ddpm", "--model", str(folder), "--num_samples", "2", "--num_inference_steps", "2",
+                                      "--save_images", "--output_dir", str(output), "--device", "cpu"], capsys)
+    assert_one_error_line(code, lines, "The model produced NaN or infinite pixels, so no image was written")
+    assert not list(output.rglob("*.png")) if output.exists() else True

@@ -84,9 +84,20 @@ def load_rgb(path: str | Path) -> Image.Image:
 
 
 def to_uint8(images: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
-    """(B,C,H,W) or (C,H,W) float images in ``value_range`` -> uint8 in [0, 255] on the CPU."""
+    """(B,C,H,W) or (C,H,W) float images in ``value_range`` -> uint8 in [0, 255] on the CPU.
+
+    NaN or infinite pixels are refused (a :class:`~utils.errors.UserError`): clamping would write them as black or white
+    images that look like a result; every sampler writes through here, so none writes a non-finite image.
+    """
     low, high = value_range
-    images = (images.detach().float().cpu() - low) / (high - low)
+    images = images.detach().float().cpu()
+    if not torch.isfinite(images).all():
+        from utils.errors import UserError
+
+        raise UserError("The model produced NaN or infinite pixels, so no image was written from them: the checkpoint holds "
+                        "diverged weights or the settings (guidance scale, steps, precision) overflow; try another checkpoint "
+                        "(an earlier one), fp32 (--mixed_precision no) or a smaller --guidance_scale.")
+    images = (images - low) / (high - low)
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 

@@ -80,6 +80,9 @@ def training_checkpoint(
 
     bare = unwrap(accelerator, model)
     rng_states = gather_object([capture_rng_state()]) if accelerator.num_processes > 1 else [capture_rng_state()]
+    check_finite_weights(bare, step)
+    if ema is not None:
+        check_finite_weights(ema.state_dict(), step, "EMA weights")
     checkpoint = {
         "kind": kind,
         "format_version": CHECKPOINT_FORMAT_VERSION,
@@ -187,6 +190,43 @@ def check_finite(value: float, step: int, hint: str = "") -> None:
         )
 
 
+def check_finite_weights(weights, step: int, what: str = "weights") -> None:
+    """Refuse to checkpoint NaN or infinite ``weights`` (a module or a nested dict of tensors): the last good checkpoint
+    stays the newest one on disk."""
+    tensors = weights.state_dict().values() if isinstance(weights, torch.nn.Module) else _tensors(weights)
+    for tensor in tensors:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(
+                f"The {what} became NaN or infinite by optimiser step {step}; nothing was saved over the last good "
+                "checkpoint. Lower --learning_rate and keep gradient clipping on (--max_grad_norm)."
+            )
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def parameter_norm(model: torch.nn.Module) -> torch.Tensor:
+    """The L2 norm of all of ``model``'s floating-point parameters, on their device (no host sync)."""
+    parameters = [p.detach().float() for p in model.parameters() if p.is_floating_point()]
+    if not parameters:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(parameters)))
+
+
+# A run whose weights' norm grows past this multiple of its start has diverged: healthy training moves the global norm
+# by a few times at most, while a learning rate far too large (1e9) multiplies it by millions while the loss can stay
+# finite (normalisation layers absorb the scale), and samples from such weights are NaN.
+PARAMETER_GROWTH_LIMIT = 100.0
+
+
 def out_of_memory_message(batch_size: int, hint: str = "") -> str:
     return (
         f"CUDA ran out of memory with a batch of {batch_size} per device; lower --train_batch_size and raise the gradient "
@@ -198,16 +238,22 @@ class NonFiniteGuard:
     """Remembers on the device the first step whose loss was NaN or infinite: no host sync per step.
 
     ``update`` every micro-batch; ``check`` (a small collective, on all processes together) where a host sync is
-    cheap, e.g. when the progress display refreshes and at the end of an epoch. Only the loss is watched: an fp16
-    gradient overflow leaves the loss finite, and accelerate's loss scaler skips that step and lowers its scale.
+    cheap, e.g. when the progress display refreshes and at the end of an epoch. An fp16 gradient overflow leaves the
+    loss finite, and accelerate's loss scaler skips that step and lowers its scale. With ``model``, ``check`` also
+    compares the weights' norm with the norm at the guard's creation: past ``growth_limit`` times it the run has
+    diverged even where the loss stays finite, and it stops before a checkpoint is written from such weights.
     """
 
-    def __init__(self, device: torch.device, hint: str = ""):
+    def __init__(self, device: torch.device, hint: str = "", model: torch.nn.Module | None = None,
+                 growth_limit: float = PARAMETER_GROWTH_LIMIT):
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self.bad_value = torch.zeros((), device=device)
         self.hint = hint
+        self.model, self.growth_limit, self.last_step = model, growth_limit, 0
+        self.start_norm = float(parameter_norm(model)) if model is not None else None
 
     def update(self, loss: torch.Tensor, step: int) -> None:
+        self.last_step = step
         newly_bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
         self.first_bad_step = torch.where(newly_bad, step, self.first_bad_step)
         self.bad_value = torch.where(newly_bad, loss.detach().float(), self.bad_value)
@@ -220,6 +266,14 @@ class NonFiniteGuard:
         if len(bad):
             index = int(bad[0, 0])
             check_finite(float(values[index]), int(steps[index]), self.hint)
+        if self.model is not None:  # the same weights on every process under DDP: all raise together
+            norm = float(parameter_norm(self.model))
+            if not math.isfinite(norm) or norm > self.growth_limit * max(self.start_norm, 1e-12):
+                raise UserError(
+                    f"The weights diverged by optimiser step {self.last_step}: their norm grew from {self.start_norm:.3g} to "
+                    f"{norm:.3g} (the limit is {self.growth_limit:g}x); nothing was saved over the last good checkpoint. "
+                    "Lower --learning_rate and keep gradient clipping on (--max_grad_norm)."
+                )
 
 
 class BestMetric:

@@ -1,94 +1,52 @@
 """Train SeeSR (ControlNet + the UNet's image cross-attention) with the timestep-adaptive multi-scale injector.
 
-SeeSR (Wu et al., CVPR 2024, https://github.com/cswry/SeeSR ``train_seesr.py``) trains a ControlNet that reads the
-bicubic-upsampled low-resolution image, plus the UNet modules named by ``--trainable_modules`` (default
-``image_attentions``: the image cross-attention fed by RAM's embeddings of the LR input), with the rest of SD2's
-UNet, the VAE and the text encoder frozen, the epsilon-MSE objective at uniform timesteps, and the GT's RAM tags as
-prompts (dropped with ``--null_text_ratio``). RAM (``--ram_path``, + DAPE with ``--ram_ft_path``) runs without
-gradients in the frozen models' dtype: a Swin-L forward per image for the embeddings, and one more on the GT for
-images without a tag file. ``--no_image_cross_attention`` trains the plain SD2 ControlNet of this repository's
-earlier versions (no RAM needed). This script follows diffusers' ControlNet-training conventions
-(``examples/controlnet/train_controlnet.py``: flag names, ``accelerate`` state in ``checkpoint-<step>/`` folders,
-``--checkpoints_total_limit``, ``--resume_from_checkpoint latest``) and adds the users' injector
-(``models/timestep_adaptive.py``) between ControlNet and UNet. The three variants the users compare:
+SeeSR (Wu et al., CVPR 2024, https://github.com/cswry/SeeSR ``train_seesr.py``) on diffusers' ControlNet-training
+conventions (``examples/controlnet/train_controlnet.py``: flag names, ``accelerate`` state in ``checkpoint-<step>/``
+folders, ``--resume_from_checkpoint latest``), with our injector (``--injector``, the keys of
+``models.timestep_adaptive.INJECTORS``) between ControlNet and UNet. The models, optimiser groups, objective and data
+come from ``recipes.seesr.build_seesr_training``; this script parses, builds and runs the loop.
 
-    --injector baseline              plain SeeSR ControlNet (no injector)
-    --injector timestep_only         residual * w(t)
-    --injector timestep_multiscale   residual * s[level] * w(t)     (default)
-
-    python train_seesr_timestep.py --pretrained_model_path preset/models/stable-diffusion-2-base \\
+    python train_seesr_timestep.py --pretrained_model_path preset/models/stable-diffusion-2-base \
         --train_data_dir datasets/HR --output_dir experience/timestep_multiscale --injector timestep_multiscale
-    accelerate launch --multi_gpu train_seesr_timestep.py --config configs/seesr_sd2_base.yaml --train_data_dir HR
     python train_seesr_timestep.py --resume_from_checkpoint latest --output_dir experience/timestep_multiscale
-    python train_seesr_timestep.py ... --train_injector_only --controlnet_model_path experience/baseline/checkpoint-100000
-    accelerate launch train_seesr_timestep.py --pretrained_model_name_or_path preset/models/stable-diffusion-2-base \
-        --output_dir experience/seesr --root_folders preset/datasets/training_datasets \
-        --ram_ft_path preset/models/DAPE.pth --mixed_precision fp16 --resolution 512 --learning_rate 5e-5 \
-        --train_batch_size 16 --gradient_accumulation_steps 2 --null_text_ratio 0.5 --checkpointing_steps 10000
-    python train_seesr_timestep.py ... --seesr_model_path preset/models/seesr --injector timestep_multiscale
 
-Starting points: a new ControlNet copied from SD2's UNet (as SeeSR); ``--seesr_model_path``: SeeSR's release folder
-(unet/ + controlnet/) or one of our checkpoints (its ControlNet, UNet and injector); SeeSR's
-``--controlnet_model_name_or_path`` / ``--unet_model_name_or_path`` (folders holding controlnet/ or unet/).
-
-Data: ``--root_folders a,b``: SeeSR's prepared folders (gt/, sr_bicubic/, tag/ from make_paired_data.py and
-make_tags.py); ``--train_data_dir`` (or ``--hr_dir`` alone): HR images cropped to ``--resolution`` and degraded on the
-fly (``--degradation seesr``: make_paired_data.py's ranges on the USM-sharpened GT; ``realesrgan``: the same ranges
-on the plain GT; ``dape``: SeeSR's milder params_realesrgan.yml); or ``--lr_dir`` + ``--hr_dir``: prepared pairs
-matched by file stem. Tags: a ``<stem>.txt`` beside an image (``tag/<stem>.txt`` in root folders), else RAM's tags of
-the GT when RAM is loaded; dropped with ``--null_text_ratio``.
-
-SeeSR's flags that this script refuses, each with its reason: ``--revision``, ``--tokenizer_name``, ``--cache_dir``,
-``--push_to_hub``, ``--hub_token``, ``--hub_model_id`` (nothing is downloaded or uploaded), ``--use_8bit_adam``
-(bitsandbytes is not a dependency), ``--dataset_name``, ``--dataset_config_name``, ``--image_column``,
-``--conditioning_image_column``, ``--caption_column``, ``--max_train_samples`` (Hugging Face datasets: use
-``--root_folders``), ``--validation_prompt`` (validation prompts are RAM tags).
-
-The settings every trainer shares have the house names (utils/cli.py: diffusers' own, which SeeSR's script uses too)
-and the other trainers' spellings as aliases (``--batch_size``, ``--lr``, ``--resume``...). Resuming
-(``--resume_from_checkpoint latest --output_dir RUN``, or a checkpoint folder) takes every setting not given on the
-command line from the checkpoint's saved configuration (utils/resume.py), data and model paths included; a changed
-model setting (``--injector`` and its flags, ``--no_image_cross_attention``, ``--trainable_modules``,
-``--train_injector_only``) is refused in one line. ``--checkpointing_minutes M`` writes a checkpoint every M minutes
-as well (Kaggle's session limit). ``--report_to tensorboard`` (the default when tensorboard is installed) logs the loss,
-the learning rates, the injector's s and w(t) at a few timesteps, the validation images and the w(t) figure through
-accelerate's tracker into ``<output_dir>/<logging_dir>``.
-
-Writes into ``--output_dir`` (the run folder, ``experience/<name>``)::
-
-    args.yaml, train.log, loss_curve.png          the resolved settings of the (latest) session, log, loss curve
-    logs/<run name>/events.out.tfevents.*         TensorBoard (--report_to tensorboard, --logging_dir logs)
-    checkpoint-<step>/controlnet/                 diffusers ControlNetModel (config.json + safetensors)
-    checkpoint-<step>/unet/                       the whole UNet (diffusers folder) when it has image attention:
-                                                  inference needs it, and its trained modules are in it
-    checkpoint-<step>/multi_scale_injector/       config.json, model.safetensors, pytorch_model.bin (not baseline)
-    checkpoint-<step>/optimizer.bin, scheduler.bin, random_states_<rank>.pkl, [scaler.pt]   accelerate state
-    checkpoint-<step>/training_state.json         step, epoch, position in the epoch, variant, loss history
-    validation/step_<step>.png                    LR | SR | HR through the inference pipeline itself
-    validation/timestep_weights_step_<step>.png   the injector's w(t) (and s * w(t)) curves
-
-Differences from SeeSR's script, on purpose: data shuffled and LR/HR paired by stem; the checkpoint limit applied
-(after the new checkpoint is safely written, not before); checkpoint folders published by an atomic rename; the
-frozen SD2 modules never saved (the UNet only when it is not plain SD2); the final save is a checkpoint like the
-others (SeeSR's overwrote the ControlNet folder with the UNet); the GT's tags come from tag files by stem or from
-RAM online, not from a listing zipped unsorted with the images.
+Every flag, the data layouts, the run folder's files and the differences from SeeSR's script: docs/seesr.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
-import os
+import random
 import shutil
 import time
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from models.timestep_adaptive import INJECTORS
+from recipes import TrainingParts
+from recipes.seesr import (
+    UNET_FOLDER,
+    add_ram_inputs,
+    build_seesr_datasets,
+    build_seesr_training,
+    default_workers,
+    loss_generator,
+)
 from utils.accelerator import create_accelerator, log_run_header, reset_accelerate_state
-from utils.checkpoint import atomic_write_text
+from utils.checkpoint import (
+    atomic_write_text,
+    checkpoint_folders,
+    latest_checkpoint_folder,
+    publish_checkpoint_folder,
+    rotate_checkpoint_folders,
+    staging_folder,
+)
 from utils.cli import add_ram_arguments, add_training_arguments, check_training_arguments
 from utils.config import ArgumentParser, add_config_argument, config_to_dict, explicitly_given, parse_with_config, save_config
 from utils.errors import CheckpointError, UserError, run_cli
@@ -129,7 +87,7 @@ NOT_INHERITED = ("given_flags", "allow_tf32", "enable_xformers_memory_efficient_
 DATA_SOURCE_FLAGS = frozenset({"root_folders", "train_data_dir", "hr_dir", "lr_dir"})
 START_WEIGHT_FLAGS = frozenset({"seesr_model_path", "controlnet_model_path", "unet_model_path"})
 W_T_LOGGED_AT = (999, 750, 500, 250, 1)  # timesteps whose w(t) goes to the tracker as scalars
-UNET_FOLDER = "unet"
+INFER_START_STEPS = 999  # infer.py seesr's --start_steps default (test_seesr.py's): previews start where inference does
 # SeeSR's train_seesr.py flags refused here: flag -> (takes a value, reason).
 REFUSED_SEESR_FLAGS = {
     "revision": (True, "nothing is downloaded: pass local folders"),
@@ -240,8 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_training_arguments(
         parser,
         defaults=dict(
-            train_batch_size=4, gradient_accumulation_steps=1, learning_rate=5e-5, lr_warmup_steps=500,
-            max_grad_norm=1.0, mixed_precision="auto", dataloader_num_workers=None, seed=42,
+            train_batch_size=16, gradient_accumulation_steps=1, learning_rate=5e-5, lr_warmup_steps=500,
+            max_grad_norm=1.0, mixed_precision="auto", dataloader_num_workers=None, seed=None,
             output_dir="experience/seesr", resume_from_checkpoint=None, checkpointing_steps=500,
             checkpointing_minutes=0, checkpoints_total_limit=None, report_to=None, device="auto",
         ),
@@ -250,8 +208,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "lr_warmup_steps": "linear warm-up steps of the *_with_warmup, linear and cosine schedules",
             "dataloader_num_workers": "data-loader worker processes: degradation runs on the CPU, so use several on a "
                                       "GPU server (none given: up to 8 on CUDA, 0 on CPU)",
-            "seed": "seed of initialisation, data order, crops, degradations and noise; a resumed run continues "
-                    "exactly as if never stopped",
+            "seed": "seed of initialisation, data order, crops, degradations and noise (default none, as SeeSR: a "
+                    "random seed, logged and saved with the run); a resumed run continues exactly as if never stopped",
             "output_dir": "the run folder: checkpoints, logs, validation images",
             "resume_from_checkpoint": "'latest' (the newest checkpoint-<step> in --output_dir; a new run if there is "
                                       "none) or a checkpoint-<step> folder; settings not given come from the checkpoint",
@@ -284,9 +242,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="multiply --learning_rate by batch x accumulation x processes (diffusers' meaning)")
 
     hardware = parser.add_argument_group("hardware")
-    hardware.add_argument("--allow_tf32", dest="allow_tf32", action="store_true", default=True,
-                          help="TF32 matmuls on Ampere+ GPUs (on by default here; kept for diffusers command lines)")
-    hardware.add_argument("--no_tf32", dest="allow_tf32", action="store_false", help="turn TF32 off")
+    hardware.add_argument("--allow_tf32", dest="allow_tf32", action="store_true", default=False,
+                          help="TF32 matmuls on Ampere+ GPUs: faster, less precise (default off: SeeSR parses the "
+                          "flag but never applies it, so its matmuls run in full fp32)")
+    hardware.add_argument("--no_tf32", dest="allow_tf32", action="store_false",
+                          help="full-fp32 matmuls (the default, as SeeSR; the other trainers' spelling)")
     hardware.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                           help="xformers attention in UNet and ControlNet when xformers is installed; without it "
                           "PyTorch's scaled-dot-product attention (already memory-efficient) is used and logged")
@@ -373,176 +333,7 @@ def settings_error(config: argparse.Namespace) -> str | None:
     return None
 
 
-# ------------------------------------------------------------------------------------------------ set-up helpers
-
-
-def build_training_dataset(args, seed: int | None):
-    """SeeSR's prepared folders, an HR folder degraded on the fly, or prepared LR/HR pairs."""
-    from data.degradations import DegradationConfig
-    from data.sr_pairs import HRFolderDegradedDataset, PairedSRFolderDataset, SeeSRPreparedDataset
-
-    if args.root_folders:
-        return SeeSRPreparedDataset(args.root_folders, args.resolution, args.scale, args.null_text_ratio, seed,
-                                    args.random_flip)
-    if args.lr_dir:
-        return PairedSRFolderDataset(
-            args.lr_dir, args.hr_dir, args.resolution, args.scale, args.null_text_ratio, seed, args.random_flip
-        )
-    config = {"seesr": DegradationConfig.seesr, "realesrgan": DegradationConfig,
-              "dape": DegradationConfig.dape}[args.degradation]()
-    values = config.to_dict()
-    if args.degradation_options:
-        from utils.config import load_config
-
-        if not Path(args.degradation_options).is_file():
-            raise UserError(f"--degradation_options {args.degradation_options} does not exist; pass a YAML file.")
-        values.update(load_config(args.degradation_options))
-    values["scale"] = args.scale
-    return HRFolderDegradedDataset(
-        args.train_data_dir or args.hr_dir, args.resolution, DegradationConfig.from_dict(values),
-        args.null_text_ratio, seed, args.random_flip,
-    )
-
-
-def _model_folder(path: str | Path, sub: str, flag: str) -> Path:
-    """``path/sub`` when it holds a config.json (SeeSR's and our layouts), else ``path`` itself; checked to exist."""
-    path = Path(path)
-    if path.is_file():
-        raise CheckpointError(f"{flag} {path} is a file; pass a folder ({sub}/ of SeeSR's release or a checkpoint, or "
-                              "a diffusers model folder).")
-    for folder in (path / sub, path):
-        if (folder / "config.json").is_file():
-            return folder
-    raise CheckpointError(f"{flag} {path} holds no {sub}/config.json nor config.json; pass SeeSR's release folder, a "
-                          "checkpoint-<step>/ folder or a diffusers model folder.")
-
-
-def resolve_model_sources(args) -> dict:
-    """Where each starting weight comes from (checked before anything loads): seesr / controlnet / unet folders."""
-    sources = {"seesr": None, "controlnet": None, "unet": None, "injector": None}
-    if args.seesr_model_path:
-        path = Path(args.seesr_model_path)
-        if path.is_file() or not path.is_dir():
-            raise CheckpointError(
-                f"--seesr_model_path {path} is not a folder; pass SeeSR's release folder (unet/ + controlnet/) or a "
-                "checkpoint-<step>/ folder of this script."
-            )
-        sources["seesr"] = path
-        sources["injector"] = path
-    if args.controlnet_model_path:
-        sources["controlnet"] = _model_folder(args.controlnet_model_path, "controlnet", "--controlnet_model_path")
-    if args.unet_model_path:
-        sources["unet"] = _model_folder(args.unet_model_path, UNET_FOLDER, "--unet_model_path")
-    return sources
-
-
-def check_ram_files(args) -> None:
-    """RAM's weights (and DAPE) exist where the flags say, before any model loads."""
-    if not Path(args.ram_path).is_file():
-        raise UserError(
-            f"--ram_path {args.ram_path} does not exist; SeeSR training needs RAM's ram_swin_large_14m.pth for the "
-            "image embeddings (pass its path), or add --no_image_cross_attention to train the plain ControlNet."
-        )
-    if args.ram_ft_path and not Path(args.ram_ft_path).is_file():
-        raise UserError(f"--ram_ft_path {args.ram_ft_path} does not exist; pass SeeSR's DAPE.pth or leave the flag out.")
-
-
-def build_models(args, sources: dict, sd2_unet, logger, image_width: int | None = None):
-    """``(unet, controlnet, injector or None)`` to start from: SeeSR's (or our) model, or new ones from SD2's UNet.
-
-    With image attention (the default) the UNet is SD2's with SeeSR's image attentions added (PyTorch's default
-    initialisation, as SeeSR), unless a UNet is given; a new ControlNet copies that UNet's encoder. ``image_width``:
-    the tagger's embedding width (RAM: 512).
-    """
-    from models.seesr import build_controlnet, load_controlnet, load_seesr_weights
-    from models.seesr_unet import SeeSRUNet2DConditionModel, load_strict, unet_with_image_attention
-
-    use_images = not args.no_image_cross_attention
-    unet, controlnet, injector = sd2_unet, None, None
-    if sources["seesr"] is not None:
-        controlnet, injector, loaded_unet, messages = load_seesr_weights(sources["seesr"], sd2_unet)
-        for message in messages:
-            logger.info("%s", message)
-        unet = loaded_unet if loaded_unet is not None else sd2_unet
-    if sources["controlnet"] is not None:
-        controlnet = load_controlnet(sources["controlnet"])
-        logger.info("ControlNet from %s", sources["controlnet"])
-    if sources["unet"] is not None:
-        unet = load_strict(SeeSRUNet2DConditionModel, sources["unet"])
-        logger.info("UNet from %s", sources["unet"])
-    unet_images = bool(getattr(unet.config, "use_image_cross_attention", False))
-    if controlnet is not None:
-        controlnet_images = bool(getattr(controlnet.config, "use_image_cross_attention", False))
-        if controlnet_images != use_images:
-            where = sources["controlnet"] or sources["seesr"]
-            raise CheckpointError(
-                f"The ControlNet in {where} {'has' if controlnet_images else 'has no'} image cross-attention; "
-                + ("drop --no_image_cross_attention to train it as SeeSR." if controlnet_images else
-                   "add --no_image_cross_attention to continue it as a plain ControlNet, or start a SeeSR model anew.")
-            )
-    if unet_images and not use_images:
-        raise CheckpointError("The UNet has image cross-attention; drop --no_image_cross_attention to train it as SeeSR.")
-    if use_images and not unet_images:
-        torch.manual_seed(args.seed if args.seed is not None else 0)  # the new image attentions, reproducibly
-        unet = unet_with_image_attention(unet, image_width or 512)
-        logger.info("UNet: SD2's with new image attentions (PyTorch's default initialisation, as SeeSR)")
-    if controlnet is None:
-        controlnet = build_controlnet(unet, args.conditioning_embedding_channels, use_image_cross_attention=use_images)
-        logger.info("ControlNet initialised from the UNet's encoder (zero convolutions: starts as the UNet alone)")
-    return unet, controlnet, injector
-
-
-def enable_xformers(logger, *models) -> None:
-    """xformers attention where installed (SeeSR's flag); PyTorch's SDPA otherwise, which needs no switch."""
-    import importlib.util
-
-    if importlib.util.find_spec("xformers") is None:
-        logger.info("--enable_xformers_memory_efficient_attention: xformers is not installed; PyTorch's "
-                    "scaled-dot-product attention (memory-efficient as well) is used")
-        return
-    for model in models:
-        model.enable_xformers_memory_efficient_attention()
-
-
-def load_validation_set(args) -> list[dict]:
-    """``[{"name", "lr" [3,h,w] in [0,1], "hr" or None, "prompt"}]``: the given LR images or degraded crops."""
-    from data.sr_pairs import load_image_tensor, read_tag_prompt
-
-    if args.validation_steps == 0:
-        return []
-    if args.validation_image:
-        items = []
-        for path in args.validation_image:
-            if not Path(path).is_file():
-                raise UserError(f"--validation_image {path} does not exist; pass LR image files.")
-            has_tags = Path(path).with_suffix(".txt").is_file()
-            items.append({"name": Path(path).stem, "lr": load_image_tensor(path), "hr": None,
-                          "prompt": read_tag_prompt(path), "tag_source": "file" if has_tags else "none"})
-        return items
-    # Fixed crops and degradations (own seed, no null prompts): the same images at every validation.
-    args_copy = argparse.Namespace(**{**vars(args), "null_text_ratio": 0.0, "random_flip": False})
-    dataset = build_training_dataset(args_copy, seed=args.seed if args.seed is not None else 0)
-    items = []
-    for index in range(min(args.num_validation_images, len(dataset))):
-        sample = dataset[index]
-        items.append({"name": Path(sample["path"]).stem, "lr": sample["lr"], "hr": (sample["hr"] + 1) / 2,
-                      "prompt": sample["prompt"], "tag_source": sample["tag_source"]})
-    return items
-
-
-def checkpoint_number(path: Path) -> int:
-    try:
-        return int(path.name[len(CHECKPOINT_PREFIX):])
-    except ValueError:
-        return -1
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """``checkpoint-<step>/`` folders of a run, oldest step first (unfinished temporary folders are hidden)."""
-    if not output_dir.is_dir():
-        return []
-    folders = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and checkpoint_number(p) >= 0]
-    return sorted(folders, key=checkpoint_number)
+# ------------------------------------------------------------------------------------------------ resume
 
 
 def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
@@ -550,8 +341,7 @@ def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
     if not resume:
         return None
     if resume == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        return latest_checkpoint_folder(output_dir, CHECKPOINT_PREFIX)
     path = Path(resume)
     if not path.is_dir() and (output_dir / path.name).is_dir():
         path = output_dir / path.name  # diffusers also accepts a bare "checkpoint-500" inside --output_dir
@@ -604,16 +394,46 @@ def resolve_run_config(args: argparse.Namespace) -> tuple[argparse.Namespace, Pa
     return config, resume_dir, state
 
 
+# ------------------------------------------------------------------------------------------------ the run
+
+
+@dataclass
+class SeeSRRun:
+    """One training session's state: the built parts, the prepared (DDP-wrapped) trainables, the counters."""
+
+    config: argparse.Namespace
+    accelerator: object
+    logger: logging.Logger
+    parts: TrainingParts
+    controlnet: torch.nn.Module
+    injector: torch.nn.Module | None
+    output_dir: Path
+    max_train_steps: int = 0
+    step: int = 0
+    micro_step: int = 0
+    history: list = field(default_factory=list)
+    previews: list = field(default_factory=list)
+
+    def bare(self, model):
+        return None if model is None else unwrap(self.accelerator, model)
+
+
+def apply_tf32(allow: bool) -> None:
+    """TF32 matmuls only with ``--allow_tf32``: SeeSR parses the flag but never applies it, so its matmuls run in full
+    fp32 (PyTorch's default); convolutions keep PyTorch's default (TF32 allowed) in both."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(allow)
+
+
 def injector_scalars(injector) -> dict[str, float]:
     """The injector's level weights s and w(t) at a few timesteps, as tracker scalars."""
     values = {}
-    groups = injector.num_groups
-    names = [f"{'level' if injector.config.grouping == 'level' else 'residual'}{i}" for i in range(groups - 1)] + ["mid"]
+    names = [f"{'level' if injector.config.grouping == 'level' else 'residual'}{i}" for i in range(injector.num_groups - 1)]
+    names.append("mid")
     with torch.no_grad():
-        if injector.scale_weights is not None:
+        if getattr(injector, "scale_weights", None) is not None:
             for name, weight in zip(names, injector.scale_weights.weights.float().cpu().tolist(), strict=True):
                 values[f"injector/s/{name}"] = weight
-        if injector.timestep_weights is not None:
+        if getattr(injector, "timestep_weights", None) is not None:
             for t in W_T_LOGGED_AT:
                 weights = injector.get_weight_at_step(t).float().cpu().tolist()
                 if injector.config.timestep_weights_shared:
@@ -623,444 +443,315 @@ def injector_scalars(injector) -> dict[str, float]:
     return values
 
 
-def publish_checkpoint(staging: Path, final: Path) -> None:
-    """Move a finished checkpoint folder into place with renames: readers see the old folder or the new one."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
+def load_model_weights(accelerator, models: list, input_dir: str) -> None:
+    """accelerate's load hook: the ControlNet and the injector come back from their own folders in the checkpoint
+    (the save hook hands accelerate nothing: they are written as controlnet/ and multi_scale_injector/)."""
+    from diffusers import ControlNetModel
+
+    from models.seesr import load_controlnet
+    from models.timestep_adaptive import INJECTOR_FOLDER, read_injector_state
+
+    while models:
+        model = unwrap(accelerator, models.pop())
+        if isinstance(model, ControlNetModel):
+            state, source = load_controlnet(input_dir).state_dict(), f"{input_dir}/controlnet"
+        else:
+            state, path = read_injector_state(Path(input_dir) / INJECTOR_FOLDER)
+            state, source = {k.removeprefix("module."): v for k, v in state.items()}, path
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            raise CheckpointError(f"The weights in {source} do not fit this run: {str(error).splitlines()[0]}") from None
+
+
+def restore(run: SeeSRRun, resume_dir: Path, state: dict, batches_per_epoch: int) -> tuple[int, int]:
+    """Load ``resume_dir`` into the run (optimiser, schedule, RNG, weights, counters); returns (epoch, batches to
+    skip in it)."""
+    from models.seesr_unet import SeeSRUNet2DConditionModel, load_strict
+
+    try:
+        with keeping_optimizer_implementation(run.parts.extras["optimizer"]):
+            run.accelerator.load_state(str(resume_dir))
+    except FileNotFoundError as error:
+        raise CheckpointError(f"{resume_dir} is incomplete ({error.filename} is missing); resume from another "
+                              "checkpoint.") from None
+    if run.parts.extras["unet_parameters"]:  # trained outside DDP (see sync_unet_gradients): not accelerate's
+        unet = run.parts.models["unet"]
+        unet.load_state_dict(load_strict(SeeSRUNet2DConditionModel, resume_dir / UNET_FOLDER).state_dict())
+    run.step, run.micro_step = state["step"], state["micro_step"]
+    run.history = [list(point) for point in state.get("loss_history", [])]
+    epoch, skip = state["epoch"], state["batches_in_epoch"]
+    if skip >= batches_per_epoch:
+        epoch, skip = epoch + 1, 0
+    if state.get("num_processes") != run.accelerator.num_processes:
+        run.logger.warning("%s was written by %s process(es), this run has %d: the position in the epoch's data is "
+                           "approximate", resume_dir, state.get("num_processes"), run.accelerator.num_processes)
+    run.logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_dir, run.step, epoch, skip)
+    return epoch, skip
+
+
+def save_checkpoint(run: SeeSRRun, epoch: int, batches_in_epoch: int) -> None:
+    """``checkpoint-<step>/``: accelerate's state, the weights in their own folders, ``training_state.json``; written
+    into a staging folder, published by a rename, then the oldest beyond ``--checkpoints_total_limit`` removed."""
+    from models.seesr import save_seesr_weights
+    from models.timestep_adaptive import save_injector
+
+    accelerator, config = run.accelerator, run.config
+    final = run.output_dir / f"{CHECKPOINT_PREFIX}{run.step}"
+    staging = staging_folder(final)
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))  # optimiser, LR schedule, loss scaler, RNG of every process
+    accelerator.wait_for_everyone()  # every rank's files are in before the folder is renamed
+    if accelerator.is_main_process:
+        frozen = run.parts.extras["frozen_folders"]
+        if config.train_injector_only:  # the frozen models exactly as loaded, not half-precision copies
+            shutil.copytree(frozen["controlnet"], staging / "controlnet")
+            if frozen["unet"] is not None:
+                shutil.copytree(frozen["unet"], staging / UNET_FOLDER)
+            if run.injector is not None:
+                save_injector(run.bare(run.injector), staging)
+        else:
+            save_seesr_weights(staging, run.bare(run.controlnet), run.bare(run.injector))
+            if "tagger" in run.parts.models:  # not plain SD2 any more: inference needs this UNet (trained modules)
+                run.parts.models["unet"].save_pretrained(staging / UNET_FOLDER, safe_serialization=True)
+        state = {
+            "kind": CHECKPOINT_KIND, "step": run.step, "micro_step": run.micro_step, "epoch": epoch,
+            "batches_in_epoch": batches_in_epoch, "num_processes": accelerator.num_processes,
+            "loss_history": run.history, "config": config_to_dict(config),
+        }
+        atomic_write_text(json.dumps(state, indent=1), staging / TRAINING_STATE_NAME)
+        publish_checkpoint_folder(staging, final)
+        for removed in rotate_checkpoint_folders(run.output_dir, config.checkpoints_total_limit, CHECKPOINT_PREFIX):
+            run.logger.info("removed %s (--checkpoints_total_limit %d)", removed, config.checkpoints_total_limit)
+        run.logger.info("step %d: saved %s", run.step, final)
+    accelerator.wait_for_everyone()
+
+
+def preview_image(run: SeeSRRun, item: dict, pipeline) -> torch.Tensor:
+    """One validation image super-resolved as ``infer.py seesr`` does with its defaults (test_seesr.py's): tags of the
+    LR by the run's RAM (+ DAPE), else the ``<name>.txt`` beside a ``--validation_image``; the prompt
+    ``"{tags}, ," + added prompt``; the LR latent noised to ``--start_steps`` 999; the run's seed for every image."""
+    from data.sr_pairs import read_tag_prompt
+    from models.seesr import DEFAULT_ADDED_PROMPT, encode_prompts, super_resolve_image
+
+    config, device = run.config, run.accelerator.device
+    tagger, image_embeds = run.parts.models.get("tagger"), None
+    if tagger is not None:
+        tags, image_embeds = tagger(item["lr"][None].to(device=device, dtype=tagger.dtype))
+        tags = tags[0]
     else:
-        os.replace(staging, final)
-
-
-def rotate_checkpoint_folders(output_dir: Path, keep: int | None) -> list[Path]:
-    """Delete the oldest checkpoint folders beyond ``keep`` (None keeps all)."""
-    if not keep:
-        return []
-    checkpoints = list_checkpoints(output_dir)
-    removed = checkpoints[:-keep] if len(checkpoints) > keep else []
-    for folder in removed:
-        shutil.rmtree(folder, ignore_errors=True)
-    return removed
-
-
-class PromptEmbeddingCache:
-    """Text embeddings of prompts already seen (the text encoder is frozen, so they never change)."""
-
-    def __init__(self, tokenizer, text_encoder, device, capacity: int):
-        self.tokenizer, self.text_encoder, self.device, self.capacity = tokenizer, text_encoder, device, capacity
-        self.embeddings: dict[str, torch.Tensor] = {}
-
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
-        from models.seesr import encode_prompts
-
-        if self.capacity == 0:
-            return encode_prompts(self.tokenizer, self.text_encoder, list(prompts), self.device)
-        missing = list(dict.fromkeys(p for p in prompts if p not in self.embeddings))
-        if missing:
-            if len(self.embeddings) + len(missing) > self.capacity:
-                self.embeddings.clear()  # rare (many distinct tag prompts): start over rather than track recency
-            encoded = encode_prompts(self.tokenizer, self.text_encoder, missing, self.device)
-            self.embeddings.update(zip(missing, encoded))
-        return torch.stack([self.embeddings[p] for p in prompts])
-
-
-@torch.no_grad()
-def add_ram_inputs(batch: dict, tagger) -> None:
-    """RAM's embeddings of the LR input (``image_embeds``) and RAM's tags of the GT where no tag file gave a prompt.
-
-    SeeSR's ``train_seesr.py`` feeds RAM (+ DAPE) the ``sr_bicubic`` image (the ControlNet input) resized bicubically
-    to 384 px. The tags come from its ``make_tags.py``: RAM on the GT, written as ``"{tags},"``; here read from tag
-    files, or computed online the same way, with the one tagger loaded (with DAPE when ``--ram_ft_path`` is given,
-    where make_tags.py uses plain RAM: on a clean GT the two agree closely, and a second Swin-L is not loaded).
-    """
-    batch["image_embeds"] = tagger.image_embeddings(batch["lr_upsampled"], resize="bicubic")
-    untagged = [i for i, source in enumerate(batch["tag_source"]) if source == "none"]
-    if untagged:
-        gt = ((batch["hr"][untagged] + 1) / 2).clamp(0, 1)
-        prompts = list(batch["prompt"])
-        for index, tags in zip(untagged, tagger.tags(gt), strict=True):
-            prompts[index] = f"{tags},"  # make_tags.py's tag file text
-        batch["prompt"] = prompts
-
-
-def loss_generator(seed: int | None, micro_step: int, accelerator) -> torch.Generator | None:
-    """A generator for one forward pass, a function of (seed, micro-batch, rank) only: resumes draw the same noise."""
-    if seed is None:
-        return None
-    generator = torch.Generator(device=accelerator.device)
-    return generator.manual_seed(
-        (seed * 1_000_003 + micro_step * accelerator.num_processes + accelerator.process_index) % (2**63)
+        tags = read_tag_prompt(item["path"]) if item["hr"] is None else ""
+    prompt = f"{tags}, ," + DEFAULT_ADDED_PROMPT  # infer.py seesr's f"{tags}, {--prompt}," + --added_prompt
+    prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [prompt], device)
+    return super_resolve_image(
+        pipeline, item["lr"], upscale=config.scale, process_size=config.validation_process_size or config.resolution,
+        prompt_embeds=prompt_embeds, image_embeds=image_embeds, start_point="lr", start_steps=INFER_START_STEPS,
+        num_inference_steps=config.validation_num_inference_steps, guidance_scale=config.validation_guidance_scale,
+        generator=torch.Generator().manual_seed(config.seed),
     )
+
+
+def write_previews(run: SeeSRRun, validation_set: list[dict]) -> None:
+    """Validation images through the inference path (a grid LR | SR [| HR] and each SR image), and the w(t) plot."""
+    from data.degradations import bicubic_upsample
+    from models.seesr import SeeSRPipeline
+    from utils.images import save_grid, tensor_to_pil
+
+    if not run.accelerator.is_main_process:
+        return
+    step, models = run.step, run.parts.models
+    controlnet, injector = run.bare(run.controlnet), run.bare(run.injector)
+    modes = [(m, m.training) for m in (controlnet, injector, models["unet"]) if m is not None]
+    for model, _ in modes:
+        model.eval()
+    pipeline = SeeSRPipeline(models["unet"], models["vae"], models["text_encoder"], run.parts.extras["tokenizer"],
+                             run.parts.extras["noise_scheduler"], controlnet, injector)
+    tiles, captions, folder = [], [], run.output_dir / "validation" / f"step_{step:06d}"
+    try:
+        with run.accelerator.autocast():
+            for item in validation_set:
+                result = preview_image(run, item, pipeline)
+                folder.mkdir(parents=True, exist_ok=True)
+                tensor_to_pil(result, (0.0, 1.0)).save(folder / f"{item['name']}.png")
+                tiles += [bicubic_upsample(item["lr"], result.shape[-2:]), result]
+                captions += [f"{item['name']} LR", f"SR step {step}"]
+                if item["hr"] is not None:
+                    tiles.append(item["hr"].float())
+                    captions.append("HR")
+    finally:
+        for model, training in modes:
+            model.train(training)
+    if tiles:
+        per_row = 3 if all(item["hr"] is not None for item in validation_set) else 2
+        path = save_grid(tiles, run.output_dir / "validation" / f"step_{step:06d}.png", nrow=per_row,
+                         value_range=(0.0, 1.0), captions=captions)
+        run.previews.append(path)
+        log_image(run.accelerator, "validation/LR_SR_HR", path, step)
+        run.logger.info("step %d: validation images %s", step, path)
+    if injector is not None and hasattr(injector, "timestep_weight_curves"):
+        from models.timestep_adaptive import describe_injector
+        from utils.plots import plot_timestep_weights
+
+        path = plot_timestep_weights(injector, run.output_dir / "validation" / f"timestep_weights_step_{step:06d}.png",
+                                     title=f"{run.output_dir.name}, step {step}")
+        log_image(run.accelerator, "injector/timestep_weights", path, step)
+        run.logger.info("step %d: %s | %s", step, describe_injector(injector), path)
+
+
+def sync_unet_gradients(accelerator, parameters: list) -> None:
+    """Average the UNet's trained gradients over the processes (the UNet is kept out of DDP: the loss function reads
+    its attributes, which a DDP wrapper hides)."""
+    if accelerator.num_processes > 1:
+        for parameter in parameters:
+            if parameter.grad is not None:
+                parameter.grad = accelerator.reduce(parameter.grad, "mean")
+
+
+def training_loss(run: SeeSRRun, batch: dict) -> torch.Tensor:
+    """One micro-batch's loss: degradation on the device where chosen, RAM's inputs, cached prompt embeddings."""
+    from data.degradations_batched import degrade_training_batch
+
+    accelerator, parts = run.accelerator, run.parts
+    dataset = parts.datasets["train"]
+    if getattr(dataset, "degrade_on_device", False):
+        batch = degrade_training_batch(batch, dataset.degradation, accelerator.device)
+    if "tagger" in parts.models:
+        add_ram_inputs(batch, parts.models["tagger"], parts.extras["gt_tagger"])
+    batch["prompt_embeds"] = parts.extras["prompt_cache"](batch["prompt"])
+    generator = loss_generator(run.config.seed, run.micro_step, accelerator.device, accelerator.num_processes,
+                               accelerator.process_index)
+    with accelerator.autocast():  # the UNet is not prepared by accelerate: autocast it here
+        return parts.objective(batch, controlnet=run.controlnet, injector=run.injector, generator=generator)
+
+
+def log_step(run: SeeSRRun, meter: LossMeter, guard: NonFiniteGuard, lr_scheduler, seconds: float) -> None:
+    """The mean loss over the processes since the last log line, to the log, the history and the tracker."""
+    mean_loss = float(run.accelerator.reduce(meter.total / meter.count, "mean"))
+    meter.reset()
+    guard.check(run.accelerator)
+    run.history.append([run.step, mean_loss])
+    rates = lr_scheduler.get_last_lr()
+    run.logger.info("step %d/%d | loss %.4f | lr %.2e | %.2f s/step", run.step, run.max_train_steps, mean_loss,
+                    rates[0], seconds)
+    if run.accelerator.trackers:
+        scalars = {"train/loss": mean_loss, "train/lr": rates[0], "train/seconds_per_step": seconds}
+        if run.injector is not None:
+            scalars["train/lr_injector"] = rates[-1]
+            scalars.update(injector_scalars(run.bare(run.injector)))
+        log_scalars(run.accelerator, scalars, run.step)
+
+
+def plot_loss_curve(run: SeeSRRun) -> None:
+    from utils.plots import plot_curves
+
+    every = run.config.logging_steps
+    steps = [point[0] for point in run.history]
+    plot_curves({"train loss (epsilon MSE)": [point[1] for point in run.history]}, run.output_dir / "loss_curve.png",
+                title=f"{run.output_dir.name}: steps {steps[0]}..{steps[-1]}, a point every {every}",
+                xlabel=f"logging interval ({every} optimiser steps)", log_y=True)
+
+
+def total_steps(config, dataset_size: int, num_processes: int) -> int:
+    """``--max_train_steps``, else ``--num_train_epochs`` worth of optimiser steps, else 100000."""
+    if config.max_train_steps is not None:
+        return config.max_train_steps
+    per_epoch = math.ceil(dataset_size // (config.train_batch_size * num_processes) / config.gradient_accumulation_steps)
+    return config.num_train_epochs * per_epoch if config.num_train_epochs else 100000
 
 
 # ------------------------------------------------------------------------------------------------ main
 
 
 def main(args: argparse.Namespace) -> dict:
-    from diffusers import ControlNetModel
     from diffusers.optimization import get_scheduler
 
-    from models.seesr import (
-        SeeSRPipeline,
-        check_sd2_folder,
-        load_controlnet,
-        load_sd2_components,
-        save_seesr_weights,
-        seesr_training_loss,
-        set_gradient_checkpointing,
-    )
-    from models.seesr_unet import unet_trainable_parameters
-    from models.timestep_adaptive import (
-        INJECTOR_FOLDER,
-        MultiScaleInjector,
-        build_injector,
-        read_injector_state,
-        residual_levels_of,
-        save_injector,
-    )
+    from data.degradations_batched import use_device_degradation
+    from models.seesr import check_sd2_folder
 
     reset_accelerate_state()
     # Everything a user can get wrong is checked before the models load.
     config, resume_dir, resume_state = resolve_run_config(args)
+    seed_drawn = config.seed is None  # SeeSR's default: a random seed, saved with the run so resuming is exact
+    if seed_drawn:
+        config.seed = random.SystemRandom().randrange(2**31)
     output_dir = Path(config.output_dir)
     check_sd2_folder(config.pretrained_model_path)
-    sources = resolve_model_sources(config)
-    dataset = build_training_dataset(config, config.seed)
-    dataset.check_images()
-    validation_set = load_validation_set(config)
-    use_ram = not config.no_image_cross_attention
-    if use_ram:
-        check_ram_files(config)
+    datasets = build_seesr_datasets(config)
+    dataset = datasets["train"]
 
     accelerator = create_accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        cpu=config.device == "cpu",
-        seed=config.seed,
-        project_dir=str(output_dir),
-        report_to=config.report_to,
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        cpu=config.device == "cpu", seed=config.seed, project_dir=str(output_dir), report_to=config.report_to,
         logging_dir=str(output_dir / config.logging_dir),
     )
     if config.device == "cuda" and accelerator.device.type != "cuda":
         raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto.")
-    if not config.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    is_main = accelerator.is_main_process
-    logger = setup_logger(output_dir, is_main)
+    apply_tf32(config.allow_tf32)
+    logger = setup_logger(output_dir, accelerator.is_main_process)
     if config.resume_from_checkpoint == "latest" and resume_dir is None:
         logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run", output_dir)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if seed_drawn:
+        logger.info("seed: %d (random, as SeeSR without --seed; saved with the run, so resuming continues exactly)",
+                    config.seed)
     device = accelerator.device
-    from data.degradations_batched import degrade_training_batch, use_device_degradation
-
-    degrade_on_device = use_device_degradation(config.degradation_device, device) and hasattr(dataset, "degradation")
-    dataset.degrade_on_device = degrade_on_device  # items then carry the HR crop and drawn kernels only
-
-    # Frozen SD2 parts in the compute dtype; trainable weights in fp32 (autocast computes in half precision). The
-    # ControlNet copies the UNet's encoder before the UNet is cast, so it starts from the full-precision weights.
-    sd2 = load_sd2_components(config.pretrained_model_path, device)
-    tagger = None
-    if use_ram:
-        from models.ram import load_ram_tagger
-
-        tagger = load_ram_tagger(config.ram_path, config.ram_ft_path, config.ram_tag_list, config.ram_tag_thresholds,
-                                 device=device, dtype=weight_dtype)
-        logger.info("RAM %s%s: image embeddings of the LR input; tags of the GT where no tag file is given",
-                    config.ram_path, f" + DAPE {config.ram_ft_path}" if config.ram_ft_path else "")
-    image_width = tagger.config.embed_width if tagger is not None else None
-    unet, controlnet, loaded_injector = build_models(config, sources, sd2.unet, logger, image_width)
-    unet.to(device)
-    sd2.unet = unet
-    train_unet = use_ram and not config.train_injector_only and bool(config.trainable_modules)
-    unet_parameters = []
-    if train_unet:
-        unet_parameters = list(unet_trainable_parameters(unet, config.trainable_modules).values())
-        if not unet_parameters:
-            raise UserError(f"--trainable_modules {' '.join(config.trainable_modules)} names no module of the UNet; "
-                            "SeeSR's default is image_attentions.")
-        for parameter in unet_parameters:
-            parameter.requires_grad_(True)
-        logger.info("UNet: %.2fM parameters trained (modules ending in %s), the rest frozen",
-                    sum(p.numel() for p in unet_parameters) / 1e6, ", ".join(config.trainable_modules))
-    frozen_models = [sd2.vae, sd2.text_encoder] + ([] if train_unet else [unet])  # a trained UNet stays fp32
-    if weight_dtype != torch.float32:
-        for frozen in frozen_models:
-            frozen.to(dtype=weight_dtype)
-    if config.enable_xformers_memory_efficient_attention:
-        enable_xformers(logger, unet, controlnet)
-    injector = build_injector(
-        config.injector,
-        residual_levels_of(controlnet),
-        timestep_weights=config.timestep_weights,
-        grouping=config.injector_grouping,
-        timestep_weights_shared=not config.timestep_weights_per_group,
-        table_bins=config.timestep_table_bins,
-    )
-    if loaded_injector is not None and injector is not None:
-        try:
-            injector.load_state_dict(loaded_injector.state_dict())
-        except RuntimeError as error:
-            raise CheckpointError(
-                f"The injector in {sources['injector']} does not fit --injector {config.injector} with these injector "
-                f"flags: {str(error).splitlines()[0]}"
-            ) from None
-        logger.info("injector weights from %s", sources["injector"])
-    if config.train_injector_only:
-        controlnet.requires_grad_(False)
-        controlnet.to(device).eval()
-        if weight_dtype != torch.float32:
-            controlnet.to(dtype=weight_dtype)
-    else:
-        controlnet.to(device).train()
-    if injector is not None:
-        injector.to(device).train()
-    if config.gradient_checkpointing:
-        set_gradient_checkpointing(True, *([sd2.unet] if config.train_injector_only else [controlnet, sd2.unet]))
-    if train_unet:
-        unet.train()
-
-    learning_rate = config.learning_rate
-    if config.scale_lr:
-        learning_rate *= config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-    trainables = ([] if config.train_injector_only else [controlnet]) + ([injector] if injector is not None else [])
-    parameter_groups = []
-    if not config.train_injector_only:
-        parameter_groups.append({"params": list(controlnet.parameters()) + unet_parameters, "lr": learning_rate,
-                                 "weight_decay": config.adam_weight_decay})
-    if injector is not None:
-        parameter_groups.append({"params": list(injector.parameters()), "lr": config.injector_learning_rate,
-                                 "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(
-        parameter_groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-        fused=fused_optimizer(device),
-    )
-    workers = config.dataloader_num_workers
-    if workers is None:
-        workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    dataset.degrade_on_device = use_device_degradation(config.degradation_device, device) and hasattr(dataset, "degradation")
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    parts = build_seesr_training(config, device, weight_dtype=weight_dtype, num_processes=accelerator.num_processes,
+                                 datasets=datasets, logger=logger)
     if len(dataset) < config.train_batch_size * accelerator.num_processes:
         raise UserError(
             f"The training data has {len(dataset)} images, fewer than one batch of {config.train_batch_size} per "
             f"device on {accelerator.num_processes} process(es); add images or lower --train_batch_size."
         )
+    optimizer = torch.optim.AdamW(parts.param_groups, betas=(config.adam_beta1, config.adam_beta2),
+                                  eps=config.adam_epsilon, fused=fused_optimizer(device))
     # Not persistent: each epoch's workers get the dataset with that epoch's seed (see data/sr_pairs.py).
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=config.train_batch_size, shuffle=True, num_workers=workers,
-        pin_memory=device.type == "cuda", drop_last=True,
+        dataset, batch_size=config.train_batch_size, shuffle=True, drop_last=True,
+        num_workers=default_workers(config.dataloader_num_workers, device), pin_memory=device.type == "cuda",
     )
-    max_train_steps = config.max_train_steps
-    if max_train_steps is None:
-        per_epoch = math.ceil(len(dataset) // (config.train_batch_size * accelerator.num_processes)
-                              / config.gradient_accumulation_steps)
-        max_train_steps = config.num_train_epochs * per_epoch if config.num_train_epochs else 100000
+    max_train_steps = total_steps(config, len(dataset), accelerator.num_processes)
     lr_scheduler = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
         num_training_steps=max_train_steps, num_cycles=config.lr_num_cycles, power=config.lr_power,
     )
-
-    # accelerate.save_state would write every prepared model as model_<i>.safetensors; the ControlNet and the
-    # injector are written in their own formats instead (controlnet/, multi_scale_injector/), so the hooks hand
-    # accelerate nothing to save or load and restore them from those folders.
-    def save_model_hook(models, weights, _output_dir):
-        weights.clear()
-
-    def load_model_hook(models, input_dir):
-        while models:
-            model = unwrap(accelerator, models.pop())
-            if isinstance(model, ControlNetModel):
-                try:
-                    model.load_state_dict(load_controlnet(input_dir).state_dict())
-                except RuntimeError as error:
-                    raise CheckpointError(
-                        f"The ControlNet in {input_dir} does not fit this run: {str(error).splitlines()[0]}"
-                    ) from None
-            elif isinstance(model, MultiScaleInjector):
-                state, source = read_injector_state(Path(input_dir) / INJECTOR_FOLDER)
-                try:
-                    model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
-                except RuntimeError as error:
-                    raise CheckpointError(
-                        f"The injector in {source} does not fit this run: {str(error).splitlines()[0]}"
-                    ) from None
-
-    frozen_sources = {"controlnet": None, "unet": None}
-    if config.train_injector_only:
-        from models.seesr import controlnet_folder
-
-        start = sources["seesr"]
-        frozen_sources["controlnet"] = sources["controlnet"] or controlnet_folder(start)
-        unet_source = sources["unet"] or (start / UNET_FOLDER if start is not None else None)
-        if use_ram:
-            if unet_source is None or not (unet_source / "config.json").is_file():
-                raise CheckpointError("--train_injector_only with image attention needs a trained UNet to freeze: "
-                                      "pass --seesr_model_path or --unet_model_path.")
-            frozen_sources["unet"] = unet_source
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-    prepared = accelerator.prepare(*trainables, optimizer, loader, lr_scheduler)
-    prepared_models = list(prepared[: len(trainables)])
-    optimizer, loader, lr_scheduler = prepared[len(trainables):]
-    if not config.train_injector_only:
-        controlnet = prepared_models.pop(0)
-    if injector is not None:
-        injector = prepared_models.pop(0)
-    trainables = list(prepared[: len(trainables)])  # the DDP-wrapped ones: accumulate() skips their all-reduce
-    trained_parameters = [p for group in optimizer.param_groups for p in group["params"]]
-
-    steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    global_step, micro_step, first_epoch, skip_batches, history = 0, 0, 0, 0, []
+    # The ControlNet and the injector are written in their own formats (controlnet/, multi_scale_injector/), not as
+    # accelerate's model_<i>.safetensors: the save hook hands accelerate nothing, the load hook reads those folders.
+    accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
+    accelerator.register_load_state_pre_hook(partial(load_model_weights, accelerator))
+    names = [name for name in ("controlnet", "injector") if name in parts.models
+             and not (name == "controlnet" and config.train_injector_only)]
+    *trainables, optimizer, loader, lr_scheduler = accelerator.prepare(
+        *[parts.models[name] for name in names], optimizer, loader, lr_scheduler)
+    prepared = dict(zip(names, trainables, strict=True))  # DDP-wrapped: accumulate() skips their all-reduce
+    parts.extras["optimizer"] = optimizer
+    run = SeeSRRun(config, accelerator, logger, parts, prepared.get("controlnet", parts.models["controlnet"]),
+                   prepared.get("injector"), output_dir, max_train_steps)
+    first_epoch, skip_batches = 0, 0
     if resume_dir is not None:
-        try:
-            with keeping_optimizer_implementation(optimizer):
-                accelerator.load_state(str(resume_dir))
-        except FileNotFoundError as error:
-            raise CheckpointError(f"{resume_dir} is incomplete ({error.filename} is missing); resume from another "
-                                  "checkpoint.") from None
-        if train_unet:  # the UNet is not accelerate's to restore (it is trained outside DDP: see sync_unet_gradients)
-            from models.seesr_unet import SeeSRUNet2DConditionModel, load_strict
-
-            unet.load_state_dict(load_strict(SeeSRUNet2DConditionModel, resume_dir / UNET_FOLDER).state_dict())
-        global_step, micro_step = resume_state["step"], resume_state["micro_step"]
-        first_epoch, skip_batches = resume_state["epoch"], resume_state["batches_in_epoch"]
-        if skip_batches >= len(loader):
-            first_epoch, skip_batches = first_epoch + 1, 0
-        history = [list(point) for point in resume_state.get("loss_history", [])]
-        if resume_state.get("num_processes") != accelerator.num_processes:
-            logger.warning("%s was written by %s process(es), this run has %d: the position in the epoch's data is "
-                           "approximate", resume_dir, resume_state.get("num_processes"), accelerator.num_processes)
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_dir, global_step, first_epoch,
-                    skip_batches)
-    if is_main:
+        first_epoch, skip_batches = restore(run, resume_dir, resume_state, len(loader))
+    if accelerator.is_main_process:
         save_config(config, output_dir / "args.yaml")
     start_tracking(accelerator, config.tracker_project_name or output_dir.name, config_to_dict(config))
+    log_run_start(run, len(loader))
 
-    controlnet_params = sum(p.numel() for p in unwrap(accelerator, controlnet).parameters())
-    injector_params = sum(p.numel() for p in unwrap(accelerator, injector).parameters()) if injector is not None else 0
-    logger.info(
-        "injector %s%s | ControlNet %.1fM parameters (%s) | injector %d parameters | %d images, %d steps per epoch",
-        config.injector,
-        "" if injector is None else f" ({unwrap(accelerator, injector).variant}, {config.timestep_weights}, "
-        f"{config.injector_grouping})",
-        controlnet_params / 1e6, "frozen" if config.train_injector_only else "trained", injector_params,
-        len(dataset), steps_per_epoch,
-    )
-    log_run_header(logger, accelerator, config.train_batch_size,
-                   f"{max_train_steps} steps, lr {learning_rate:g} / injector {config.injector_learning_rate:g}")
-    embed_prompts = PromptEmbeddingCache(sd2.tokenizer, sd2.text_encoder, device, config.prompt_cache_size)
-    validation_dir = output_dir / "validation"
-    written: dict[str, list] = {"checkpoints": [], "validation": []}
-
-    def validate(step: int) -> None:
-        """Super-resolve the validation images with the inference function itself; plot w(t)."""
-        if not is_main:
-            return
-        from data.degradations import bicubic_upsample
-        from models.seesr import super_resolve_image
-        from utils.images import save_grid
-
-        bare_controlnet = unwrap(accelerator, controlnet)
-        bare_injector = unwrap(accelerator, injector) if injector is not None else None
-        modes = [(m, m.training) for m in (bare_controlnet, bare_injector, unet) if m is not None]
-        for model, _ in modes:
-            model.eval()
-        pipeline = SeeSRPipeline(sd2.unet, sd2.vae, sd2.text_encoder, sd2.tokenizer, sd2.noise_scheduler,
-                                 bare_controlnet, bare_injector)
-        tiles, captions = [], []
-        try:
-            with accelerator.autocast():
-                for index, item in enumerate(validation_set):
-                    prompt, image_embeds = item["prompt"], None
-                    if tagger is not None:  # as at inference: RAM on the LR image
-                        tags, image_embeds = tagger(item["lr"][None].to(device=device, dtype=tagger.dtype))
-                        prompt = prompt if item["tag_source"] == "file" else tags[0]
-                    result = super_resolve_image(
-                        pipeline, item["lr"], upscale=config.scale,
-                        process_size=config.validation_process_size or config.resolution, image_embeds=image_embeds,
-                        prompt=prompt, num_inference_steps=config.validation_num_inference_steps,
-                        guidance_scale=config.validation_guidance_scale,
-                        generator=torch.Generator().manual_seed((config.seed or 0) + index),
-                    )
-                    tiles += [bicubic_upsample(item["lr"], result.shape[-2:]), result]
-                    captions += [f"{item['name']} LR", f"SR step {step}"]
-                    if item["hr"] is not None:
-                        tiles.append(item["hr"].float())
-                        captions.append("HR")
-        finally:
-            for model, training in modes:
-                model.train(training)
-        if tiles:
-            per_row = 3 if all(item["hr"] is not None for item in validation_set) else 2
-            path = save_grid(tiles, validation_dir / f"step_{step:06d}.png", nrow=per_row, value_range=(0.0, 1.0),
-                             captions=captions)
-            written["validation"].append(path)
-            log_image(accelerator, "validation/LR_SR_HR", path, step)
-            logger.info("step %d: validation images %s", step, path)
-        if bare_injector is not None:
-            from models.timestep_adaptive import describe_injector
-            from utils.plots import plot_timestep_weights
-
-            path = plot_timestep_weights(bare_injector, validation_dir / f"timestep_weights_step_{step:06d}.png",
-                                         title=f"{output_dir.name}, step {step}")
-            log_image(accelerator, "injector/timestep_weights", path, step)
-            logger.info("step %d: %s | %s", step, describe_injector(bare_injector), path)
-
-    def save_checkpoint(step: int, epoch: int, batches_in_epoch: int) -> None:
-        final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-        staging = output_dir / f".{final.name}.tmp"
-        if is_main:
-            shutil.rmtree(staging, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(staging))  # optimiser, LR schedule, loss scaler, RNG of every process
-        accelerator.wait_for_everyone()  # every rank's files are in before the folder is renamed
-        if is_main:
-            if config.train_injector_only:  # the frozen models exactly as loaded, not half-precision copies
-                shutil.copytree(frozen_sources["controlnet"], staging / "controlnet")
-                if frozen_sources["unet"] is not None:
-                    shutil.copytree(frozen_sources["unet"], staging / UNET_FOLDER)
-                if injector is not None:
-                    save_injector(unwrap(accelerator, injector), staging)
-            else:
-                save_seesr_weights(staging, unwrap(accelerator, controlnet),
-                                   unwrap(accelerator, injector) if injector is not None else None)
-                if use_ram:  # not plain SD2 any more: inference needs this UNet (trained modules included)
-                    unet.save_pretrained(staging / UNET_FOLDER, safe_serialization=True)
-            state = {
-                "kind": CHECKPOINT_KIND, "step": step, "micro_step": micro_step, "epoch": epoch,
-                "batches_in_epoch": batches_in_epoch, "num_processes": accelerator.num_processes,
-                "loss_history": history, "config": config_to_dict(config),
-            }
-            atomic_write_text(json.dumps(state, indent=1), staging / TRAINING_STATE_NAME)
-            publish_checkpoint(staging, final)
-            for removed in rotate_checkpoint_folders(output_dir, config.checkpoints_total_limit):
-                logger.info("removed %s (--checkpoints_total_limit %d)", removed, config.checkpoints_total_limit)
-            written["checkpoints"].append(final)
-            logger.info("step %d: saved %s", step, final)
-        accelerator.wait_for_everyone()
-
-    def sync_unet_gradients() -> None:
-        """Average the UNet's trained gradients over the processes (the UNet is kept out of DDP: the loss function
-        reads its attributes, which a DDP wrapper hides)."""
-        if accelerator.num_processes > 1:
-            for parameter in unet_parameters:
-                if parameter.grad is not None:
-                    parameter.grad = accelerator.reduce(parameter.grad, "mean")
-
-    progress = TrainingProgress(max_train_steps, "SeeSR training", enabled=is_main, initial=global_step)
+    steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
+    unet_parameters = parts.extras["unet_parameters"]
+    trained_parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    progress = TrainingProgress(max_train_steps, "SeeSR training", enabled=accelerator.is_main_process,
+                                initial=run.step)
     cadence = CheckpointCadence(config.checkpointing_steps, config.checkpointing_minutes)
-    meter = LossMeter()
-    micro_losses: list[torch.Tensor] = []
+    meter, micro_losses = LossMeter(), []
     # Every step's loss is watched on the device (no host sync); it is read at logging and before each checkpoint, so
     # a NaN never reaches a saved checkpoint. An fp16 gradient overflow keeps the loss finite: the scaler skips it.
-    guard = NonFiniteGuard(accelerator.device, ", or train with bf16 or fp32 instead of fp16")
-    last_saved = last_validated = global_step if resume_dir is not None else -1
-    started, started_step = time.perf_counter(), global_step
-    done = global_step >= max_train_steps
+    guard = NonFiniteGuard(device, ", or train with bf16 or fp32 instead of fp16")
+    last_saved = last_validated = run.step if resume_dir is not None else -1
+    started, started_step = time.perf_counter(), run.step
+    done = run.step >= max_train_steps
     epoch = first_epoch
-    for epoch in range(first_epoch, num_epochs):
+    for epoch in range(first_epoch, math.ceil(max_train_steps / steps_per_epoch)):
         if done:
             break
         dataset.set_epoch(epoch)
@@ -1071,83 +762,65 @@ def main(args: argparse.Namespace) -> dict:
             batches_in_epoch += 1
             try:
                 with accelerator.accumulate(*trainables):
-                    if degrade_on_device:
-                        batch = degrade_training_batch(batch, dataset.degradation, device)
-                    if tagger is not None:
-                        add_ram_inputs(batch, tagger)
-                    batch["prompt_embeds"] = embed_prompts(batch["prompt"])
-                    with accelerator.autocast():  # the UNet is not prepared by accelerate: autocast it here
-                        loss = seesr_training_loss(
-                            batch, unet=sd2.unet, vae=sd2.vae, text_encoder=sd2.text_encoder, tokenizer=sd2.tokenizer,
-                            controlnet=controlnet, injector=injector, noise_scheduler=sd2.noise_scheduler,
-                            generator=loss_generator(config.seed, micro_step, accelerator),
-                        )
+                    loss = training_loss(run, batch)
                     backward_and_step(accelerator, loss, optimizer, trained_parameters, config.max_grad_norm,
-                                      before_clip=sync_unet_gradients)
+                                      before_clip=partial(sync_unet_gradients, accelerator, unet_parameters))
             except torch.OutOfMemoryError as error:
                 raise UserError(out_of_memory_message(
                     config.train_batch_size,
                     "; or add --gradient_checkpointing, use --mixed_precision fp16/bf16 or a smaller --resolution",
                 )) from error
-            micro_step += 1
-            guard.update(loss, global_step + 1)
+            run.micro_step += 1
+            guard.update(loss, run.step + 1)
             micro_losses.append(loss.detach())
             if not accelerator.sync_gradients:
                 continue
             lr_scheduler.step()
-            global_step += 1
+            run.step += 1
             step_loss = torch.stack(micro_losses).mean()
             micro_losses = []
             meter.update(step_loss)
             progress.update(step_loss, lr_scheduler.get_last_lr()[0])
-            done = global_step >= max_train_steps
-            if global_step % config.logging_steps == 0 or done:
-                mean_loss = float(accelerator.reduce(meter.total / meter.count, "mean"))
-                meter.reset()
+            done = run.step >= max_train_steps
+            if run.step % config.logging_steps == 0 or done:
+                log_step(run, meter, guard, lr_scheduler, (time.perf_counter() - started) / max(1, run.step - started_step))
+            if config.validation_steps and run.step % config.validation_steps == 0:
+                write_previews(run, datasets["val"])
+                last_validated = run.step
+            if done or cadence.due(run.step, accelerator):
                 guard.check(accelerator)
-                history.append([global_step, mean_loss])
-                seconds = (time.perf_counter() - started) / max(1, global_step - started_step)
-                logger.info("step %d/%d | loss %.4f | lr %.2e | %.2f s/step", global_step, max_train_steps,
-                            mean_loss, lr_scheduler.get_last_lr()[0], seconds)
-                if accelerator.trackers:
-                    rates = lr_scheduler.get_last_lr()
-                    scalars = {"train/loss": mean_loss, "train/lr": rates[0], "train/seconds_per_step": seconds}
-                    if injector is not None:
-                        scalars["train/lr_injector"] = rates[-1]
-                        scalars.update(injector_scalars(unwrap(accelerator, injector)))
-                    log_scalars(accelerator, scalars, global_step)
-            if config.validation_steps and global_step % config.validation_steps == 0:
-                validate(global_step)
-                last_validated = global_step
-            if done or cadence.due(global_step, accelerator):
-                guard.check(accelerator)
-                save_checkpoint(global_step, epoch, batches_in_epoch)
+                save_checkpoint(run, epoch, batches_in_epoch)
                 cadence.saved()
-                last_saved = global_step
+                last_saved = run.step
             if done:
                 break
     progress.close()
-    if last_saved != global_step:  # resumed at or past --max_train_steps
-        save_checkpoint(global_step, epoch, 0)
-    if config.validation_steps and last_validated != global_step:
-        validate(global_step)
-    if is_main and history:
-        from utils.plots import plot_curves
-
-        steps = [point[0] for point in history]
-        plot_curves({"train loss (epsilon MSE)": [point[1] for point in history]}, output_dir / "loss_curve.png",
-                    title=f"{output_dir.name}: steps {steps[0]}..{steps[-1]}, a point every {config.logging_steps}",
-                    xlabel=f"logging interval ({config.logging_steps} optimiser steps)", log_y=True)
-    logger.info("done: %d steps, checkpoints in %s", global_step, output_dir)
+    if last_saved != run.step:  # resumed at or past --max_train_steps
+        save_checkpoint(run, epoch, 0)
+    if config.validation_steps and last_validated != run.step:
+        write_previews(run, datasets["val"])
+    if accelerator.is_main_process and run.history:
+        plot_loss_curve(run)
+    logger.info("done: %d steps, checkpoints in %s", run.step, output_dir)
     accelerator.end_training()
-    return {
-        "step": global_step,
-        "history": history,
-        "output_dir": output_dir,
-        "checkpoints": list_checkpoints(output_dir),
-        "validation": written["validation"],
-        "resumed_from": resume_dir,
-    }
+    return {"step": run.step, "history": run.history, "output_dir": output_dir, "validation": run.previews,
+            "checkpoints": checkpoint_folders(output_dir, CHECKPOINT_PREFIX), "resumed_from": resume_dir, "seed": config.seed}
+
+
+def log_run_start(run: SeeSRRun, batches_per_epoch: int) -> None:
+    config, models = run.config, run.parts.models
+    injector = run.bare(run.injector)
+    injector_params = sum(p.numel() for p in injector.parameters()) if injector is not None else 0
+    run.logger.info(
+        "injector %s%s | ControlNet %.1fM parameters (%s) | injector %d parameters | %d images, %d steps per epoch",
+        config.injector,
+        "" if injector is None else f" ({injector.variant}, {config.timestep_weights}, {config.injector_grouping})",
+        sum(p.numel() for p in models["controlnet"].parameters()) / 1e6,
+        "frozen" if config.train_injector_only else "trained", injector_params, len(run.parts.datasets["train"]),
+        math.ceil(batches_per_epoch / config.gradient_accumulation_steps),
+    )
+    log_run_header(run.logger, run.accelerator, config.train_batch_size, f"{run.max_train_steps} steps, lr "
+                   f"{run.parts.extras['learning_rate']:g} / injector {config.injector_learning_rate:g}")
 
 
 if __name__ == "__main__":

@@ -251,10 +251,10 @@ def write_seesr_pairs(folders: dict[str, Path], args, precision: str) -> dict[st
     import numpy as np
     from PIL import Image
 
-    import train_seesr_timestep as trainer
+    from recipes.seesr import build_training_dataset
 
-    config = trainer.parse_args(seesr_argv(args, folders, folders["hr"].parent / "unused", precision))
-    dataset = trainer.build_training_dataset(config, config.seed)
+    config = seesr_config(args, folders, folders["hr"].parent / "unused", precision)
+    dataset = build_training_dataset(config, config.seed)
     pairs = {"lr": folders["hr"].parent / "pairs/lr", "hr": folders["hr"].parent / "pairs/hr"}
     for folder in pairs.values():
         folder.mkdir(parents=True, exist_ok=True)
@@ -275,59 +275,46 @@ def seesr_argv(args, folders: dict[str, Path], output_dir: Path, precision: str)
         "--conditioning_embedding_channels", "4", "8", "8", "8", "--injector", args.sr_injector, "--num_train_epochs", "1",
         "--checkpointing_steps", "0", "--validation_steps", "0", "--logging_steps", str(args.sr_logging_steps),
         "--device", args.device, "--mixed_precision", precision, "--report_to", args.report_to,
-        "--dataloader_num_workers", str(args.workers),
+        "--dataloader_num_workers", str(args.workers), "--seed", "42",
     ]
+
+
+def seesr_config(args, folders: dict[str, Path], output_dir: Path, precision: str):
+    """The trainer's configuration for this command line: its own flags and defaults, through its public entry point
+    (``parse_args``, as the trainer row runs it), so the bare step and the trainer read the same settings."""
+    import train_seesr_timestep as trainer
+
+    return trainer.parse_args(seesr_argv(args, folders, output_dir, precision))
 
 
 def seesr_bare_steps(args, folders: dict[str, Path], work: Path, device, dtype, precision: str) -> dict:
     """{row: step function}: train_seesr_timestep.py's step (VAE encoding, noise, ControlNet + injector + frozen UNet,
     the epsilon MSE, backward, clipping, fused AdamW over the ControlNet and the injector) on one resident batch of its
-    own degraded training set, the models built by the trainer's own functions."""
-    import logging
-    from types import SimpleNamespace
-
+    own degraded training set, everything built by the trainer's builder (recipes.seesr.build_seesr_training)."""
     from torch.utils.data import default_collate
 
-    import train_seesr_timestep as trainer
-    from models.seesr import load_sd2_components, seesr_training_loss
-    from models.timestep_adaptive import build_injector, residual_levels_of
+    from recipes.seesr import build_seesr_training, loss_generator
 
-    config, _, _ = trainer.resolve_run_config(trainer.parse_args(seesr_argv(args, folders, work / "unused", precision)))
-    dataset = trainer.build_training_dataset(config, config.seed)
+    config = seesr_config(args, folders, work / "unused", precision)
+    torch.manual_seed(config.seed)  # the new ControlNet's conditioning encoder
+    parts = build_seesr_training(config, device, weight_dtype=dtype or torch.float32)
+    dataset = parts.datasets["train"]
     dataset.set_epoch(0)
     batch = default_collate([dataset[i] for i in range(config.train_batch_size)])
-    # As train_seesr_timestep.main builds them (re-read it when the trainer's models or optimiser change).
-    sd2 = load_sd2_components(config.pretrained_model_path, device)
-    torch.manual_seed(config.seed)  # the new ControlNet's conditioning encoder
-    unet, controlnet, _ = trainer.build_models(config, trainer.resolve_model_sources(config), sd2.unet, logging.getLogger("bench"))
-    if dtype is not None:  # the frozen parts in the compute dtype; the ControlNet and injector stay fp32
-        for frozen in (sd2.vae, sd2.text_encoder, unet):
-            frozen.to(dtype=dtype)
-    injector = build_injector(config.injector, residual_levels_of(controlnet), timestep_weights=config.timestep_weights,
-                              grouping=config.injector_grouping, timestep_weights_shared=not config.timestep_weights_per_group,
-                              table_bins=config.timestep_table_bins)
-    controlnet.to(device).train()
-    groups = [{"params": list(controlnet.parameters()), "lr": config.learning_rate, "weight_decay": config.adam_weight_decay}]
-    if injector is not None:
-        injector.to(device).train()
-        groups.append({"params": list(injector.parameters()), "lr": config.injector_learning_rate, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+    optimizer = torch.optim.AdamW(parts.param_groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
                                   fused=fused_optimizer(device))
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    embed_prompts = trainer.PromptEmbeddingCache(sd2.tokenizer, sd2.text_encoder, device, config.prompt_cache_size)
-    batch.update(hr=batch["hr"].to(device), lr_upsampled=batch["lr_upsampled"].to(device), prompt_embeds=embed_prompts(batch["prompt"]))
+    batch.update(hr=batch["hr"].to(device), lr_upsampled=batch["lr_upsampled"].to(device),
+                 prompt_embeds=parts.extras["prompt_cache"](batch["prompt"]))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    single = SimpleNamespace(device=device, num_processes=1, process_index=0)  # loss_generator's view of the accelerator
     micro = [0]
 
     def step() -> float:
         synchronize(device)
         started = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = seesr_training_loss(
-                batch, unet=unet, vae=sd2.vae, text_encoder=sd2.text_encoder, tokenizer=sd2.tokenizer, controlnet=controlnet,
-                injector=injector, noise_scheduler=sd2.noise_scheduler, generator=trainer.loss_generator(config.seed, micro[0], single),
-            )
+            loss = parts.objective(batch, controlnet=parts.models["controlnet"], injector=parts.models.get("injector"),
+                                   generator=loss_generator(config.seed, micro[0], device))
         micro[0] += 1
         scaled_optimizer_step(loss, optimizer, scaler, parameters, config.max_grad_norm)
         synchronize(device)

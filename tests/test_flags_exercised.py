@@ -102,12 +102,13 @@ def test_flag_lands_in_its_setting(program, base, flag, setting, expected):
 def test_seesr_data_flags_reach_the_training_dataset(demo_images, tmp_path):
     """--scale, --degradation_options and --no_random_flip change the dataset the trainer builds."""
     import train_seesr_timestep as train
+    from recipes.seesr import build_training_dataset
 
     options = tmp_path / "degradation.yaml"
     options.write_text("gaussian_noise_prob: 0.0\njpeg_range: [80, 90]\n")
     base = ["--pretrained_model_path", "sd2", "--train_data_dir", str(demo_images), "--resolution", "16"]
-    default = train.build_training_dataset(train.parse_args(base), seed=0)
-    changed = train.build_training_dataset(
+    default = build_training_dataset(train.parse_args(base), seed=0)
+    changed = build_training_dataset(
         train.parse_args([*base, "--scale", "2", "--degradation_options", str(options), "--no_random_flip"]), seed=0
     )
     assert (default.degradation.scale, default.random_flip) == (4, True)

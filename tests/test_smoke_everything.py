@@ -397,23 +397,25 @@ def test_dape_presets_build_their_student(tmp_path, monkeypatch, name):
 
 
 @pytest.mark.parametrize("name", ["seesr_sd2_base", "seesr_tiny"])
-def test_seesr_presets_build_their_models(tmp_path, name):
-    """On the tiny SD2 folder (SD2-base's weights are not available here): the preset's ControlNet, image attention
-    and injector settings build."""
-    import logging
-
+def test_seesr_presets_build_their_models(tmp_path, name, monkeypatch):
+    """On the tiny SD2 folder and a tiny RAM (SD2-base's and RAM's weights are not available here): the preset's
+    ControlNet, image attention and injector build through the trainer's builder."""
+    import models.ram
     import train_seesr_timestep as train
-    from models.seesr import has_image_attention, load_sd2_components
-    from models.timestep_adaptive import build_injector, residual_levels_of
+    from models.seesr import has_image_attention
+    from recipes.seesr import build_seesr_training
+    from tests.ram_tiny import TINY_RAM_CONFIG, write_tiny_ram
     from tests.sd2_tiny import build_tiny_sd2
 
-    sd2 = load_sd2_components(build_tiny_sd2(tmp_path / "sd2"))
-    args = train.parse_args(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--pretrained_model_path", str(tmp_path / "sd2"),
-                             "--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")])
-    sources = {"seesr": None, "controlnet": None, "unet": None}
-    unet, controlnet, _ = train.build_models(args, sources, sd2.unet, logging.getLogger("test"), image_width=512)
+    monkeypatch.setattr(models.ram, "RAM_SWIN_L", TINY_RAM_CONFIG)
+    ram = write_tiny_ram(tmp_path / "ram")
+    args = train.parse_args(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--pretrained_model_path",
+                             str(build_tiny_sd2(tmp_path / "sd2")), "--train_data_dir", str(tmp_path),
+                             "--output_dir", str(tmp_path / "out"), "--ram_path", str(ram["ram"])])
+    parts = build_seesr_training(args, "cpu", datasets={})
+    unet, controlnet, injector = parts.models["unet"], parts.models["controlnet"], parts.models.get("injector")
     assert has_image_attention(controlnet) == has_image_attention(unet) == (name == "seesr_sd2_base")  # SeeSR proper
-    injector = build_injector(args.injector, residual_levels_of(controlnet), timestep_weights=args.timestep_weights)
-    assert (injector is None) == (args.injector in ("baseline", "none"))
+    assert ("tagger" in parts.models) == (name == "seesr_sd2_base")
+    assert (injector is None) == (args.injector == "baseline") and (injector is None or injector.variant == args.injector)
     if name == "seesr_tiny":
         assert args.injector == "timestep_multiscale" and tuple(controlnet.config.conditioning_embedding_out_channels) == (4, 8, 8, 8)

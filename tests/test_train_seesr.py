@@ -53,7 +53,8 @@ def tiny_args(workspace, output_dir, *extra, image_attention=False):
         "--pretrained_model_path", str(workspace["sd2"]), "--train_data_dir", str(workspace["hr"]),
         "--output_dir", str(output_dir), "--resolution", "64", "--train_batch_size", "2",
         "--conditioning_embedding_channels", "4", "8", "8", "8", "--lr_warmup_steps", "0", "--logging_steps", "1",
-        "--num_validation_images", "1", "--validation_num_inference_steps", "2", "--device", "cpu", *extra,
+        "--num_validation_images", "1", "--validation_num_inference_steps", "2", "--device", "cpu", "--seed", "42",
+        *extra,
     ])
 
 
@@ -661,17 +662,20 @@ def test_bad_training_images_are_found_before_the_models_load(workspace, tmp_pat
 
 
 def test_training_seesr_with_image_attention_and_inference_from_it(seesr_release, workspace, tiny_ram, capsys):
-    """SeeSR proper from plain SD2: RAM embeddings of the LR, RAM tags of untagged GTs, image attentions trained."""
+    """SeeSR proper from plain SD2: RAM embeddings of the LR, RAM tags of untagged GTs, image attentions trained; the
+    training preview of an LR image is what infer.py seesr makes of it with the checkpoint (tags of the LR by RAM +
+    DAPE, not the tag file beside it; test_seesr.py's prompt; the LR latent noised to t=999; the run's seed)."""
     from diffusers import UNet2DConditionModel
 
     from models.seesr_unet import unet_with_image_attention
     from tests.ram_tiny import TINY_RAM_CONFIG
 
     output = workspace["root"] / "experience/seesr"
+    ram = ["--ram_path", str(seesr_release["ram"]["ram"]), "--ram_ft_path", str(seesr_release["ram"]["dape"])]
     result = train.main(tiny_args(
         workspace, output, "--injector", "timestep_multiscale", "--max_train_steps", "2", "--checkpointing_steps", "2",
-        "--validation_steps", "2", "--ram_path", str(seesr_release["ram"]["ram"]), "--ram_ft_path",
-        str(seesr_release["ram"]["dape"]), "--null_text_ratio", "0", image_attention=True,
+        "--validation_steps", "2", *ram, "--null_text_ratio", "0", "--validation_image",
+        str(workspace["lr"] / "image_001.png"), "--validation_num_inference_steps", "5", image_attention=True,
     ))
     checkpoint = result["checkpoints"][-1]
     assert {"unet/config.json", "unet/diffusion_pytorch_model.safetensors"} <= files_under(checkpoint)
@@ -688,10 +692,12 @@ def test_training_seesr_with_image_attention_and_inference_from_it(seesr_release
     assert "UNet: SD2's with new image attentions" in log and "modules ending in image_attentions" in log
 
     inferred = infer.main(spec_command(workspace, checkpoint, workspace["root"] / "results/seesr",
-                                       "--num_inference_steps", "2", "--process_size", "64",
-                                       "--ram_path", str(seesr_release["ram"]["ram"])))
+                                       "--num_inference_steps", "5", "--process_size", "64", "--seed", "42", *ram))
     assert [p.name for p in inferred["written"]] == ["image_001.png", "image_002.png"] and inferred["tagger"]
     assert "image embeddings to the image cross-attention" in capsys.readouterr().out
+    assert "a red wall" not in inferred["prompts"]["image_001"]  # RAM's tags of the LR, not the file beside it
+    preview = np.asarray(Image.open(output / "validation/step_000002/image_001.png"), dtype=np.int16)
+    np.testing.assert_allclose(preview, np.asarray(Image.open(inferred["written"][0]), dtype=np.int16), atol=1)
 
 
 def test_seesr_training_flags_parse_or_are_refused(workspace, capsys):
@@ -713,7 +719,7 @@ def test_seesr_training_flags_parse_or_are_refused(workspace, capsys):
             house.max_grad_norm, house.checkpoints_total_limit, house.resume_from_checkpoint, house.mixed_precision,
             house.checkpointing_minutes, house.logging_dir) == (8, 1e-4, 2, 0, 0.5, 3, "latest", "fp16", 30.0, "tb")
     assert {"train_batch_size", "learning_rate", "resume_from_checkpoint"} <= set(house.given_flags)
-    assert (root.learning_rate, root.lr_warmup_steps, root.train_batch_size, root.seed) == (5e-5, 500, 4, 42)
+    assert (root.learning_rate, root.lr_warmup_steps, root.train_batch_size, root.seed) == (5e-5, 500, 16, None)
     for flag, fragment in ((["--lr", "0"], "--learning_rate must be positive"),
                            (["--checkpointing_minutes", "-1"], "--checkpointing_minutes must not be negative")):
         with pytest.raises(SystemExit):
@@ -805,3 +811,69 @@ def test_a_nan_loss_stops_before_it_reaches_a_checkpoint(workspace, tmp_path, mo
         train.main(tiny_args(workspace, output, "--injector", "timestep_multiscale", "--max_train_steps", "4",
                              "--checkpointing_steps", "1", "--logging_steps", "5", "--validation_steps", "0"))
     assert (output / "checkpoint-1").is_dir() and not (output / "checkpoint-2").exists()
+
+
+def test_training_defaults_are_seesrs_and_a_drawn_seed_resumes_exactly(workspace, tmp_path, monkeypatch):
+    """train_seesr.py's defaults: batch 16, --seed None, --allow_tf32 off (parsed there but never applied, so its
+    matmuls run in full fp32). Without --seed the run draws one, logs it and saves it: a resume continues exactly."""
+    seesr_reference = {"train_batch_size": 16, "seed": None, "allow_tf32": False, "learning_rate": 5e-5,
+                       "null_text_ratio": 0.5, "trainable_modules": ["image_attentions"]}
+    defaults = train.parse_args(["--pretrained_model_path", "sd2", "--root_folders", "a"])
+    assert {key: getattr(defaults, key) for key in seesr_reference} == seesr_reference
+
+    torch.backends.cuda.matmul.allow_tf32 = True  # what the other trainers set (utils.accelerator.enable_fast_math)
+    argv = ["--no_image_cross_attention", "--pretrained_model_path", str(workspace["sd2"]), "--train_data_dir",
+            str(workspace["hr"]), "--output_dir", str(tmp_path / "run"), "--resolution", "64", "--train_batch_size", "2",
+            "--conditioning_embedding_channels", "4", "8", "8", "8", "--lr_warmup_steps", "0", "--logging_steps", "1",
+            "--validation_steps", "0", "--device", "cpu", "--checkpointing_steps", "1", "--report_to", "none"]
+    try:
+        straight = train.main(train.parse_args([*argv, "--max_train_steps", "2"]))
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default
+    seed = straight["seed"]
+    assert isinstance(seed, int) and f"seed: {seed} (random" in (tmp_path / "run/train.log").read_text()
+    assert yaml.safe_load((tmp_path / "run/args.yaml").read_text())["seed"] == seed
+    alone = tmp_path / "alone"
+    shutil.copytree(tmp_path / "run/checkpoint-1", alone / "checkpoint-1")
+    resumed = train.main(train.parse_args(["--resume_from_checkpoint", "latest", "--output_dir", str(alone),
+                                           "--device", "cpu", "--report_to", "none"]))
+    assert resumed["seed"] == seed and resumed["step"] == 2
+    np.testing.assert_allclose([loss for _, loss in resumed["history"]],
+                               [loss for _, loss in straight["history"]], rtol=1e-5)
+
+
+def test_untagged_gts_are_tagged_by_plain_ram_as_make_tags(workspace, tiny_ram, tmp_path, monkeypatch):
+    """With --ram_ft_path, the LR's embeddings come from RAM + DAPE, but a GT without a tag file is tagged by plain RAM
+    (SeeSR's make_tags.py), and the log says so."""
+    import models.seesr
+    from models.ram import load_ram_tagger
+    from tests.ram_tiny import dape_layout_state_dict, write_tiny_ram
+
+    # A DAPE strong enough to change some of the tiny RAM's tags, so the two taggers can be told apart.
+    dape_state = {k: v * 5 if ".lora_B" in k else v for k, v in dape_layout_state_dict(seed=1).items()}
+    ram = write_tiny_ram(tmp_path / "ram", dape_state=dape_state)
+
+    seen = []
+    real_loss = models.seesr.seesr_training_loss
+
+    def recording_loss(batch, **kwargs):
+        seen.append((list(batch["prompt"]), list(batch["tag_source"]), batch["hr"].clone()))
+        return real_loss(batch, **kwargs)
+
+    monkeypatch.setattr(models.seesr, "seesr_training_loss", recording_loss)
+    train.main(tiny_args(workspace, tmp_path / "run", "--max_train_steps", "2", "--train_batch_size", "4",
+                         "--validation_steps", "0", "--null_text_ratio", "0", "--ram_path", str(ram["ram"]),
+                         "--ram_ft_path", str(ram["dape"]), image_attention=True))
+    plain = load_ram_tagger(ram["ram"], None, ram["tag_list"], ram["thresholds"])
+    dape = load_ram_tagger(ram["ram"], ram["dape"], ram["tag_list"], ram["thresholds"])
+    compared = differs = 0
+    for prompts, sources, hr in seen:
+        gt = ((hr + 1) / 2).clamp(0, 1)
+        for prompt, source, plain_tags, dape_tags in zip(prompts, sources, plain.tags(gt), dape.tags(gt), strict=True):
+            if source == "none":
+                assert prompt == f"{plain_tags},"  # make_tags.py's file text
+                compared += 1
+                differs += plain_tags != dape_tags
+    assert compared >= 6 and differs >= 1  # the DAPE tagger would have given other prompts
+    assert "GT tags: plain RAM" in (tmp_path / "run/train.log").read_text()

@@ -9,6 +9,9 @@
   wrong kind is a one-line :class:`~utils.errors.CheckpointError`.
 * One save path for the single-file trainers (:func:`save_checkpoint_files`): the resumable "last" file written
   atomically, then byte copies of it ("best", "final", numbered ones) and rotation of the numbered ones.
+* Folder checkpoints (diffusers' ``checkpoint-<step>/``, SeeSR's trainer): listed, rotated and found by step
+  (:func:`checkpoint_folders`), written into a hidden staging folder and published by a rename
+  (:func:`publish_checkpoint_folder`).
 * RNG: Python, NumPy, torch CPU and CUDA generator states, one entry per process, so a resumed run draws the
   same noise as an uninterrupted one.
 """
@@ -206,6 +209,61 @@ def resolve_resume(resume: str | None, folder: str | Path, patterns: list[str]) 
     if not path.is_file():
         raise CheckpointError(f"--resume_from_checkpoint {resume}: no such file; give a checkpoint path or 'latest'.")
     return path
+
+
+# ------------------------------------------------------------------------------------ checkpoint folders (accelerate)
+# diffusers' trainers write ``checkpoint-<step>/`` folders (accelerate's state + model folders) instead of one file.
+def checkpoint_folder_step(path: str | Path, prefix: str = "checkpoint-") -> int:
+    """The step of a ``<prefix><step>`` folder name, -1 for any other name."""
+    name = Path(path).name
+    tail = name[len(prefix):] if name.startswith(prefix) else ""
+    return int(tail) if tail.isdigit() else -1
+
+
+def checkpoint_folders(folder: str | Path, prefix: str = "checkpoint-") -> list[Path]:
+    """``<prefix><step>/`` folders in ``folder``, oldest step first; temporary (``.<name>.tmp``) folders are hidden."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob(f"{prefix}*") if p.is_dir() and checkpoint_folder_step(p, prefix) >= 0]
+    return sorted(found, key=lambda p: checkpoint_folder_step(p, prefix))
+
+
+def latest_checkpoint_folder(folder: str | Path, prefix: str = "checkpoint-") -> Path | None:
+    """The checkpoint folder with the highest step (None when there is none)."""
+    folders = checkpoint_folders(folder, prefix)
+    return folders[-1] if folders else None
+
+
+def rotate_checkpoint_folders(folder: str | Path, keep: int | None, prefix: str = "checkpoint-") -> list[Path]:
+    """Delete all but the ``keep`` highest-step checkpoint folders; ``None`` or ``0`` keeps everything."""
+    if not keep:
+        return []
+    folders = checkpoint_folders(folder, prefix)
+    removed = folders[:-keep] if len(folders) > keep else []
+    for old in removed:
+        shutil.rmtree(old, ignore_errors=True)
+    return removed
+
+
+def staging_folder(final: str | Path) -> Path:
+    """Where a checkpoint folder is written before :func:`publish_checkpoint_folder` renames it into place."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.tmp")
+
+
+def publish_checkpoint_folder(staging: str | Path, final: str | Path) -> Path:
+    """Move a finished folder into place with renames: readers see the old folder or the new one, never half of one."""
+    staging, final = Path(staging), Path(final)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    return final
 
 
 # ----------------------------------------------------------------------------------------------------- RNG state

@@ -49,21 +49,21 @@ import argparse
 import csv
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from data.paired import FLIP_MODES, H_TARGETS, RESIZE_MODES, PairedImageFolder
-from losses import PhaseformerLoss, loss_weight_parameters, optimizer_param_groups
+from data.paired import FLIP_MODES, H_TARGETS, RESIZE_MODES
+from losses import PhaseformerLoss, loss_weight_parameters
 from losses.weighted import WEIGHTING_MODES
-from models.phaseformer import ECA_GATES, PHASEFORMER_PRESETS, build_phaseformer, load_phaseformer_state_dict
+from models.phaseformer import ECA_GATES, PHASEFORMER_PRESETS
 from models.phaseformer_enhance import (
     VALUE_RANGES,
     enhance,
-    load_phaseformer_for_inference,
     plain_model_config,
-    to_model_range,
 )
+from recipes.phaseformer import build_phaseformer_training
 from utils.accelerator import create_accelerator, log_run_header, reset_accelerate_state
 from utils.checkpoint import atomic_write, load_checkpoint, resolve_resume, save_checkpoint_files
 from utils.cli import add_training_arguments, check_training_arguments
@@ -307,26 +307,6 @@ def all_reduce_loss_weight_grads(accelerator, parameters: list[torch.nn.Paramete
         offset += count
 
 
-def build_datasets(args, run_dir: Path):
-    """(train set, test set, protocol lines): one PairedImageFolder per --dataset_path, their union when several."""
-    from torch.utils.data import ConcatDataset
-
-    train_sets, test_sets, sources = [], [], []
-    eval_size = None if args.eval_size == "full" else int(args.eval_size)
-    for index, root in enumerate(args.dataset_path):
-        split_file = run_dir / f"split_{index}_{Path(root).resolve().name}.txt"
-        common = dict(test_split=args.test_split, split_seed=args.split_seed, split_file=split_file)
-        train = PairedImageFolder(root, "train", crop_size=args.crop_size, resize_mode=args.resize_mode, flips=args.flips,
-                                  h_target=args.h_target, **common)
-        test = PairedImageFolder(root, "test", eval_size=eval_size, **common)
-        train_sets.append(train)
-        test_sets.append(test)
-        where = f"split file {test.split_file}" if test.split_file else f"{Path(root) / 'test'}"
-        sources.append(f"{where} ({len(test)} pairs; {len(train)} training pairs)")
-    union = lambda sets: sets[0] if len(sets) == 1 else ConcatDataset(sets)  # noqa: E731
-    return union(train_sets), union(test_sets), sources
-
-
 def describe_protocol(args, sources: list[str]) -> str:
     resolution = "full resolution" if args.eval_size == "full" else f"resized to {args.eval_size}x{args.eval_size} (bilinear)"
     channel = "Y channel (BT.601 of RGB)" if args.test_y_channel else "RGB"
@@ -390,6 +370,113 @@ def plot_history(history: list[dict], run_dir: Path, args) -> None:
 
 # --------------------------------------------------------------------------------------------------- main
 
+@dataclass
+class Run:
+    """The objects one training run holds while it loops (what the checkpoint and epoch-end helpers read)."""
+
+    config: argparse.Namespace
+    accelerator: object
+    model: torch.nn.Module  # as prepared by accelerate
+    loss_fn: PhaseformerLoss
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    test_loader: object
+    run_dir: Path
+    steps_per_epoch: int
+    best: BestMetric
+    history: list = field(default_factory=list)
+    input_scores: dict | None = None
+    step: int = 0
+
+
+def save_run(run: Run, epoch: int, is_best: bool = False, is_final: bool = False, batches_done: int = 0, sums=None) -> None:
+    """Rewrite the resumable ``netG_model_latest.pth`` (and the epoch and best copies that are due), atomically."""
+    config, loss_fn = run.config, run.loss_fn
+    state = training_checkpoint(
+        CHECKPOINT_KIND, run.accelerator, run.model, run.optimizer, vars(config), run.step, epoch, run.lr_scheduler,
+        model_preset=config.model,
+        model_config=plain_model_config(unwrap(run.accelerator, run.model)),
+        loss_weighting={"mode": config.loss_weighting, "terms": loss_fn.term_names,
+                        "state": {k: v.detach().cpu() for k, v in loss_fn.weighting_state_dict().items()},
+                        "weights": loss_fn.weights_dict()},
+        history=run.history, best_psnr=run.best.best, best_epoch=run.best.epoch, input_scores=run.input_scores,
+        steps_per_epoch=run.steps_per_epoch, dataset_name=run.run_dir.name, batches_done=batches_done,
+        epoch_log_sums={k: float(v) for k, v in sums.items()} if sums else None,
+    )
+    if not run.accelerator.is_main_process:
+        return
+    copies = [run.run_dir / f"netG_model_epoch_{epoch}.pth"] if batches_done == 0 and (epoch % config.save_every == 0 or is_final) else []
+    if is_best:
+        copies.append(run.run_dir / "netG_model_best.pth")
+    save_checkpoint_files(state, run.run_dir / "netG_model_latest.pth", copies, rotate_pattern="netG_model_epoch_*.pth",
+                          keep=config.checkpoints_total_limit)
+
+
+def restore_run(run: Run, checkpoint: dict, resume_path, logger) -> tuple[int, int, dict | None]:
+    """Load a resumed checkpoint into ``run``; ``(start epoch, batches done within it, their summed logs)``."""
+    try:
+        run.loss_fn.load_weighting_state_dict(checkpoint["loss_weighting"]["state"])
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{resume_path} holds loss weights that do not fit this loss ({err}).") from None
+    try:
+        restore_training_checkpoint(checkpoint, run.accelerator, run.model, run.optimizer, run.lr_scheduler)
+    except ValueError as err:  # the optimiser's parameter groups differ
+        raise CheckpointError(f"{resume_path}: the optimiser state does not fit this run ({err}).") from None
+    run.step, start_epoch = checkpoint["step"], checkpoint["epoch"]
+    run.history, run.input_scores = list(checkpoint["history"]), checkpoint.get("input_scores")
+    run.best.best, run.best.epoch = checkpoint["best_psnr"], checkpoint["best_epoch"]
+    skip_batches, partial = int(checkpoint.get("batches_done", 0)), checkpoint.get("epoch_log_sums")
+    if checkpoint.get("steps_per_epoch") != run.steps_per_epoch:
+        logger.warning("%s had %s optimiser steps per epoch, this run has %d (another batch size or data): the LR "
+                       "schedule is followed by step count, so its epochs shift",
+                       resume_path, checkpoint.get("steps_per_epoch"), run.steps_per_epoch)
+    restore_rng(checkpoint, run.accelerator)
+    logger.info("resumed at epoch %d%s, optimiser step %d, lr %.3e", start_epoch,
+                f" (+{skip_batches} batches)" if skip_batches else "", run.step, run.lr_scheduler.get_last_lr()[0])
+    return start_epoch, skip_batches, partial
+
+
+def end_of_epoch(run: Run, done: int, log_sums: dict, batches_done: int, seconds: float, data_wait: float, steps: int,
+                 last_epoch: int, logger) -> None:
+    """Log the epoch's means and weights, evaluate when due, checkpoint, and write the history and plots."""
+    config, accelerator, device = run.config, run.accelerator, run.accelerator.device
+    total_epochs = config.niter + config.niter_decay
+    keys = list(log_sums)
+    means = accelerator.reduce(torch.stack([log_sums[k] for k in keys]) / batches_done, reduction="mean").tolist()
+    row: dict = {"epoch": done, "lr": run.lr_scheduler.get_last_lr()[0], **dict(zip(keys, means)), **run.loss_fn.weights_dict()}
+    weights_text = " ".join(f"{k[2:]} {v:.3f}" for k, v in row.items() if k.startswith("w_"))
+    logger.info("epoch %d/%d | loss %.4f (L %.4f, H %.4f) | lr %.3e | step %d | weights %s | %.1f s, %.1f img/s",
+                done, total_epochs, row["loss"], row["loss_L"], row["loss_H"], row["lr"], run.step, weights_text, seconds,
+                steps * config.train_batch_size * accelerator.num_processes / seconds)
+    for warning in run.loss_fn.collapse_warnings():
+        logger.warning("epoch %d: %s", done, warning)
+    if device.type == "cuda" and data_wait > 0.3 * seconds:
+        logger.warning("data loading took %.0f%% of epoch %d; raise --dataloader_num_workers (now %s) or store the "
+                       "images smaller", 100 * data_wait / seconds, done, config.dataloader_num_workers)
+
+    is_final = done == total_epochs
+    is_best = False
+    if done % config.eval_every == 0 or is_final or done == last_epoch:
+        preview = run.run_dir / "samples" / f"epoch_{done}.png" if config.num_preview else None
+        scores = evaluate(accelerator, run.model, run.test_loader, config, preview)
+        if run.input_scores is None:
+            run.input_scores = {"psnr": scores["input_psnr"], "ssim": scores["input_ssim"]}
+            logger.info("test inputs as they are: PSNR %.3f dB, SSIM %.4f", run.input_scores["psnr"], run.input_scores["ssim"])
+        row.update(psnr=scores["psnr"], ssim=scores["ssim"])
+        is_best = run.best.update(scores["psnr"], done)
+        logger.info("epoch %d: test PSNR %.3f dB, SSIM %.4f (best %.3f dB at epoch %d)", done, scores["psnr"], scores["ssim"],
+                    run.best.best, run.best.epoch)
+        if preview is not None and preview.is_file():
+            log_image(accelerator, "test/preview", preview, run.step)
+    run.history.append(row)
+    log_scalars(accelerator, {f"epoch/{k}": v for k, v in row.items() if k != "epoch" and isinstance(v, (int, float))}, run.step)
+    save_run(run, done, is_best, is_final)
+    if accelerator.is_main_process:
+        write_history_csv(run.history, run.run_dir / "history.csv")
+        plot_history(run.history, run.run_dir, config)
+    accelerator.wait_for_everyone()
+
+
 def main(args: argparse.Namespace) -> dict:
     reset_accelerate_state()
     checkpoint, resume_path = None, None
@@ -417,30 +504,15 @@ def main(args: argparse.Namespace) -> dict:
     if resume == "latest" and resume_path is None:
         logger.info("--resume latest: no checkpoint in %s yet, starting a new run", run_dir)
 
-    # The loss first: missing VGG weights should stop the run before any data is read.
-    loss_fn = PhaseformerLoss(
-        config.loss_weighting, use_perceptual=not config.no_perceptual, vgg_weights=config.vgg_weights, pixel_loss=config.pixel_loss,
-        msssim_as_similarity=config.msssim_as_similarity, value_range=config.value_range, vgg_resize_224=config.vgg_resize_224,
-        seed=config.seed,
-    ).to(device)
     with accelerator.main_process_first():  # the main process writes the split files, the others read them
-        train_set, test_set, sources = build_datasets(config, run_dir)
-
-    model = build_phaseformer(config.model, eca=config.eca)
-    if config.init_weights and checkpoint is None:
-        initial, info = load_phaseformer_for_inference(config.init_weights)
-        load_phaseformer_state_dict(model, initial.state_dict(), config.init_weights)
-        logger.info("initial weights: %s", info["description"])
-        if info["value_range"] != config.value_range:
-            logger.warning("the initial weights expect --value_range %s, this run trains with %s", info["value_range"], config.value_range)
-    model.to(device)
+        parts = build_phaseformer_training(config, device, split_dir=run_dir, checkpoint=checkpoint)
+    model, loss_fn, train_set, test_set = parts.model, parts.models["loss"], parts.datasets["train"], parts.datasets["test"]
+    for note in parts.extras["notes"]:
+        (logger.warning if note.startswith("warning: ") else logger.info)(note.removeprefix("warning: "))
     logger.info("Phaseformer '%s' (eca %s): %.3fM parameters", config.model, config.eca, sum(p.numel() for p in model.parameters()) / 1e6)
 
     weight_parameters = loss_weight_parameters(loss_fn)
-    optimizer = torch.optim.Adam(
-        optimizer_param_groups(model, loss_fn, loss_weights_lr=config.loss_weights_lr),
-        lr=config.learning_rate, betas=(config.beta1, 0.999), fused=fused_optimizer(device),
-    )
+    optimizer = parts.extras["optimizer_class"](parts.param_groups, fused=fused_optimizer(device))
     eval_batch = 1 if config.eval_size == "full" else config.train_batch_size
     workers = config.dataloader_num_workers
     train_loader = make_loader(train_set, config.train_batch_size, shuffle=True, workers=workers, device_type=device.type)
@@ -450,35 +522,16 @@ def main(args: argparse.Namespace) -> dict:
     total_epochs = config.niter + config.niter_decay
     schedule = (config.warmup, config.niter, config.niter_decay, config.lr_schedule)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, *schedule))
+    run = Run(config, accelerator, model, loss_fn, optimizer, lr_scheduler, test_loader, run_dir, steps_per_epoch,
+              BestMetric("max"))  # best: test PSNR
 
-    step, start_epoch, history, input_scores = 0, 0, [], None
-    best = BestMetric("max")  # test PSNR
-    skip_batches, partial = 0, None  # a checkpoint written within an epoch: batches done, their summed logs
+    start_epoch, skip_batches, partial = 0, 0, None  # a checkpoint written within an epoch: batches done, their summed logs
     if checkpoint is not None:
-        try:
-            loss_fn.load_weighting_state_dict(checkpoint["loss_weighting"]["state"])
-        except (KeyError, ValueError) as err:
-            raise CheckpointError(f"{resume_path} holds loss weights that do not fit this loss ({err}).") from None
-        try:
-            restore_training_checkpoint(checkpoint, accelerator, model, optimizer, lr_scheduler)
-        except ValueError as err:  # the optimiser's parameter groups differ
-            raise CheckpointError(f"{resume_path}: the optimiser state does not fit this run ({err}).") from None
-        step, start_epoch = checkpoint["step"], checkpoint["epoch"]
-        history, input_scores = list(checkpoint["history"]), checkpoint.get("input_scores")
-        best.best, best.epoch = checkpoint["best_psnr"], checkpoint["best_epoch"]
-        skip_batches, partial = int(checkpoint.get("batches_done", 0)), checkpoint.get("epoch_log_sums")
-        if checkpoint.get("steps_per_epoch") != steps_per_epoch:
-            logger.warning("%s had %s optimiser steps per epoch, this run has %d (another batch size or data): the LR "
-                           "schedule is followed by step count, so its epochs shift",
-                           resume_path, checkpoint.get("steps_per_epoch"), steps_per_epoch)
-        restore_rng(checkpoint, accelerator)
-        logger.info("resumed at epoch %d%s, optimiser step %d, lr %.3e", start_epoch,
-                    f" (+{skip_batches} batches)" if skip_batches else "", step, lr_scheduler.get_last_lr()[0])
+        start_epoch, skip_batches, partial = restore_run(run, checkpoint, resume_path, logger)
         del checkpoint
-    run_config = vars(config)
     if is_main:
-        save_config(run_config, run_dir / "args.yaml")
-    start_tracking(accelerator, run_dir.name, run_config)
+        save_config(vars(config), run_dir / "args.yaml")
+    start_tracking(accelerator, run_dir.name, vars(config))
     log_run_header(logger, accelerator, config.train_batch_size,
                    f"{steps_per_epoch} optimiser steps per epoch, {total_epochs} epochs ({config.niter} + {config.niter_decay} "
                    f"{config.lr_schedule} decay), lr {config.learning_rate:g}, Adam betas ({config.beta1}, 0.999)")
@@ -487,28 +540,7 @@ def main(args: argparse.Namespace) -> dict:
     logger.info("loss: %s | weighting %s | pixel %s | MS-SSIM as %s | value range %s | VGG resize 224 %s",
                 ", ".join(loss_fn.term_names), config.loss_weighting, config.pixel_loss,
                 "similarity (reference)" if config.msssim_as_similarity else "1 - MS-SSIM", config.value_range, config.vgg_resize_224)
-    logger.info(describe_protocol(config, sources))
-
-    def save(epoch: int, is_best: bool = False, is_final: bool = False, batches_done: int = 0, sums=None) -> None:
-        bare = unwrap(accelerator, model)
-        state = training_checkpoint(
-            CHECKPOINT_KIND, accelerator, model, optimizer, run_config, step, epoch, lr_scheduler,
-            model_config=plain_model_config(bare),
-            loss_weighting={"mode": config.loss_weighting,
-                            "state": {k: v.detach().cpu() for k, v in loss_fn.weighting_state_dict().items()},
-                            "weights": loss_fn.weights_dict()},
-            history=history, best_psnr=best.best, best_epoch=best.epoch, input_scores=input_scores,
-            steps_per_epoch=steps_per_epoch, dataset_name=run_dir.name, batches_done=batches_done,
-            epoch_log_sums={k: float(v) for k, v in sums.items()} if sums else None,
-        )
-        cadence.saved()
-        if not is_main:
-            return
-        copies = [run_dir / f"netG_model_epoch_{epoch}.pth"] if batches_done == 0 and (epoch % config.save_every == 0 or is_final) else []
-        if is_best:
-            copies.append(run_dir / "netG_model_best.pth")
-        save_checkpoint_files(state, run_dir / "netG_model_latest.pth", copies, rotate_pattern="netG_model_epoch_*.pth",
-                              keep=config.checkpoints_total_limit)
+    logger.info(describe_protocol(config, parts.extras["sources"]))
 
     last_epoch = min(total_epochs, config.stop_epoch or total_epochs)
     guard = NonFiniteGuard(device, NAN_HINT, model=model)  # also stops diverging weights whose loss stays finite
@@ -526,14 +558,9 @@ def main(args: argparse.Namespace) -> dict:
         requested = time.perf_counter()
         for batch in batches:
             data_wait += time.perf_counter() - requested
-            inputs = to_model_range(batch["input"], config.value_range)
-            target = to_model_range(batch["target"], config.value_range)
-            target_2x = to_model_range(batch["target_2x"], config.value_range)
             try:
                 with accelerator.accumulate(model):
-                    fake_b_L, fake_b_H = model(inputs)
-                    with accelerator.autocast():
-                        total, logs = loss_fn(fake_b_L.float(), fake_b_H.float(), target, target_2x)
+                    total, logs = parts.objective(batch, model=model, autocast=accelerator.autocast())
                     backward_and_step(
                         accelerator, total, optimizer, model.parameters(), config.max_grad_norm,
                         before_clip=lambda: all_reduce_loss_weight_grads(accelerator, weight_parameters),
@@ -543,7 +570,7 @@ def main(args: argparse.Namespace) -> dict:
                     config.train_batch_size,
                     " (--gradient_accumulation_steps), or train on smaller images with --crop_size (the 2x head works at twice that side)",
                 )) from err
-            guard.update(total, step + 1)
+            guard.update(total, run.step + 1)
             batches_done += 1
             lr = lr_scheduler.get_last_lr()[0]
             for key, value in logs.items():
@@ -554,52 +581,19 @@ def main(args: argparse.Namespace) -> dict:
             if accelerator.sync_gradients:
                 lr_per_step.append(lr)
                 lr_scheduler.step()
-                step += 1
-                if step % LOG_EVERY == 0:
-                    log_scalars(accelerator, {"train/loss": total, "train/lr": lr}, step)
-                if batches_done < len(train_loader) and cadence.due(step, accelerator):
+                run.step += 1
+                if run.step % LOG_EVERY == 0:
+                    log_scalars(accelerator, {"train/loss": total, "train/lr": lr}, run.step)
+                if batches_done < len(train_loader) and cadence.due(run.step, accelerator):
                     guard.check(accelerator)
-                    save(epoch, batches_done=batches_done, sums=log_sums)
+                    save_run(run, epoch, batches_done=batches_done, sums=log_sums)
+                    cadence.saved()
             requested = time.perf_counter()
         progress.close()
         guard.check(accelerator)
-
-        done = epoch + 1
-        seconds = time.perf_counter() - started
-        keys = list(log_sums)
-        means = accelerator.reduce(torch.stack([log_sums[k] for k in keys]) / batches_done, reduction="mean").tolist()
-        row: dict = {"epoch": done, "lr": lr_scheduler.get_last_lr()[0], **dict(zip(keys, means)), **loss_fn.weights_dict()}
-        weights_text = " ".join(f"{k[2:]} {v:.3f}" for k, v in row.items() if k.startswith("w_"))
-        logger.info("epoch %d/%d | loss %.4f (L %.4f, H %.4f) | lr %.3e | step %d | weights %s | %.1f s, %.1f img/s",
-                    done, total_epochs, row["loss"], row["loss_L"], row["loss_H"], row["lr"], step, weights_text, seconds,
-                    progress.steps * config.train_batch_size * accelerator.num_processes / seconds)
-        for warning in loss_fn.collapse_warnings():
-            logger.warning("epoch %d: %s", done, warning)
-        if device.type == "cuda" and data_wait > 0.3 * seconds:
-            logger.warning("data loading took %.0f%% of epoch %d; raise --dataloader_num_workers (now %s) or store the "
-                           "images smaller", 100 * data_wait / seconds, done, config.dataloader_num_workers)
-
-        is_final = done == total_epochs
-        is_best = False
-        if done % config.eval_every == 0 or is_final or done == last_epoch:
-            preview = run_dir / "samples" / f"epoch_{done}.png" if config.num_preview else None
-            scores = evaluate(accelerator, model, test_loader, config, preview)
-            if input_scores is None:
-                input_scores = {"psnr": scores["input_psnr"], "ssim": scores["input_ssim"]}
-                logger.info("test inputs as they are: PSNR %.3f dB, SSIM %.4f", input_scores["psnr"], input_scores["ssim"])
-            row.update(psnr=scores["psnr"], ssim=scores["ssim"])
-            is_best = best.update(scores["psnr"], done)
-            logger.info("epoch %d: test PSNR %.3f dB, SSIM %.4f (best %.3f dB at epoch %d)", done, scores["psnr"], scores["ssim"],
-                        best.best, best.epoch)
-            if preview is not None and preview.is_file():
-                log_image(accelerator, "test/preview", preview, step)
-        history.append(row)
-        log_scalars(accelerator, {f"epoch/{k}": v for k, v in row.items() if k != "epoch" and isinstance(v, (int, float))}, step)
-        save(done, is_best, is_final)
-        if is_main:
-            write_history_csv(history, run_dir / "history.csv")
-            plot_history(history, run_dir, config)
-        accelerator.wait_for_everyone()
+        end_of_epoch(run, epoch + 1, log_sums, batches_done, time.perf_counter() - started, data_wait, progress.steps,
+                     last_epoch, logger)
+        cadence.saved()
 
     if accelerator.num_processes > 1 and weight_parameters:  # they are outside DDP: prove the all-reduce kept them in step
         gathered = accelerator.gather(torch.cat([p.detach().reshape(-1) for p in weight_parameters])[None])
@@ -607,10 +601,10 @@ def main(args: argparse.Namespace) -> dict:
             logger.info("loss weights identical on all %d processes", accelerator.num_processes)
         else:
             logger.warning("loss weights differ between processes: %s", gathered.tolist())
-    logger.info("done: %s (best test PSNR %.3f dB at epoch %d)", run_dir, best.best, best.epoch)
+    logger.info("done: %s (best test PSNR %.3f dB at epoch %d)", run_dir, run.best.best, run.best.epoch)
     accelerator.end_training()
-    return {"history": history, "lr_per_step": lr_per_step, "run_dir": run_dir, "step": step, "best_psnr": best.best, "config": config,
-            "input_scores": input_scores, "final_weights": loss_fn.weights_dict()}
+    return {"history": run.history, "lr_per_step": lr_per_step, "run_dir": run_dir, "step": run.step, "best_psnr": run.best.best,
+            "config": config, "input_scores": run.input_scores, "final_weights": loss_fn.weights_dict()}
 
 
 if __name__ == "__main__":

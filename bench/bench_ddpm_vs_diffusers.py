@@ -13,7 +13,7 @@ steps of each epoch dropped: end-of-epoch work (our checkpoint, the reference's 
 On a GPU, where our loop runs ahead of the device and the reference waits for it every step, each epoch's window
 is timed between two synchronisations instead and the median is over epochs (``StepClock.window_means``).
 "bare" is the same model's forward, loss, backward, clipping and optimiser step on one batch already on the device,
-and nothing else: ours / bare is the training loop's overhead (issue 13: at most 5%).
+and nothing else: ours / bare is the training loop's overhead (the target: at most 5%).
 
 The reference is read from a local diffusers checkout (``--diffusers_examples``, the ``examples`` folder, holding
 ``unconditional_image_generation/train_unconditional.py``), never from this repository. It imports Hugging Face

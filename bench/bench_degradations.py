@@ -14,8 +14,8 @@ every round draws new ones, and the paths run interleaved. Samples/s over all ro
 scikit-image, cropped. Prints a Markdown table; nothing here is a test.
 
 ``--baseline_checkout DIR`` adds the per-sample path of another checkout of this repository (its
-``data/degradations.py`` ``usm_sharpen``/``degrade``/``bicubic_upsample``, same seeds), e.g. the code as issue 13
-measured it::
+``data/degradations.py`` ``usm_sharpen``/``degrade``/``bicubic_upsample``, same seeds), e.g. the code before the
+batched degradations::
 
     git worktree add /tmp/deg_before 45280b3
     OMP_NUM_THREADS=1 python bench/bench_degradations.py --baseline_checkout /tmp/deg_before

@@ -50,7 +50,7 @@ import torch  # noqa: E402
 
 from bench.bench_dit_user import model_passes  # noqa: E402
 from data.latents import compute_latent_stats  # noqa: E402
-from models.user_generation import generate_latents  # noqa: E402
+from models.user_generation import BACKBONES, RECTIFIED_FLOW, generate_latents  # noqa: E402
 from models.user_pipeline import load_user_checkpoint  # noqa: E402
 from scripts.user_conditioning_evidence import (  # noqa: E402
     PIXEL_FINGERPRINT,
@@ -140,10 +140,11 @@ def train_or_reuse(args: argparse.Namespace, train_images: torch.Tensor, train_u
 def load_matching(checkpoint: Path, args: argparse.Namespace, train_images: torch.Tensor):
     """The run's EMA model, checked against this data: its users, latent size and latent statistics."""
     bundle = load_user_checkpoint(checkpoint, command="bench_dit_samplers.py")
-    config = bundle.model.config
-    if bundle.backbone != "dit" or bundle.num_users != args.num_users or config.input_size != args.size:
-        raise UserError(f"{checkpoint} is a {bundle.backbone} for {bundle.num_users} users at {config.input_size} px; this "
-                        f"bench needs a DiT for --num_users {args.num_users} at --size {args.size}.")
+    spec = BACKBONES.get(bundle.backbone)
+    size = spec.latent_shape(bundle.model)[-1]
+    if spec.objective is not RECTIFIED_FLOW or bundle.num_users != args.num_users or size != args.size:
+        raise UserError(f"{checkpoint} is a {bundle.backbone} for {bundle.num_users} users at {size} px; this "
+                        f"bench needs a flow-trained backbone (the DiT) for --num_users {args.num_users} at --size {args.size}.")
     stats = compute_latent_stats(train_images, PIXEL_FINGERPRINT)
     if not torch.allclose(bundle.stats.mean.flatten(), stats.mean.flatten(), atol=1e-4):
         raise UserError(f"{checkpoint} was trained on other images than this --seed / --train_per_user draws (its latent "

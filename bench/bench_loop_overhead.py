@@ -11,7 +11,7 @@ batch resident on the device); the same with PyTorch's default AdamW (``foreach`
 before); the bare step plus our EMA update (``utils.ema.EMA``, one ``torch._foreach_lerp_``); the bare step plus
 diffusers' ``EMAModel.step`` (``foreach``, what the EMA update was before); and ``train_ddpm_highres.py`` whole,
 timed per step on its progress bar (data loading and flips, EMA, the loss kept on the device, a tracker scalar every
-10 steps). Each row's ratio to the bare step is the overhead (issue 13: the whole loop at most 5% over bare); the
+10 steps). Each row's ratio to the bare step is the overhead (the target: the whole loop at most 5% over bare); the
 optimiser and EMA columns time those parts alone inside each step. Prints a Markdown table; not a test.
 """
 

@@ -1,4 +1,4 @@
-"""Training-loop overhead of the DiT, Phaseformer and SeeSR trainers over the bare forward/backward of the same step (issue 13).
+"""Training-loop overhead of the DiT, Phaseformer and SeeSR trainers over the bare forward/backward of the same step.
 
     python bench/bench_loop_overhead_families.py                                  # all three, CPU: the tiny models
     python bench/bench_loop_overhead_families.py --trainer dit --dit_size S --dit_batch 32 --dit_latents 416
@@ -26,9 +26,9 @@ the trainer's EMA update (``utils.ema.EMA``, the only work the loop adds per ste
 and the trainer whole, one epoch per round, timed per step on its progress bar (``bench.common.StepClock``: data
 loading, accelerate's wrappers, the NaN guard, the loss meter, the LR schedule, EMA, a tracker scalar every 10 steps)
 without the first ``--skip`` steps of each epoch and without the epoch boundaries (validation, previews, checkpoints:
-timed by the trainers' own logs). The trainer's ratio to the bare step is the loop's overhead; target at most 5%
-(issue 13). With paired steps the time each trainer step spent in its data loader (PyTorch's iterator under
-accelerate's, which fetches one batch ahead) is timed too, and a last row gives the whole loop less it: where a
+timed by the trainers' own logs). The trainer's ratio to the bare step is the loop's overhead; target at most 5%.
+With paired steps the time each trainer step spent in its data loader (PyTorch's iterator under accelerate's, which
+fetches one batch ahead) is timed too, and a last row gives the whole loop less it: where a
 trainer makes its batches on the step's core (SeeSR's degradations with the CPU default of no loader workers), the
 loop's own overhead and its data's cost are told apart.
 

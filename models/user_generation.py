@@ -219,8 +219,8 @@ def guided_prediction(
 
     Unguided channels keep the conditional prediction (as in the reference). When ``guide`` is False or
     the scale is 1 only the conditional pass runs. ``batched``: the two passes as one doubled batch (None: on a GPU,
-    where it halves the kernel launches; on the CPU the doubled batch runs 3-19% slower per sample, measured on
-    DiT-S and the latent UNet, so there the passes run one after the other).
+    where it halves the kernel launches; on the CPU the doubled batch measured slower per sample (docs/benchmarks.md),
+    so there the passes run one after the other).
     """
     if not guide or guidance_scale == 1.0:
         return _model_output(model, x, timestep, labels, autocast_dtype)

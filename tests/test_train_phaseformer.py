@@ -220,7 +220,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(lsui, t
             ExplodingLoss.calls += 1
             return (total * float("nan"), logs) if ExplodingLoss.calls >= 3 else (total, logs)
 
-    monkeypatch.setattr(train, "PhaseformerLoss", ExplodingLoss)
+    import recipes.phaseformer
+
+    monkeypatch.setattr(recipes.phaseformer, "PhaseformerLoss", ExplodingLoss)  # the family's builder makes the loss
     args = train.parse_args(["--dataset_path", str(lsui), "--batch_size", "4", "--niter", "2", "--niter_decay", "0",
                              *TINY, "--no_perceptual", "--output_dir", str(tmp_path)])
     with pytest.raises(UserError, match=r"loss became nan by optimiser step 3; nothing was saved over the last good checkpoint"):

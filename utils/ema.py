@@ -9,8 +9,7 @@ order) and ``averaged_state_dict`` for sampling. Sampling and inference always u
 The update itself is one ``torch._foreach_lerp_`` over all averaged tensors (``s += (1 - decay) * (p - s)``): the
 same arithmetic as ``EMAModel.step(foreach=True)``, which computes ``s -= (1 - decay) * (s - p)`` through a temporary
 copy of every parameter (two kernels per tensor and a model-sized allocation each step); the lerp needs one kernel
-and no temporary (issue 13; on the development CPU, one thread, DiT-S's 33M parameters: 140 -> 55 ms per update;
-``bench/bench_loop_overhead.py`` shows both inside the DDPM's training step).
+and no temporary (``bench/bench_loop_overhead.py`` times both inside the DDPM's training step; docs/benchmarks.md).
 
 Why warm-up: with few optimisation steps (small data sets, short runs) a decay of 0.9999 keeps the average
 close to the random initialisation for thousands of steps. With warm-up the effective decay grows from 0

@@ -176,7 +176,7 @@ def backward_and_step(accelerator, loss, optimizer, parameters, max_grad_norm: f
 
 def fused_optimizer(device: torch.device) -> bool:
     """Whether Adam/AdamW should run fused (``fused=True``) on ``device``: one kernel for all parameters on CUDA, and
-    on the CPU 2.5-6x faster than PyTorch's default ``foreach`` path (bench/bench_loop_overhead.py, issue 13)."""
+    on the CPU faster than PyTorch's default ``foreach`` path too (``bench/bench_loop_overhead.py``, docs/benchmarks.md)."""
     return torch.device(device).type in ("cuda", "cpu")
 
 

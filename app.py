@@ -444,7 +444,7 @@ class UserTab:
                 gallery = gr.Gallery(label="samples", columns=4, format="png", elem_id="user_gallery", interactive=False)
 
         @page_errors
-        def generate(user_ids, per_user, guidance, steps, seed, progress=gr.Progress()):
+        def generate(user_ids, per_user, guidance, steps, seed, progress=gr.Progress(track_tqdm=True)):
             pictures = self.generate(user_ids, per_user, guidance, steps, seed, progress)
             predicted = self.predict([p for p, _, _ in pictures]) if self.classifier is not None else None
             captions = [f"user {u} #{index:03d}" + (f": classifier says user {predicted[k]}" if predicted else "")
@@ -550,14 +550,18 @@ def page_theme():
     return gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])  # no web fonts: nothing is fetched
 
 
-def launch(demo, args: argparse.Namespace, *, block: bool = True):
-    """Serve ``demo`` with the safe defaults of the flags; returns the local URL."""
+def launch(demo, args: argparse.Namespace, *, block: bool = True, inline: bool | None = None):
+    """Serve ``demo`` with the safe defaults of the flags; returns the share URL with ``--share``, else the local one.
+
+    ``block=False`` returns at once (tests, notebooks); ``inline=True`` also shows the page in a notebook cell's output.
+    ``share`` is passed even when False: on Kaggle Gradio would otherwise open a public link by itself.
+    """
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     if args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
         print(f"note: --host {args.host} lets other machines open this app; add --auth USER:PASS to ask them for a password")
     # allowed_paths stays empty: Gradio then serves only its own cache, which build_app put under --output_dir.
     _, url, share_url = demo.launch(
-        server_name=args.host, server_port=args.port, share=args.share, auth=auth, prevent_thread_lock=not block,
+        server_name=args.host, server_port=args.port, share=args.share, auth=auth, prevent_thread_lock=not block, inline=inline,
         max_file_size=int(args.max_upload_mb * 1e6), allowed_paths=[], ssr_mode=False, mcp_server=False, show_error=True,
         inbrowser=False, theme=page_theme(), footer_links=[],
     )

@@ -77,7 +77,7 @@ def write_uploads(folder: Path) -> dict[str, Path]:
     files = {"rgb": folder / "photo.png", "reference": folder / "reference.png", "rgba": folder / "transparent.png",
              "gray": folder / "gray.png", "sixteen_bit": folder / "gray16.png", "tiny": folder / "one_pixel.png",
              "text": folder / "notes.png", "truncated": folder / "truncated.png", "large": folder / "large.png",
-             "other_size": folder / "other_size.png"}
+             "other_size": folder / "other_size.png", "heavy": folder / "heavy.png"}
     Image.fromarray(rgb).save(files["rgb"])
     Image.fromarray(generator.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(files["reference"])
     alpha = generator.integers(0, 256, (24, 32, 1), dtype=np.uint8)
@@ -90,6 +90,11 @@ def write_uploads(folder: Path) -> dict[str, Path]:
     files["truncated"].write_bytes(whole[: len(whole) // 2])
     Image.new("RGB", (640, 480), (0, 90, 120)).save(files["large"])  # over the tests' --max_upload_pixels
     Image.new("RGB", (20, 20), (0, 90, 120)).save(files["other_size"])
+    from PIL.PngImagePlugin import PngInfo
+
+    padding = PngInfo()
+    padding.add_text("padding", "x" * 1_500_000)  # a 32x24 image of 1.5 MB: over the tests' --max_upload_mb 1
+    Image.fromarray(rgb).save(files["heavy"], pnginfo=padding)
     return files
 
 

@@ -200,3 +200,16 @@ def test_test_script_installs_the_app_requirements(tmp_path):
 
     calls = run_shell_script(tmp_path, "scripts/test.sh", ["-q", "tests/test_app.py"], {})
     assert any("requirements-app.txt" in call for call in calls[:-1])
+
+
+def test_an_upload_over_the_byte_limit_is_refused_at_the_door_and_by_the_app(served):
+    import httpx
+
+    heavy = served["uploads"]["heavy"]
+    with open(heavy, "rb") as handle:  # Gradio's upload route, as the page uses it
+        answer = httpx.post(f"{served['url']}/gradio_api/upload", files={"files": (heavy.name, handle, "image/png")})
+    assert answer.status_code == 413
+    with pytest.raises(UserError, match=r"heavy.png is 1.5 MB, over this app's --max_upload_mb 1; upload a smaller file"):
+        app.read_upload(str(heavy), "underwater image", app.UploadLimits(1_000_000, 100_000))
+    _, low, _, _ = call(served, "/phaseformer_enhance", upload(served["uploads"]["rgb"]), None)
+    assert pixels(low).shape == (24, 32, 3)

@@ -37,6 +37,9 @@ from data.user_images import (
 from utils.errors import DataError, UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Longest side over shortest side an input may have. The centre crop keeps a square of the short side (so a wider image
+# loses most of its time axis) and --resize stretch squeezes it by the same factor; beyond 8, cut it into crops first.
+MAX_ASPECT = 8.0
 
 
 @dataclass
@@ -113,6 +116,42 @@ def collect_splits(settings: ExtractionSettings) -> tuple[dict, list, list]:
             "split": split, "images_per_user": folders}, train_items, val_items
 
 
+def inspect_images(items, min_side: int) -> dict[Path, dict[str, int]]:
+    """Read every image's header (not its pixels): a file smaller than ``min_side`` (the VA-VAE's patch) or with an
+    aspect ratio beyond :data:`MAX_ASPECT` is a :class:`DataError` naming it. Returns, per folder, how many images of
+    each non-RGB mode (grayscale ``L``, ``RGBA``, palette ``P``...) will be converted to RGB."""
+    from PIL import Image
+
+    converted: dict[Path, dict[str, int]] = {}
+    for item in items:
+        path = Path(item.path)
+        try:
+            with Image.open(path) as image:
+                (width, height), mode = image.size, image.mode
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise DataError(f"Cannot read image {path} ({err}); remove or replace the file.") from err
+        if min(width, height) < min_side:
+            raise DataError(f"{path} is {width}x{height} px, smaller than the VA-VAE's {min_side} px patch; remove it or "
+                            "replace it with a larger spectrogram.")
+        if max(width, height) > MAX_ASPECT * min(width, height):
+            raise DataError(f"{path} is {width}x{height} px, an aspect ratio beyond {MAX_ASPECT:g}:1 (the crop or stretch to a "
+                            "square would lose or squash most of it); cut it into shorter crops first.")
+        if mode != "RGB":
+            counts = converted.setdefault(path.parent, {})
+            counts[mode] = counts.get(mode, 0) + 1
+    return converted
+
+
+def describe_conversions(converted: dict[Path, dict[str, int]]) -> list[str]:
+    """One note per folder: how many images of which modes become RGB (transparent pixels composited on white)."""
+    notes = []
+    for folder, counts in sorted(converted.items()):
+        modes = ", ".join(f"{count} {mode}" for mode, count in sorted(counts.items()))
+        notes.append(f"note: {folder}: {sum(counts.values())} image(s) converted to RGB ({modes}; grayscale copied to the "
+                     "three channels, transparency composited on white)")
+    return notes
+
+
 @torch.no_grad()
 def encode_split(vae, items, settings: ExtractionSettings, device, generator, desc: str):
     """Latents (N,C,h,w) float32 on the CPU, flipped latents (or None) and the user IDs, in item order."""
@@ -152,6 +191,8 @@ def extract_features(settings: ExtractionSettings, splits: tuple[dict, list, lis
     factor = vae.downsample_factor
     if settings.image_size % factor:
         raise UserError(f"--image_size {settings.image_size} is not a multiple of the VA-VAE's downsampling factor {factor}.")
+    for note in describe_conversions(inspect_images([*train_items, *val_items], factor)):
+        print(note)
     fingerprint = file_fingerprint(settings.vavae_path)
     print(f"VA-VAE {settings.vavae_path} (fingerprint {fingerprint}): {vae.latent_channels} channels, "
           f"{settings.image_size} px -> {settings.image_size // factor}x{settings.image_size // factor} latents on {device}")

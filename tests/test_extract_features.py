@@ -134,3 +134,39 @@ def test_bad_folders_are_one_sentence_errors(tmp_path, vavae):
     write_user_folders(tmp_path / "many", [1, 5], 2)
     with pytest.raises(UserError, match="--num_users 3 is smaller than the highest user folder number 5"):
         run(tmp_path / "many", tmp_path / "out", vavae, "--num_users", "3")
+
+
+def test_grayscale_and_rgba_are_converted_with_one_note_per_folder(tmp_path, vavae, capsys):
+    from PIL import Image
+
+    data = write_user_folders(tmp_path / "data", users=[1, 2], per_user=3)
+    for index, mode in enumerate(("L", "RGBA")):
+        path = data / "ID_1" / f"img{index}.png"
+        Image.open(path).convert(mode).save(path)
+    path = data / "ID_2" / "img0.png"
+    Image.open(path).convert("L").save(path)
+    run(data, tmp_path / "out", vavae, "--val_fraction", "0")
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        f"note: {data / 'ID_1'}: 2 image(s) converted to RGB (1 L, 1 RGBA; grayscale copied to the three channels, "
+        "transparency composited on white)",
+        f"note: {data / 'ID_2'}: 1 image(s) converted to RGB (1 L; grayscale copied to the three channels, transparency "
+        "composited on white)",
+    ]
+
+
+@pytest.mark.parametrize("size,fragment", [((1, 1), "is 1x1 px, smaller than the VA-VAE's"),
+                                           ((8, 2000), "is 2000x8 px, smaller than the VA-VAE's"),
+                                           ((16, 2000), "is 2000x16 px, an aspect ratio beyond 8:1"),
+                                           ((2000, 16), "is 16x2000 px, an aspect ratio beyond 8:1"),
+                                           ((40, 400), "is 400x40 px, an aspect ratio beyond 8:1")])
+def test_tiny_and_extreme_aspect_images_are_refused_naming_the_file(tmp_path, vavae, size, fragment):
+    import numpy as np
+    from PIL import Image
+
+    data = write_user_folders(tmp_path / "data", users=[1, 2], per_user=2)
+    bad = data / "ID_2" / "odd.png"
+    Image.fromarray(np.full((size[0], size[1], 3), 128, np.uint8)).save(bad)
+    with pytest.raises(DataError, match=f"{bad}.*{fragment}".replace("(", r"\(").replace(")", r"\)")):
+        run(data, tmp_path / "out", vavae, "--val_fraction", "0")
+    assert not (tmp_path / "out" / "train.safetensors").exists()

@@ -405,7 +405,7 @@ class UserTab:
             if progress is not None:
                 progress(number / len(chunks), desc=f"{plan.settings['sampler']} {plan.settings['num_steps']} steps")
             chunk = items[start:start + args.batch_size]
-            images, _ = user.sample_items(self.model, plan, chunk, batch_size=args.batch_size, progress=True)
+            images, _ = user.sample_items(self.model, plan, chunk, batch_size=args.batch_size)
             pictures += [(tensor_to_pil(image), u, index) for image, (u, index) in zip(images, chunk, strict=True)]
         return pictures
 
@@ -444,7 +444,7 @@ class UserTab:
                 gallery = gr.Gallery(label="samples", columns=4, format="png", elem_id="user_gallery", interactive=False)
 
         @page_errors
-        def generate(user_ids, per_user, guidance, steps, seed, progress=gr.Progress(track_tqdm=True)):
+        def generate(user_ids, per_user, guidance, steps, seed, progress=gr.Progress()):
             pictures = self.generate(user_ids, per_user, guidance, steps, seed, progress)
             predicted = self.predict([p for p, _, _ in pictures]) if self.classifier is not None else None
             captions = [f"user {u} #{index:03d}" + (f": classifier says user {predicted[k]}" if predicted else "")
@@ -489,7 +489,10 @@ def UploadImage(*args, **kwargs):  # noqa: N802 - used like the component class 
 
 
 def build_app(args: argparse.Namespace):
-    """The Blocks page for ``args`` (every model given is loaded first: a wrong path is an error before serving)."""
+    """The Blocks page for ``args`` (every model given is loaded first: a wrong path is an error before serving).
+
+    One app per process: Gradio reads its cache folder (here ``--output_dir``/gradio) from the environment.
+    """
     output_dir = Path(args.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"

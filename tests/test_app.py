@@ -187,6 +187,8 @@ def test_flags_and_their_checks(tmp_path, monkeypatch):
         with pytest.raises(SystemExit):
             app.parse_args(argv)
     monkeypatch.chdir(tmp_path)  # no demo_output/ here: every tab names its flag, nothing is loaded
+    # build_app points Gradio's cache at its --output_dir through the environment; the module's app must keep its own
+    monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))
     demo = app.build_app(app.parse_args(["--output_dir", str(tmp_path / "out")]))
     assert demo.app_tabs == {}
     with pytest.raises(UserError, match="--vavae_path"):

@@ -157,7 +157,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     from models.seesr import check_sd2_folder
 
     # Single numbers are checked while parsing (utils/validators.py); here what needs another flag or the model.
-    check_output_dir(args.output_dir)
+    if getattr(args, "output_dir", None):  # a front end that writes no files may leave it unset
+        check_output_dir(args.output_dir)
     if args.control_schedule == "window" and args.control_guidance_start >= args.control_guidance_end:
         raise UserError(f"--control_guidance_start {args.control_guidance_start:g} must be below --control_guidance_end "
                         f"{args.control_guidance_end:g}: the window would never let the ControlNet act.")

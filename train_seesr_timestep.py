@@ -87,7 +87,6 @@ NOT_INHERITED = ("given_flags", "allow_tf32", "enable_xformers_memory_efficient_
 DATA_SOURCE_FLAGS = frozenset({"root_folders", "train_data_dir", "hr_dir", "lr_dir"})
 START_WEIGHT_FLAGS = frozenset({"seesr_model_path", "controlnet_model_path", "unet_model_path"})
 W_T_LOGGED_AT = (999, 750, 500, 250, 1)  # timesteps whose w(t) goes to the tracker as scalars
-INFER_START_STEPS = 999  # infer.py seesr's --start_steps default (test_seesr.py's): previews start where inference does
 # SeeSR's train_seesr.py flags refused here: flag -> (takes a value, reason).
 REFUSED_SEESR_FLAGS = {
     "revision": (True, "nothing is downloaded: pass local folders"),
@@ -529,35 +528,39 @@ def save_checkpoint(run: SeeSRRun, epoch: int, batches_in_epoch: int) -> None:
     accelerator.wait_for_everyone()
 
 
-def preview_image(run: SeeSRRun, item: dict, pipeline) -> torch.Tensor:
-    """One validation image super-resolved as ``infer.py seesr`` does with its defaults (test_seesr.py's): tags of the
-    LR by the run's RAM (+ DAPE), else the ``<name>.txt`` beside a ``--validation_image``; the prompt
-    ``"{tags}, ," + added prompt``; the LR latent noised to ``--start_steps`` 999; the run's seed for every image."""
-    from data.sr_pairs import read_tag_prompt
-    from models.seesr import DEFAULT_ADDED_PROMPT, encode_prompts, super_resolve_image
+def preview_settings(config: argparse.Namespace, output_dir: Path) -> argparse.Namespace:
+    """``infer.py seesr``'s settings for the previews: its defaults (test_seesr.py's, or test_seesr_turbo.py's on a
+    turbo base), with ``--validation_num_inference_steps``, ``--validation_guidance_scale``,
+    ``--validation_process_size`` (default ``--resolution``) and ``--scale`` in place of its steps, guidance, process
+    size and upscale."""
+    from models.seesr import is_turbo_base
+    from pipelines import seesr as seesr_inference
 
-    config, device = run.config, run.accelerator.device
-    tagger, image_embeds = run.parts.models.get("tagger"), None
-    if tagger is not None:
-        tags, image_embeds = tagger(item["lr"][None].to(device=device, dtype=tagger.dtype))
-        tags = tags[0]
-    else:
-        tags = read_tag_prompt(item["path"]) if item["hr"] is None else ""
-    prompt = f"{tags}, ," + DEFAULT_ADDED_PROMPT  # infer.py seesr's f"{tags}, {--prompt}," + --added_prompt
-    prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [prompt], device)
-    return super_resolve_image(
-        pipeline, item["lr"], upscale=config.scale, process_size=config.validation_process_size or config.resolution,
-        prompt_embeds=prompt_embeds, image_embeds=image_embeds, start_point="lr", start_steps=INFER_START_STEPS,
-        num_inference_steps=config.validation_num_inference_steps, guidance_scale=config.validation_guidance_scale,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
+    parser = argparse.ArgumentParser()
+    seesr_inference.add_parser(parser.add_subparsers(dest="command"))
+    settings = parser.parse_args(["seesr", "--pretrained_model_path", str(config.pretrained_model_path),
+                                  "--seesr_model_path", str(output_dir), "--image_path", str(output_dir),
+                                  "--output_dir", str(output_dir / "validation")])
+    settings.turbo = is_turbo_base(Path(config.pretrained_model_path))
+    for key, value in (seesr_inference.TURBO_DEFAULTS if settings.turbo else seesr_inference.SEESR_DEFAULTS).items():
+        if getattr(settings, key, None) is None:
+            setattr(settings, key, value)
+    settings.num_inference_steps = config.validation_num_inference_steps
+    settings.guidance_scale = config.validation_guidance_scale
+    settings.process_size = config.validation_process_size or config.resolution
+    settings.upscale, settings.sample_times = config.scale, 1
+    return settings
 
 
 def write_previews(run: SeeSRRun, validation_set: list[dict]) -> None:
-    """Validation images through the inference path (a grid LR | SR [| HR] and each SR image), and the w(t) plot."""
+    """Validation images super-resolved as ``infer.py seesr`` does (``pipelines.seesr.super_resolve``, its per-image
+    function: RAM's tags of the LR, test_seesr.py's prompt, the LR latent noised to t=999, the run's seed for every
+    image), written as a grid LR | SR [| HR] and one PNG per image; and the w(t) plot."""
     from data.degradations import bicubic_upsample
+    from data.sr_pairs import read_tag_prompt
     from models.seesr import SeeSRPipeline
-    from utils.images import save_grid, tensor_to_pil
+    from pipelines.seesr import SeeSRInference, super_resolve
+    from utils.images import pil_to_tensor, save_grid
 
     if not run.accelerator.is_main_process:
         return
@@ -568,13 +571,19 @@ def write_previews(run: SeeSRRun, validation_set: list[dict]) -> None:
         model.eval()
     pipeline = SeeSRPipeline(models["unet"], models["vae"], models["text_encoder"], run.parts.extras["tokenizer"],
                              run.parts.extras["noise_scheduler"], controlnet, injector)
+    tagger = models.get("tagger")
+    inference = SeeSRInference(pipeline, tagger, tagger is not None, preview_settings(run.config, run.output_dir),
+                               run.output_dir, run.accelerator.device)
     tiles, captions, folder = [], [], run.output_dir / "validation" / f"step_{step:06d}"
     try:
         with run.accelerator.autocast():
             for item in validation_set:
-                result = preview_image(run, item, pipeline)
+                # Tags without a tagger: infer.py's <name>.txt beside a --validation_image, none for a training crop.
+                tags = read_tag_prompt(item["path"]) if item["hr"] is None else None
+                picture = super_resolve(inference, item["lr"], run.config.seed, tags=tags).images[0]
                 folder.mkdir(parents=True, exist_ok=True)
-                tensor_to_pil(result, (0.0, 1.0)).save(folder / f"{item['name']}.png")
+                picture.save(folder / f"{item['name']}.png")
+                result = pil_to_tensor(picture, (0.0, 1.0))
                 tiles += [bicubic_upsample(item["lr"], result.shape[-2:]), result]
                 captions += [f"{item['name']} LR", f"SR step {step}"]
                 if item["hr"] is not None:

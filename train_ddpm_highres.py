@@ -57,7 +57,7 @@ from utils.errors import UserError, run_cli
 from utils.images import save_grid
 from utils.log import TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
 from utils.plots import plot_curves
-from utils.resume import given_flags, resolve_resumed_config
+from utils.resume import check_saved_path, find_latest_run_checkpoint, given_flags, resolve_resumed_config
 from utils.training import (
     BestMetric,
     CheckpointCadence,
@@ -208,6 +208,8 @@ def resolve_config(args: argparse.Namespace, checkpoint: dict | None, source: st
         saved = dict(checkpoint["config"])
         if saved.get("model") is None and "model_preset" in saved:  # checkpoints written before the house names
             saved["model"] = saved["model_preset"]
+        if saved.get("dropout") is None:  # the preset's dropout, so a refused --dropout names the value trained with
+            saved["dropout"] = checkpoint.get("model_config", {}).get("dropout")
     config = resolve_resumed_config(args, None, saved, fixed=FIXED_ON_RESUME, source=source)
     return complete_config(config)
 
@@ -376,10 +378,16 @@ def main(args: argparse.Namespace) -> dict:
     config = resolve_config(args, checkpoint, str(resume_path))
     paths = experiment_paths(config.output_dir, config.name, config.dataset, config.size)
     if resume == "latest":
-        resume_path = resolve_resume("latest", paths["run"], RESUME_PATTERNS)
+        # The run folder the flags name, else (no --name given) the newest run under --output_dir: its folder name
+        # depends on --dataset and --size, which `latest` alone does not repeat.
+        search = paths["run"] if "name" in given_flags(args) else config.output_dir
+        resume_path = find_latest_run_checkpoint(search, RESUME_PATTERNS, run_dir=paths["run"], max_depth=1)
         if resume_path is not None:
             checkpoint = load_checkpoint(resume_path, CHECKPOINT_KIND, "train_ddpm_highres.py --resume_from_checkpoint")
             config = resolve_config(args, checkpoint, str(resume_path))
+            paths = experiment_paths(config.output_dir, config.name, config.dataset, config.size)
+    if checkpoint is not None and "data_dir" not in given_flags(args) and config.dataset == "folder":
+        check_saved_path(config, "data_dir", resume_path, "image folder")
 
     accelerator = create_accelerator(
         mixed_precision=config.mixed_precision, cpu=config.device == "cpu", seed=config.seed, compile_model=config.compile,

@@ -360,3 +360,48 @@ def test_infer_ddpm_refuses_to_write_nan_samples(tmp_path, capsys):
                                       "--save_images", "--output_dir", str(output), "--device", "cpu"], capsys)
     assert_one_error_line(code, lines, "The model produced NaN or infinite pixels, so no image was written")
     assert not list(output.rglob("*.png")) if output.exists() else True
+
+
+# ------------------------------------------------------------------------ `latest` with the output folder alone
+
+
+def test_ddpm_latest_alone_finds_and_continues_a_killed_run(demo_images, tmp_path, monkeypatch):
+    import shutil
+
+    import train_ddpm_highres as train
+    from utils.errors import CheckpointError
+
+    monkeypatch.chdir(ROOT)
+    data = tmp_path / "images"
+    shutil.copytree(demo_images, data)
+    output = tmp_path / "checkpoints"
+    finish_epoch = train.end_of_epoch
+
+    def killed_after_the_first_epoch(run, done, *rest):
+        finish_epoch(run, done, *rest)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "end_of_epoch", killed_after_the_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train.parse_args([
+            "--dataset", "folder", "--data_dir", str(data), "--size", "16", "--model", "tiny", "--train_batch_size", "8",
+            "--effective_batch", "8", "--epochs", "2", "--lr_warmup_steps", "2", "--num_samples", "2", "--sample_steps", "2",
+            "--quick_every", "0", "--device", "cpu", "--report_to", "none", "--output_dir", str(output)]))
+    monkeypatch.setattr(train, "end_of_epoch", finish_epoch)
+    run_dir = output / "folder_16x16"
+    stale = run_dir / ".ddpm_last.pt.x1y2.tmp"
+    stale.write_bytes(b"")  # what a save killed mid-write leaves
+
+    for argv, message in ((["--size", "32"], "was trained with --size 16, not 32"),
+                          (["--dropout", "0.2"], "was trained with --dropout 0.0, not 0.2")):
+        with pytest.raises(CheckpointError, match=message):
+            train.main(train.parse_args(["--resume_from_checkpoint", "latest", "--output_dir", str(output), *argv]))
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    with pytest.raises(CheckpointError, match=f"--data_dir {data} .* does not exist any more; resume with --data_dir"):
+        train.main(train.parse_args(["--resume_from_checkpoint", "latest", "--output_dir", str(output)]))
+    moved.rename(data)
+
+    result = train.main(train.parse_args(["--resume_from_checkpoint", "latest", "--output_dir", str(output)]))
+    assert result["paths"]["run"] == run_dir and len(result["history"]) == 2 and result["step"] == 6
+    assert not stale.exists() and f"removed {stale}" in (run_dir / "train.log").read_text()

@@ -13,12 +13,19 @@ A checkpoint stores the run's resolved configuration (``checkpoint["config"]``, 
 
 The arguments are never modified: :func:`resolve_resumed_config` returns a new Namespace (Phaseformer's
 ``merge_resumed_config`` did this first; diffusers' examples leave it to the user).
+
+``latest`` with the same ``--output_dir`` alone finds the run (:func:`find_latest_run_checkpoint`): the newest
+checkpoint in the run folder the flags name when they name one, else the newest under the output folder, so a run
+whose folder name depends on flags not given (DDPM's ``<dataset>_<size>x<size>``, Phaseformer's data folder name)
+is found all the same. A data path taken from the checkpoint that no longer exists is one line naming the flag to pass
+(:func:`check_saved_path`).
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from utils.cli import upgrade_saved_config
@@ -86,3 +93,37 @@ def _text(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return " ".join(map(str, value))
     return str(value)
+
+
+def find_latest_run_checkpoint(output_dir: str | Path, patterns: Iterable[str], run_dir: str | Path | None = None,
+                               max_depth: int = 3) -> Path | None:
+    """``--resume_from_checkpoint latest``: the most recently written checkpoint matching ``patterns`` in ``run_dir``
+    when it has one, else in any folder under ``output_dir`` (``max_depth`` levels down); None for a fresh start.
+
+    Hidden files (``.name.XXXX.tmp`` of an unfinished atomic save) never count.
+    """
+    patterns = list(patterns)
+
+    def newest(files: list[Path]) -> Path | None:
+        files = [f for f in files if f.is_file() and not f.name.startswith(".")]
+        return max(files, key=lambda f: f.stat().st_mtime_ns) if files else None
+
+    if run_dir is not None and Path(run_dir).is_dir():
+        found = newest([f for pattern in patterns for f in Path(run_dir).glob(pattern)])
+        if found is not None:
+            return found
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    levels = ["/".join(["*"] * depth) for depth in range(max_depth + 1)]
+    return newest([f for level in levels for pattern in patterns
+                   for f in root.glob(f"{level}/{pattern}" if level else pattern)])
+
+
+def check_saved_path(config: argparse.Namespace, key: str, source: str, what: str = "folder") -> None:
+    """A data path that a resumed run took from its checkpoint must still exist: else one line naming ``--key``."""
+    values = getattr(config, key, None)
+    for value in values if isinstance(values, (list, tuple)) else [values]:
+        if value is not None and not Path(value).exists():
+            raise CheckpointError(f"--{key} {value} (recorded in {source}) does not exist any more; resume with --{key} "
+                                  f"<the {what}'s new place>.")

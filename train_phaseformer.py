@@ -73,7 +73,7 @@ from utils.images import save_grid
 from utils.log import TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
 from utils.metrics import SSIM_SIGMA, SSIM_WINDOW_SIZE, batch_psnr, batch_ssim
 from utils.plots import plot_curves
-from utils.resume import resolve_resumed_config
+from utils.resume import check_saved_path, find_latest_run_checkpoint, given_flags, resolve_resumed_config
 from utils.training import (
     BestMetric,
     CheckpointCadence,
@@ -262,7 +262,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.eval_size != "full" and 2 * args.crop_border >= int(args.eval_size):
         parser.error(f"--crop_border {args.crop_border} leaves nothing of the {args.eval_size} px test images (--eval_size); "
                      f"pass a border below {(int(args.eval_size) + 1) // 2}")
-    if not args.dataset_path and not (args.resume_from_checkpoint and args.resume_from_checkpoint != "latest"):
+    if not args.dataset_path and not args.resume_from_checkpoint:  # `latest` finds the run and its data in main()
         parser.error("--dataset_path is required: one or more folders in the LSUI layout (train/input, train/gt, test/input, test/gt)")
     return args
 
@@ -485,12 +485,21 @@ def main(args: argparse.Namespace) -> dict:
         resume_path = resolve_resume(resume, ".", RESUME_PATTERNS)
         checkpoint = load_checkpoint(resume_path, CHECKPOINT_KIND, "train_phaseformer.py --resume_from_checkpoint")
     config = resolve_config(args, checkpoint, str(resume_path))
-    run_dir = Path(config.output_dir) / "checkpoint" / run_name(config.name, config.dataset_path)
+    runs = Path(config.output_dir) / "checkpoint"
+    run_dir = runs / run_name(config.name, config.dataset_path) if config.dataset_path else None
     if resume == "latest":
-        resume_path = resolve_resume("latest", run_dir, RESUME_PATTERNS)
+        # The run --name/--dataset_path name, else the newest run under <output_dir>/checkpoint/ (`latest` alone).
+        named = run_dir is not None and {"name", "dataset_path"} & given_flags(args)
+        resume_path = find_latest_run_checkpoint(run_dir if named else runs, RESUME_PATTERNS, run_dir=run_dir, max_depth=1)
         if resume_path is not None:
             checkpoint = load_checkpoint(resume_path, CHECKPOINT_KIND, "train_phaseformer.py --resume_from_checkpoint")
             config = resolve_config(args, checkpoint, str(resume_path))
+            run_dir = resume_path.parent
+        elif run_dir is None:
+            raise UserError(f"--resume_from_checkpoint latest: no run under {runs} to continue; pass --dataset_path to start one "
+                            "(folders in the LSUI layout).")
+    if checkpoint is not None and "dataset_path" not in given_flags(args):
+        check_saved_path(config, "dataset_path", resume_path, "dataset folder")
 
     accelerator = create_accelerator(
         mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,

@@ -405,3 +405,25 @@ def test_ddpm_latest_alone_finds_and_continues_a_killed_run(demo_images, tmp_pat
     result = train.main(train.parse_args(["--resume_from_checkpoint", "latest", "--output_dir", str(output)]))
     assert result["paths"]["run"] == run_dir and len(result["history"]) == 2 and result["step"] == 6
     assert not stale.exists() and f"removed {stale}" in (run_dir / "train.log").read_text()
+
+
+def test_phaseformer_latest_alone_finds_the_run_and_its_data(tmp_path, monkeypatch):
+    import train_phaseformer as train
+    from data.underwater import build_synthetic_underwater
+    from utils.errors import CheckpointError
+
+    monkeypatch.chdir(ROOT)
+    data = build_synthetic_underwater(tmp_path / "LSUI", size=16, train_count=4, test_count=2)
+    output = tmp_path / "out"
+    first = train.main(train.parse_args([
+        "--dataset_path", str(data), "--config", str(ROOT / "configs" / "phaseformer_tiny.yaml"), "--crop_size", "16",
+        "--eval_size", "16", "--device", "cpu", "--batch_size", "2", "--niter", "1", "--niter_decay", "1", "--stop_epoch", "1",
+        "--no_perceptual", "--report_to", "none", "--output_dir", str(output)]))
+    assert len(first["history"]) == 1
+    moved = tmp_path / "elsewhere"
+    data.rename(moved)
+    with pytest.raises(CheckpointError, match=f"--dataset_path {data} .* does not exist any more; resume with --dataset_path"):
+        train.main(train.parse_args(["--resume_from_checkpoint", "latest", "--output_dir", str(output)]))
+    moved.rename(data)
+    resumed = train.main(train.parse_args(["--resume_from_checkpoint", "latest", "--output_dir", str(output)]))
+    assert resumed["run_dir"] == first["run_dir"] and len(resumed["history"]) == 2 and resumed["step"] == 2 * first["step"]

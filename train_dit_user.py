@@ -70,7 +70,7 @@ from utils.ema import EMA
 from utils.errors import UserError, one_line, run_cli
 from utils.log import TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
 from utils.plots import plot_curves
-from utils.resume import resolve_resumed_config
+from utils.resume import check_saved_path, given_flags, resolve_resumed_config
 from utils.training import (
     BestMetric,
     CheckpointCadence,
@@ -233,7 +233,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.given_flags = sorted(explicitly_given(parser, argv, args.config))
     check_training_arguments(parser, args)
 
-    if args.latent_dir is None and not (args.resume_from_checkpoint and args.resume_from_checkpoint != "latest"):
+    if args.latent_dir is None and not args.resume_from_checkpoint:  # `latest` takes it from the run's checkpoint
         parser.error("--latent_dir is required (the output folder of scripts/extract_features.py)")
     for flag in ("max_epochs", "val_every", "preview_samples", "preview_steps", "preview_batch_size", "patch_size"):
         if getattr(args, flag) < 1:
@@ -511,7 +511,10 @@ def prepare_run(args: argparse.Namespace, logger=None) -> RunPlan:
     if checkpoint is not None and "optimizer" not in checkpoint:
         raise UserError(f"{resume_path} was written with --slim_best and holds no optimiser state; resume from last.ckpt.")
     if config.latent_dir is None:
-        raise UserError("--latent_dir is required (the output folder of scripts/extract_features.py)")
+        raise UserError("--latent_dir is required (the output folder of scripts/extract_features.py)"
+                        + (f"; --resume_from_checkpoint latest found no run in {checkpoint_dir}" if resume == "latest" else ""))
+    if checkpoint is not None and "latent_dir" not in given_flags(args):
+        check_saved_path(config, "latent_dir", resume_path, "latent folder (scripts/extract_features.py's output)")
     spec = BACKBONES.get(config.backbone)
     if config.model_size.lower() not in {name.lower() for name in spec.sizes}:
         raise UserError(f"--model_size {config.model_size} is not a {config.backbone} size; choose one of {', '.join(spec.sizes)}.")

@@ -427,3 +427,36 @@ def test_phaseformer_latest_alone_finds_the_run_and_its_data(tmp_path, monkeypat
     moved.rename(data)
     resumed = train.main(train.parse_args(["--resume_from_checkpoint", "latest", "--output_dir", str(output)]))
     assert resumed["run_dir"] == first["run_dir"] and len(resumed["history"]) == 2 and resumed["step"] == 2 * first["step"]
+
+
+def test_dit_latest_alone_continues_a_killed_run_and_takes_latent_dir_from_it(tmp_path, monkeypatch):
+    import train_dit_user as train
+    from tests.user_pipeline_data import write_tiny_vavae, write_user_folders
+    from utils.errors import CheckpointError
+
+    extract = importlib.import_module("scripts.extract_features")
+    vavae = write_tiny_vavae(tmp_path / "vavae-tiny.pt")
+    data = write_user_folders(tmp_path / "data", [1, 2, 3], 6, pattern="ramp")
+    latents = tmp_path / "latents"
+    extract.main(extract.parse_args(["--data_dir", str(data), "--vavae_path", str(vavae), "--vavae_config", "tiny",
+                                     "--output_path", str(latents), "--image_size", "32", "--val_fraction", "0.2", "--device", "cpu"]))
+    output = tmp_path / "run"
+    save = train.save_checkpoint_files
+
+    def killed_after_the_first_save(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint_files", killed_after_the_first_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train.parse_args(["--latent_dir", str(latents), "--output_dir", str(output), "--model_size", "tiny",
+                                     "--batch_size", "6", "--device", "cpu", "--max_epochs", "2", "--preview_every", "0",
+                                     "--report_to", "none"]))
+    monkeypatch.setattr(train, "save_checkpoint_files", save)
+    first_step = torch.load(output / "checkpoints" / "last.ckpt", weights_only=True)["step"]
+    latents.rename(tmp_path / "moved")
+    with pytest.raises(CheckpointError, match=f"--latent_dir {latents} .* does not exist any more; resume with --latent_dir"):
+        train.main(train.parse_args(["--resume_from_checkpoint", "latest", "--output_dir", str(output)]))
+    (tmp_path / "moved").rename(latents)
+    resumed = train.main(train.parse_args(["--resume_from_checkpoint", "latest", "--output_dir", str(output)]))
+    assert first_step > 0 and resumed["step"] == 2 * first_step

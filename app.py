@@ -83,12 +83,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     seesr.add_argument("--pretrained_model_path", default=None, help="local diffusers Stable Diffusion 2 base folder")
     seesr.add_argument("--seesr_model_path", nargs="+", default=None, metavar="FOLDER",
                        help="SeeSR release folders or checkpoint-<step>/ folders, picked in the tab; two are compared side by side")
+    seesr.add_argument("--turbo_model_path", default=None,
+                       help="a turbo base folder (sd-turbo): each checkpoint is also offered as SeeSR-Turbo, as infer.py seesr "
+                       "--pretrained_model_path sd-turbo runs it")
+    seesr.add_argument("--process_size", type=int_at_least(8), default=512,
+                       help="as infer.py seesr --process_size: small images are enlarged to this first (default 512)")
     add_ram_arguments(seesr)
     args = parser.parse_args(argv)
     if args.auth is not None and (":" not in args.auth or not args.auth.split(":", 1)[0] or not args.auth.split(":", 1)[1]):
         parser.error("--auth takes USER:PASS, a user name and a password joined by a colon")
     if args.dit_checkpoint and args.unet_path:
         parser.error("--dit_checkpoint and --unet_path are two ways to give the one user-generation model; pass one of them")
+    if bool(args.pretrained_model_path) != bool(args.seesr_model_path):
+        parser.error("the SeeSR tab needs both --pretrained_model_path (Stable Diffusion 2 base) and --seesr_model_path")
+    if args.turbo_model_path and not args.seesr_model_path:
+        parser.error("--turbo_model_path runs the --seesr_model_path checkpoints as SeeSR-Turbo; add --pretrained_model_path "
+                     "and --seesr_model_path")
     return args
 
 
@@ -468,6 +478,140 @@ def parse_user_ids(text: str) -> list[int]:
     return users
 
 
+# --------------------------------------------------------------------------------------------------------- SeeSR
+
+class EditedTags:
+    """RAM as a tagger whose tags are the user's: RAM's image embeddings with the tags typed in the page."""
+
+    def __init__(self, tagger, tags: str):
+        self.tagger, self.tags = tagger, tags
+
+    def __call__(self, images):
+        _, embeds = self.tagger(images)
+        return [self.tags] * len(images), embeds
+
+
+@dataclass
+class SeeSRTab:
+    """SeeSR checkpoints (and their turbo form), loaded as infer.py seesr loads them; requests call
+    pipelines.seesr.super_resolve with the page's settings."""
+
+    base: list[str]  # infer.py seesr flags shared by every model: RAM, device, output folder, process size
+    models: dict  # name -> (pretrained_model_path, seesr_model_path)
+    limits: UploadLimits
+    loaded: dict = field(default_factory=dict)
+
+    def load(self) -> None:
+        from pipelines.seesr import load_pipeline
+
+        for name, (base, checkpoint) in self.models.items():
+            self.loaded[name] = load_pipeline(infer_args(self.flags(base, checkpoint)))
+            for message in self.loaded[name].messages:
+                print(f"{name}: {message}")
+
+    def flags(self, base: str, checkpoint: str, *extra: str) -> list[str]:
+        return ["seesr", "--pretrained_model_path", base, "--seesr_model_path", checkpoint, "--image_path", ".", *self.base, *extra]
+
+    def tags(self, upload: str | None, name: str) -> str:
+        """RAM's (+ DAPE's) tags of the upload, as infer.py seesr puts them in the prompt."""
+        from utils.images import pil_to_tensor
+
+        picture, _ = read_upload(upload, "low-resolution image", self.limits)
+        inference = self.loaded[name]
+        if inference.tagger is None:
+            return ""
+        found, _ = inference.tagger(pil_to_tensor(picture, (0.0, 1.0))[None].to(inference.device))
+        return found[0]
+
+    def super_resolve(self, upload: str | None, name: str, tags: str, settings: list[str], seed: int, progress_bar: bool = False):
+        """``(LR picture, SR picture, prompt, note)``: infer.py seesr on the upload with ``settings`` (its flags).
+
+        Empty ``tags`` are RAM's own (infer.py's prompt); typed tags replace RAM's tags but keep its image embeddings.
+        """
+        import dataclasses
+
+        from pipelines.seesr import resolve_settings, super_resolve
+
+        picture, note = read_upload(upload, "low-resolution image", self.limits)
+        inference = self.loaded[name]
+        base, checkpoint = self.models[name]
+        request = resolve_settings(infer_args(self.flags(base, checkpoint, "--seed", str(int(seed)), *settings)))
+        request.sample_times = 1
+        tags = tags.strip()
+        tagger = EditedTags(inference.tagger, tags) if tags and inference.tagger is not None else inference.tagger
+        result = super_resolve(dataclasses.replace(inference, settings=request, tagger=tagger), picture, int(seed),
+                               tags=tags or None, progress_bar=progress_bar)
+        return picture, result.images[0], result.prompt, note
+
+    def build(self) -> None:
+        import gradio as gr
+        from PIL import Image
+
+        names = list(self.models)
+        first = self.loaded[names[0]].settings
+        gr.Markdown("x4 real-world super-resolution with SeeSR, as `infer.py seesr` runs it: the prompt is "
+                    "`{tags}, {prompt},` + the added prompt; the tags come from RAM (+ DAPE) and can be edited. A second "
+                    "checkpoint runs on the same image and seed beside the first (what does the injector change?). "
+                    "SeeSR-Turbo (`(turbo)` models) needs 1-4 steps and guidance 1.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                upload = UploadImage(label="low-resolution image", type="filepath", elem_id="seesr_input", height=220)
+                model = gr.Dropdown(names, value=names[0], label="checkpoint (--seesr_model_path)", elem_id="seesr_model")
+                other = gr.Dropdown(["none", *names], value="none", label="compare with (same image and seed)",
+                                    elem_id="seesr_compare")
+                with gr.Row():
+                    tags_button = gr.Button("Get tags", elem_id="seesr_get_tags")
+                    run_button = gr.Button("Super-resolve", variant="primary", elem_id="seesr_run")
+                tags = gr.Textbox(label="tags (RAM/DAPE; edit them, or leave empty for RAM's)", elem_id="seesr_tags")
+                prompt = gr.Textbox(first.prompt, label="prompt (--prompt)", elem_id="seesr_prompt")
+                added = gr.Textbox(first.added_prompt, label="added prompt (--added_prompt)")
+                negative = gr.Textbox(first.negative_prompt, label="negative prompt (--negative_prompt)")
+                with gr.Row():
+                    steps = gr.Number(first.num_inference_steps, label="steps", precision=0, minimum=1, elem_id="seesr_steps")
+                    guidance = gr.Number(first.guidance_scale, label="guidance (--guidance_scale)", minimum=0,
+                                         elem_id="seesr_guidance")
+                    seed = gr.Number(0, label="seed (--seed)", precision=0, minimum=0, elem_id="seesr_seed")
+                with gr.Row():
+                    start = gr.Dropdown(["lr", "noise"], value=first.start_point, label="start point (--start_point)")
+                    colour = gr.Dropdown(["adain", "wavelet", "nofix"], value=first.align_method, label="colour fix (--align_method)")
+                    upscale = gr.Number(first.upscale, label="upscale", precision=0, minimum=1, maximum=8, elem_id="seesr_upscale")
+            with gr.Column(scale=2):
+                slider = gr.ImageSlider(label="before (LR, bicubic) / after", type="pil", format="png", elem_id="seesr_slider",
+                                        interactive=False)
+                with gr.Row():
+                    output = gr.Image(label="SR", type="pil", format="png", elem_id="seesr_output", interactive=False, height=300)
+                    second = gr.Image(label="SR, second checkpoint", type="pil", format="png", elem_id="seesr_second",
+                                      interactive=False, height=300)
+                used = gr.Markdown(elem_id="seesr_prompt_used")
+
+        @page_errors
+        def get_tags(upload, name):
+            return self.tags(upload, name)
+
+        @page_errors
+        def run(upload, name, other, tags, prompt, added, negative, steps, guidance, seed, start, colour, upscale,
+                progress=gr.Progress()):
+            settings = ["--prompt", prompt, "--added_prompt", added, "--negative_prompt", negative, "--num_inference_steps",
+                        str(int(steps)), "--guidance_scale", f"{float(guidance)!r}", "--start_point", start, "--align_method",
+                        colour, "--upscale", str(int(upscale))]
+            progress(0, desc=name)
+            picture, result, prompt_used, note = self.super_resolve(upload, name, tags, settings, seed)
+            lines = [f"**{name}**: `{prompt_used}`"]
+            compared = None
+            if other != "none":
+                progress(0.5, desc=other)
+                _, compared, other_prompt, _ = self.super_resolve(upload, other, tags, settings, seed)
+                lines.append(f"**{other}**: `{other_prompt}`")
+            before = picture.resize(result.size, Image.BICUBIC)
+            text = "\n\n".join(lines + ([f"*{note}*"] if note else []))
+            return (before, result) if compared is None else (result, compared), result, compared, text
+
+        event = {"concurrency_limit": 1, "concurrency_id": "seesr", "trigger_mode": "once"}
+        tags_button.click(get_tags, [upload, model], tags, api_name="seesr_tags", **event)
+        run_button.click(run, [upload, model, other, tags, prompt, added, negative, steps, guidance, seed, start, colour, upscale],
+                         [slider, output, second, used], api_name="seesr_super_resolve", **event)
+
+
 # ----------------------------------------------------------------------------------------------------- the page
 
 def _upload_image_class():
@@ -515,6 +659,21 @@ def build_app(args: argparse.Namespace):
         if args.num_users:
             base += ["--num_users", str(args.num_users)]
         tabs["user"] = UserTab(base, args.classifier, args.classifier_image_size)
+    if args.seesr_model_path:
+        base = ["--device", args.device, "--output_dir", str(output_dir / "seesr"), "--process_size", str(args.process_size),
+                "--ram_path", args.ram_path]
+        for flag in ("ram_ft_path", "ram_tag_list", "ram_tag_thresholds"):
+            if getattr(args, flag):
+                base += [f"--{flag}", getattr(args, flag)]
+        names = {}
+        for checkpoint in args.seesr_model_path:
+            names[Path(checkpoint).name] = (args.pretrained_model_path, checkpoint)
+            if args.turbo_model_path:
+                names[f"{Path(checkpoint).name} (turbo)"] = (args.turbo_model_path, checkpoint)
+        if len(names) < len(args.seesr_model_path) * (2 if args.turbo_model_path else 1):
+            raise UserError("Two --seesr_model_path folders have the same name; the tab tells them apart by name, so "
+                            "link or copy one under another name.")
+        tabs["seesr"] = SeeSRTab(base, names, limits)
     for tab in tabs.values():
         tab.load()
 
@@ -540,8 +699,12 @@ def build_app(args: argparse.Namespace):
                             "`--unet_path`) and `--vavae_path`, the VA-VAE file the latents were made with "
                             "(`--classifier classifier.pt` adds the predicted user).")
         with gr.Tab("SeeSR", elem_id="tab_seesr"):
-            missing_tab("No SeeSR model: pass `--pretrained_model_path` (Stable Diffusion 2 base folder) and "
-                        "`--seesr_model_path` (SeeSR's release folder or a checkpoint-<step>/ folder).")
+            if "seesr" in tabs:
+                tabs["seesr"].build()
+            else:
+                missing_tab("No SeeSR model: pass `--pretrained_model_path` (Stable Diffusion 2 base folder) and "
+                            "`--seesr_model_path` (SeeSR's release folder or a checkpoint-<step>/ folder; `--ram_path` "
+                            "for RAM, `--turbo_model_path` for SeeSR-Turbo).")
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
     demo.app_tabs = tabs
     return demo

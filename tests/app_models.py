@@ -65,8 +65,50 @@ def build_models(root: Path) -> dict:
     classifier = root / "classifier.pt"
     torch.save({"model": build_user_classifier(3).state_dict(), "user_ids": [1, 2, 3], "classifier_size": 32}, classifier)
     _BUILT["models"] = {"ddpm": ddpm, "phaseformer": phaseformer, "vavae": vavae, "dit": run / "checkpoints/last.ckpt",
-                        "classifier": classifier}
+                        "classifier": classifier, **build_seesr(root / "seesr")}
     return _BUILT["models"]
+
+
+def build_seesr(root: Path) -> dict:
+    """A tiny SeeSR layout as tests/test_seesr_turbo.py builds it: SD2 base, sd-turbo, two release folders, RAM + DAPE.
+
+    RAM's weight file does not record its architecture: :func:`use_tiny_ram` must be in force when the app loads it.
+    """
+    from diffusers import UNet2DConditionModel
+
+    from models.seesr import build_controlnet
+    from models.seesr_unet import unet_with_image_attention
+    from tests.ram_tiny import TINY_RAM_CONFIG, write_tiny_ram
+    from tests.sd2_tiny import SD_TURBO_SCHEDULER_CONFIG, build_tiny_sd2
+
+    sd2 = build_tiny_sd2(root / "stable-diffusion-2-base", light_attention=True)
+    turbo = build_tiny_sd2(root / "sd-turbo", seed=1, light_attention=True, scheduler_config=SD_TURBO_SCHEDULER_CONFIG)
+    ram = write_tiny_ram(root / "ram")
+    releases = []
+    for seed, name in ((2, "seesr"), (3, "seesr_b")):
+        torch.manual_seed(seed)
+        unet = unet_with_image_attention(UNet2DConditionModel.from_pretrained(sd2, subfolder="unet"), TINY_RAM_CONFIG.embed_width)
+        generator = torch.Generator().manual_seed(seed)
+        controlnet = build_controlnet(unet)
+        with torch.no_grad():  # trained-looking weights: random changes, so that the two checkpoints differ
+            for parameter in [*unet.parameters(), *controlnet.parameters()]:
+                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+        unet.save_pretrained(root / name / "unet")
+        controlnet.save_pretrained(root / name / "controlnet")
+        releases.append(root / name)
+    return {"sd2": sd2, "turbo": turbo, "seesr": releases[0], "seesr_b": releases[1], "ram": ram["ram"], "dape": ram["dape"]}
+
+
+def use_tiny_ram():
+    """A context in which models.ram builds the tiny RAM of tests/ram_tiny.py instead of Swin-L."""
+    import pytest
+
+    import models.ram
+    from tests.ram_tiny import TINY_RAM_CONFIG
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(models.ram, "RAM_SWIN_L", TINY_RAM_CONFIG)
+    return patch
 
 
 def write_uploads(folder: Path) -> dict[str, Path]:
@@ -77,7 +119,8 @@ def write_uploads(folder: Path) -> dict[str, Path]:
     files = {"rgb": folder / "photo.png", "reference": folder / "reference.png", "rgba": folder / "transparent.png",
              "gray": folder / "gray.png", "sixteen_bit": folder / "gray16.png", "tiny": folder / "one_pixel.png",
              "text": folder / "notes.png", "truncated": folder / "truncated.png", "large": folder / "large.png",
-             "other_size": folder / "other_size.png", "heavy": folder / "heavy.png"}
+             "other_size": folder / "other_size.png", "heavy": folder / "heavy.png",
+             "lr": folder / "frog.png"}
     Image.fromarray(rgb).save(files["rgb"])
     Image.fromarray(generator.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(files["reference"])
     alpha = generator.integers(0, 256, (24, 32, 1), dtype=np.uint8)
@@ -90,6 +133,7 @@ def write_uploads(folder: Path) -> dict[str, Path]:
     files["truncated"].write_bytes(whole[: len(whole) // 2])
     Image.new("RGB", (640, 480), (0, 90, 120)).save(files["large"])  # over the tests' --max_upload_pixels
     Image.new("RGB", (20, 20), (0, 90, 120)).save(files["other_size"])
+    Image.fromarray(generator.integers(0, 256, (16, 20, 3), dtype=np.uint8)).save(files["lr"])
     from PIL.PngImagePlugin import PngInfo
 
     padding = PngInfo()
@@ -113,7 +157,10 @@ def app_argv(models: dict, output_dir: Path) -> list[str]:
     return ["--model", str(models["ddpm"]), "--checkpoint", str(models["phaseformer"]), "--dit_checkpoint", str(models["dit"]),
             "--vavae_path", str(models["vavae"]), "--vavae_config", "tiny", "--classifier", str(models["classifier"]),
             "--classifier_image_size", "32", "--device", "cpu", "--output_dir", str(output_dir),
-            "--max_upload_pixels", "100000", "--max_upload_mb", "1"]
+            "--max_upload_pixels", "100000", "--max_upload_mb", "1",
+            "--pretrained_model_path", str(models["sd2"]), "--seesr_model_path", str(models["seesr"]), str(models["seesr_b"]),
+            "--turbo_model_path", str(models["turbo"]), "--ram_path", str(models["ram"]), "--ram_ft_path", str(models["dape"]),
+            "--process_size", "64"]
 
 
 def pixels(path) -> np.ndarray:

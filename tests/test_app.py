@@ -18,7 +18,7 @@ pytest.importorskip("gradio_client", reason="the app's extras are not installed 
 
 import app  # noqa: E402
 import infer  # noqa: E402
-from tests.app_models import app_argv, build_models, pixels, start_app, write_uploads  # noqa: E402
+from tests.app_models import app_argv, build_models, pixels, start_app, use_tiny_ram, write_uploads  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 
@@ -27,12 +27,14 @@ def served(tmp_path_factory):
     models = build_models(tmp_path_factory.getbasetemp() / "app_models")
     uploads = write_uploads(tmp_path_factory.mktemp("uploads"))
     output_dir = tmp_path_factory.mktemp("app_output")
+    tiny_ram = use_tiny_ram()
     demo, url = start_app(app_argv(models, output_dir))
     from gradio_client import Client
 
     client = Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
     yield {"demo": demo, "url": url, "client": client, "models": models, "uploads": uploads, "output_dir": output_dir}
     demo.close()
+    tiny_ram.undo()
 
 
 def call(served, api_name: str, *inputs):
@@ -102,6 +104,43 @@ def test_user_samples_equal_infer_files_with_the_classifier_prediction(served, t
     assert "outside the valid range 1..3" in app_error(served, "/user_generate", "9", 1, 2.5, 3, 5)
 
 
+def seesr_file(served, tmp_path, base: str, checkpoint: str, *flags: str):
+    """The file infer.py seesr writes for the tests' LR image (seed 3) with ``flags``."""
+    models = served["models"]
+    output = tmp_path / f"{checkpoint}_{base}"
+    infer.main(infer.parse_args(["seesr", "--pretrained_model_path", str(models[base]), "--seesr_model_path", str(models[checkpoint]),
+                                 "--image_path", str(served["uploads"]["lr"]), "--output_dir", str(output), "--ram_path",
+                                 str(models["ram"]), "--ram_ft_path", str(models["dape"]), "--process_size", "64", "--seed", "3",
+                                 "--device", "cpu", *flags]))
+    return output / "sample00/frog.png"
+
+
+def seesr_inputs(served, name, other="none", tags="", steps=5, guidance=5.5):
+    return (upload(served["uploads"]["lr"]), name, other, tags, "", "clean, high-resolution, 8k",
+            "dotted, noise, blur, lowres, smooth", steps, guidance, 3, "lr", "adain", 4)
+
+
+def test_seesr_two_checkpoints_side_by_side_equal_infer_files(served, tmp_path):
+    slider, first, second, text = call(served, "/seesr_super_resolve", *seesr_inputs(served, "seesr", "seesr_b"))
+    assert np.array_equal(pixels(first), pixels(seesr_file(served, tmp_path, "sd2", "seesr", "--num_inference_steps", "5")))
+    assert np.array_equal(pixels(second), pixels(seesr_file(served, tmp_path, "sd2", "seesr_b", "--num_inference_steps", "5")))
+    assert pixels(first).shape == (64, 80, 3) and not np.array_equal(pixels(first), pixels(second))
+    assert [pixels(side).shape for side in slider] == [(64, 80, 3)] * 2
+    tags = call(served, "/seesr_tags", upload(served["uploads"]["lr"]), "seesr")
+    assert f"**seesr**: `{tags}, ,clean, high-resolution, 8k`" in text  # infer.py's prompt, RAM + DAPE's tags
+
+
+def test_seesr_turbo_and_edited_tags(served, tmp_path):
+    _, turbo, _, _ = call(served, "/seesr_super_resolve", *seesr_inputs(served, "seesr (turbo)", steps=2, guidance=1.0))
+    assert np.array_equal(pixels(turbo), pixels(seesr_file(served, tmp_path, "turbo", "seesr", "--num_inference_steps", "2",
+                                                           "--guidance_scale", "1.0")))
+    slider, _, _, text = call(served, "/seesr_super_resolve", *seesr_inputs(served, "seesr", tags="a red frog"))
+    assert "`a red frog, ,clean, high-resolution, 8k`" in text
+    before, _ = slider
+    assert pixels(before).shape == (64, 80, 3)  # the LR, enlarged to the output's size for the slider
+    assert "Turbo's regime" in app_error(served, "/seesr_super_resolve", *seesr_inputs(served, "seesr", steps=2))
+
+
 def test_parse_user_ids():
     assert app.parse_user_ids("1 3, 5-7") == [1, 3, 5, 6, 7]
     for text in ("", "a", "1-b"):
@@ -165,25 +204,20 @@ def test_one_job_per_model_from_a_bounded_queue(served):
     demo = served["demo"]
     assert demo._queue.max_size == 8
     events = [fn for fn in demo.fns.values() if fn.api_name in ("ddpm_sample", "ddpm_interpolate", "phaseformer_enhance",
-                                                                  "user_generate")]
-    assert len(events) == 4
+                                                                  "user_generate", "seesr_tags", "seesr_super_resolve")]
+    assert len(events) == 6
     for fn in events:
         assert fn.concurrency_limit == 1 and fn.trigger_mode == "once"
     ids = {fn.api_name: fn.concurrency_id for fn in events}
-    assert ids["ddpm_sample"] == ids["ddpm_interpolate"] != ids["phaseformer_enhance"] != ids["user_generate"]
-
-
-def test_tab_without_weights_names_its_flag(served):
-    import httpx
-
-    config = httpx.get(f"{served['url']}/config").text
-    assert "--pretrained_model_path" in config and "--seesr_model_path" in config
+    assert ids["ddpm_sample"] == ids["ddpm_interpolate"] and ids["seesr_tags"] == ids["seesr_super_resolve"]
+    assert len({ids["ddpm_sample"], ids["phaseformer_enhance"], ids["user_generate"], ids["seesr_tags"]}) == 4
 
 
 def test_flags_and_their_checks(tmp_path, monkeypatch):
     args = app.parse_args([])
     assert (args.host, args.share, args.auth, args.output_dir) == ("127.0.0.1", False, None, "app_output")
-    for argv in (["--auth", "nopassword"], ["--auth", ":x"], ["--dit_checkpoint", "a", "--unet_path", "b"], ["--port", "0"]):
+    for argv in (["--auth", "nopassword"], ["--auth", ":x"], ["--dit_checkpoint", "a", "--unet_path", "b"], ["--port", "0"],
+                 ["--seesr_model_path", "s"], ["--turbo_model_path", "t"]):
         with pytest.raises(SystemExit):
             app.parse_args(argv)
     monkeypatch.chdir(tmp_path)  # no demo_output/ here: every tab names its flag, nothing is loaded
@@ -191,6 +225,10 @@ def test_flags_and_their_checks(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))
     demo = app.build_app(app.parse_args(["--output_dir", str(tmp_path / "out")]))
     assert demo.app_tabs == {}
+    page = str(demo.config)
+    for flag in ("--model ddpm_best.pt", "scripts/demo.sh", "--checkpoint netG_model_best.pth", "--dit_checkpoint", "--vavae_path",
+                 "--pretrained_model_path", "--seesr_model_path"):
+        assert flag in page
     with pytest.raises(UserError, match="--vavae_path"):
         app.build_app(app.parse_args(["--dit_checkpoint", "x.ckpt", "--output_dir", str(tmp_path / "out")]))
     with pytest.raises(UserError, match="--checkpoint missing.pth does not exist"):

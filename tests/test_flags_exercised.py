@@ -78,8 +78,8 @@ PARSE_ONLY = [
     ("train_seesr_timestep", SD2, ["--adam_beta1", "0.8"], "adam_beta1", 0.8),
     ("train_seesr_timestep", SD2, ["--adam_weight_decay", "0.02"], "adam_weight_decay", 0.02),
     ("train_seesr_timestep", SD2, ["--adam_epsilon", "1e-7"], "adam_epsilon", 1e-7),
-    ("train_seesr_timestep", SD2, ["--no_tf32"], "allow_tf32", False),
-    ("train_seesr_timestep", SD2, ["--no_tf32", "--allow_tf32"], "allow_tf32", True),
+    ("train_seesr_timestep", SD2, ["--allow_tf32"], "allow_tf32", True),  # off by default, as SeeSR
+    ("train_seesr_timestep", SD2, ["--allow_tf32", "--no_tf32"], "allow_tf32", False),
     ("train_seesr_timestep", SD2, ["--prompt_cache_size", "5"], "prompt_cache_size", 5),
     ("train_seesr_timestep", SD2, ["--validation_image", "a.png", "b.png"], "validation_image", ["a.png", "b.png"]),
     ("train_seesr_timestep", SD2, ["--validation_guidance_scale", "3.0"], "validation_guidance_scale", 3.0),

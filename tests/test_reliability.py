@@ -460,3 +460,13 @@ def test_dit_latest_alone_continues_a_killed_run_and_takes_latent_dir_from_it(tm
     (tmp_path / "moved").rename(latents)
     resumed = train.main(train.parse_args(["--resume_from_checkpoint", "latest", "--output_dir", str(output)]))
     assert first_step > 0 and resumed["step"] == 2 * first_step
+
+    # infer.py user with a text file named .pt as the VA-VAE: that it is no weights file, not "another VA-VAE"
+    text_pt = tmp_path / "vavae.pt"
+    text_pt.write_text("not weights\n")
+    with pytest.raises(CheckpointError, match=f"--vavae_path {text_pt} is not a torch checkpoint"):
+        infer = importlib.import_module("infer")
+        infer.main(infer.parse_args(["user", "--dit_checkpoint", str(output / "checkpoints" / "last.ckpt"), "--vavae_path",
+                                     str(text_pt), "--vavae_config", "tiny", "--output_dir", str(tmp_path / "images"),
+                                     "--device", "cpu"]))
+    assert not (tmp_path / "images").exists()

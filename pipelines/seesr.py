@@ -84,7 +84,7 @@ def add_parser(subparsers) -> None:
              "with a turbo base 1-4 (default 2, test_seesr_turbo.py's); 4 or fewer on a base that is not a turbo "
              "model are refused")
     parser.add_argument("--guidance_scale", type=guidance_scale, default=None,
-                        help="classifier-free guidance, 3.0-8.0; <= 1 turns it off (default 5.5; 5.0-6.0 suggested "
+                        help="classifier-free guidance, 3.0-8.0, at most 100; <= 1 turns it off (default 5.5; 5.0-6.0 suggested "
                         "with the injector; 1.0 with a turbo base, as test_seesr_turbo.py)")
     parser.add_argument("--conditioning_scale", type=non_negative_float, default=1.0,
                         help="ControlNet residual scale (default 1.0)")
@@ -272,7 +272,7 @@ class SuperResolution:
 
 def load_pipeline(args: argparse.Namespace) -> SeeSRInference:
     """Check the flags, then load the pipeline and the tagger as ``infer.py seesr`` does (``args``: its parsed flags;
-    ``--image_path`` and ``--output_dir`` are not read here). The log lines are in ``.messages``."""
+    ``--image_path`` is not read here, ``--output_dir`` only checked when set). The log lines are in ``.messages``."""
     from models.seesr import SeeSRPipeline
     from utils.accelerator import resolve_device
 

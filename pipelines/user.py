@@ -82,7 +82,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--start_index", type=non_negative_int, default=0,
                         help="index of each user's first sample: continue a set without repeating it (default 0)")
     parser.add_argument("--guidance_scale", type=guidance_scale, default=None,
-                        help="classifier-free guidance, 1 = none (default: the checkpoint's, 4.0)")
+                        help="classifier-free guidance, 1 = none, at most 100 (default: the checkpoint's, 4.0)")
     parser.add_argument("--guidance_interval", type=fraction, nargs=2, default=None, metavar=("START", "END"),
                         help="flow times where guidance acts, 0 noise .. 1 data, START <= END (default: the checkpoint's; DiT 0.11 1.0)")
     parser.add_argument("--guidance_channels", type=positive_int, default=None,

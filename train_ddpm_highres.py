@@ -1,36 +1,15 @@
 """Train a pixel-space DDPM (Ho et al. 2020) at 32, 64, 96, 128 or 256 px.
 
-The UNet is chosen per resolution (models/ddpm_unet.py), the batch size is probed on the GPU and gradient
-accumulation fills up the effective batch, mixed precision and torch.compile are on by default on CUDA, and the
-sampler used for the sample grids is the one ``infer.py ddpm`` uses.
+The UNet preset per resolution, DDPM's objective and AdamW's group come from ``recipes/ddpm.py``; the batch size is
+probed on the GPU and gradient accumulation fills ``--effective_batch``; the sample grids use the sampler
+``infer.py ddpm`` uses. Writes ``checkpoints/<dataset>_<size>x<size>/ddpm_{best,final,last,epoch_N}.pt``, sample
+grids and loss curves. The full guide (every flag, outputs, resuming, Kaggle cells): docs/ddpm.md.
 
     python train_ddpm_highres.py --dataset cifar10 --data_dir data --size 64
     python train_ddpm_highres.py --dataset cifar10 --data_dir data --size 64 --no-amp --no-compile
     python train_ddpm_highres.py --dataset imagenet --data_dir data --size 96     # STL-10 at its native 96 px
-    python train_ddpm_highres.py --dataset cifar10 --data_dir data --size 64 --resume_from_checkpoint latest
     python train_ddpm_highres.py --resume_from_checkpoint checkpoints/cifar10_64x64/ddpm_last.pt   # nothing else needed
     accelerate launch --multi_gpu train_ddpm_highres.py --dataset celeba --data_dir data --size 128
-
-The flags shared by every trainer have diffusers' names (``--train_batch_size``, ``--learning_rate``,
-``--lr_warmup_steps``, ``--max_grad_norm``, ``--mixed_precision``, ``--resume_from_checkpoint``, ...); the
-note's spellings (``--batch_size``, ``--lr``, ``--warmup_steps``, ``--grad_clip``, ``--no-amp``, ``--resume``,
-``--keep_last``, ``--workers``) stay as aliases. A resumed run takes every setting not given on the command line
-from its checkpoint; ``--size``, ``--model``, ``--dropout`` and ``--dataset`` cannot change within a run.
-
-96 px (STL-10's native size, the note's ``--dataset imagenet --size 96``) has no paper model: it uses the 64 px
-preset's network (four levels, 96 -> 12 px at the bottom), which needs a multiple of 8.
-
-Writes (``--output_dir checkpoints``, experiment name ``<dataset>_<size>x<size>`` unless ``--name``)::
-
-    checkpoints/<name>/ddpm_best.pt, ddpm_final.pt, ddpm_epoch_N.pt, ddpm_last.pt, args.yaml, train.log, logs/
-    checkpoints/samples/<name>/epoch_N_samples.png, loss_curve_epoch_N.png
-    checkpoints/training_progress/<name>/quick_epoch_N.png
-
-``ddpm_best.pt`` is the epoch with the lowest exponential moving average of the epoch loss (smoothing
-``BEST_LOSS_SMOOTHING``): the epoch mean of the epsilon MSE varies by more than one epoch's progress, so its raw
-minimum picks a lucky epoch. ``--checkpointing_steps N`` and ``--checkpointing_minutes M`` rewrite the resumable
-``ddpm_last.pt`` within an epoch (an epoch at 256 px lasts hours; Kaggle stops a session after 12 h); a resume
-from it continues at the next batch of that epoch.
 """
 
 from __future__ import annotations

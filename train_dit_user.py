@@ -1,45 +1,17 @@
 """Stage 2 of user-conditioned generation: train a diffusion model on pre-extracted VA-VAE latents.
 
 The user ID is a class label with a null user for classifier-free guidance (hustvl/LightningDiT ``train.py``, with
-the user as the class). Two backbones: ``dit`` (LightningDiT, rectified flow with velocity prediction,
-logit-normal times and the cosine term, as the reference trains) and ``unet`` (the users' second note: diffusers
-``UNet2DConditionModel`` + ``UserConditionEncoder``, DDPM noise prediction). Objectives and the sampler live in
-``models/user_generation.py``; the previews here and ``infer.py user`` call the same generation function.
+the user as the class). The backbone (``--backbone``: ``models.user_generation.BACKBONES``, LightningDiT with
+rectified flow or the users' latent UNet with DDPM), its objective and AdamW's group come from ``recipes/user.py``;
+the previews and ``infer.py user`` call the same generation function. Writes ``OUTPUT_DIR/checkpoints/{last,best}.ckpt``
+(``best_unet/`` in the users' layout for the UNet), previews and loss curves. The full guide (every flag, the three
+losses in the log, resuming, multi-GPU, Kaggle cells): docs/user_generation.md.
 
     python train_dit_user.py --latent_dir /kaggle/working/latent_features --output_dir /kaggle/working/trained_models \\
         --batch_size 32 --max_epochs 100 --lr 1e-4 --devices 2 --precision 16-mixed
     python train_dit_user.py --latent_dir latents --output_dir runs/user --backbone unet --resume_from_checkpoint latest
     python train_dit_user.py --resume_from_checkpoint runs/user/checkpoints/last.ckpt        # every other setting from it
     python train_dit_user.py --config configs/user_dit_tiny.yaml --latent_dir latents --output_dir runs/tiny
-
-The flags every trainer shares have diffusers' names (``--train_batch_size``, ``--learning_rate``, ``--max_grad_norm``,
-``--mixed_precision``, ``--dataloader_num_workers``, ``--resume_from_checkpoint``, ``--checkpoints_total_limit``, ...);
-the note's spellings (``--batch_size``, ``--lr``, ``--grad_clip``, ``--precision 16-mixed``, ``--devices``,
-``--num_workers``, ``--resume``, ``--keep_last``) stay as aliases. A resumed run takes every setting not given on the
-command line from its checkpoint; the network and objective (``--backbone``, ``--model_size``, ``--patch_size``,
-``--prediction_type``, ``--num_train_timesteps``, ``--beta_schedule``) cannot change. An epoch of the real data lasts
-2-3 hours: ``--checkpointing_steps N`` / ``--checkpointing_minutes M`` rewrite ``checkpoints/last.ckpt`` within the
-epoch, and a resume from it continues at the next batch (exactly, unless ``--use_flip``).
-
-``--num_processes N`` (``--devices N``, N > 1) re-launches this script as N processes through ``torch.distributed.run``
-(DDP through accelerate, one process per GPU, each with ``--train_batch_size`` latents); ``torchrun`` and
-``accelerate launch`` work directly too. Every flag, path and file check runs in the parent before the processes
-start, and a user error found inside a process is printed once, by the parent, as one ``error:`` line. Latents are
-normalised with ``LATENT_DIR/latents_stats.safetensors`` (the VA-VAE fingerprint of the latents, the statistics and
-``--vavae_path`` must agree).
-
-Every epoch the log shows three numbers that can be compared: ``train`` (the epoch mean of the training objective,
-raw weights), ``val`` (the same objective on ``val.safetensors``: same loss, label dropout and time distribution, on
-draws seeded per validation latent, raw weights at the end of the epoch) and ``val EMA`` (the same with the EMA
-weights, which ``best.ckpt`` is chosen by and inference samples with). ``checkpoints/last.ckpt`` is rewritten every
-epoch and ``checkpoints/best.ckpt`` when ``val EMA`` improves; for the UNet backbone ``checkpoints/best_unet/`` then also
-gets the users' folder layout (diffusers UNet, ``condition_encoder.pt``, scheduler and latent statistics) that
-``infer.py user --unet_path`` and their own generation script read. Every ``--preview_every`` epochs: a grid with a
-row per user in ``previews/`` (decoded with ``--vavae_path``; without it the grid shows latent channels 0-2, not images).
-``--cfg_dropout 0`` trains without a null user (the users' latent-UNet note): sampling is then unguided.
-
-Writes: OUTPUT_DIR/args.yaml, train.log, logs/ (tensorboard), loss_curves.png, previews/epoch_NNNN.png,
-checkpoints/{last,best}.ckpt (and epoch_NNNN.ckpt with --save_every, best_unet/ for the UNet).
 """
 
 from __future__ import annotations

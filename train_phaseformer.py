@@ -1,46 +1,17 @@
-"""Train Phaseformer (WACV 2025) for underwater image enhancement on paired data (the users' ``trains.py``).
+"""Train Phaseformer (Khan et al., WACV 2025) for underwater image enhancement on paired data (the users' ``trains.py``).
 
-The model (models/phaseformer.py) gives an enhanced image at the input resolution (L) and at twice it (H); the
-loss (losses/phaseformer_loss.py) weighs Charbonnier, VGG perceptual, Laplacian gradient and 1 - MS-SSIM per
-output with learnable weights, then the two outputs. Adam with betas (0.5, 0.999) as the reference; ``--niter``
-epochs at the initial LR, then ``--niter_decay`` epochs of linear (or cosine) decay to zero, stepped per
-optimiser step; PSNR/SSIM on the test split every ``--eval_every`` epochs (BasicSR-equivalent, protocol logged).
+The network, its weighted loss (Charbonnier, VGG perceptual, Laplacian gradient, 1 - MS-SSIM per output, then the
+two outputs) and Adam's parameter groups come from ``recipes/phaseformer.py``; the paper's behaviour is the default
+and each behaviour of the official ``train.py`` is a flag (``--reference_behaviour`` sets them all). Writes
+``<output_dir>/checkpoint/<dataset name>/netG_model_{epoch_N,best,latest}.pth``, ``history.csv`` and plots. The full
+guide (every flag, the reference differences, outputs, Kaggle cells): docs/phaseformer.md.
 
     python train_phaseformer.py --dataset_path /data/LSUI --batch_size 8 --niter 50 --niter_decay 500 --lr 0.001
     python train_phaseformer.py --resume checkpoint/LSUI/netG_model_epoch_100.pth --dataset_path /data/LSUI
     python train_phaseformer.py --dataset_path /data/LSUI /data/UIEB --resume_from_checkpoint latest   # union of two sets
     accelerate launch --multi_gpu train_phaseformer.py --dataset_path /data/LSUI --train_batch_size 4
     python train_phaseformer.py --dataset_path /data/LSUI --reference_behaviour            # the official train.py
-    python train_phaseformer.py --dataset_path /data/LSUI --stop_epoch 40                 # a 12-hour session, then resume latest
     python train_phaseformer.py --dataset_path /data/LSUI --checkpointing_minutes 30      # Kaggle: never lose more than 30 min
-
-The flags every trainer shares have diffusers' names (``--train_batch_size``, ``--gradient_accumulation_steps``,
-``--learning_rate``, ``--max_grad_norm``, ``--dataloader_num_workers``, ``--resume_from_checkpoint``,
-``--checkpoints_total_limit``, ...); the note's spellings (``--batch_size``, ``--grad_accum``, ``--lr``, ``--clip_grad``,
-``--threads``, ``--resume``, ``--keep_last``) stay as aliases. ``--niter``/``--niter_decay``/``--warmup`` count epochs, as
-the note. A resumed run takes every setting not given on the command line from its checkpoint; the model and the
-loss's shape (``--model``, ``--eca``, ``--loss_weighting``, ``--no_perceptual``, ``--value_range``) cannot change.
-
-Writes into ``<output_dir>/checkpoint/<dataset name>/`` (``--output_dir .`` by default, as the note)::
-
-    netG_model_epoch_N.pth  netG_model_best.pth (by test PSNR)  netG_model_latest.pth (resumable)
-    args.yaml  train.log  logs/ (tensorboard)  history.csv  loss_curves.png  loss_weights.png  psnr.png  ssim.png  samples/epoch_N.png
-    split_<i>_<folder>.txt (only for a single folder of pairs: the saved train/test split of dataset path i)
-
-Each .pth is a plain dict (torch.load(weights_only=True)): kind "phaseformer", the resolved config, the model's
-state dict and configuration, the loss weights, optimiser, LR schedule, loss scaler, epoch, step and RNG states.
-
-What the reference code really does differs from what the paper means; each difference is a flag, and
-``--reference_behaviour`` sets all of them at once (any of them can still be given to override it):
-
-    flag                        default (this repository)      --reference_behaviour (official train.py)
-    --pixel_loss                charbonnier (eps 1e-3)         smoothl1 (nn.SmoothL1Loss named "Charbonnier")
-    --msssim_as_similarity      off: 1 - MS-SSIM               on: + MS-SSIM (training lowers MS-SSIM)
-    --value_range               unit: images in [0, 1]         signed_reference: [-1, 1] fed to [0, 1] losses
-    --vgg_resize_224            off                            on: everything resized to 224 before VGG
-    --loss_weighting            softmax (learned, the note)    softmax_frozen (weights never optimised)
-    --h_target                  upsample (bilinear x2 target)  resize_gt (original ground truth resized to 2x)
-    --eca                       feature (standard ECA)         phase (the official gate, a constant ~0.5)
 """
 
 from __future__ import annotations

@@ -112,3 +112,22 @@ def test_a_resumed_optimiser_keeps_this_runs_fused_choice():
     assert optimizer.param_groups[0]["fused"] is True
     assert float(optimizer.state[model.weight]["step"]) == 1.0
     torch.testing.assert_close(optimizer.state[model.weight]["exp_avg"], earlier.state[model.weight]["exp_avg"])
+
+
+def test_stale_temporaries_of_a_killed_save_are_removed_with_a_log_note(tmp_path):
+    from utils.checkpoint import remove_stale_temporaries
+    from utils.log import setup_logger
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".checkpoint-4.tmp").mkdir(parents=True)  # a folder checkpoint's staging folder
+    (run / ".netG_model_latest.pth.k2j3.tmp").write_bytes(b"")  # atomic_write's temporary name, 0 bytes after SIGKILL
+    (run / "checkpoints" / ".last.ckpt.abcd.tmp").write_bytes(b"half")
+    kept = run / "netG_model_latest.pth"
+    kept.write_bytes(b"good")
+    logger = setup_logger(run)
+    for handler in logger.handlers:
+        handler.flush()
+    log = (run / "train.log").read_text()
+    assert sorted(p.name for p in run.rglob("*") if p.name.endswith(".tmp")) == [] and kept.exists()
+    assert log.count("removed ") == 3 and "left by a save that was killed before it finished" in log
+    assert remove_stale_temporaries(run) == []

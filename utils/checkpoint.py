@@ -126,6 +126,20 @@ def check_weights_file(path: str | Path, flag: str, expected: str) -> Path:
     return path
 
 
+def remove_stale_temporaries(run_dir: str | Path, max_depth: int = 2) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files and ``.<name>.tmp`` folders that an atomic save killed mid-write leaves in
+    ``run_dir`` (and its sub-folders, ``max_depth`` levels down): they are never read and would stay forever."""
+    removed = []
+    for depth in range(max_depth + 1):
+        for stale in Path(run_dir).glob("/".join(["*"] * depth + [".*.tmp"])):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
+
+
 def _looks_like_torch_file(path: Path) -> bool:
     """torch.save writes a zip archive (or, before torch 1.6, a pickle whose first byte is the 0x80 opcode)."""
     import zipfile

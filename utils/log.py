@@ -54,25 +54,11 @@ def setup_logger(run_dir: str | Path | None, is_main: bool = True, filename: str
         file = logging.FileHandler(Path(run_dir) / filename)
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(file)
+        from utils.checkpoint import remove_stale_temporaries
+
         for stale in remove_stale_temporaries(run_dir):
             logger.info("note: removed %s, left by a save that was killed before it finished", stale)
     return logger
-
-
-def remove_stale_temporaries(run_dir: str | Path, max_depth: int = 2) -> list[Path]:
-    """Delete the ``.<name>.*.tmp`` files and ``.<name>.tmp`` folders that an atomic save killed mid-write leaves in
-    ``run_dir`` (and its sub-folders, ``max_depth`` levels down): they are never read and would stay forever."""
-    import shutil
-
-    removed = []
-    for depth in range(max_depth + 1):
-        for stale in Path(run_dir).glob("/".join(["*"] * depth + [".*.tmp"])):
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
-            removed.append(stale)
-    return removed
 
 
 def remove_unstarted_run_folders() -> list[Path]:

@@ -1,6 +1,6 @@
 """The shared vocabulary (utils/cli.py), the resume rule (utils/resume.py), progress off a terminal and tensorboard.
 
-Every command line of ../shared/spec/ for the DDPM, Phaseformer and user-generation trainers must parse to the same
+Every command line of the users' notes (quoted in docs/) for the DDPM, Phaseformer and user-generation trainers must parse to the same
 settings as before, now under the house names; --help lists each old spelling as an alias.
 """
 

@@ -1,4 +1,4 @@
-"""Every flag of the four trainers and of every ``infer.py`` sub-command is exercised somewhere (issue 14, item 4).
+"""Every flag of the four trainers and of every ``infer.py`` sub-command is exercised somewhere.
 
 :func:`test_every_flag_is_named_by_a_test_or_a_tested_doc_cell` reads each program's own parser and looks for each
 flag's spellings in tests/*.py and docs/*.md (whose Kaggle cells tests/test_kaggle_cells.py runs): a new flag that no

@@ -125,7 +125,7 @@ def test_phaseformer_amp_is_mixed_precision_auto():
 
 
 def test_spec_command_lines_parse():
-    """The users' notes' command lines (shared/spec) as written."""
+    """The users' notes' command lines (quoted in docs/) as written."""
     ddpm = infer.parse_args(["ddpm", "--model", "checkpoints/cifar10_128x128/ddpm_best.pt", "--samples", "9", "--steps", "500",
                              "--output", "high_quality_samples.png"])
     assert (ddpm.num_samples, ddpm.num_inference_steps, ddpm.output) == (9, 500, "high_quality_samples.png")

@@ -1,4 +1,4 @@
-"""The Kaggle notebook cells of docs/*.md, run as written on CPU with tiny data (issue 11, item 7).
+"""The Kaggle notebook cells of docs/*.md, run as written on CPU with tiny data.
 
 Each family's doc has a "Kaggle" section whose cells are fenced ``bash`` blocks after an HTML comment
 ``<!-- kaggle-cell: ROLE -->``; a cell is a ``%%bash`` notebook cell. This test reads the cells, swaps

@@ -1,4 +1,4 @@
-"""The tree is ruff clean under the settings in pyproject.toml (issue 11: line length 140, rules E, F, W, I, B, UP)."""
+"""The tree is ruff clean under the settings in pyproject.toml (line length 140, rules E, F, W, I, B, UP)."""
 import subprocess
 import sys
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Every training objective and sampler of the four families pinned by value (issue 14, item 1).
+"""Every training objective and sampler of the four families pinned by value.
 
 Each objective is checked three ways, against numbers this file computes itself (never through the code under
 test's own scheduler tables):

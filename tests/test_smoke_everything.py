@@ -1,4 +1,4 @@
-"""Everything runs somewhere (issue 14, item 4): every bench/ script, every scripts/*.sh, every preset in configs/.
+"""Everything runs somewhere: every bench/ script, every scripts/*.sh, every preset in configs/.
 
 * **Benchmarks.** Each ``bench/*.py`` runs at its smallest setting on the CPU (``--smoke`` where the script has one)
   and must finish and print its Markdown table. They share one interpreter (tests/bench_driver.py: one torch and

@@ -77,7 +77,7 @@ def test_resume_latest_continues_the_same_run(demo_images, tmp_path):
 
 
 def test_resume_from_the_checkpoint_alone_keeps_every_setting(demo_images, tmp_path):
-    """The bug of issue 11: a resume without the flags repeated fell back to the default warm-up (5000 steps),
+    """A bug once: a resume without the flags repeated fell back to the default warm-up (5000 steps),
     clipping and effective batch. Here the run uses none of the defaults; the resume names only the file."""
     flags = ["--dataset", "folder", "--data_dir", str(demo_images), "--output_dir", str(tmp_path), "--size", "16",
              "--model", "tiny", "--batch_size", "4", "--effective_batch", "8", "--warmup_steps", "3", "--grad_clip", "0.05",

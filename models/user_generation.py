@@ -1,4 +1,9 @@
-"""Objectives and the one sampler for user-conditioned generation on VA-VAE latents (DiT and latent UNet).
+"""Objectives, backbones and the one sampler for user-conditioned generation on VA-VAE latents (DiT and latent UNet).
+
+A backbone is a :data:`BACKBONES` entry (:class:`BackboneSpec`: how to build and rebuild the network, which
+:class:`Objective` trains it, its sampler family and defaults; the interface a network must meet is in the spec's
+docstring); the objectives are :data:`RECTIFIED_FLOW` (:func:`flow_matching_loss`, the :data:`FLOW_SAMPLERS`) and
+:data:`DDPM` (``models.ddpm_sampling.ddpm_loss`` and its ``SAMPLERS``).
 
 References: Liu et al., "Flow Straight and Fast" (rectified flow, 2022); Ma et al., "SiT" (2024) and
 hustvl/LightningDiT ``transport/`` (linear path, velocity target, logit-normal times, cosine loss term,

@@ -48,7 +48,6 @@ from bench.common import (  # noqa: E402
     synchronize,
 )
 from data.demo_data import build_demo_image_folder  # noqa: E402
-from models.ddpm_sampling import ddpm_loss, make_noise_scheduler  # noqa: E402
 from models.ddpm_unet import ddpm_unet_config  # noqa: E402
 from utils.accelerator import describe_device, reset_accelerate_state, resolve_device  # noqa: E402
 
@@ -185,20 +184,21 @@ def run_reference(module, folder: Path, work: Path, args, precision: str) -> lis
 def make_bare_step(args, device: torch.device, dtype: torch.dtype | None, ema: str | None = None, fused: bool = True):
     """One step of forward, loss, backward, clipping and optimiser on a resident batch (the floor a loop adds to), as
     a function returning (seconds of the step, of its optimiser step, of its EMA update). ``ema`` adds an EMA update:
-    ``lerp`` (ours, ``utils.ema.EMA``) or ``diffusers`` (``EMAModel.step`` with ``foreach``). AdamW is fused as in
-    train_ddpm_highres.py; ``fused=False`` gives PyTorch's default (``foreach``) path."""
+    ``lerp`` (ours, ``utils.ema.EMA``) or ``diffusers`` (``EMAModel.step`` with ``foreach``). The UNet, objective and
+    AdamW come from train_ddpm_highres.py's builder (recipes.ddpm), fused as there; ``fused=False`` gives PyTorch's
+    default (``foreach``) path."""
     import time
 
-    from diffusers import UNet2DModel
+    from recipes.ddpm import build_ddpm_training
 
     torch.manual_seed(0)
-    unet = UNet2DModel(**ddpm_unet_config(args.preset, args.size)).to(device).train()
+    config = argparse.Namespace(model=args.preset, size=args.size, dropout=None, learning_rate=1e-4)
+    parts = build_ddpm_training(config, device, with_data=False)
+    unet = parts.model.train()
     images = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    if device.type == "cuda":
-        unet = unet.to(memory_format=torch.channels_last)
+    if parts.extras["channels_last"]:
         images = images.contiguous(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.0, fused=fused or None)
-    scheduler = make_noise_scheduler()
+    optimizer = parts.extras["optimizer_class"](parts.param_groups, fused=fused or None)
     update = lambda: None  # noqa: E731
     if ema == "lerp":
         from utils.ema import EMA
@@ -215,7 +215,7 @@ def make_bare_step(args, device: torch.device, dtype: torch.dtype | None, ema: s
         synchronize(device)
         started = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = ddpm_loss(unet, scheduler, images)["loss"]
+            loss = parts.objective(images, model=unet)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         synchronize(device)

@@ -576,7 +576,8 @@ class SeeSRTab:
                     colour = gr.Dropdown(["adain", "wavelet", "nofix"], value=first.align_method, label="colour fix (--align_method)")
                     upscale = gr.Number(first.upscale, label="upscale", precision=0, minimum=1, maximum=8, elem_id="seesr_upscale")
             with gr.Column(scale=2):
-                slider = gr.ImageSlider(label="before (LR, bicubic) / after", type="pil", format="png", elem_id="seesr_slider",
+                slider = gr.ImageSlider(label="LR (bicubic) / SR; comparing: first / second checkpoint", type="pil", format="png",
+                                        elem_id="seesr_slider",
                                         interactive=False)
                 with gr.Row():
                     output = gr.Image(label="SR", type="pil", format="png", elem_id="seesr_output", interactive=False, height=300)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import infer
-from tests.app_models import app_argv, build_models, pixels, start_app, write_uploads
+from tests.app_models import app_argv, build_models, pixels, start_app, use_tiny_ram, write_uploads
 
 WAIT = 120  # s: a request on two busy CPU cores
 
@@ -51,6 +51,7 @@ def browser(tmp_path_factory):
 
     models = build_models(tmp_path_factory.getbasetemp() / "app_models")
     uploads = write_uploads(tmp_path_factory.mktemp("browser_uploads"))
+    tiny_ram = use_tiny_ram()
     demo, url = start_app(app_argv(models, tmp_path_factory.mktemp("browser_app_output")))
     options = Options()
     options.binary_location = found[0]
@@ -63,6 +64,7 @@ def browser(tmp_path_factory):
     yield {"driver": driver, "url": url, "demo": demo, "models": models, "uploads": uploads, "shots": shots}
     driver.quit()
     demo.close()
+    tiny_ram.undo()
 
 
 def find(driver, css: str, timeout: float = WAIT):
@@ -137,17 +139,20 @@ def fetched(url: str, folder: Path, name: str) -> Path:
     return path
 
 
-def screenshot(browser, tab: str, *, keep_messages: bool = False) -> None:
-    """``app_<tab>.png``: the page as shown, earlier tabs' error messages removed unless kept, as a small palette PNG."""
+def screenshot(browser, tab: str, *, keep_messages: bool = False, height: int = 1000) -> None:
+    """``app_<tab>.png``: the top of the page, ``height`` px, earlier error messages hidden unless kept; a palette PNG."""
     from PIL import Image
 
     driver = browser["driver"]
+    driver.set_window_size(1280, height)
+    driver.execute_script("window.scrollTo(0, 0)")
     hide = "document.querySelectorAll('[class*=toast]').forEach(element => element.style.visibility = arguments[0])"
     if not keep_messages:
         driver.execute_script(hide, "hidden")
     path = browser["shots"] / f"app_{tab}.png"
     driver.save_screenshot(str(path))
     driver.execute_script(hide, "")
+    driver.set_window_size(1280, 1000)
     with Image.open(path) as picture:
         small = picture.convert("RGB").quantize(colors=128)
     small.save(path, optimize=True)
@@ -222,7 +227,35 @@ def test_user_tab_samples_equal_infer(browser, tmp_path):
     screenshot(browser, "user")
 
 
-def test_seesr_tab_names_its_flags(browser):
-    driver = browser["driver"]
+def test_seesr_tab_tags_then_two_checkpoints_equal_infer(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver, models, uploads = browser["driver"], browser["models"], browser["uploads"]
     open_tab(driver, "SeeSR")
-    page_shows(driver, "--seesr_model_path")
+    upload_file(driver, "#seesr_input", uploads["lr"])
+    find(driver, "#seesr_get_tags").click()
+    deadline = time.monotonic() + WAIT
+    while not find(driver, "#seesr_tags textarea").get_attribute("value") and time.monotonic() < deadline:
+        time.sleep(0.3)
+    tags = find(driver, "#seesr_tags textarea").get_attribute("value")
+    assert tags  # RAM + DAPE's tags, shown for editing
+    type_into(driver, "#seesr_steps input", 5)
+    type_into(driver, "#seesr_seed input", 3)
+    compare = find(driver, "#seesr_compare input")
+    compare.click()
+    compare.send_keys(Keys.CONTROL, "a")
+    compare.send_keys("seesr_b", Keys.ENTER)
+    find(driver, "#seesr_run").click()
+    first = image_after(driver, "#seesr_output")
+    second = image_after(driver, "#seesr_second")
+    page_shows(driver, f"{tags}, ,clean, high-resolution, 8k")
+    for name, source in (("seesr", first), ("seesr_b", second)):
+        output = tmp_path / name
+        infer.main(infer.parse_args(["seesr", "--pretrained_model_path", str(models["sd2"]), "--seesr_model_path", str(models[name]),
+                                     "--image_path", str(uploads["lr"]), "--output_dir", str(output), "--ram_path", str(models["ram"]),
+                                     "--ram_ft_path", str(models["dape"]), "--process_size", "64", "--seed", "3",
+                                     "--num_inference_steps", "5", "--device", "cpu"]))
+        assert np.array_equal(pixels(fetched(source, tmp_path, f"{name}.png")), pixels(output / "sample00/frog.png"))
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#seesr_slider img")) >= 1
+    screenshot(browser, "seesr", height=1500)

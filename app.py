@@ -27,7 +27,7 @@ from pathlib import Path
 from utils.cli import add_flag
 from utils.config import ArgumentParser
 from utils.errors import DataError, UserError, run_cli
-from utils.validators import int_at_least, positive_float, positive_int
+from utils.validators import int_at_least, int_between, positive_float, positive_int, zero_or_at_least
 
 DEMO_CHECKPOINT = Path("demo_output/checkpoints/demo_32x32/ddpm_final.pt")  # what scripts/demo.sh trains
 MIN_SIDE = 16  # px: smaller uploads are refused (Phaseformer pads to 8 px, SSIM needs a 7 px window, SeeSR a latent)
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     server.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens the app to the LAN, "
                         "then add --auth)")
-    server.add_argument("--port", type=int_at_least(1), default=7860, help="port (default 7860, Gradio's)")
+    server.add_argument("--port", type=int_between(1, 65535), default=7860, help="port (default 7860, Gradio's)")
     server.add_argument("--share", action="store_true",
                         help="also make a public *.gradio.live link through Gradio's relay (default off: nothing leaves this machine)")
     server.add_argument("--auth", default=None, metavar="USER:PASS", help="ask for this user name and password (default none)")
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     phase = parser.add_argument_group("Phaseformer tab (infer.py phaseformer)")
     phase.add_argument("--checkpoint", default=None,
                        help="netG_model_*.pth from train_phaseformer.py or a .safetensors from scripts/convert_phaseformer.py")
-    phase.add_argument("--tile", type=int, default=0,
+    phase.add_argument("--tile", type=zero_or_at_least(16), default=0,
                        help="enhance images larger than N px in overlapping tiles, as infer.py phaseformer --tile (default 0: whole)")
 
     user = parser.add_argument_group("user generation tab (infer.py user)")
@@ -294,11 +294,9 @@ class PhaseformerTab:
 
     def enhance(self, upload: str | None, reference_upload: str | None):
         """``(input, L, H, scores, notes)`` of one upload, as infer.py phaseformer --underwater_metrics [--gt_dir] computes them."""
-        from pipelines.phaseformer import MIN_TILE, enhance_image
+        from pipelines.phaseformer import enhance_image
         from utils.images import pil_to_tensor
 
-        if self.tile and self.tile < MIN_TILE:
-            raise UserError(f"--tile {self.tile} is too small; use 0 (whole images) or at least {MIN_TILE} px.")
         picture, note = read_upload(upload, "underwater image", self.limits)
         notes = [note] if note else []
         device = next(self.model.parameters()).device

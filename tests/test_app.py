@@ -230,10 +230,27 @@ def test_flags_and_their_checks(tmp_path, monkeypatch):
     for flag in ("--model ddpm_best.pt", "scripts/demo.sh", "--checkpoint netG_model_best.pth", "--dit_checkpoint", "--vavae_path",
                  "--pretrained_model_path", "--seesr_model_path"):
         assert flag in page
+    write_demo_checkpoint(tmp_path / app.DEMO_CHECKPOINT)  # what scripts/demo.sh leaves: the DDPM tab opens it with no flag
+    demo = app.build_app(app.parse_args(["--output_dir", str(tmp_path / "out")]))
+    assert list(demo.app_tabs) == ["ddpm"] and demo.app_tabs["ddpm"].paths == [str(app.DEMO_CHECKPOINT)]
     with pytest.raises(UserError, match="--vavae_path"):
         app.build_app(app.parse_args(["--dit_checkpoint", "x.ckpt", "--output_dir", str(tmp_path / "out")]))
     with pytest.raises(UserError, match="--checkpoint missing.pth does not exist"):
         app.build_app(app.parse_args(["--checkpoint", "missing.pth", "--output_dir", str(tmp_path / "out")]))
+
+
+def write_demo_checkpoint(path):
+    """A train_ddpm_highres.py-style checkpoint (kind, UNet config and weights, schedule) of the tiny 16 px UNet."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from models.ddpm_unet import ddpm_unet_config
+
+    plain = lambda config: {key: list(value) if isinstance(value, tuple) else value for key, value in dict(config).items()}  # noqa: E731
+    unet = UNet2DModel(**ddpm_unet_config("tiny", 16))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"kind": "ddpm", "model_config": plain(unet.config), "model": unet.state_dict(), "epoch": 30,
+                "scheduler_config": plain(DDPMScheduler(num_train_timesteps=1000).config), "config": {"dataset": "demo"}}, path)
 
 
 def test_test_script_installs_the_app_requirements(tmp_path):

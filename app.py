@@ -613,22 +613,16 @@ class SeeSRTab:
 
 # ----------------------------------------------------------------------------------------------------- the page
 
-def _upload_image_class():
+def UploadImage(**kwargs):  # named like the component it returns
+    """gr.Image whose handler gets the uploaded file untouched, so that read_upload (not Pillow inside Gradio) judges it.
+
+    The override is on the instance: a subclass of a Gradio component makes Gradio write a ``.pyi`` stub beside this file.
+    """
     import gradio as gr
 
-    class UploadImage(gr.Image):
-        """gr.Image handing the handler the uploaded file untouched, so that app.read_upload (not Pillow inside Gradio) judges it."""
-
-        is_template = True  # the front end of gr.Image
-
-        def preprocess(self, payload):
-            return None if payload is None else str(payload.path)
-
-    return UploadImage
-
-
-def UploadImage(*args, **kwargs):  # noqa: N802 - used like the component class it builds
-    return _upload_image_class()(*args, **kwargs)
+    component = gr.Image(**kwargs)
+    component.preprocess = lambda payload: None if payload is None else str(payload.path)
+    return component
 
 
 def build_app(args: argparse.Namespace):

@@ -226,6 +226,7 @@ def test_flags_and_their_checks(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))
     demo = app.build_app(app.parse_args(["--output_dir", str(tmp_path / "out")]))
     assert demo.app_tabs == {}
+    assert not os.path.exists(os.path.splitext(app.__file__)[0] + ".pyi")  # Gradio writes one beside a component subclass
     page = str(demo.config)
     for flag in ("--model ddpm_best.pt", "scripts/demo.sh", "--checkpoint netG_model_best.pth", "--dit_checkpoint", "--vavae_path",
                  "--pretrained_model_path", "--seesr_model_path"):

@@ -463,13 +463,13 @@ def load_model_weights(accelerator, models: list, input_dir: str) -> None:
             raise CheckpointError(f"The weights in {source} do not fit this run: {str(error).splitlines()[0]}") from None
 
 
-def restore(run: SeeSRRun, resume_dir: Path, state: dict, batches_per_epoch: int) -> tuple[int, int]:
+def restore(run: SeeSRRun, optimizer, resume_dir: Path, state: dict, batches_per_epoch: int) -> tuple[int, int]:
     """Load ``resume_dir`` into the run (optimiser, schedule, RNG, weights, counters); returns (epoch, batches to
     skip in it)."""
     from models.seesr_unet import SeeSRUNet2DConditionModel, load_strict
 
     try:
-        with keeping_optimizer_implementation(run.parts.extras["optimizer"]):
+        with keeping_optimizer_implementation(optimizer):
             run.accelerator.load_state(str(resume_dir))
     except FileNotFoundError as error:
         raise CheckpointError(f"{resume_dir} is incomplete ({error.filename} is missing); resume from another "
@@ -735,12 +735,11 @@ def main(args: argparse.Namespace) -> dict:
     *trainables, optimizer, loader, lr_scheduler = accelerator.prepare(
         *[parts.models[name] for name in names], optimizer, loader, lr_scheduler)
     prepared = dict(zip(names, trainables, strict=True))  # DDP-wrapped: accumulate() skips their all-reduce
-    parts.extras["optimizer"] = optimizer
     run = SeeSRRun(config, accelerator, logger, parts, prepared.get("controlnet", parts.models["controlnet"]),
                    prepared.get("injector"), output_dir, max_train_steps)
     first_epoch, skip_batches = 0, 0
     if resume_dir is not None:
-        first_epoch, skip_batches = restore(run, resume_dir, resume_state, len(loader))
+        first_epoch, skip_batches = restore(run, optimizer, resume_dir, resume_state, len(loader))
     if accelerator.is_main_process:
         save_config(config, output_dir / "args.yaml")
     start_tracking(accelerator, config.tracker_project_name or output_dir.name, config_to_dict(config))

@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = parser.add_argument_group("sampling defaults (stored in checkpoints, used by previews and infer.py user)")
     sample.add_argument("--sampler", choices=sampler_names(), default=None,
-                        help="DiT: euler (default) or heun; UNet: ddim (default), dpmsolver++ or unipc")
+                        help="DiT: euler (default) or heun; UNet: ddim (default), dpmsolver++, unipc or ddpm (ancestral)")
     sample.add_argument("--sample_steps", type=positive_int, default=None,
                         help="inference steps (default 250 for the DiT, 50 for the UNet)")
     sample.add_argument("--guidance_scale", type=guidance_scale, default=None,

@@ -91,8 +91,8 @@ def add_parser(subparsers) -> None:
              help="sampler updates (default: the checkpoint's, 250 for the DiT, 50 for the UNet; at most the UNet's "
              "training timesteps)")
     parser.add_argument("--sampler", choices=sampler_names(), default=None,
-                        help="DiT: euler or heun; UNet: ddim, or dpmsolver++ / unipc (diffusers' multistep solvers, 20-25 "
-                        "steps) (default: the checkpoint's)")
+                        help="DiT: euler or heun; UNet: ddim, dpmsolver++ / unipc (diffusers' multistep solvers, 20-25 "
+                        "steps) or ddpm (ancestral) (default: the checkpoint's)")
     parser.add_argument("--shift", type=positive_float, default=None,
                         help="DiT timestep shift, LightningDiT's convention (default: the checkpoint's, 0.3)")
     parser.add_argument("--eta", type=fraction, default=None, help="UNet DDIM eta, 0 = deterministic .. 1 (default 0)")

@@ -166,6 +166,12 @@ def test_unet_ddim_generation_follows_the_same_rules(unet):
     assert torch.equal(generate_latents(unet, "unet", [1], 2, **noisy), generate_latents(unet, "unet", [1], 2, **noisy))
     with pytest.raises(UserError, match="samples with ddpm, ddim"):
         generate_latents(unet, "unet", [1], 1, seed=0, num_steps=2, sampler="euler", noise_scheduler=scheduler)
+    # DDPM's ancestral sampler (every SAMPLERS entry samples the latent UNet): per-step noise from each sample's own
+    # generator, so a sample is the same alone and in a batch.
+    ancestral = dict(settings, sampler="ddpm")
+    pair = generate_latents(unet, "unet", [1, 3], 1, batch_size=2, **ancestral)
+    torch.testing.assert_close(generate_latents(unet, "unet", [3], 1, batch_size=1, **ancestral), pair[1:], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(pair, generate_latents(unet, "unet", [1, 3], 1, batch_size=2, **settings))  # not DDIM's
 
 
 class TimestepProbe(nn.Module):

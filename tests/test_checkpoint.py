@@ -131,3 +131,32 @@ def test_stale_temporaries_of_a_killed_save_are_removed_with_a_log_note(tmp_path
     assert sorted(p.name for p in run.rglob("*") if p.name.endswith(".tmp")) == [] and kept.exists()
     assert log.count("removed ") == 3 and "left by a save that was killed before it finished" in log
     assert remove_stale_temporaries(run) == []
+
+
+def test_checkpoint_folders_are_ordered_rotated_and_published_by_step(tmp_path):
+    """diffusers-style checkpoint-<step>/ folders: by step number (10 after 9), temporary and foreign names hidden."""
+    from utils.checkpoint import (
+        checkpoint_folders,
+        latest_checkpoint_folder,
+        publish_checkpoint_folder,
+        rotate_checkpoint_folders,
+        staging_folder,
+    )
+
+    for name in ("checkpoint-9", "checkpoint-10", "checkpoint-100", ".checkpoint-200.tmp", "checkpoint-x", "logs"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "checkpoint-300").write_text("a file, not a checkpoint")
+    assert [p.name for p in checkpoint_folders(tmp_path)] == ["checkpoint-9", "checkpoint-10", "checkpoint-100"]
+    assert latest_checkpoint_folder(tmp_path).name == "checkpoint-100" and latest_checkpoint_folder(tmp_path / "new") is None
+    assert [p.name for p in rotate_checkpoint_folders(tmp_path, 2)] == ["checkpoint-9"] and not (tmp_path / "checkpoint-9").exists()
+    assert rotate_checkpoint_folders(tmp_path, None) == []
+
+    final = tmp_path / "checkpoint-100"  # published again over an existing folder: the new content replaces it whole
+    staging = staging_folder(final)
+    assert staging.name == ".checkpoint-100.tmp"
+    staging.mkdir()
+    (staging / "state.json").write_text("new")
+    (final / "old.json").write_text("old")
+    publish_checkpoint_folder(staging, final)
+    assert sorted(p.name for p in final.iterdir()) == ["state.json"] and not staging.exists()
+    assert not list(tmp_path.glob(".checkpoint-100.*"))

@@ -123,9 +123,12 @@ if (ROOT / "train_dape.py").is_file():  # the DAPE trainer, audited once it exis
 NOT_AUDITED = {"phaseformer_evidence", "user_conditioning_evidence", "create_comparison_grid", "make_demo_data", "make_tags"}
 
 
+PATH_TYPES = ("precision_value", "output_folder", "output_file")  # validated, but not numbers
+
+
 def _numeric(action: argparse.Action) -> bool:
     name = getattr(action.type, "__name__", "")
-    return bool(action.option_strings) and action.type not in (None, str, Path) and name != "precision_value"
+    return bool(action.option_strings) and action.type not in (None, str, Path) and name not in PATH_TYPES
 
 
 def _parsers(module, base: list[str]) -> list[argparse.ArgumentParser]:

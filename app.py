@@ -109,7 +109,7 @@ def infer_args(argv: list[str]) -> argparse.Namespace:
     import infer
 
     errors = io.StringIO()
-    try:
+    try:  # the house parser prints its one error line and exits; that line becomes the page's message
         with contextlib.redirect_stderr(errors):
             return infer.parse_args(argv)
     except SystemExit:
@@ -119,6 +119,8 @@ def infer_args(argv: list[str]) -> argparse.Namespace:
 
 @dataclass
 class UploadLimits:
+    """--max_upload_mb and --max_upload_pixels, as bytes and pixels."""
+
     max_bytes: int
     max_pixels: int
 
@@ -143,7 +145,7 @@ def read_upload(path: str | None, what: str, limits: UploadLimits) -> tuple[obje
                         f"{limits.max_bytes / 1e6:g}; upload a smaller file.")
     try:
         with Image.open(path) as image:  # the header only: the pixel limit is checked before anything is decoded
-            width, height, mode = image.width, image.height, image.mode
+            width, height, mode, transparent = image.width, image.height, image.mode, "transparency" in image.info
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         raise UserError(f"The {what} {name} is not an image this app can read; upload a PNG or JPEG.") from None
     if width * height > limits.max_pixels:
@@ -159,7 +161,7 @@ def read_upload(path: str | None, what: str, limits: UploadLimits) -> tuple[obje
     except DataError:
         raise UserError(f"The {what} {name} is damaged or truncated (it cannot be decoded); upload the whole file again.") from None
     note = ""
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in Image.open(path).info):
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and transparent):
         note = f"The {what} has transparency: composited on white, as infer.py reads it."
     elif mode in ("L", "1", "P"):
         note = f"The {what} is {'grayscale' if mode != 'P' else 'a palette image'}: read as RGB, as infer.py reads it."
@@ -211,15 +213,12 @@ class DDPMTab:
             self.models[path] = load_models([path], 1)[0]
 
     def settings(self, path: str, sampler: str, steps: int, seed: int, extra: list[str]) -> argparse.Namespace:
-        from pipelines.ddpm import check_modes
+        from pipelines.ddpm import check_modes, check_steps
 
         args = infer_args(["ddpm", "--model", path, "--sampler", sampler, "--num_inference_steps", str(int(steps)),
                            "--seed", str(int(seed)), "--device", self.device, "--output_dir", ".", *extra])
         check_modes(args)
-        _, unet, scheduler_config = self.models[path]
-        total = int(scheduler_config.get("num_train_timesteps", 1000))
-        if args.num_inference_steps > total:
-            raise UserError(f"Steps {args.num_inference_steps} is more than the {total} timesteps {path} was trained with; use 1..{total}.")
+        check_steps(args.num_inference_steps, self.models[path][2], path)
         return args
 
     def picture(self, args: argparse.Namespace, progress):
@@ -235,7 +234,7 @@ class DDPMTab:
 
         from models.ddpm_sampling import SAMPLERS
 
-        samplers = list(SAMPLERS.names()) if hasattr(SAMPLERS, "names") else list(SAMPLERS)
+        samplers = list(SAMPLERS.names())
         gr.Markdown("Samples of a pixel DDPM checkpoint (EMA weights), as `infer.py ddpm` draws them.")
         with gr.Row():
             with gr.Column(scale=1):

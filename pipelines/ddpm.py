@@ -140,12 +140,17 @@ def load_models(paths, steps: int) -> list[tuple[str, torch.nn.Module, dict]]:
     models = []
     for path in paths:
         unet, scheduler_config, description = load_ddpm_for_sampling(path)
-        total = int(scheduler_config.get("num_train_timesteps", 1000))
-        if steps > total:
-            raise UserError(f"--num_inference_steps {steps} is more than the {total} timesteps {path} was trained with; use 1..{total}.")
+        check_steps(steps, scheduler_config, path)
         print(f"loaded {description}")
         models.append((path, unet, scheduler_config))
     return models
+
+
+def check_steps(steps: int, scheduler_config: dict, path) -> None:
+    """``steps`` denoising steps must fit in the timesteps the checkpoint at ``path`` was trained with."""
+    total = int(scheduler_config.get("num_train_timesteps", 1000))
+    if steps > total:
+        raise UserError(f"--num_inference_steps {steps} is more than the {total} timesteps {path} was trained with; use 1..{total}.")
 
 
 def sample_picture(args: argparse.Namespace, models, device: torch.device, progress=None):

@@ -88,6 +88,47 @@ SEESR_DIFFERENCES: tuple[Difference, ...] = (
         "fp16 convolutions are slow or missing on CPUs",
         "`--mixed_precision`",
     ),
+    Difference(
+        "training seed",
+        "`train_seesr.py` without `--seed` runs unseeded: the run cannot be repeated",
+        "a random seed is drawn, logged and saved in `args.yaml` and every checkpoint",
+        "`--seed N` repeats a run, and a resume continues exactly",
+        "`--seed`",
+    ),
+    Difference(
+        "GT tags without tag files",
+        "the dataset needs `make_tags.py`'s `tag/` files (plain RAM)",
+        "tag files are read; a GT without one is tagged online by plain RAM, as `make_tags.py` would (the log says so)",
+        "training straight from HR folders without an offline tagging pass",
+        "`--ram_path`",
+    ),
+    Difference(
+        "training previews",
+        "`log_validation` runs diffusers' ControlNet pipeline with UniPC, 20 steps, on `--validation_prompt`, "
+        "without RAM embeddings",
+        "`infer.py seesr`'s per-image function (LR tags, `test_seesr.py`'s prompt, t=999, the run's seed)",
+        "a preview shows what inference will produce",
+        "`--validation_image`, `--validation_num_inference_steps`, `--validation_guidance_scale`",
+    ),
+    Difference(
+        "small or light training images",
+        "`RealESRGANDataset` silently swaps images under 384 x 384 px or 100 KB for random other images",
+        "every image is used; one smaller than the crop is mirrored at the bottom and right as SeeSR pads it",
+        "the data set is the folder the user gave",
+    ),
+    Difference(
+        "pairing of GT, LR and tag files",
+        "`train_seesr.py`'s dataset and `DAPEDataset` zip unsorted directory listings",
+        "files are paired by name",
+        "an unsorted listing pairs the wrong files on some file systems",
+        "`--root_folders`",
+    ),
+    Difference(
+        "`make_tags.py` output path",
+        "`tag_path + name` has no separator: it writes `<root>/tag<name>.txt`, which its dataset never reads",
+        "`<root>/tag/<name>.txt`, the path the dataset reads",
+        "the tags are used",
+    ),
 )
 
 COLUMNS = ("topic", "SeeSR", "here", "why", "flag")

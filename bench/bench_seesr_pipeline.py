@@ -19,7 +19,7 @@ the same round's plain run); the spread is half the range over rounds. On a busy
 so the injector's own calls are also timed in one instrumented run (their share of that run's time).
 Memory at each of ``--memory_resolutions``: CUDA ``max_memory_allocated`` of one image (weights included), with and
 without the injector; on the CPU the peak resident set of a fresh process per configuration (weights, Python and
-allocator noise included: at tiny size it says little about the injector). Targets (issue 9): tagger under 5% of
+allocator noise included: at tiny size it says little about the injector). Targets: tagger under 5% of
 the time, injector under 1% time and 0.3% memory. Prints Markdown tables; nothing here is a test.
 """
 

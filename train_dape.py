@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -55,7 +54,8 @@ from utils.accelerator import PRECISION_DTYPES, create_accelerator, log_run_head
 from utils.checkpoint import atomic_write_text, load_checkpoint, resolve_resume, save_checkpoint_files
 from utils.cli import SEESR_RAM_PATH, add_training_arguments, check_training_arguments
 from utils.config import ArgumentParser, add_config_argument, explicitly_given, parse_with_config, save_config
-from utils.errors import CheckpointError, UserError, run_cli
+from utils.errors import CheckpointError, UserError
+from utils.launch import cli_main, process_kind, run_processes, under_launcher
 from utils.log import TrainingProgress, log_scalars, setup_logger, start_tracking
 from utils.resume import resolve_resumed_config
 from utils.training import (
@@ -243,21 +243,6 @@ def write_agreement(output_dir: Path, evaluations: list[dict], rows: list[dict])
         writer.writerows(rows)
 
 
-def under_launcher() -> bool:
-    import os
-
-    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def relaunch(argv: list[str], processes: int) -> None:
-    """``--num_processes N``: this script as N processes through torch.distributed.run (one per GPU, gloo on CPU)."""
-    print(f"starting {processes} processes with torch.distributed.run", flush=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", __file__, *argv]
-    code = subprocess.run(command).returncode
-    if code:
-        raise UserError(f"a training process stopped with exit status {code}; its message is above.")
-
-
 # --------------------------------------------------------------------------------------------------- main
 
 def main(args: argparse.Namespace) -> dict:
@@ -394,13 +379,16 @@ def launch(argv: list[str] | None = None) -> None:
     """Command-line entry: one process, or ``--num_processes N`` processes through torch.distributed.run."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    if args.num_processes > 1 and not under_launcher():
+    processes = args.num_processes
+    if processes > 1 and not under_launcher():
         config, _, _ = resolve_run(args)
+        where = process_kind(config.device, processes)
         check_inputs(config)  # once, before N processes repeat the checks
-        relaunch(argv, args.num_processes)
+        print(f"starting {processes} {where} with torch.distributed.run", flush=True)
+        run_processes(__file__, argv, processes)
         return
     main(args)
 
 
 if __name__ == "__main__":
-    run_cli(launch)
+    cli_main(launch)

@@ -17,10 +17,7 @@ losses in the log, resuming, multi-GPU, Kaggle cells): docs/user_generation.md.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +36,8 @@ from utils.checkpoint import load_checkpoint, resolve_resume, save_checkpoint_fi
 from utils.cli import add_training_arguments, check_training_arguments
 from utils.config import ArgumentParser, add_config_argument, explicitly_given, parse_with_config, save_config
 from utils.ema import EMA
-from utils.errors import UserError, one_line, run_cli
+from utils.errors import UserError
+from utils.launch import cli_main, process_kind, run_processes, under_launcher
 from utils.log import TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
 from utils.plots import plot_curves
 from utils.resume import check_saved_path, given_flags, resolve_resumed_config
@@ -222,65 +220,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------------
 
 
-def under_launcher() -> bool:
-    """True inside torchrun / accelerate launch (they set LOCAL_RANK and WORLD_SIZE)."""
-    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-ERROR_DIR_ENV = "TRAIN_DIT_USER_ERROR_DIR"  # where launched processes leave their one-line user errors for the parent
-# torch.distributed.run, but ending quietly when a process fails: the parent reports the process's own message once,
-# instead of every process printing it and torchrun adding a ChildFailedError traceback.
-_QUIET_TORCHRUN = (
-    "import logging, sys\n"
-    "from torch.distributed.elastic.multiprocessing.errors import ChildFailedError\n"
-    "from torch.distributed.run import main\n"
-    "for name in list(logging.root.manager.loggerDict):\n"
-    "    if name.startswith('torch.distributed.elastic'):\n"
-    "        logging.getLogger(name).disabled = True\n"
-    "try:\n"
-    "    main(sys.argv[1:])\n"
-    "except ChildFailedError as err:\n"
-    "    sys.exit(next((f.exitcode for f in err.failures.values() if f.exitcode), 1))\n"
-)
-
-
-def launch_command(argv: list[str], processes: int) -> list[str]:
-    """``torch.distributed.run --standalone --nproc_per_node N train_dit_user.py ARGV`` (without its failure traceback)."""
-    return [sys.executable, "-c", _QUIET_TORCHRUN, "--standalone", f"--nproc_per_node={processes}",
-            str(Path(__file__).resolve()), *argv]
-
-
-def run_processes(argv: list[str], processes: int) -> int:
-    """Run ``processes`` copies of this script; a user error in any of them becomes one UserError here."""
-    with tempfile.TemporaryDirectory(prefix="train_dit_user_errors_") as error_dir:
-        env = dict(os.environ, **{ERROR_DIR_ENV: error_dir})
-        code = subprocess.run(launch_command(argv, processes), env=env).returncode
-        if code == 0:
-            return 0
-        messages = []
-        for file in sorted(Path(error_dir).glob("rank*.txt")):
-            message = file.read_text().strip()
-            if message and message not in messages:
-                messages.append(message)
-    if messages:
-        raise UserError(messages[0])  # every process checks the same things: one message, once
-    raise UserError(f"a training process stopped with exit status {code}; its message or traceback is above.")
-
-
-def cli() -> None:
-    """``python train_dit_user.py``: one ``error:`` line for a user error, also from a launched process."""
-    error_dir = os.environ.get(ERROR_DIR_ENV)
-    if not (error_dir and under_launcher()):
-        # Directly under torchrun each process reports its own error (one may be alone in it, e.g. out of memory).
-        run_cli(lambda: sys.exit(launch()))
-        return
-    try:
-        launch()
-    except UserError as err:  # started by --devices N: the parent prints it, once
-        Path(error_dir, f"rank{os.environ.get('RANK', '0')}.txt").write_text(one_line(str(err)) + "\n")
-        sys.exit(2)
-
-
 def launch(argv: list[str] | None = None) -> int:
     """Command-line entry: one process, or ``--devices N`` processes through torch.distributed.run.
 
@@ -291,16 +230,10 @@ def launch(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     processes = args.num_processes
     if processes > 1 and not under_launcher():
-        use_cuda = args.device != "cpu" and torch.cuda.is_available()
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto.")
-        if use_cuda and processes > torch.cuda.device_count():
-            raise UserError(f"--num_processes {processes} asks for more GPUs than the {torch.cuda.device_count()} visible; "
-                            "lower --num_processes (--devices).")
+        where = process_kind(args.device, processes)
         prepare_run(args)  # the checks, once, before N processes repeat them
-        where = "GPUs" if use_cuda else "CPU processes (gloo)"
         print(f"starting {processes} {where} with torch.distributed.run", flush=True)
-        return run_processes(argv, processes)
+        return run_processes(__file__, argv, processes)
     main(args)
     return 0
 
@@ -772,4 +705,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    cli()
+    cli_main(launch)

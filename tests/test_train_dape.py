@@ -20,11 +20,12 @@ from PIL import Image
 
 import models.ram
 import train_dape as train
+import utils.launch as launch_utils
 from models.dape import LoRALinear, load_dape, ram_pixels, tag_f1
 from models.ram import load_ram_tagger
 from recipes.dape import DAPEPairs, build_dape_training, dape_pairs
 from tests.ram_tiny import TINY_RAM_CONFIG, write_tiny_ram
-from utils.errors import run_cli
+from utils.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", str(ROOT / "configs" / "dape_tiny.yaml")]
@@ -302,3 +303,22 @@ def test_bad_flag_from_the_command_line(files):
                             capture_output=True, text=True, cwd=ROOT)
     expected = "error: --lr_gamma must be in (0, 1], got 2.0 (see train_dape.py --help)"
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [expected]
+
+
+def test_num_processes_checks_in_the_parent_then_launches_this_script(files, tmp_path, monkeypatch, capsys):
+    """--num_processes 2: the inputs are checked once, here, then train_dape.py runs as two processes."""
+    commands = []
+
+    def processes(command, env):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(launch_utils.subprocess, "run", processes)
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(UserError, match="lacks gt/ or sr_bicubic/"):
+        train.launch([*command(files, tmp_path / "a", "--num_processes", "2"), "--root_folders", str(tmp_path / "flat")])
+    assert not commands
+    argv = command(files, tmp_path / "b", "--num_processes", "2")
+    train.launch(argv)
+    assert "starting 2 CPU processes (gloo) with torch.distributed.run" in capsys.readouterr().out
+    assert [command[3:] for command in commands] == [["--standalone", "--nproc_per_node=2", str(ROOT / "train_dape.py"), *argv]]

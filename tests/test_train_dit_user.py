@@ -19,6 +19,7 @@ from PIL import Image
 
 import infer
 import train_dit_user as train
+import utils.launch as launch_utils
 from models.dit import build_dit
 from models.user_pipeline import load_user_checkpoint
 from models.vavae import file_fingerprint
@@ -399,7 +400,7 @@ def test_devices_2_checks_everything_in_the_parent(stage1, tmp_path, monkeypatch
     def no_processes(*args, **kwargs):
         raise AssertionError("a process was started")
 
-    monkeypatch.setattr(train.subprocess, "run", no_processes)
+    monkeypatch.setattr(launch_utils.subprocess, "run", no_processes)
     other_vae = write_tiny_vavae(tmp_path / "other-vavae.pt", seed=1)
     base = ["--latent_dir", str(stage1["latents"]), "--output_dir", str(tmp_path / "run"), *TINY, "--devices", "2"]
     with pytest.raises(UserError, match="latent statistics belong to the VA-VAE"):

@@ -9,6 +9,7 @@ grids and loss curves. The full guide (every flag, outputs, resuming, Kaggle cel
     python train_ddpm_highres.py --dataset cifar10 --data_dir data --size 64 --no-amp --no-compile
     python train_ddpm_highres.py --dataset imagenet --data_dir data --size 96     # STL-10 at its native 96 px
     python train_ddpm_highres.py --resume_from_checkpoint checkpoints/cifar10_64x64/ddpm_last.pt   # nothing else needed
+    python train_ddpm_highres.py --dataset celeba --data_dir data --size 128 --num_processes 2   # two GPUs (DDP)
     accelerate launch --multi_gpu train_ddpm_highres.py --dataset celeba --data_dir data --size 128
 """
 
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from data.image_datasets import DATASET_CHOICES, random_hflip
+from data.image_datasets import DATASET_CHOICES, build_image_dataset, random_hflip
 from models.ddpm_sampling import SAMPLERS, sample_ddpm
 from models.ddpm_unet import UNET_PRESETS, preset_for_size
 from recipes.ddpm import build_ddpm_training, complete_config
@@ -32,8 +34,9 @@ from utils.checkpoint import load_checkpoint, resolve_resume, save_checkpoint_fi
 from utils.cli import add_training_arguments, check_training_arguments
 from utils.config import ArgumentParser, add_config_argument, explicitly_given, parse_with_config, save_config
 from utils.ema import EMA
-from utils.errors import UserError, run_cli
+from utils.errors import UserError
 from utils.images import save_grid
+from utils.launch import cli_main, process_kind, run_processes, under_launcher
 from utils.log import TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
 from utils.plots import plot_curves
 from utils.resume import check_saved_path, find_latest_run_checkpoint, given_flags, resolve_resumed_config
@@ -95,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
             train_batch_size=None, effective_batch=32, learning_rate=None, lr_warmup_steps=5000, max_grad_norm=1.0,
             mixed_precision="auto", compile=True, dataloader_num_workers=None, seed=42, output_dir="checkpoints",
             resume_from_checkpoint=None, checkpointing_steps=0, checkpointing_minutes=0, checkpoints_total_limit=5,
-            report_to=None, device="auto",
+            report_to=None, device="auto", num_processes=1,
         ),
         help={
             "train_batch_size": "batch per device and forward pass (the largest that fits, probed on the GPU, when not given)",
@@ -347,8 +350,8 @@ def restore_run(run: Run, checkpoint: dict, logger) -> tuple[int, int, list | No
     return start_epoch, skip_batches, partial
 
 
-def main(args: argparse.Namespace) -> dict:
-    reset_accelerate_state()
+def resolve_run(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None, Path | None, dict[str, Path]]:
+    """``(config, checkpoint, resume_path, paths)``: the run's settings, with the checkpoint it resumes from, if any."""
     checkpoint, resume_path = None, None
     resume = args.resume_from_checkpoint
     if resume and resume != "latest":  # an explicit file supplies every setting not given as a flag
@@ -367,7 +370,24 @@ def main(args: argparse.Namespace) -> dict:
             paths = experiment_paths(config.output_dir, config.name, config.dataset, config.size)
     if checkpoint is not None and "data_dir" not in given_flags(args) and config.dataset == "folder":
         check_saved_path(config, "data_dir", resume_path, "image folder")
+    return config, checkpoint, resume_path, paths
 
+
+def check_inputs(config: argparse.Namespace) -> None:
+    """What the run reads before it trains: FID's weight file (with --fid_every) and the training images, downloaded
+    here with --download (in the parent of --num_processes N, so that N processes do not download at once)."""
+    if config.fid_every:
+        fid_reference_for(config)
+    build_image_dataset(config.dataset, config.data_dir, config.size, hflip=False, download=config.download)
+
+
+def main(args: argparse.Namespace) -> dict:
+    if args.num_processes > 1 and not under_launcher():
+        raise UserError(f"--num_processes {args.num_processes} starts {args.num_processes} processes from the command line "
+                        "(python train_ddpm_highres.py ... --num_processes N); from Python call train_ddpm_highres.launch(argv) "
+                        "or use torchrun.")
+    reset_accelerate_state()
+    config, checkpoint, resume_path, paths = resolve_run(args)
     accelerator = create_accelerator(
         mixed_precision=config.mixed_precision, cpu=config.device == "cpu", seed=config.seed, compile_model=config.compile,
         project_dir=str(paths["run"]), report_to=config.report_to,
@@ -376,6 +396,9 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto.")
     is_main = accelerator.is_main_process
     logger = setup_logger(paths["run"], is_main)
+    if under_launcher() and config.num_processes not in (1, accelerator.num_processes):
+        logger.warning("--num_processes %d, but the launcher started %d processes; training on %d", config.num_processes,
+                       accelerator.num_processes, accelerator.num_processes)
     logger.info("experiment %s: %s", paths["run"].name, f"resuming from {resume_path}" if resume_path else "new run")
 
     fid_reference = fid_reference_for(config) if config.fid_every else None  # a missing weight file stops here
@@ -502,5 +525,24 @@ def _autocast_dtype(accelerator) -> torch.dtype | None:
     return PRECISION_DTYPES.get(accelerator.mixed_precision)
 
 
+def launch(argv: list[str] | None = None) -> None:
+    """Command-line entry: one process, or ``--num_processes N`` processes through torch.distributed.run.
+
+    With N > 1 the settings, the resumed checkpoint and the inputs are checked here, in the parent, before any process
+    starts; a user error found later inside a process is raised here once as a UserError.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    processes = args.num_processes
+    if processes > 1 and not under_launcher():
+        where = process_kind(args.device, processes)
+        config, _, _, _ = resolve_run(args)
+        check_inputs(config)  # once, before N processes repeat the checks
+        print(f"starting {processes} {where} with torch.distributed.run", flush=True)
+        run_processes(__file__, argv, processes)
+        return
+    main(args)
+
+
 if __name__ == "__main__":
-    run_cli(lambda: main(parse_args()))
+    cli_main(launch)

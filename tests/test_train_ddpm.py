@@ -12,8 +12,9 @@ from PIL import Image
 
 import infer
 import train_ddpm_highres as train
+import utils.launch as launch_utils
 from models.ddpm_unet import build_ddpm_unet
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, UserError
 from utils.training import BestMetric
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -339,7 +340,49 @@ def test_fp16_compiled_training_with_the_batch_probe_on_cuda(demo_images, tmp_pa
 
 
 # Two processes: the standalone form (torchrun --standalone --nproc_per_node 2) runs in the Kaggle cells of docs/ddpm.md
-# (tests/test_kaggle_cells.py) and the two-node form in tests/test_cli.py; a third interpreter pair here added nothing.
+# (tests/test_kaggle_cells.py), the two-node form in tests/test_cli.py and --num_processes 2 below.
+
+
+def test_num_processes_is_accepted_and_starts_the_processes_only_from_launch():
+    assert train.parse_args(TINY).num_processes == 1
+    assert train.parse_args([*TINY, "--num_processes", "2"]).num_processes == 2
+    assert train.parse_args([*TINY, "--devices", "3"]).num_processes == 3
+    with pytest.raises(UserError, match="--num_processes 2 starts 2 processes from the command line"):
+        train.main(train.parse_args([*TINY, "--num_processes", "2"]))
+
+
+def test_num_processes_checks_the_inputs_in_the_parent(demo_images, tmp_path, monkeypatch):
+    """A missing data folder under --num_processes 2 is one error before any process starts; valid inputs start
+    train_ddpm_highres.py itself."""
+    commands = []
+
+    def processes(command, env):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(launch_utils.subprocess, "run", processes)
+    with pytest.raises(UserError, match="missing does not exist"):
+        train.launch([*TINY, "--data_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "a"), "--num_processes", "2"])
+    assert not commands
+    argv = [*TINY, "--data_dir", str(demo_images), "--output_dir", str(tmp_path / "b"), "--num_processes", "2"]
+    train.launch(argv)
+    assert [command[3:] for command in commands] == [["--standalone", "--nproc_per_node=2", str(ROOT / "train_ddpm_highres.py"),
+                                                      *argv]]
+
+
+@pytest.mark.slow
+def test_num_processes_2_trains_as_two_gloo_processes(demo_images, tmp_path):
+    """--num_processes 2 on CPU re-launches through torch.distributed.run: one DDP run of two processes (gloo)."""
+    flags = [*TINY]
+    flags[flags.index("--train_batch_size") + 1] = "4"
+    result = run_cli("train_ddpm_highres.py", *flags, "--data_dir", str(demo_images), "--output_dir",
+                     str(tmp_path), "--epochs", "1", "--quick_every", "0", "--num_processes", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "starting 2 CPU processes (gloo) with torch.distributed.run" in result.stdout
+    assert "batch 4 x 2 processes x accumulation 1 = effective 8" in result.stdout
+    checkpoint = torch.load(tmp_path / "folder_16x16" / "ddpm_last.pt", weights_only=True)
+    assert checkpoint["num_processes"] == 2 and len(checkpoint["rng"]) == 2 and checkpoint["batch_plan"] == [4, 1, 2]
+    assert checkpoint["step"] == 3  # 24 images over 2 processes, 4 each per step
 
 
 def test_a_resumed_plan_keeps_its_effective_batch_on_another_number_of_processes():

@@ -1,12 +1,16 @@
-"""Shared fixtures: small offline data built once per session, and a fixed seed for every test.
+"""Shared fixtures: small offline data built once per session, a fixed seed for every test, the ``slow`` marks.
 
-On a machine whose cores are busy with other jobs, run the suite with ``OMP_NUM_THREADS=1``: intra-op threads that
-wait for each other make the tiny ops of these tests 10-100x slower there.
+``scripts/test.sh`` runs the suite in two pytest-xdist workers with one intra-op thread each; on a machine whose
+cores are busy with other jobs, run a serial ``pytest`` with ``OMP_NUM_THREADS=1`` too: intra-op threads that wait
+for each other make the tiny ops of these tests 10-100x slower there. ``pytest -m "not slow"`` leaves out the tests
+listed in ``tests/slow_tests.txt`` (processes, training runs, the app and the benches): the edit-run loop.
 """
 
 from __future__ import annotations
 
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +32,27 @@ def demo_images(tmp_path_factory):
     return build_demo_image_folder(tmp_path_factory.mktemp("demo_images"), size=16, count=24, seed=0)
 
 
+def _slow_tests() -> tuple[set[str], set[str]]:
+    """``tests/slow_tests.txt``: the files and test functions ``pytest -m "not slow"`` leaves out."""
+    entries = [line.strip() for line in (Path(__file__).parent / "slow_tests.txt").read_text().splitlines()]
+    entries = [line for line in entries if line and not line.startswith("#")]
+    return {line for line in entries if "::" not in line}, {line for line in entries if "::" in line}
+
+
+def pytest_configure(config):
+    # One intra-op thread per xdist worker: two workers on two cores, each with two threads waiting on each other,
+    # run these tiny ops many times slower. Subprocesses the tests start inherit the setting.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
+    slow_files, slow_functions = _slow_tests()
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        if path in slow_files or item.nodeid.split("[")[0] in slow_functions:
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

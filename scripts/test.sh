@@ -9,5 +9,5 @@ bash scripts/setup.sh
 # chromium-driver, which .ci/run installs (elsewhere they skip and say why).
 .venv/bin/python -m pip install --quiet -r requirements-eval.txt -r requirements-app.txt
 # Two workers (pytest-xdist) with one intra-op thread each on a 2-core machine; up to 4 where there are more cores.
-# Pass -n 0 to run serially, -m "not slow" for the fast edit-run subset.
-OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" .venv/bin/python -m pytest -n auto --maxprocesses 4 --dist worksteal "$@"
+# Pass -n 0 to run serially, -m "not slow" for the fast edit-run subset; the 15 slowest tests are listed at the end.
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" .venv/bin/python -m pytest -n auto --maxprocesses 4 --dist worksteal --durations=15 "$@"

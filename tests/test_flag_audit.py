@@ -113,6 +113,14 @@ ENTRY_POINTS = {
         "--prc_neighborhood": POSITIVE, "--seed": BOUNDED,
     }),
 }
+PAIRED_DATA = {"--start_gpu": NON_NEGATIVE, "--batch_size": POSITIVE, "--epoch": POSITIVE, "--gt_size": POSITIVE,
+               "--seed": BOUNDED, "--dataloader_num_workers": NON_NEGATIVE}
+ENTRY_POINTS["scripts/make_paired_data.py"] = ("scripts.make_paired_data", ["--gt_path", "g"], None, PAIRED_DATA)
+ENTRY_POINTS["scripts/make_paired_data_dape.py"] = ("scripts.make_paired_data_dape", ["--gt_path", "g"], None, PAIRED_DATA)
+ENTRY_POINTS["scripts/make_tags.py"] = ("scripts.make_tags", [], None, {
+    "--start_gpu": BOUNDED,  # a shard index, below --all_gpu (1 by default)
+    "--all_gpu": POSITIVE,
+})
 if (ROOT / "train_dape.py").is_file():  # the DAPE trainer, audited once it exists (its table is added with it)
     ENTRY_POINTS["train_dape.py"] = ("train_dape", ["--root_folders", "r"], None, {
         **HOUSE, "--num_validation_images": NON_NEGATIVE, "--image_size": POSITIVE, "--lora_rank": POSITIVE,
@@ -120,7 +128,7 @@ if (ROOT / "train_dape.py").is_file():  # the DAPE trainer, audited once it exis
         "--lr_gamma": NONE, "--adam_weight_decay": NON_NEGATIVE, "--validation_steps": NON_NEGATIVE,
     })
 # Scripts with numeric flags not audited here yet: research drivers whose flags are their experiment's settings.
-NOT_AUDITED = {"phaseformer_evidence", "user_conditioning_evidence", "create_comparison_grid", "make_demo_data", "make_tags"}
+NOT_AUDITED = {"phaseformer_evidence", "user_conditioning_evidence", "create_comparison_grid", "make_demo_data"}
 
 
 PATH_TYPES = ("precision_value", "output_folder", "output_file")  # validated, but not numbers

@@ -47,7 +47,16 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+# Files whose tests run longest (processes, docs cells run as written, every bench): started first, so that the
+# xdist workers end on short tests instead of one waiting for the other's long one. Each file stays in one block,
+# so its module fixtures are built once per worker.
+LONGEST_FIRST = ("tests/test_kaggle_cells.py", "tests/test_smoke_everything.py", "tests/test_train_dit_user.py",
+                 "tests/test_eval_generation.py", "tests/test_train_seesr.py", "tests/test_cli.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    first = {path: rank for rank, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.nodeid.split("::")[0], len(first)))  # stable: file order kept otherwise
     slow_files, slow_functions = _slow_tests()
     for item in items:
         path = item.nodeid.split("::")[0]

@@ -217,7 +217,9 @@ def test_demo_and_setup_scripts(tmp_path, monkeypatch):
 
 def test_test_script_installs_then_runs_pytest_with_the_arguments(tmp_path):
     calls = run_shell_script(tmp_path, "scripts/test.sh", ["-x", "-q", "tests/test_cli.py"], {})
-    assert calls[-1][1:] == ["-m", "pytest", "-x", "-q", "tests/test_cli.py"]
+    # two xdist workers, the 15 slowest tests listed, then the caller's arguments (which override, e.g. -n 0)
+    assert calls[-1][1:] == ["-m", "pytest", "-n", "auto", "--maxprocesses", "4", "--dist", "worksteal", "--durations=15",
+                             "-x", "-q", "tests/test_cli.py"]
     assert any("requirements-eval.txt" in call for call in calls[:-1])
 
 

@@ -371,16 +371,27 @@ def test_help_explains_the_flags(capsys):
         train.main(train.parse_args(["--latent_dir", "x", "--devices", "2"]))
 
 
-@pytest.mark.slow
-def test_devices_2_means_two_processes(stage1, tmp_path):
-    """--devices 2 re-launches through torch.distributed.run: DDP over two CPU processes (gloo)."""
-    result = run_cli("train_dit_user.py", "--latent_dir", str(stage1["latents"]), "--output_dir", str(tmp_path), *TINY,
-                     "--batch_size", "3", "--max_epochs", "1", "--preview_every", "0", "--devices", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "starting 2 CPU processes (gloo) with torch.distributed.run" in result.stdout
-    assert "batch 3 per device x 2 process(es) x accumulation 1 = 6 per optimiser step" in result.stdout
-    checkpoint = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)
-    assert checkpoint["num_processes"] == 2 and len(checkpoint["rng"]) == 2 and checkpoint["step"] == 2
+def test_devices_2_relaunches_this_script_as_two_processes(stage1, tmp_path, monkeypatch, capsys):
+    """--devices 2 re-runs this script through torch.distributed.run with the same flags, after the checks.
+
+    The two-process training itself is run for real by test_two_node_launch_is_one_job (same batch line, both RNG
+    states, the step), and a real --devices 2 launch by test_devices_2_error_inside_a_process_is_one_line.
+    """
+    started = []
+
+    def fake_run(command, **kwargs):
+        started.append(command)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(launch_utils.subprocess, "run", fake_run)
+    argv = ["--latent_dir", str(stage1["latents"]), "--output_dir", str(tmp_path), *TINY, "--batch_size", "3",
+            "--max_epochs", "1", "--preview_every", "0", "--devices", "2"]
+    assert train.launch(argv) == 0
+    (command,) = started
+    assert "--nproc_per_node=2" in command and command[-len(argv):] == argv
+    assert command[command.index("--nproc_per_node=2") + 1] == str(Path(train.__file__).resolve())
+    assert "starting 2 CPU processes (gloo) with torch.distributed.run" in capsys.readouterr().out
+    assert not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.slow

@@ -197,7 +197,8 @@ def test_serves_loopback_only_and_no_file_outside_its_output_folder(served):
     assert served["url"].startswith("http://127.0.0.1:")
     for outside in (app.__file__, "/etc/passwd", os.path.abspath("infer.py")):
         assert httpx.get(f"{served['url']}/gradio_api/file={outside}").status_code in (403, 404)
-    inside = next((served["output_dir"] / "gradio").rglob("*.png"))  # a result written by an earlier request
+    call(served, "/ddpm_sample", str(served["models"]["ddpm"]), "ddim", 2, 0, 1)  # a result of this test's own request
+    inside = next((served["output_dir"] / "gradio").rglob("*.png"))
     assert httpx.get(f"{served['url']}/gradio_api/file={inside}").status_code == 200
 
 

@@ -55,7 +55,7 @@ from utils.checkpoint import atomic_write_text, load_checkpoint, resolve_resume,
 from utils.cli import SEESR_RAM_PATH, add_training_arguments, check_training_arguments
 from utils.config import ArgumentParser, add_config_argument, explicitly_given, parse_with_config, save_config
 from utils.errors import CheckpointError, UserError
-from utils.launch import cli_main, process_kind, run_processes, under_launcher
+from utils.launch import cli_main, start_processes, under_launcher
 from utils.log import TrainingProgress, log_scalars, setup_logger, start_tracking
 from utils.resume import resolve_resumed_config
 from utils.training import (
@@ -379,13 +379,9 @@ def launch(argv: list[str] | None = None) -> None:
     """Command-line entry: one process, or ``--num_processes N`` processes through torch.distributed.run."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    processes = args.num_processes
-    if processes > 1 and not under_launcher():
-        config, _, _ = resolve_run(args)
-        where = process_kind(config.device, processes)
-        check_inputs(config)  # once, before N processes repeat the checks
-        print(f"starting {processes} {where} with torch.distributed.run", flush=True)
-        run_processes(__file__, argv, processes)
+    if args.num_processes > 1 and not under_launcher():
+        config, _, _ = resolve_run(args)  # the device may come from a resumed checkpoint
+        start_processes(__file__, argv, args.num_processes, config.device, lambda: check_inputs(config))
         return
     main(args)
 

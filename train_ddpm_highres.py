@@ -36,7 +36,7 @@ from utils.config import ArgumentParser, add_config_argument, explicitly_given, 
 from utils.ema import EMA
 from utils.errors import UserError
 from utils.images import save_grid
-from utils.launch import cli_main, process_kind, run_processes, under_launcher
+from utils.launch import cli_main, start_processes, under_launcher
 from utils.log import TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
 from utils.plots import plot_curves
 from utils.resume import check_saved_path, find_latest_run_checkpoint, given_flags, resolve_resumed_config
@@ -533,13 +533,8 @@ def launch(argv: list[str] | None = None) -> None:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    processes = args.num_processes
-    if processes > 1 and not under_launcher():
-        where = process_kind(args.device, processes)
-        config, _, _, _ = resolve_run(args)
-        check_inputs(config)  # once, before N processes repeat the checks
-        print(f"starting {processes} {where} with torch.distributed.run", flush=True)
-        run_processes(__file__, argv, processes)
+    if args.num_processes > 1 and not under_launcher():
+        start_processes(__file__, argv, args.num_processes, args.device, lambda: check_inputs(resolve_run(args)[0]))
         return
     main(args)
 

@@ -37,7 +37,7 @@ from utils.cli import add_training_arguments, check_training_arguments
 from utils.config import ArgumentParser, add_config_argument, explicitly_given, parse_with_config, save_config
 from utils.ema import EMA
 from utils.errors import UserError
-from utils.launch import cli_main, process_kind, run_processes, under_launcher
+from utils.launch import cli_main, start_processes, under_launcher
 from utils.log import TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
 from utils.plots import plot_curves
 from utils.resume import check_saved_path, given_flags, resolve_resumed_config
@@ -228,12 +228,8 @@ def launch(argv: list[str] | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    processes = args.num_processes
-    if processes > 1 and not under_launcher():
-        where = process_kind(args.device, processes)
-        prepare_run(args)  # the checks, once, before N processes repeat them
-        print(f"starting {processes} {where} with torch.distributed.run", flush=True)
-        return run_processes(__file__, argv, processes)
+    if args.num_processes > 1 and not under_launcher():
+        return start_processes(__file__, argv, args.num_processes, args.device, lambda: prepare_run(args))
     main(args)
     return 0
 

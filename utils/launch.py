@@ -79,6 +79,17 @@ def run_processes(script: str | Path, argv: list[str], processes: int) -> int:
     raise UserError(f"a training process stopped with exit status {code}; its message or traceback is above.")
 
 
+def start_processes(script: str | Path, argv: list[str], processes: int, device: str, check: Callable[[], object]) -> int:
+    """``--num_processes N`` outside a launcher: ``check()`` once here (every flag, path and file), then N copies.
+
+    The checks run in the parent so that a user error is printed once, before any process starts.
+    """
+    where = process_kind(device, processes)
+    check()
+    print(f"starting {processes} {where} with torch.distributed.run", flush=True)
+    return run_processes(script, argv, processes)
+
+
 def cli_main(launch: Callable[[], object]) -> None:
     """A trainer's ``__main__``: one ``error:`` line for a user error, also from a process :func:`run_processes` started."""
     error_dir = os.environ.get(ERROR_DIR_ENV)

@@ -166,3 +166,14 @@ def app_argv(models: dict, output_dir: Path) -> list[str]:
 def pixels(path) -> np.ndarray:
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def assert_same_picture(shown, written) -> None:
+    """The app's picture is infer.py's file: same size, every pixel within one 8-bit level.
+
+    The same code runs in both, but the served app is another process (another thread count), and a float sum in
+    another order can move a value across a rounding boundary on some CPU; one level is far below any real change.
+    """
+    a, b = pixels(shown).astype(np.int16), pixels(written).astype(np.int16)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert np.abs(a - b).max() <= 1, f"pictures differ by up to {np.abs(a - b).max()} levels"

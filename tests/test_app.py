@@ -18,7 +18,7 @@ pytest.importorskip("gradio_client", reason="the app's extras are not installed 
 
 import app  # noqa: E402
 import infer  # noqa: E402
-from tests.app_models import app_argv, build_models, pixels, start_app, use_tiny_ram, write_uploads  # noqa: E402
+from tests.app_models import app_argv, assert_same_picture, build_models, pixels, start_app, use_tiny_ram, write_uploads  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 
@@ -65,8 +65,8 @@ def test_ddpm_grid_and_strip_equal_infer_files(served, tmp_path):
     infer.main(infer.parse_args([*common, "--sampler", "ddim", "--num_inference_steps", "4", "--seed", "3", "--num_samples", "5"]))
     infer.main(infer.parse_args([*common, "--sampler", "ddpm", "--num_inference_steps", "3", "--seed", "7", "--interpolate",
                                  "--frames", "4"]))
-    assert np.array_equal(pixels(grid), pixels(tmp_path / "ddpm_samples.png"))
-    assert np.array_equal(pixels(strip), pixels(tmp_path / "ddpm_interpolation.png"))
+    assert_same_picture(grid, tmp_path / "ddpm_samples.png")
+    assert_same_picture(strip, tmp_path / "ddpm_interpolation.png")
 
 
 def test_phaseformer_outputs_and_scores_equal_infer_files(served, tmp_path):
@@ -79,8 +79,8 @@ def test_phaseformer_outputs_and_scores_equal_infer_files(served, tmp_path):
     infer.main(infer.parse_args(["phaseformer", "--checkpoint", str(served["models"]["phaseformer"]), "--input",
                                  str(tmp_path / "in"), "--gt_dir", str(tmp_path / "gt"), "--output_dir", str(tmp_path / "out"),
                                  "--underwater_metrics", "--device", "cpu"]))
-    assert np.array_equal(pixels(low), pixels(tmp_path / "out/L/photo.png"))
-    assert np.array_equal(pixels(high), pixels(tmp_path / "out/H/photo.png"))
+    assert_same_picture(low, tmp_path / "out/L/photo.png")
+    assert_same_picture(high, tmp_path / "out/H/photo.png")
     before, after = slider
     assert np.array_equal(pixels(before), pixels(uploads["rgb"])) and np.array_equal(pixels(after), pixels(low))
     row = next(csv.DictReader(open(tmp_path / "out/metrics.csv")))
@@ -98,7 +98,7 @@ def test_user_samples_equal_infer_files_with_the_classifier_prediction(served, t
     expected = [(1, 0), (1, 1), (3, 0), (3, 1)]
     assert len(gallery) == len(expected)
     for entry, (user, index) in zip(gallery, expected, strict=True):
-        assert np.array_equal(pixels(entry["image"]), pixels(tmp_path / f"user_{user:02d}/generated_{index:03d}.png"))
+        assert_same_picture(entry["image"], tmp_path / f"user_{user:02d}/generated_{index:03d}.png")
         assert entry["caption"].startswith(f"user {user} #{index:03d}: classifier says user ")
     assert "more than once" in app_error(served, "/user_generate", "1 1", 1, 2.5, 3, 5)
     assert "outside the valid range 1..3" in app_error(served, "/user_generate", "9", 1, 2.5, 3, 5)
@@ -122,8 +122,8 @@ def seesr_inputs(served, name, other="none", tags="", steps=5, guidance=5.5):
 
 def test_seesr_two_checkpoints_side_by_side_equal_infer_files(served, tmp_path):
     slider, first, second, text = call(served, "/seesr_super_resolve", *seesr_inputs(served, "seesr", "seesr_b"))
-    assert np.array_equal(pixels(first), pixels(seesr_file(served, tmp_path, "sd2", "seesr", "--num_inference_steps", "5")))
-    assert np.array_equal(pixels(second), pixels(seesr_file(served, tmp_path, "sd2", "seesr_b", "--num_inference_steps", "5")))
+    assert_same_picture(first, seesr_file(served, tmp_path, "sd2", "seesr", "--num_inference_steps", "5"))
+    assert_same_picture(second, seesr_file(served, tmp_path, "sd2", "seesr_b", "--num_inference_steps", "5"))
     assert pixels(first).shape == (64, 80, 3) and not np.array_equal(pixels(first), pixels(second))
     assert [pixels(side).shape for side in slider] == [(64, 80, 3)] * 2
     tags = call(served, "/seesr_tags", upload(served["uploads"]["lr"]), "seesr")
@@ -133,8 +133,7 @@ def test_seesr_two_checkpoints_side_by_side_equal_infer_files(served, tmp_path):
 
 def test_seesr_turbo_and_edited_tags(served, tmp_path):
     _, turbo, _, _ = call(served, "/seesr_super_resolve", *seesr_inputs(served, "seesr (turbo)", steps=2, guidance=1.0))
-    assert np.array_equal(pixels(turbo), pixels(seesr_file(served, tmp_path, "turbo", "seesr", "--num_inference_steps", "2",
-                                                           "--guidance_scale", "1.0")))
+    assert_same_picture(turbo, seesr_file(served, tmp_path, "turbo", "seesr", "--num_inference_steps", "2", "--guidance_scale", "1.0"))
     slider, _, _, text = call(served, "/seesr_super_resolve", *seesr_inputs(served, "seesr", tags="a red frog"))
     assert "`a red frog, ,clean, high-resolution, 8k`" in text
     before, _ = slider
@@ -174,7 +173,7 @@ def test_rgba_and_grayscale_are_converted_as_infer_reads_them(served, tmp_path, 
     assert note in scores
     infer.main(infer.parse_args(["phaseformer", "--checkpoint", str(served["models"]["phaseformer"]), "--input",
                                  str(served["uploads"][case]), "--output_dir", str(tmp_path), "--device", "cpu"]))
-    assert np.array_equal(pixels(low), pixels(tmp_path / "L" / served["uploads"][case].name))
+    assert_same_picture(low, tmp_path / "L" / served["uploads"][case].name)
 
 
 def test_missing_upload_and_mismatched_reference(served):

@@ -14,11 +14,10 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import infer
-from tests.app_models import app_argv, build_models, pixels, start_app, use_tiny_ram, write_uploads
+from tests.app_models import app_argv, assert_same_picture, build_models, start_app, use_tiny_ram, write_uploads
 
 WAIT = 120  # s: a request on two busy CPU cores
 
@@ -173,7 +172,7 @@ def test_ddpm_tab_grid_equals_infer_and_a_double_click_runs_once(browser, tmp_pa
     assert tab.jobs == jobs + 1
     infer.main(infer.parse_args(["ddpm", "--model", str(browser["models"]["ddpm"]), "--num_inference_steps", "4", "--seed", "11",
                                  "--num_samples", "9", "--device", "cpu", "--output_dir", str(tmp_path)]))
-    assert np.array_equal(pixels(fetched(source, tmp_path, "grid.png")), pixels(tmp_path / "ddpm_samples.png"))
+    assert_same_picture(fetched(source, tmp_path, "grid.png"), tmp_path / "ddpm_samples.png")
     screenshot(browser, "ddpm")
 
 
@@ -196,7 +195,7 @@ def test_phaseformer_tab_bad_uploads_then_output_equals_infer(browser, tmp_path)
     page_shows(driver, "UCIQE")
     infer.main(infer.parse_args(["phaseformer", "--checkpoint", str(browser["models"]["phaseformer"]), "--input",
                                  str(uploads["rgb"]), "--output_dir", str(tmp_path), "--device", "cpu"]))
-    assert np.array_equal(pixels(fetched(source, tmp_path, "L.png")), pixels(tmp_path / "L/photo.png"))
+    assert_same_picture(fetched(source, tmp_path, "L.png"), tmp_path / "L/photo.png")
     screenshot(browser, "phaseformer", keep_messages=True)  # the refusals, shown in the page
 
 
@@ -222,8 +221,8 @@ def test_user_tab_samples_equal_infer(browser, tmp_path):
         if img.get_attribute("src") not in sources:
             sources.append(img.get_attribute("src"))
     assert len(sources) == 4
-    assert np.array_equal(pixels(fetched(sources[0], tmp_path, "first.png")), pixels(tmp_path / "user_02/generated_000.png"))
-    assert np.array_equal(pixels(fetched(sources[-1], tmp_path, "last.png")), pixels(tmp_path / "user_03/generated_001.png"))
+    assert_same_picture(fetched(sources[0], tmp_path, "first.png"), tmp_path / "user_02/generated_000.png")
+    assert_same_picture(fetched(sources[-1], tmp_path, "last.png"), tmp_path / "user_03/generated_001.png")
     screenshot(browser, "user")
 
 
@@ -256,6 +255,6 @@ def test_seesr_tab_tags_then_two_checkpoints_equal_infer(browser, tmp_path):
                                      "--image_path", str(uploads["lr"]), "--output_dir", str(output), "--ram_path", str(models["ram"]),
                                      "--ram_ft_path", str(models["dape"]), "--process_size", "64", "--seed", "3",
                                      "--num_inference_steps", "5", "--device", "cpu"]))
-        assert np.array_equal(pixels(fetched(source, tmp_path, f"{name}.png")), pixels(output / "sample00/frog.png"))
+        assert_same_picture(fetched(source, tmp_path, f"{name}.png"), output / "sample00/frog.png")
     assert len(driver.find_elements(By.CSS_SELECTOR, "#seesr_slider img")) >= 1
     screenshot(browser, "seesr", height=1500)

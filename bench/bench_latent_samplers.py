@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny setting for the test suite (seconds)")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.train_steps, args.samples, args.reference_steps = 5, 4, 50
+        args.train_steps, args.samples, args.reference_steps = 2, 2, 10
     return args
 
 

@@ -17,8 +17,9 @@ Reported per method: max and mean |difference| to the untiled image (values in [
 (``models.tiled_vae.seam_score``: mean |jump| between neighbouring pixels across the method's own tile boundaries
 minus the mean jump everywhere; the untiled image's score at the same boundaries beside it), seconds, and peak memory
 above what the process held before the call (CUDA: ``max_memory_allocated``; CPU: the peak resident set of a fresh
-process per method). Random weights exaggerate diffusers' seams compared with SD2's trained VAE; the equality of ours
-with the untiled decode does not depend on the weights. Prints a Markdown table; nothing here is a test.
+process per method, or '-' with ``--same_process``). Random weights exaggerate diffusers' seams compared with SD2's
+trained VAE; the equality of ours with the untiled decode does not depend on the weights. Prints a Markdown table;
+nothing here is a test.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from queue import SimpleQueue
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -59,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tile_size", type=int, default=224,
                         help="decoder tile side in latent px (default 224, SeeSR's --vae_decoder_tiled_size)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and latents (default 0)")
+    parser.add_argument("--same_process", action="store_true",
+                        help="decode every method in this process instead of a fresh process each (no interpreter "
+                             "start-ups; the CPU peak-memory column then reads '-', as one process's peak covers them all)")
     args = parser.parse_args(argv)
     if args.latent_size < 2 or args.tile_size < 1:
         parser.error("--latent_size must be at least 2 and --tile_size at least 1")
@@ -127,6 +132,8 @@ def run_method(method: str, args: argparse.Namespace, output_path: str, queue) -
         seconds = time.perf_counter() - started
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - before
+    elif args.same_process:
+        peak = None
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     torch.save(image.float().cpu(), output_path)
@@ -158,15 +165,19 @@ def main(args: argparse.Namespace) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for index, method in enumerate(methods):
-            queue = context.Queue()
             path = str(Path(folder) / f"{index}.pt")
-            process = context.Process(target=run_method, args=(method, args, path, queue))
-            process.start()
-            process.join()
-            if process.exitcode != 0:
-                raise SystemExit(f"error: the {method!r} run failed (exit {process.exitcode}); see its traceback above.")
+            if args.same_process:
+                queue = SimpleQueue()
+                run_method(method, args, path, queue)
+            else:
+                queue = context.Queue()
+                process = context.Process(target=run_method, args=(method, args, path, queue))
+                process.start()
+                process.join()
+                if process.exitcode != 0:
+                    raise SystemExit(f"error: the {method!r} run failed (exit {process.exitcode}); see its traceback above.")
             seconds, peak = queue.get()
-            rows.append({"method": method, "seconds": seconds, "peak_gib": peak / 2**30, "path": path})
+            rows.append({"method": method, "seconds": seconds, "peak_gib": None if peak is None else peak / 2**30, "path": path})
         untiled = torch.load(rows[0]["path"], weights_only=True)
         for row in rows:
             image = torch.load(row["path"], weights_only=True)
@@ -186,7 +197,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         seam = "-" if row["seam"] is None else f"{row['seam']:+.4f} ({row['untiled_seam']:+.4f})"
         print(f"| {row['method']} | {row['max_diff']:.2e} | {row['mean_diff']:.2e} | {row['shift']:.2e} | {seam} "
               f"| {row['seconds']:.2f} "
-              f"| {row['peak_gib']:.2f} |")
+              f"| {'-' if row['peak_gib'] is None else format(row['peak_gib'], '.2f')} |")
     return rows
 
 

@@ -1,4 +1,9 @@
-"""Launching a trainer as two ``torchrun`` nodes on this machine, as on two CPU servers (used by several test files).
+"""Running the programs' command lines in tests: in this process as ``__main__``, or as two ``torchrun`` nodes.
+
+:func:`run_in_process` runs ``python SCRIPT ARGS`` inside the test process: the file executes as ``__main__`` with that
+``sys.argv`` (runpy), so its ``if __name__ == "__main__"`` block, its one-line error handler and its exit status are
+the real ones, without the several seconds a fresh interpreter spends importing torch and diffusers again. A program's
+behaviour that needs a process of its own (torchrun, ``--num_processes``, a killed run) is tested with one.
 
 Two ``torchrun --nnodes 2 --nproc_per_node 1`` launches meet at ``127.0.0.1`` on a free port and must train as one job
 of two processes (gloo), with no GPU visible and ``--device auto``: the case in which accelerate, left alone, picks no
@@ -7,13 +12,40 @@ distributed type and each node silently trains its own copy.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import runpy
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_in_process(script: str | Path, *args: str, cwd: str | Path = ROOT) -> subprocess.CompletedProcess:
+    """``python script *args`` (a path relative to the repository, or absolute), run in this process from ``cwd``:
+    its exit status and what it printed on stdout and stderr, as :func:`subprocess.run` would return them."""
+    path = Path(script) if Path(script).is_absolute() else ROOT / script
+    argv = [str(path), *map(str, args)]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_argv, saved_path, saved_cwd = sys.argv, list(sys.path), os.getcwd()
+    status = 0
+    try:
+        sys.argv = argv
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                runpy.run_path(str(path), run_name="__main__")
+            except SystemExit as stop:
+                if isinstance(stop.code, str):  # sys.exit("message"): Python prints it and exits with 1
+                    print(stop.code, file=sys.stderr)
+                status = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        os.chdir(saved_cwd)
+    return subprocess.CompletedProcess(argv, status, stdout.getvalue(), stderr.getvalue())
 
 
 def free_port() -> int:

@@ -2,14 +2,11 @@
 DDPM samplers (an oracle noise model that knows the clean image must get it back from every sampler).
 
 Tiny models built in temporary folders (a 16 px diffusers UNet, the tiny Phaseformer); parse-time errors are checked
-in-process, one end-to-end ``error:`` line in a subprocess.
+in-process, one end-to-end ``error:`` line from ``infer.py`` run as ``__main__``.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +17,7 @@ from PIL import Image
 import infer
 import pipelines.user
 from models.ddpm_sampling import SAMPLERS, make_noise_scheduler, make_sampler, sample_ddpm
+from tests.launch import run_in_process
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,11 +80,6 @@ def parse_error(capsys, argv: list[str]) -> str:
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]
-
-
-def run_cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
 
 
 # ---------------------------------------------------------------------------------- one vocabulary, aliases
@@ -242,8 +235,8 @@ def test_compare_checks_every_checkpoint_before_sampling(ddpm_folder, short_ddpm
     assert calls == [] and not (tmp_path / "cmp.png").exists()
 
 
-def test_steps_beyond_the_schedule_is_one_line_in_a_subprocess(ddpm_folder):
-    result = run_cli("infer.py", "ddpm", "--model", str(ddpm_folder), "--steps", "5000", "--device", "cpu")
+def test_steps_beyond_the_schedule_is_one_line_from_the_command_line(ddpm_folder):
+    result = run_in_process("infer.py", "ddpm", "--model", str(ddpm_folder), "--steps", "5000", "--device", "cpu")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [f"error: --num_inference_steps 5000 is more than the 1000 timesteps {ddpm_folder} was trained with; use 1..1000."]

@@ -2,8 +2,7 @@
 
 * **Benchmarks.** Each ``bench/*.py`` runs at its smallest setting on the CPU (``--smoke`` where the script has one)
   and must finish and print its Markdown table. They share one interpreter (tests/bench_driver.py: one torch and
-  diffusers import instead of nine); ``bench_seesr_tiled_vae.py`` starts a process per method itself, so it runs as
-  its own command, at the same time. A new bench script without a row in :data:`BENCH_SMOKE` fails the suite.
+  diffusers import instead of seventeen). A new bench script without a row in :data:`BENCH_SMOKE` fails the suite.
 * **Shell scripts.** Each ``scripts/*.sh`` runs with bash in a stand-in checkout whose Python (``.venv/bin/python``,
   ``$PYTHON``) and ``accelerate`` only record their command lines (the GPU count they are asked for is 2, so the
   multi-GPU launchers take their multi-process form). Every recorded command must then parse with the parser of the
@@ -12,8 +11,7 @@
   and by tests/test_kaggle_cells.py, which runs the docs' cells (torchrun, two processes) for real.
 * **Presets.** Every ``configs/*.yaml`` is read by its trainer's ``--config`` and the model it names is built.
 
-Measured on the shared 2-core machine at ``OMP_NUM_THREADS=1``: the benchmarks take about 36 CPU-seconds (one
-interpreter for nine of them, ~85 s of wall time under contention), the shell scripts and presets ~12 s (mostly the
+The benchmarks take about 35 CPU-seconds in their one interpreter, the shell scripts and presets ~12 s (mostly the
 first import of the trainers).
 """
 
@@ -48,11 +46,12 @@ BENCH_SMOKE = {
     "bench_seesr_injector.py": "--device cpu --skip_real_size --tiny_resolution 64 --repeats 1 --warmup 0 --tile_sizes 32 "
     "--tile_image_size 64 --tile_steps 1 --tile_rounds 1",
     "bench_seesr_pipeline.py": "--device cpu --size tiny --steps 1 --time_resolution 64 --memory_resolutions --repeats 1",
-    "bench_seesr_tiled_vae.py": "--device cpu --config tiny --latent_size 16 --tile_size 8",
+    # Every method in the driver's process: a fresh process per method (the default, for the CPU memory column) would
+    # cost an interpreter start-up each.
+    "bench_seesr_tiled_vae.py": "--device cpu --config tiny --latent_size 16 --tile_size 8 --same_process",
     "bench_seesr_vs_reference.py": "--smoke",  # no --reference_checkout: ours alone, the reference cells n/a
     "bench_throughput.py": "--smoke",
 }
-OWN_PROCESS = {"bench_seesr_tiled_vae.py"}  # spawns one process per method: runpy's __main__ cannot be pickled
 BENCH_HELPERS = {"common.py", "__init__.py"}
 
 
@@ -64,22 +63,11 @@ def child_env() -> dict:
 def bench_results(tmp_path_factory):
     """``{script: (status, output)}`` for every benchmark of :data:`BENCH_SMOKE` that exists in this checkout."""
     work = tmp_path_factory.mktemp("bench")
-    present = {name: args for name, args in BENCH_SMOKE.items() if (ROOT / "bench" / name).is_file()}
-    alone = {name: args for name, args in present.items() if name in OWN_PROCESS}
-    together = [f"{ROOT / 'bench' / name} {args}" for name, args in present.items() if name not in OWN_PROCESS]
-    processes = {
-        name: subprocess.Popen([sys.executable, str(ROOT / "bench" / name), *shlex.split(args)], cwd=work, env=child_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for name, args in alone.items()
-    }
+    together = [f"{ROOT / 'bench' / name} {args}" for name, args in BENCH_SMOKE.items() if (ROOT / "bench" / name).is_file()]
     driver = subprocess.run([sys.executable, str(ROOT / "tests" / "bench_driver.py"), str(work / "results.json"), *together],
                             cwd=work, env=child_env(), capture_output=True, text=True, timeout=600)
     assert driver.returncode == 0, driver.stderr[-3000:]
-    results = {Path(shlex.split(r["command"])[0]).name: (r["status"], r["output"]) for r in json.loads((work / "results.json").read_text())}
-    for name, process in processes.items():
-        output, _ = process.communicate(timeout=600)
-        results[name] = ("ok" if process.returncode == 0 else f"exit {process.returncode}", output)
-    return results
+    return {Path(shlex.split(r["command"])[0]).name: (r["status"], r["output"]) for r in json.loads((work / "results.json").read_text())}
 
 
 def test_every_bench_script_has_a_smoke_setting():

@@ -8,7 +8,6 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import utils.launch as launch_utils
 from models.dape import LoRALinear, load_dape, ram_pixels, tag_f1
 from models.ram import load_ram_tagger
 from recipes.dape import DAPEPairs, build_dape_training, dape_pairs
+from tests.launch import run_in_process
 from tests.ram_tiny import TINY_RAM_CONFIG, write_tiny_ram
 from utils.errors import UserError, run_cli
 
@@ -299,8 +299,7 @@ def test_user_errors_are_one_line(files, tmp_path, capsys):
 
 
 def test_bad_flag_from_the_command_line(files):
-    result = subprocess.run([sys.executable, str(ROOT / "train_dape.py"), *command(files, files["root"] / "x", "--lr_gamma", "2")],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = run_in_process("train_dape.py", *command(files, files["root"] / "x", "--lr_gamma", "2"))
     expected = "error: --lr_gamma must be in (0, 1], got 2.0 (see train_dape.py --help)"
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [expected]
 

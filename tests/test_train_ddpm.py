@@ -1,8 +1,6 @@
 """train_ddpm_highres.py and infer.py ddpm end to end on a tiny UNet, 16 px images, in temporary folders."""
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import infer
 import train_ddpm_highres as train
 import utils.launch as launch_utils
 from models.ddpm_unet import build_ddpm_unet
+from tests.launch import run_in_process
 from utils.errors import CheckpointError, UserError
 from utils.training import BestMetric
 
@@ -251,11 +250,6 @@ def test_inference_from_a_diffusers_ddpm_folder(tmp_path, serialization):
     assert np.abs(grids[0] - grids[1]).mean() > 3  # measured 36 levels
 
 
-def run_cli(*args, cwd=ROOT):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
-
-
 def assert_one_line_error(result, *fragments):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -268,7 +262,7 @@ def assert_one_line_error(result, *fragments):
 
 def assert_one_line_error_in_process(capsys, program_main, argv, *fragments):
     """The same contract through utils.errors.run_cli in this process (what ``__main__`` runs), without paying an
-    interpreter start-up per case; one real entry point per program is still run as a subprocess below."""
+    interpreter start-up per case; one real entry point per program runs as ``__main__`` (tests/launch.run_in_process)."""
     from utils.errors import run_cli as run_in_cli
 
     capsys.readouterr()
@@ -297,7 +291,7 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, capsys):
 
 
 def test_unknown_dataset_and_help(capsys):
-    result = run_cli("train_ddpm_highres.py", "--dataset", "mnist")  # the real entry point, once
+    result = run_in_process("train_ddpm_highres.py", "--dataset", "mnist")  # the real entry point, once
     assert_one_line_error(result, "invalid choice: 'mnist'", "see train_ddpm_highres.py --help")
     with pytest.raises(SystemExit) as stop:
         train.parse_args(["--help"])

@@ -23,7 +23,7 @@ import utils.launch as launch_utils
 from models.dit import build_dit
 from models.user_pipeline import load_user_checkpoint
 from models.vavae import file_fingerprint
-from tests.launch import two_node_launch
+from tests.launch import run_in_process, two_node_launch
 from tests.user_pipeline_data import write_tiny_vavae, write_user_folders
 from utils.errors import CheckpointError, UserError
 
@@ -347,7 +347,7 @@ def run_cli(*args):
 
 def test_user_id_outside_the_range_is_one_line(dit_run, stage1):
     output, _ = dit_run
-    result = run_cli("infer.py", "user", "--dit_checkpoint", str(output / "checkpoints/last.ckpt"), *vae_flags(stage1),
+    result = run_in_process("infer.py", "user", "--dit_checkpoint", str(output / "checkpoints/last.ckpt"), *vae_flags(stage1),
                      "--user_ids", "0", "1", "4", "--device", "cpu")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr

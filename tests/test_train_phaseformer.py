@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +21,7 @@ from data.underwater import build_synthetic_underwater
 from losses import PhaseformerLoss
 from models.phaseformer import PhaseformerOutput, build_phaseformer
 from models.phaseformer_enhance import enhance, load_phaseformer_for_inference
-from tests.launch import two_node_launch
+from tests.launch import run_in_process, two_node_launch
 from utils.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -291,22 +289,17 @@ def test_bad_input_is_one_line_in_process(tmp_path, capsys, monkeypatch, lsui):
     assert "is a 'ddpm' checkpoint, but train_phaseformer.py --resume_from_checkpoint needs a 'phaseformer' checkpoint" in line
 
 
-def run_script(*args, cwd=ROOT, env_extra=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env_extra or {}))
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
-
-
 def test_bad_input_is_one_line_from_the_command_line(tmp_path):
     no_test = tmp_path / "LSUI"
     for stem in "ab":
         write_pair(no_test, "train", stem)
-    result = run_script(str(ROOT / "train_phaseformer.py"), "--dataset_path", str(no_test), *TINY, "--no_perceptual", cwd=tmp_path)
+    result = run_in_process("train_phaseformer.py", "--dataset_path", str(no_test), *TINY, "--no_perceptual", cwd=tmp_path)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and "Traceback" not in result.stderr and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and "has neither test/input + test/gt (LSUI layout)" in lines[0]
     ddpm = tmp_path / "ddpm_last.pt"
     torch.save({"kind": "ddpm", "model": {}}, ddpm)
-    result = run_script("infer.py", "phaseformer", "--checkpoint", str(ddpm), "--input", str(no_test / "train" / "input"),
+    result = run_in_process("infer.py", "phaseformer", "--checkpoint", str(ddpm), "--input", str(no_test / "train" / "input"),
                         "--output_dir", str(tmp_path / "out"), "--device", "cpu")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"error: {ddpm} is a 'ddpm' checkpoint, but infer.py phaseformer needs a 'phaseformer' checkpoint from "

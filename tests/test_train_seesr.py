@@ -2,10 +2,8 @@
 
 import csv
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +17,7 @@ from safetensors.torch import load_file
 import infer
 import train_seesr_timestep as train
 from models.timestep_adaptive import INJECTORS
-from tests.launch import two_node_launch
+from tests.launch import run_in_process, two_node_launch
 from tests.sd2_tiny import build_tiny_sd2
 from utils.errors import CheckpointError, UserError, run_cli
 
@@ -417,12 +415,8 @@ def test_eval_sr_metrics_csv_and_lpips(tmp_path, capsys, monkeypatch):
 
 
 def test_user_errors_are_one_line(workspace, tmp_path, capsys):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "train_seesr_timestep.py", "--pretrained_model_path", str(tmp_path / "missing-sd2"),
-         "--train_data_dir", str(workspace["hr"]), "--output_dir", str(tmp_path / "run")],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
-    )
+    result = run_in_process("train_seesr_timestep.py", "--pretrained_model_path", str(tmp_path / "missing-sd2"),
+                            "--train_data_dir", str(workspace["hr"]), "--output_dir", str(tmp_path / "run"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: --pretrained_model_path")

@@ -187,7 +187,8 @@ def test_report_to_tensorboard_writes_losses_lr_and_sample_grids(demo_images, tm
 def test_two_node_launch_on_cpu_machines_is_one_job(demo_images, tmp_path):
     """Two ``torchrun --nnodes 2 --nproc_per_node 1`` launches (as on two CPU machines) train as one job of two
     processes, not as two independent copies (accelerate picks no distributed type for one CUDA-less local process
-    unless told to use the CPU). The other trainers' two-process tests launch the same way (tests/launch.py)."""
+    unless told to use the CPU). Every trainer takes its Accelerator from the same function (the next test), and
+    trains as two processes in its Kaggle cells (tests/test_kaggle_cells.py)."""
     flags = ["--dataset", "folder", "--data_dir", str(demo_images), "--output_dir", str(tmp_path), "--size", "16", "--model",
              "tiny", "--train_batch_size", "4", "--effective_batch", "8", "--epochs", "1", "--quick_every", "0", "--num_samples", "2",
              "--sample_steps", "2", "--report_to", "none"]
@@ -196,3 +197,15 @@ def test_two_node_launch_on_cpu_machines_is_one_job(demo_images, tmp_path):
     checkpoint = torch.load(tmp_path / "folder_16x16/ddpm_final.pt", weights_only=True)
     assert checkpoint["num_processes"] == 2 and checkpoint["step"] == 3  # 24 images / (4 per process x 2 processes)
     assert len(checkpoint["rng"]) == 2  # one RNG state per process
+
+
+def test_every_trainer_takes_its_accelerator_from_create_accelerator():
+    """The two-node case above holds for every trainer only if none builds an ``Accelerator`` of its own."""
+    import ast
+
+    for path in sorted(ROOT.glob("train_*.py")) + sorted((ROOT / "recipes").glob("*.py")) + sorted((ROOT / "utils").glob("*.py")):
+        calls = {node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+                 for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)}
+        if path.name.startswith("train_"):
+            assert "create_accelerator" in calls, f"{path.name} does not call utils.accelerator.create_accelerator"
+        assert "Accelerator" not in calls or path.name == "accelerator.py", f"{path.name} builds an Accelerator itself"

@@ -11,8 +11,9 @@ cell with bash, in document order:
   ``EXTRA_ARGS``): the test sets them in the environment (tiny presets, ``PRECISION`` fp32 on CPU), so the commands
   are the users' own;
 * the two-process training cells run as two processes on CPU (torchrun, gloo; ``CUDA_VISIBLE_DEVICES`` is empty
-  so a GPU machine runs the same); the resume cells run with ``GPUS=1`` to save two interpreter start-ups per
-  family (the two-process path is the training cell's; a checkpoint of two processes resumes on one);
+  so a GPU machine runs the same): these are the suite's two-process runs of each trainer, so the checkpoint they
+  leave (in ``previous-run``) must hold both processes' RNG states and no DDP ``module.`` prefix; the resume cells run
+  with ``GPUS=1`` to save two interpreter start-ups per family (a checkpoint of two processes resumes on one);
 * before a ``resume`` cell the session ends: everything the previous cells wrote in ``/kaggle/working`` moves to
   ``/kaggle/input/previous-run`` (a previous version's output attached as a data set), as in a new Kaggle session,
   and the ``data`` cells (links into ``/kaggle/working``) run again, as a user runs them in every session.
@@ -37,8 +38,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CELL = re.compile(r"<!-- kaggle-cell(?:\[([\w-]+)\])?: ([\w-]+) -->\s*\n```bash\n(.*?)```", re.S)
@@ -165,6 +168,12 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def assert_two_process_checkpoint(checkpoint: dict, weights: str) -> None:
+    """A checkpoint written by two processes: both RNG states, and the weights without DDP's ``module.`` prefix."""
+    assert checkpoint["num_processes"] == 2 and len(checkpoint["rng"]) == 2, {k: checkpoint.get(k) for k in ("num_processes",)}
+    assert checkpoint[weights] and not any(key.startswith("module.") for key in checkpoint[weights])
+
+
 def test_cells_are_marked_in_every_family_doc():
     for doc in ("ddpm.md", "phaseformer.md", "user_generation.md", "seesr.md"):
         cells = read_cells(doc)
@@ -200,6 +209,7 @@ def test_ddpm_cells(tmp_path):
     outputs = run_cells(session, "ddpm.md", env)
     assert "x 2 process(es)" in outputs["train"]
     assert "resumed at epoch 1" in outputs["resume"]
+    assert_two_process_checkpoint(load(session.path("/kaggle/input/previous-run/checkpoints/tiny/ddpm_last.pt")), "model")
     run = session.path("/kaggle/working/checkpoints/tiny")
     assert load(run / "ddpm_last.pt")["epoch"] == 2
     assert session.path("/kaggle/working/samples.png").is_file()
@@ -223,8 +233,12 @@ def test_phaseformer_cells(tmp_path):
         "infer": {"EXTRA_ARGS": "--device cpu"},
     }
     outputs = run_cells(session, "phaseformer.md", env)
-    assert "x 2 process" in outputs["train"]
+    assert "batch 2 per device x 2 process(es) x accumulation 1 = 4 per optimiser step" in outputs["train"]
+    assert "loss weights identical on all 2 processes" in outputs["train"]  # all-reduced outside the DDP module
     assert "resumed at epoch 1" in outputs["resume"]
+    trained = load(session.path("/kaggle/input/previous-run/checkpoint/LSUI/netG_model_latest.pth"))
+    assert_two_process_checkpoint(trained, "model")
+    assert np.isfinite(trained["history"][-1]["psnr"])
     run = session.path("/kaggle/working/checkpoint/LSUI")
     assert load(run / "netG_model_latest.pth")["epoch"] == 2
     assert (session.path("/kaggle/working/results") / "metrics.csv").is_file()
@@ -247,8 +261,9 @@ def test_user_generation_cells(tmp_path):
         "infer": {"EXTRA_ARGS": f"{tiny} --num_steps 2 --device cpu"},
     }
     outputs = run_cells(session, "user_generation.md", env)
-    assert "x 2 process" in outputs["train"]
+    assert "batch 4 per device x 2 process(es)" in outputs["train"]
     assert "resumed at epoch 1" in outputs["resume"]
+    assert_two_process_checkpoint(load(session.path("/kaggle/input/previous-run/trained_models/checkpoints/last.ckpt")), "model")
     run = session.path("/kaggle/working/trained_models/checkpoints")
     assert load(run / "last.ckpt")["epoch"] == 2
     generated = session.path("/kaggle/working/generated_images")
@@ -270,6 +285,7 @@ def test_dape_cells(tmp_path):
     }
     outputs = run_cells(session, "seesr.md", env, tiny_ram=True, group="dape")
     assert "x 2 process" in outputs["train"] and "resumed at step 2" in outputs["resume"]
+    assert_two_process_checkpoint(load(session.path("/kaggle/input/previous-run/dape/checkpoints/dape_last.pt")), "model")
     run = session.path("/kaggle/working/dape")
     assert load(run / "checkpoints" / "dape_last.pt")["step"] == 3 and (run / "DAPE.pth").is_file()
     assert "before {'step': 0" in outputs["infer"] and "after {'step': 3" in outputs["infer"]
@@ -300,6 +316,11 @@ def test_seesr_cells(tmp_path):
     outputs = run_cells(session, "seesr.md", env, tiny_ram=True)
     assert "x 2 process" in outputs["train"] and "DAPE" in outputs["train"]  # SeeSR proper: RAM + DAPE embeddings
     assert "at step 2" in outputs["resume"]
+    trained = session.path("/kaggle/input/previous-run/experience/timestep_multiscale/checkpoint-2")
+    assert (trained / "random_states_0.pkl").is_file() and (trained / "random_states_1.pkl").is_file()  # RNG per rank
+    injector = load_file(trained / "multi_scale_injector/model.safetensors")
+    assert set(injector) == {"scale_weights.weights", "timestep_weights.table"}  # no "module." prefix from DDP
+    assert not any(key.startswith("module.") for key in load_file(trained / "controlnet/diffusion_pytorch_model.safetensors"))
     run = session.path("/kaggle/working/experience/timestep_multiscale")
     assert sorted(path.name for path in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     results = session.path("/kaggle/working/results/timestep_multiscale")

@@ -23,7 +23,7 @@ import utils.launch as launch_utils
 from models.dit import build_dit
 from models.user_pipeline import load_user_checkpoint
 from models.vavae import file_fingerprint
-from tests.launch import run_in_process, two_node_launch
+from tests.launch import run_in_process
 from tests.user_pipeline_data import write_tiny_vavae, write_user_folders
 from utils.errors import CheckpointError, UserError
 
@@ -374,8 +374,8 @@ def test_help_explains_the_flags(capsys):
 def test_devices_2_relaunches_this_script_as_two_processes(stage1, tmp_path, monkeypatch, capsys):
     """--devices 2 re-runs this script through torch.distributed.run with the same flags, after the checks.
 
-    The two-process training itself is run for real by test_two_node_launch_is_one_job (same batch line, both RNG
-    states, the step), and a real --devices 2 launch by test_devices_2_error_inside_a_process_is_one_line.
+    The two-process training itself runs for real in tests/test_kaggle_cells.py (the docs' torchrun cell: batch line,
+    both RNG states), and a real --devices 2 launch in test_devices_2_error_inside_a_process_is_one_line.
     """
     started = []
 
@@ -392,18 +392,6 @@ def test_devices_2_relaunches_this_script_as_two_processes(stage1, tmp_path, mon
     assert command[command.index("--nproc_per_node=2") + 1] == str(Path(train.__file__).resolve())
     assert "starting 2 CPU processes (gloo) with torch.distributed.run" in capsys.readouterr().out
     assert not (tmp_path / "checkpoints").exists()
-
-
-@pytest.mark.slow
-def test_two_node_launch_is_one_job(stage1, tmp_path):
-    """Two torchrun nodes on CPU machines (--device auto, no GPU) train as one job of two processes, not two copies."""
-    tiny = [flag for flag in TINY if flag not in ("--device", "cpu")]
-    (stdout, _), _ = two_node_launch("train_dit_user.py", ["--latent_dir", str(stage1["latents"]), "--output_dir", str(tmp_path),
-                                                           *tiny, "--batch_size", "3", "--max_epochs", "1", "--preview_every", "0",
-                                                           "--report_to", "none"])
-    assert "batch 3 per device x 2 process(es) x accumulation 1 = 6 per optimiser step" in stdout
-    checkpoint = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)
-    assert checkpoint["num_processes"] == 2 and len(checkpoint["rng"]) == 2 and checkpoint["step"] == 2
 
 
 def test_devices_2_checks_everything_in_the_parent(stage1, tmp_path, monkeypatch):

@@ -7,7 +7,6 @@ import csv
 import os
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from data.underwater import build_synthetic_underwater
 from losses import PhaseformerLoss
 from models.phaseformer import PhaseformerOutput, build_phaseformer
 from models.phaseformer_enhance import enhance, load_phaseformer_for_inference
-from tests.launch import run_in_process, two_node_launch
+from tests.launch import run_in_process
 from utils.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,21 +304,6 @@ def test_bad_input_is_one_line_from_the_command_line(tmp_path):
         f"error: {ddpm} is a 'ddpm' checkpoint, but infer.py phaseformer needs a 'phaseformer' checkpoint from "
         "train_phaseformer.py or official weights converted by scripts/convert_phaseformer.py."
     ]
-
-
-@pytest.mark.slow
-def test_two_processes_through_torchrun(lsui, tmp_path):
-    """DDP on two CPU processes (gloo), launched as two torchrun nodes with --device auto and no GPU: one job, data
-    sharded, loss weights all-reduced outside the DDP module."""
-    (stdout, _), _ = two_node_launch("train_phaseformer.py", [
-        "--dataset_path", str(lsui), *TINY[:-2], "--device", "auto", "--batch_size", "2", "--niter", "1", "--niter_decay", "0",
-        "--no_perceptual", "--output_dir", str(tmp_path), "--loss_weights_lr", "0.05"], timeout=300)
-    result = SimpleNamespace(stdout=stdout)
-    assert "batch 2 per device x 2 process(es) x accumulation 1 = 4 per optimiser step" in result.stdout
-    assert "loss weights identical on all 2 processes" in result.stdout
-    checkpoint = torch.load(tmp_path / "checkpoint/LSUI/netG_model_epoch_1.pth", weights_only=True)
-    assert checkpoint["num_processes"] == 2 and len(checkpoint["rng"]) == 2 and checkpoint["step"] == 2
-    assert np.isfinite(checkpoint["history"][-1]["psnr"])
 
 
 def test_single_folder_split_is_saved_and_inference_scores_its_test_lines(lsui, tmp_path):

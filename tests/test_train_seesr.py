@@ -5,7 +5,6 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from safetensors.torch import load_file
 import infer
 import train_seesr_timestep as train
 from models.timestep_adaptive import INJECTORS
-from tests.launch import run_in_process, two_node_launch
+from tests.launch import run_in_process
 from tests.sd2_tiny import build_tiny_sd2
 from utils.errors import CheckpointError, UserError, run_cli
 
@@ -445,25 +444,6 @@ def test_presets_and_scripts_parse():
     assert tiny.conditioning_embedding_channels == [4, 8, 8, 8] and tiny.injector == "timestep_multiscale"
     for script in ("train_seesr_variants.sh", "compare_seesr_variants.sh"):
         assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)]).returncode == 0
-
-
-@pytest.mark.slow
-def test_two_processes_through_torchrun(workspace, tmp_path):
-    """DDP on two CPU processes (gloo), launched as two torchrun nodes with --device auto and no GPU: one job,
-    ControlNet and injector wrapped, one checkpoint folder, RNG per rank."""
-    (stdout, _), _ = two_node_launch("train_seesr_timestep.py", [
-        "--no_image_cross_attention", "--pretrained_model_path", str(workspace["sd2"]), "--train_data_dir", str(workspace["hr"]),
-        "--output_dir", str(tmp_path / "ddp"), "--resolution", "64", "--train_batch_size", "2", "--conditioning_embedding_channels",
-        "4", "8", "8", "8", "--max_train_steps", "3", "--checkpointing_steps", "2", "--validation_steps", "0", "--device", "auto",
-        "--lr_warmup_steps", "0", "--logging_steps", "1"])
-    result = SimpleNamespace(stdout=stdout)
-    assert "batch 2 per device x 2 process(es) x accumulation 1 = 4 per optimiser step" in result.stdout
-    assert "8 images, 2 steps per epoch" in result.stdout
-    checkpoint = tmp_path / "ddp/checkpoint-3"
-    assert files_under(checkpoint) == CONTROLNET_FILES | ACCELERATE_STATE | INJECTOR_FILES | {"random_states_1.pkl"}
-    assert (tmp_path / "ddp/checkpoint-2").is_dir()
-    state = load_file(checkpoint / "multi_scale_injector/model.safetensors")
-    assert set(state) == {"scale_weights.weights", "timestep_weights.table"}  # no "module." prefix from DDP
 
 
 @pytest.mark.gpu

@@ -665,7 +665,8 @@ def test_training_seesr_with_image_attention_and_inference_from_it(seesr_release
     log = (output / "train.log").read_text()
     assert "UNet: SD2's with new image attentions" in log and "modules ending in image_attentions" in log
 
-    inferred = infer.main(spec_command(workspace, checkpoint, workspace["root"] / "results/seesr",
+    # Not under results/, which holds the variants' outputs only (the grid test globs results/*).
+    inferred = infer.main(spec_command(workspace, checkpoint, workspace["root"] / "results_seesr_proper",
                                        "--num_inference_steps", "5", "--process_size", "64", "--seed", "42", *ram))
     assert [p.name for p in inferred["written"]] == ["image_001.png", "image_002.png"] and inferred["tagger"]
     assert "image embeddings to the image cross-attention" in capsys.readouterr().out

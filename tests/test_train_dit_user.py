@@ -7,9 +7,7 @@ the same losses, and user errors must be one sentence.
 
 import importlib.util
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -340,11 +338,6 @@ def test_evidence_recipe_smoke(tmp_path):
     assert "| chance (1/3 users) | 0.333 |" in (tmp_path / "results.md").read_text()
 
 
-def run_cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-
-
 def test_user_id_outside_the_range_is_one_line(dit_run, stage1):
     output, _ = dit_run
     result = run_in_process("infer.py", "user", "--dit_checkpoint", str(output / "checkpoints/last.ckpt"), *vae_flags(stage1),
@@ -411,14 +404,20 @@ def test_devices_2_checks_everything_in_the_parent(stage1, tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_devices_2_error_inside_a_process_is_one_line(stage1, tmp_path):
-    """An error only the processes can find (the release does not fit the model) is one line, once, no traceback."""
+def test_devices_2_error_inside_a_process_is_one_line(stage1, tmp_path, capfd):
+    """An error only the processes can find (the release does not fit the model) is one line, once, no traceback.
+
+    The parent runs as ``__main__`` in this process; the two processes it starts are real, and what they print reaches
+    the same file descriptors (``capfd``), as in a terminal."""
     release = build_dit("tiny", num_users=1000, input_size=2, in_channels=8, hidden_size=32, num_heads=2)
     torch.save({"ema": release.state_dict()}, tmp_path / "other-size.pt")
-    result = run_cli("train_dit_user.py", "--latent_dir", str(stage1["latents"]), "--output_dir", str(tmp_path / "run"), *TINY,
-                     "--batch_size", "3", "--max_epochs", "1", "--preview_every", "0", "--devices", "2",
-                     "--init_from", str(tmp_path / "other-size.pt"))
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "starting 2 CPU processes (gloo)" in result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    capfd.readouterr()
+    result = run_in_process("train_dit_user.py", "--latent_dir", str(stage1["latents"]), "--output_dir", str(tmp_path / "run"),
+                            *TINY, "--batch_size", "3", "--max_epochs", "1", "--preview_every", "0", "--devices", "2",
+                            "--init_from", str(tmp_path / "other-size.pt"))
+    processes = capfd.readouterr()
+    stdout, stderr = result.stdout + processes.out, result.stderr + processes.err
+    assert result.returncode == 2, stderr[-3000:]
+    assert "starting 2 CPU processes (gloo)" in stdout
+    lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: --init_from {tmp_path / 'other-size.pt'} does not match"), lines

@@ -394,6 +394,16 @@ def infer_phaseformer_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str
     )
 
 
+def recorded_or_inferred_config(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The configuration a weights file records (``phaseformer_config`` in its metadata, which
+    ``scripts/convert_phaseformer.py`` and our safetensors files write) or, for a file that records none (an official
+    release, a plain state dict), the one its tensor shapes fit. The loaders fall back on the shapes here only;
+    ``scripts/convert_phaseformer.py`` reads them from an official release, which records no configuration."""
+    if metadata and "phaseformer_config" in metadata:
+        return json.loads(metadata["phaseformer_config"])
+    return infer_phaseformer_config(state_dict)
+
+
 def _raise_if_other_size(model: Phaseformer, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """A CheckpointError naming both sizes when a complete Phaseformer state dict has another configuration."""
     try:
@@ -496,9 +506,7 @@ def phaseformer_from_weights_file(path: str | Path, eca: str | None = None) -> P
     ``eca="feature"`` (the gate leaves no trace in the shapes). ``eca`` overrides either.
     """
     state_dict, metadata = read_weights_file(path)
-    config = json.loads(metadata["phaseformer_config"]) if "phaseformer_config" in metadata else None
-    if config is None:
-        config = infer_phaseformer_config(state_dict)
+    config = recorded_or_inferred_config(state_dict, metadata)
     if eca is not None:
         config["eca"] = eca
     model = Phaseformer(**config)

@@ -19,7 +19,6 @@ anything else is refused with a sentence saying what it is.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +29,10 @@ from models.phaseformer import (
     Phaseformer,
     PhaseformerOutput,
     extract_state_dict,
-    infer_phaseformer_config,
     load_phaseformer_state_dict,
     load_torch_weights_file,
     read_weights_file,
+    recorded_or_inferred_config,
 )
 from utils.errors import CheckpointError, UserError
 
@@ -146,7 +145,7 @@ def load_phaseformer_for_inference(
         raise CheckpointError(f"Checkpoint {path} {found}; pass a train_phaseformer.py .pth or a converted .safetensors file.")
     if path.suffix == ".safetensors":
         state_dict, metadata = read_weights_file(path)
-        config = json.loads(metadata["phaseformer_config"]) if "phaseformer_config" in metadata else infer_phaseformer_config(state_dict)
+        config = recorded_or_inferred_config(state_dict, metadata)
         stored_range = metadata.get("value_range", "unit")
         origin = f"converted from {metadata['source']}" if "source" in metadata else "a safetensors state dict"
     else:
@@ -162,7 +161,7 @@ def load_phaseformer_for_inference(
             origin = f"train_phaseformer.py checkpoint, epoch {raw.get('epoch')}"
         else:
             state_dict = extract_state_dict(raw, str(path))
-            config = infer_phaseformer_config(state_dict)
+            config = recorded_or_inferred_config(state_dict)
             stored_range = "unit"
             origin = "a plain state dict"
     if eca is not None:

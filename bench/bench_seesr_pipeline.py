@@ -26,7 +26,6 @@ the time, injector under 1% time and 0.3% memory. Prints Markdown tables; nothin
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import resource
 import statistics
 import sys
@@ -38,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import synchronize  # noqa: E402
+from bench.common import run_in_fresh_process, synchronize  # noqa: E402
 from utils.accelerator import describe_device, resolve_device  # noqa: E402
 
 CONFIGS = ("no injector", "injector")
@@ -211,16 +210,10 @@ def main(args: argparse.Namespace) -> dict:
                     one_image(pipeline, tagger, injectors[config], resolution, args.steps, args.seed, device)
                     memory[config, resolution] = torch.cuda.max_memory_allocated(device)
     if device.type != "cuda" and args.memory_resolutions:
-        context = multiprocessing.get_context("spawn")
         for resolution in args.memory_resolutions:
             for config in CONFIGS:
-                queue = context.Queue()
-                process = context.Process(target=memory_worker, args=(args, config, resolution, queue))
-                process.start()
-                process.join()
-                if process.exitcode != 0:
-                    raise SystemExit(f"error: the memory run {config!r} at {resolution} px failed; see above.")
-                memory[config, resolution] = queue.get()
+                memory[config, resolution] = run_in_fresh_process(memory_worker, (args, config, resolution),
+                                                                  f"the memory run {config!r} at {resolution} px")
 
     results = {"times": times, "injector_share": injector_share}
     if memory:

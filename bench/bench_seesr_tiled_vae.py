@@ -25,7 +25,6 @@ nothing here is a test.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import resource
 import sys
 import tempfile
@@ -38,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import synchronize  # noqa: E402
+from bench.common import run_in_fresh_process, synchronize  # noqa: E402
 from utils.accelerator import describe_device, resolve_device  # noqa: E402
 
 TINY_VAE = dict(
@@ -161,7 +160,6 @@ def main(args: argparse.Namespace) -> list[dict]:
     print(f"device: {describe_device(device)}, VAE {args.config} ({args.precision}, random weights), "
           f"{args.latent_size}x{args.latent_size} latents -> {args.latent_size * 8} px, tile {args.tile_size} latent px, "
           f"torch {torch.__version__}")
-    context = multiprocessing.get_context("spawn")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for index, method in enumerate(methods):
@@ -169,14 +167,9 @@ def main(args: argparse.Namespace) -> list[dict]:
             if args.same_process:
                 queue = SimpleQueue()
                 run_method(method, args, path, queue)
+                seconds, peak = queue.get()
             else:
-                queue = context.Queue()
-                process = context.Process(target=run_method, args=(method, args, path, queue))
-                process.start()
-                process.join()
-                if process.exitcode != 0:
-                    raise SystemExit(f"error: the {method!r} run failed (exit {process.exitcode}); see its traceback above.")
-            seconds, peak = queue.get()
+                seconds, peak = run_in_fresh_process(run_method, (method, args, path), f"the {method!r} run")
             rows.append({"method": method, "seconds": seconds, "peak_gib": None if peak is None else peak / 2**30, "path": path})
         untiled = torch.load(rows[0]["path"], weights_only=True)
         for row in rows:

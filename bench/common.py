@@ -12,6 +12,22 @@ import torch
 from utils.accelerator import precision_name
 
 
+def run_in_fresh_process(target: Callable, args: tuple, what: str):
+    """``target(*args, queue)`` in a spawned process (a peak-memory reading of its own); returns what it put on the queue.
+
+    A process that fails ends the bench with one line naming ``what``; its traceback is printed above it."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=target, args=(*args, queue))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise SystemExit(f"error: {what} failed (exit {process.exitcode}); see its traceback above.")
+    return queue.get()
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

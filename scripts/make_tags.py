@@ -31,7 +31,7 @@ from utils.errors import UserError, run_cli  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from utils.cli import SEESR_RAM_PATH, add_device_flag
+    from utils.cli import add_device_flag, add_ram_arguments
 
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root_path", default="preset/datasets/train_datasets/training_for_seesr",
@@ -39,16 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "preset/datasets/train_datasets/training_for_seesr, SeeSR's)")
     parser.add_argument("--start_gpu", type=int, default=0, help="which shard this process tags, 0..all_gpu-1 (default 0)")
     parser.add_argument("--all_gpu", type=int, default=1, help="how many shards the GT images are split into (default 1)")
-    parser.add_argument("--ram_path", default=SEESR_RAM_PATH,
-                        help="RAM's weights ram_swin_large_14m.pth (default preset/models/ram_swin_large_14m.pth relative "
-                        "to the current folder, where SeeSR's scripts read it)")
-    parser.add_argument("--ram_tag_list", default=None,
-                        help="RAM's tag list ram_tag_list.txt, one tag per line (default: beside --ram_path, else "
-                        "ram/data/ram_tag_list.txt under the current folder, as in SeeSR's code tree)")
-    parser.add_argument("--ram_tag_thresholds", default=None,
-                        help="RAM's per-tag thresholds ram_tag_list_threshold.txt (default: beside the tag list; 0.68 "
-                        "for every tag when there is none)")
-    parser.add_argument("--ram_ft_path", default=None, help=argparse.SUPPRESS)  # refused below, with the reason
+    add_ram_arguments(parser, fine_tuned=False)  # --ram_ft_path is refused below, with the reason
     add_device_flag(parser)
     args = parser.parse_args(argv)
     if args.ram_ft_path is not None:

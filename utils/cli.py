@@ -218,14 +218,16 @@ def upgrade_saved_config(saved: dict) -> dict:
 SEESR_RAM_PATH = "preset/models/ram_swin_large_14m.pth"
 
 
-def add_ram_arguments(parser) -> None:
-    """RAM/DAPE tagger flags of SeeSR, shared by ``infer.py seesr`` and ``train_seesr_timestep.py`` (a parser or group)."""
+def add_ram_arguments(parser, fine_tuned: bool = True) -> None:
+    """RAM/DAPE tagger flags of SeeSR, shared by ``infer.py seesr``, ``train_seesr_timestep.py`` and
+    ``scripts/make_tags.py`` (a parser or group). ``fine_tuned=False`` (plain RAM only) hides ``--ram_ft_path`` from the
+    help; the program refuses it with its reason."""
     parser.add_argument("--ram_path", default=SEESR_RAM_PATH,
                         help="RAM's weights ram_swin_large_14m.pth (default preset/models/ram_swin_large_14m.pth relative "
                         "to the current folder, where SeeSR's scripts read it)")
     parser.add_argument("--ram_ft_path", default=None,
                         help="SeeSR's DAPE.pth, loaded over RAM (degradation-aware tags and embeddings); default none: "
-                        "plain RAM, as SeeSR")
+                        "plain RAM, as SeeSR" if fine_tuned else argparse.SUPPRESS)
     parser.add_argument("--ram_tag_list", default=None,
                         help="RAM's tag list ram_tag_list.txt, one tag per line (default: beside --ram_path, else "
                         "ram/data/ram_tag_list.txt under the current folder, as in SeeSR's code tree)")

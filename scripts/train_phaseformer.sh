@@ -15,17 +15,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+source scripts/lib/launch_on_gpus.sh
 CONFIG="${CONFIG:-configs/phaseformer_lsui.yaml}"
-GPUS="${GPUS:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')}"
-if [ "$GPUS" -lt 1 ]; then
-  echo "error: no CUDA GPU is visible; on a CPU run: $PYTHON train_phaseformer.py --config $CONFIG --device cpu ..." >&2
-  exit 2
-fi
-MULTI=()
-if [ "$GPUS" -gt 1 ]; then MULTI=(--multi_gpu); fi
-echo "training on $GPUS GPU(s) with $CONFIG"
-# Mixed precision is chosen by the script (--mixed_precision auto: bf16 where supported, else fp16).
-exec "$PYTHON" -m accelerate.commands.launch ${MULTI[@]+"${MULTI[@]}"} --num_processes "$GPUS" --num_machines 1 \
-  --mixed_precision no --dynamo_backend no \
-  train_phaseformer.py --config "$CONFIG" "$@"
+launch_on_gpus train_phaseformer.py --config "$CONFIG" "$@"

@@ -52,8 +52,8 @@ from models.dape import (
 from recipes.dape import build_dape_datasets, build_dape_training
 from utils.accelerator import PRECISION_DTYPES, create_accelerator, log_run_header, reset_accelerate_state
 from utils.checkpoint import atomic_write_text, load_checkpoint, resolve_resume, save_checkpoint_files
-from utils.cli import SEESR_RAM_PATH, add_training_arguments, check_training_arguments
-from utils.config import ArgumentParser, add_config_argument, explicitly_given, parse_with_config, save_config
+from utils.cli import SEESR_RAM_PATH, add_training_arguments, parse_training_args
+from utils.config import ArgumentParser, add_config_argument, save_config
 from utils.errors import CheckpointError, UserError
 from utils.launch import cli_main, start_processes, under_launcher
 from utils.log import TrainingProgress, log_scalars, setup_logger, start_tracking
@@ -147,9 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parse_with_config(parser, argv)
-    args.given_flags = sorted(explicitly_given(parser, argv, args.config))
-    check_training_arguments(parser, args)
+    args = parse_training_args(parser, argv)
     for flag in ("lora_rank", "max_train_steps", "image_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")

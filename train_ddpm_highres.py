@@ -31,8 +31,8 @@ from recipes.ddpm import build_ddpm_training, complete_config
 from utils.accelerator import PRECISION_DTYPES, create_accelerator, describe_device, log_run_header, reset_accelerate_state
 from utils.batch_size import BatchPlan, plan_batches, probe_max_batch_size
 from utils.checkpoint import load_checkpoint, resolve_resume, save_checkpoint_files
-from utils.cli import add_training_arguments, check_training_arguments
-from utils.config import ArgumentParser, add_config_argument, explicitly_given, parse_with_config, save_config
+from utils.cli import add_training_arguments, parse_training_args
+from utils.config import ArgumentParser, add_config_argument, save_config
 from utils.ema import EMA
 from utils.errors import UserError
 from utils.images import save_grid
@@ -146,9 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parse_with_config(parser, argv)
-    args.given_flags = sorted(explicitly_given(parser, argv, args.config))
-    check_training_arguments(parser, args)
+    args = parse_training_args(parser, argv)
     batch, effective = args.train_batch_size, args.effective_batch
     if batch and effective % batch and ({"train_batch_size", "effective_batch"} & set(args.given_flags)):
         parser.error(f"--effective_batch {effective} is not a multiple of --train_batch_size {batch}; pass --effective_batch "

@@ -33,8 +33,8 @@ from pipelines.user_io import export_unet_folder, save_user_grid
 from recipes.user import build_user_training, complete_config, load_latents
 from utils.accelerator import create_accelerator, log_run_header, reset_accelerate_state
 from utils.checkpoint import load_checkpoint, resolve_resume, save_checkpoint_files
-from utils.cli import add_training_arguments, check_training_arguments
-from utils.config import ArgumentParser, add_config_argument, explicitly_given, parse_with_config, save_config
+from utils.cli import add_training_arguments, parse_training_args
+from utils.config import ArgumentParser, add_config_argument, save_config
 from utils.ema import EMA
 from utils.errors import UserError
 from utils.launch import cli_main, start_processes, under_launcher
@@ -199,9 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parse_with_config(parser, argv)
-    args.given_flags = sorted(explicitly_given(parser, argv, args.config))
-    check_training_arguments(parser, args)
+    args = parse_training_args(parser, argv)
 
     if args.latent_dir is None and not args.resume_from_checkpoint:  # `latest` takes it from the run's checkpoint
         parser.error("--latent_dir is required (the output folder of scripts/extract_features.py)")

@@ -37,8 +37,8 @@ from models.phaseformer_enhance import (
 from recipes.phaseformer import build_phaseformer_training
 from utils.accelerator import create_accelerator, log_run_header, reset_accelerate_state
 from utils.checkpoint import atomic_write, load_checkpoint, resolve_resume, save_checkpoint_files
-from utils.cli import add_training_arguments, check_training_arguments
-from utils.config import ArgumentParser, add_config_argument, explicitly_given, parse_with_config, save_config
+from utils.cli import add_training_arguments, parse_training_args
+from utils.config import ArgumentParser, add_config_argument, save_config
 from utils.errors import CheckpointError, UserError, run_cli
 from utils.images import save_grid
 from utils.log import TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
@@ -209,16 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parse_with_config(parser, argv)
-    given = explicitly_given(parser, argv, args.config)
+    args = parse_training_args(parser, argv)
     for key, correct in CORRECT_BEHAVIOUR.items():
         if getattr(args, key) is None:
             setattr(args, key, REFERENCE_BEHAVIOUR[key] if args.reference_behaviour else correct)
-            if args.reference_behaviour:
-                given.add(key)
-    args.given_flags = sorted(given)
-
-    check_training_arguments(parser, args)
+            if args.reference_behaviour:  # the reference's behaviour is kept on resume as if typed
+                args.given_flags = sorted({*args.given_flags, key})
     for flag in ("eval_every", "save_every"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")

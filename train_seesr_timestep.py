@@ -47,8 +47,8 @@ from utils.checkpoint import (
     rotate_checkpoint_folders,
     staging_folder,
 )
-from utils.cli import add_ram_arguments, add_training_arguments, check_training_arguments
-from utils.config import ArgumentParser, add_config_argument, config_to_dict, explicitly_given, parse_with_config, save_config
+from utils.cli import add_ram_arguments, add_training_arguments, parse_training_args
+from utils.config import ArgumentParser, add_config_argument, config_to_dict, save_config
 from utils.errors import CheckpointError, UserError, run_cli
 from utils.log import LossMeter, TrainingProgress, log_image, log_scalars, setup_logger, start_tracking
 from utils.resume import given_flags, resolve_resumed_config
@@ -283,9 +283,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             refused.add_argument(f"--{flag}", default=None, help=argparse.SUPPRESS)
         else:
             refused.add_argument(f"--{flag}", action="store_true", help=argparse.SUPPRESS)
-    args = parse_with_config(parser, argv)
-    args.given_flags = sorted(explicitly_given(parser, argv, args.config))
-    check_training_arguments(parser, args)
+    args = parse_training_args(parser, argv)
 
     for flag, (_, reason) in REFUSED_SEESR_FLAGS.items():
         if getattr(args, flag) not in (None, False):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from collections.abc import Sequence
 from typing import Any
 
 from utils.accelerator import PRECISION_CHOICES
@@ -175,6 +176,17 @@ def add_training_arguments(
             group.add_argument(f"--{name}", *aliases, dest=name, type=_TYPES[name], default=default,
                                metavar=_METAVARS.get(name, "N"), help=text)
     return group
+
+
+def parse_training_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """A trainer's command line: the ``--config`` preset under the flags, ``args.given_flags`` (the flags typed, which
+    a resumed run keeps over its checkpoint's values) and the house ranges checked."""
+    from utils.config import explicitly_given, parse_with_config
+
+    args = parse_with_config(parser, argv)
+    args.given_flags = sorted(explicitly_given(parser, argv, args.config))
+    check_training_arguments(parser, args)
+    return args
 
 
 def check_training_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -57,6 +57,7 @@ from utils.training import (
     NonFiniteGuard,
     backward_and_step,
     fused_optimizer,
+    keeping_configured_learning_rates,
     keeping_optimizer_implementation,
     out_of_memory_message,
     unwrap,
@@ -461,13 +462,13 @@ def load_model_weights(accelerator, models: list, input_dir: str) -> None:
             raise CheckpointError(f"The weights in {source} do not fit this run: {str(error).splitlines()[0]}") from None
 
 
-def restore(run: SeeSRRun, optimizer, resume_dir: Path, state: dict, batches_per_epoch: int) -> tuple[int, int]:
+def restore(run: SeeSRRun, optimizer, lr_scheduler, resume_dir: Path, state: dict, batches_per_epoch: int) -> tuple[int, int]:
     """Load ``resume_dir`` into the run (optimiser, schedule, RNG, weights, counters); returns (epoch, batches to
     skip in it)."""
     from models.seesr_unet import SeeSRUNet2DConditionModel, load_strict
 
     try:
-        with keeping_optimizer_implementation(optimizer):
+        with keeping_optimizer_implementation(optimizer), keeping_configured_learning_rates(optimizer, lr_scheduler):
             run.accelerator.load_state(str(resume_dir))
     except FileNotFoundError as error:
         raise CheckpointError(f"{resume_dir} is incomplete ({error.filename} is missing); resume from another "
@@ -737,7 +738,7 @@ def main(args: argparse.Namespace) -> dict:
                    prepared.get("injector"), output_dir, max_train_steps)
     first_epoch, skip_batches = 0, 0
     if resume_dir is not None:
-        first_epoch, skip_batches = restore(run, optimizer, resume_dir, resume_state, len(loader))
+        first_epoch, skip_batches = restore(run, optimizer, lr_scheduler, resume_dir, resume_state, len(loader))
     if accelerator.is_main_process:
         save_config(config, output_dir / "args.yaml")
     start_tracking(accelerator, config.tracker_project_name or output_dir.name, config_to_dict(config))

@@ -16,7 +16,7 @@ from utils.checkpoint import (
     rotate_checkpoints,
 )
 from utils.errors import CheckpointError
-from utils.training import keeping_optimizer_implementation
+from utils.training import keeping_configured_learning_rates, keeping_optimizer_implementation
 
 
 def test_atomic_save_round_trip(tmp_path):
@@ -112,6 +112,38 @@ def test_a_resumed_optimiser_keeps_this_runs_fused_choice():
     assert optimizer.param_groups[0]["fused"] is True
     assert float(optimizer.state[model.weight]["step"]) == 1.0
     torch.testing.assert_close(optimizer.state[model.weight]["exp_avg"], earlier.state[model.weight]["exp_avg"])
+
+
+def warmup_run(lr: float, steps: int):
+    """An AdamW with a 4-step linear warm-up (LambdaLR, as the trainers build it) after ``steps`` optimiser steps."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 5))
+    for _ in range(steps):
+        optimizer.step()
+        schedule.step()
+    return optimizer, schedule
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_learning_rate_given_on_resume_replaces_the_checkpoints(wrapped, caplog):
+    """Optimiser and schedule states both carry the saved run's rates; the rate this run was given (recorded in its
+    config) must be the one it trains with, at the schedule's factor for the restored step, and the change logged."""
+    from accelerate.scheduler import AcceleratedScheduler
+
+    saved_optimizer, saved_schedule = warmup_run(2e-3, steps=2)  # factor 3/5 at step 2
+    for new_rate, expected in ((5e-4, 5e-4 * 3 / 5), (2e-3, 2e-3 * 3 / 5)):  # a new rate; the same rate (no flag)
+        optimizer, schedule = warmup_run(new_rate, steps=0)
+        handle = AcceleratedScheduler(schedule, optimizer) if wrapped else schedule
+        caplog.clear()
+        with caplog.at_level("INFO"), keeping_configured_learning_rates(optimizer, handle):
+            optimizer.load_state_dict(saved_optimizer.state_dict())
+            schedule.load_state_dict(saved_schedule.state_dict())
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected) and schedule.get_last_lr() == [optimizer.param_groups[0]["lr"]]
+        assert schedule.base_lrs == [new_rate] and optimizer.param_groups[0]["initial_lr"] == new_rate
+        schedule.step()  # the warm-up goes on from the restored step, on this run's base rate
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(new_rate * 4 / 5)
+        assert ("0.002 -> 0.0005" in caplog.text) == (new_rate != 2e-3)
 
 
 def test_stale_temporaries_of_a_killed_save_are_removed_with_a_log_note(tmp_path):

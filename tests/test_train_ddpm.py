@@ -97,6 +97,11 @@ def test_resume_from_the_checkpoint_alone_keeps_every_setting(demo_images, tmp_p
     assert again["optimizer"]["param_groups"][0]["lr"] == final["optimizer"]["param_groups"][0]["lr"] == 2e-3
     for name, tensor in final["model"].items():
         torch.testing.assert_close(again["model"][name], tensor, rtol=1e-5, atol=1e-6)
+    # A rate given with the resume is the rate trained with (the optimiser and schedule states carry 2e-3).
+    changed = train.main(train.parse_args(["--resume_from_checkpoint", str(run / "ddpm_epoch_1.pt"), "--device", "cpu", "--lr", "5e-4"]))
+    groups = torch.load(run / "ddpm_final.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert changed["config"].learning_rate == groups[0]["lr"] == groups[0]["initial_lr"] == 5e-4  # warm-up over by step 3
+    assert "learning rate 0.002 -> 0.0005" in (run / "train.log").read_text()
 
 
 def test_a_step_checkpoint_resumes_within_the_epoch(demo_images, tmp_path, monkeypatch):

@@ -119,6 +119,33 @@ def keeping_optimizer_implementation(optimizer):
         group.update(switches)
 
 
+@contextlib.contextmanager
+def keeping_configured_learning_rates(optimizer, lr_scheduler=None):
+    """Load optimiser and LR-schedule state inside this block and keep this run's base learning rates.
+
+    Both states carry the saved run's rates (each group's ``lr`` and ``initial_lr``, the schedule's ``base_lrs``), so a
+    ``--learning_rate`` given with ``--resume_from_checkpoint`` (which the resumed config records) would be ignored.
+    The schedule's factor at the restored step is kept: lr = this run's base x (saved lr / saved base). A change is
+    logged with both values; resuming without the flag changes nothing (the config inherits the saved rate).
+    """
+    schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps prepared schedulers
+    configured = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+    yield
+    saved = list(schedule.base_lrs) if schedule is not None else [group["lr"] for group in optimizer.param_groups]
+    changed = []
+    for group, new, old in zip(optimizer.param_groups, configured, saved, strict=True):
+        if new == old:
+            continue
+        group["lr"] = group["lr"] * new / old if old else new
+        group["initial_lr"] = new
+        changed.append(f"{old:g} -> {new:g}")
+    if changed:
+        if schedule is not None:  # new lists: a loaded state dict may share its lists with the schedule that saved it
+            schedule.base_lrs = list(configured)
+            schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+        get_logger().info("learning rate %s: the rate given for this run replaces the checkpoint's", ", ".join(changed))
+
+
 def restore_training_checkpoint(checkpoint: dict, accelerator, model, optimizer, lr_scheduler=None, ema=None) -> None:
     """Load model, optimiser, LR schedule, loss scaler and EMA from ``checkpoint`` (RNG: see :func:`restore_rng`)."""
     bare = unwrap(accelerator, model)
@@ -129,10 +156,10 @@ def restore_training_checkpoint(checkpoint: dict, accelerator, model, optimizer,
         raise CheckpointError(
             f"The checkpoint's weights do not fit this model ({detail}); resume with the model flags the run started with."
         ) from err
-    with keeping_optimizer_implementation(optimizer):
+    with keeping_optimizer_implementation(optimizer), keeping_configured_learning_rates(optimizer, lr_scheduler):
         optimizer.load_state_dict(checkpoint["optimizer"])
-    if lr_scheduler is not None and "lr_scheduler" in checkpoint:
-        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        if lr_scheduler is not None and "lr_scheduler" in checkpoint:
+            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     if accelerator.scaler is not None and "scaler" in checkpoint:
         accelerator.scaler.load_state_dict(checkpoint["scaler"])
     if ema is not None and "ema" in checkpoint:

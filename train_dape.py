@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 from functools import partial
@@ -229,16 +230,23 @@ def tag_agreement(tagger, teacher, dataset, batch_size: int, step: int) -> dict:
 
 
 def write_agreement(output_dir: Path, evaluations: list[dict], rows: list[dict]) -> None:
-    """tag_agreement.json (every evaluation's summary; before = the first, after = the last) and rows into the CSV."""
+    """tag_agreement.json (every evaluation's summary; before = the first, after = the last) and rows into the CSV.
+
+    Rows of the same or a later step already in the CSV were written by a run that stopped before its next checkpoint;
+    the resumed run evaluates those steps again, so they are replaced, not repeated.
+    """
     report = {"definition": F1_DEFINITION, "before": evaluations[0], "after": evaluations[-1], "evaluations": evaluations}
     atomic_write_text(json.dumps(report, indent=2) + "\n", output_dir / "tag_agreement.json")
     path = output_dir / "tag_agreement.csv"
-    new = not path.is_file()
-    with open(path, "a", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    kept = []
+    if path.is_file():
+        with open(path, newline="", encoding="utf-8") as handle:
+            kept = [row for row in csv.DictReader(handle) if int(row["step"]) < rows[0]["step"]]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([*kept, *rows])
+    atomic_write_text(text.getvalue(), path)
 
 
 # --------------------------------------------------------------------------------------------------- main

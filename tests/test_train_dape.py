@@ -70,15 +70,13 @@ def command(files: dict, output: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(files) -> dict:
     """6 steps straight (checkpoints at 2, 4, 6), and the same run killed after its step-2 checkpoint and resumed with
-    ``--output_dir`` and ``latest`` only (step 2 is mid-epoch: 6 training pairs, batch 2)."""
+    ``--output_dir`` and ``latest`` only (step 2 is mid-epoch: 6 training pairs, batch 2). The killed run's folder keeps
+    what it wrote after that checkpoint (the step-6 rows of tag_agreement.csv), as after a crash."""
     straight_dir, paused_dir = files["root"] / "straight", files["root"] / "paused"
     straight = train.main(train.parse_args(command(files, straight_dir, "--checkpointing_steps", "2", "--checkpoints_total_limit", "0")))
     shutil.copytree(straight_dir, paused_dir)
     for name in ("dape_last.pt", "dape_step_4.pt", "dape_step_6.pt"):
         (paused_dir / "checkpoints" / name).unlink()
-    with open(paused_dir / "tag_agreement.csv") as handle:  # as the killed run left it: the step-0 rows only
-        rows = [line for line in handle if not line.startswith("6,")]
-    (paused_dir / "tag_agreement.csv").write_text("".join(rows))
     resumed = train.main(train.parse_args(["--output_dir", str(paused_dir), "--resume_from_checkpoint", "latest"]))
     return {"straight": straight, "resumed": resumed, "straight_dir": straight_dir, "paused_dir": paused_dir}
 
@@ -113,7 +111,7 @@ def test_run_folder_checkpoints_and_tag_agreement_report(runs, files):
     assert 0 <= report["after"]["mean_f1"] <= 1 and "per image" in report["definition"]
     for folder in (run, runs["paused_dir"]):
         rows = list(csv.DictReader(open(folder / "tag_agreement.csv")))
-        assert [row["step"] for row in rows] == ["0", "0", "6", "6"]
+        assert [row["step"] for row in rows] == ["0", "0", "6", "6"]  # the resumed run's step 6 replaced, not repeated
         assert {"image", "f1", "precision", "recall", "clean_tags", "degraded_tags"} <= set(rows[0])
     # SeeSR's stage-2 trainer reads the same preset names: its 6 pairs trained, 2 held out
     assert "data: 6 training pairs, 2 held out" in (run / "train.log").read_text()

@@ -22,9 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.config import one_line_errors  # noqa: E402
+from utils.config import ArgumentParser  # noqa: E402
 from utils.errors import DataError, run_cli  # noqa: E402
 from utils.images import create_comparison_grid  # noqa: E402
+from utils.validators import int_at_least, positive_int  # noqa: E402
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
@@ -42,21 +43,16 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = one_line_errors(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inputs", nargs="+", required=True,
                         help="images to compare, e.g. results/*/image_001.png (globs are expanded if the shell did not)")
     parser.add_argument("--output", default="comparison.png", help="PNG to write (default comparison.png)")
     parser.add_argument("--labels", nargs="+", default=None,
                         help="one label per image (default: each image's folder name, i.e. the run)")
-    parser.add_argument("--tile_size", type=int, default=None,
+    parser.add_argument("--tile_size", type=int_at_least(8), default=None,
                         help="side of each tile in px (default: the largest image side, at least the longest label)")
-    parser.add_argument("--columns", type=int, default=None, help="tiles per row (default: all in one row)")
-    args = parser.parse_args(argv)
-    if args.tile_size is not None and args.tile_size < 8:
-        parser.error("--tile_size must be at least 8")
-    if args.columns is not None and args.columns < 1:
-        parser.error("--columns must be at least 1")
-    return args
+    parser.add_argument("--columns", type=positive_int, default=None, help="tiles per row (default: all in one row)")
+    return parser.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> Path:

@@ -15,26 +15,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.config import one_line_errors  # noqa: E402
+from utils.config import ArgumentParser  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
-from utils.validators import positive_int  # noqa: E402
+from utils.validators import positive_int, seed  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="{images,underwater}")
     images = kinds.add_parser("images", help="square crops for the pixel DDPM and the SR trainers")
     images.add_argument("out_dir", help="folder to write the crops into (created)")
     images.add_argument("--size", type=positive_int, default=32, help="side of each square crop in pixels (default 32)")
     images.add_argument("--count", type=positive_int, default=256, help="number of crops in total (default 256)")
-    images.add_argument("--seed", type=int, default=0, help="seed of the crop positions (default 0)")
+    images.add_argument("--seed", type=seed, default=0, help="seed of the crop positions (default 0)")
     water = kinds.add_parser("underwater", help="synthetic underwater pairs (LSUI layout) for Phaseformer")
     water.add_argument("out_dir", help="folder to write train/ and test/ into (created)")
     water.add_argument("--size", type=positive_int, default=128, help="side of each square image in pixels (default 128: fast on CPU)")
     water.add_argument("--train_count", type=positive_int, default=96, help="number of training pairs (default 96)")
     water.add_argument("--test_count", type=positive_int, default=24, help="number of test pairs, from held-out photographs (default 24)")
-    water.add_argument("--seed", type=int, default=0, help="seed of the crops and degradations (default 0)")
-    return one_line_errors(parser).parse_args(argv)
+    water.add_argument("--seed", type=seed, default=0, help="seed of the crops and degradations (default 0)")
+    return parser.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> Path:

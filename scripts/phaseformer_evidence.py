@@ -38,26 +38,29 @@ import train_phaseformer  # noqa: E402
 from data.underwater import build_synthetic_underwater  # noqa: E402
 from losses.weighted import WEIGHTING_MODES  # noqa: E402
 from models.phaseformer import ECA_GATES  # noqa: E402
+from utils.config import ArgumentParser  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
+from utils.validators import int_at_least, non_negative_float, positive_float, positive_int, seed  # noqa: E402
 
 DEFAULT_RUNS = ["softmax:feature", "softmax_frozen:feature", "uncertainty:feature", "fixed:feature", "softmax:phase"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default="outputs/phaseformer_evidence", help="data, runs and the table go here")
     parser.add_argument("--model", default="phaseformer", help="preset to train (default phaseformer, the official size)")
-    parser.add_argument("--size", type=int, default=48, help="image side in pixels (default 48)")
-    parser.add_argument("--train_count", type=int, default=96, help="training pairs (default 96)")
-    parser.add_argument("--test_count", type=int, default=24, help="held-out test pairs (default 24)")
-    parser.add_argument("--epochs", type=int, default=12, help="epochs per run, half flat and half decaying (default 12)")
-    parser.add_argument("--batch_size", type=int, default=8, help="batch size (default 8)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (default 1e-3, the note's)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up epochs (default 1)")
-    parser.add_argument("--loss_weights_lr", type=float, default=0.02, help="learning rate of the loss weights (default 0.02, see above)")
-    parser.add_argument("--eval_every", type=int, default=4, help="evaluate every N epochs and at the end (default 4)")
-    parser.add_argument("--seed", type=int, default=123, help="training seed, the same for every run (default 123)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--size", type=int_at_least(16), default=48, help="image side in pixels (default 48)")
+    parser.add_argument("--train_count", type=positive_int, default=96, help="training pairs (default 96)")
+    parser.add_argument("--test_count", type=positive_int, default=24, help="held-out test pairs (default 24)")
+    parser.add_argument("--epochs", type=positive_int, default=12, help="epochs per run, half flat and half decaying (default 12)")
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="batch size (default 8)")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="initial learning rate (default 1e-3, the note's)")
+    parser.add_argument("--warmup", type=non_negative_float, default=1.0, help="warm-up epochs (default 1)")
+    parser.add_argument("--loss_weights_lr", type=non_negative_float, default=0.02,
+                        help="learning rate of the loss weights (default 0.02, see above)")
+    parser.add_argument("--eval_every", type=positive_int, default=4, help="evaluate every N epochs and at the end (default 4)")
+    parser.add_argument("--seed", type=seed, default=123, help="training seed, the same for every run (default 123)")
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="CPU threads (default 1: on a machine shared with other jobs, waiting OpenMP threads make "
                         "every op much slower; 2 is ~1.5x faster on two idle cores)")
     parser.add_argument("--runs", nargs="+", default=None, metavar="WEIGHTING:ECA",

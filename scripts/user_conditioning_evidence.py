@@ -42,7 +42,9 @@ from models.user_generation import generate_latents  # noqa: E402
 from models.user_pipeline import load_user_checkpoint, sampling_kwargs  # noqa: E402
 from pipelines.user_io import save_user_grid  # noqa: E402
 from utils.checkpoint import atomic_write_text  # noqa: E402
+from utils.config import ArgumentParser  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
+from utils.validators import fraction_below_one, guidance_scale, int_between, positive_float, positive_int, seed  # noqa: E402
 
 PIXEL_FINGERPRINT = "pixels-16px"
 
@@ -61,33 +63,32 @@ USER_PATTERNS = [
 def add_data_and_training_flags(parser: argparse.ArgumentParser) -> None:
     """The evidence set, the DiT's training recipe and the judge: shared with ``bench/bench_dit_samplers.py``, whose
     runs therefore train the same model on the same data."""
-    parser.add_argument("--num_users", type=int, default=5, help=f"users (pattern families), 2 to {len(USER_PATTERNS)} (default 5)")
-    parser.add_argument("--train_per_user", type=int, default=160, help="training images per user (default 160)")
-    parser.add_argument("--test_per_user", type=int, default=40, help="held-out real images per user (default 40)")
-    parser.add_argument("--size", type=int, default=16, help="image side = latent side (default 16, the VA-VAE latent grid)")
+    parser.add_argument("--num_users", type=int_between(2, len(USER_PATTERNS)), default=5,
+                        help=f"users (pattern families), 2 to {len(USER_PATTERNS)} (default 5)")
+    parser.add_argument("--train_per_user", type=positive_int, default=160, help="training images per user (default 160)")
+    parser.add_argument("--test_per_user", type=positive_int, default=40, help="held-out real images per user (default 40)")
+    parser.add_argument("--size", type=positive_int, default=16, help="image side = latent side (default 16, the VA-VAE latent grid)")
     parser.add_argument("--model_size", default="tiny", help="DiT size (default tiny)")
-    parser.add_argument("--patch_size", type=int, default=2, help="DiT patch size (default 2: 64 tokens, fast on a CPU)")
-    parser.add_argument("--epochs", type=int, default=250, help="diffusion training epochs (default 250: 6250 steps at batch 32)")
-    parser.add_argument("--batch_size", type=int, default=32, help="diffusion training batch (default 32)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="diffusion learning rate (default 1e-3 for the tiny model)")
-    parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay (default 0.999, with warm-up)")
-    parser.add_argument("--classifier_epochs", type=int, default=30, help="epochs of the judging classifier (default 30)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data, training and the judge (default 0)")
+    parser.add_argument("--patch_size", type=positive_int, default=2, help="DiT patch size (default 2: 64 tokens, fast on a CPU)")
+    parser.add_argument("--epochs", type=positive_int, default=250, help="diffusion training epochs (default 250: 6250 steps at batch 32)")
+    parser.add_argument("--batch_size", type=positive_int, default=32, help="diffusion training batch (default 32)")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="diffusion learning rate (default 1e-3 for the tiny model)")
+    parser.add_argument("--ema_decay", type=fraction_below_one, default=0.999, help="EMA decay (default 0.999, with warm-up)")
+    parser.add_argument("--classifier_epochs", type=positive_int, default=30, help="epochs of the judging classifier (default 30)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of data, training and the judge (default 0)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default="outputs/user_conditioning_evidence", help="data, run, grids and the table go here")
     add_data_and_training_flags(parser)
-    parser.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 2.0, 4.0],
+    parser.add_argument("--guidance_scales", type=guidance_scale, nargs="+", default=[1.0, 2.0, 4.0],
                         help="guidance scales to evaluate (default 1 2 4)")
-    parser.add_argument("--samples_per_user", type=int, default=60, help="generated samples per user and guidance scale (default 60)")
-    parser.add_argument("--num_steps", type=int, default=50, help="Euler steps (default 50)")
-    args = parser.parse_args(argv)
-    if not 2 <= args.num_users <= len(USER_PATTERNS):
-        parser.error(f"--num_users must be between 2 and {len(USER_PATTERNS)}")
-    return args
+    parser.add_argument("--samples_per_user", type=positive_int, default=60,
+                        help="generated samples per user and guidance scale (default 60)")
+    parser.add_argument("--num_steps", type=positive_int, default=50, help="Euler steps (default 50)")
+    return parser.parse_args(argv)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
     python bench/bench_dit_samplers.py --checkpoint outputs/user_conditioning_evidence/run/checkpoints/last.ckpt
     python bench/bench_dit_samplers.py --smoke                              # seconds: tiny everything (the test suite)
 
-Issue 13, item 3 (the DiT part). The model and the judge are ``scripts/user_conditioning_evidence.py``'s, imported
+Which sampler settings keep the user accuracy at fewer steps. The model and the judge are
+``scripts/user_conditioning_evidence.py``'s, imported
 from it: procedural micro-Doppler-like spectrograms, one pattern family per "user", standing in for the latents (so
 everything but the VA-VAE decoder is the real code path); the tiny LightningDiT trained by ``train_dit_user.py``
 (rectified flow, label dropout, EMA); a small CNN trained on the real training images judges which user a sample

@@ -3,8 +3,8 @@ computed here from the same Inception features, reference caching, every missing
 --save_images (resumable folder sampling) and train_ddpm_highres.py --fid_every.
 
 The Inception weights are random values in torch-fidelity's exact FeatureExtractorInceptionV3 layout (He-scaled,
-so that 90 random layers keep informative features). Measured on one thread: ~30 s for the module, most of it
-Inception at 299 px and torch-fidelity's 2048x2048 eigenvalues per FID (the training test computes two).
+so that 90 random layers keep informative features). Most of the module's time is Inception at 299 px and
+torch-fidelity's 2048x2048 eigenvalues per FID (the training test computes two).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ FID by torch-fidelity, pyiqa's no-reference metrics (a stand-in module: pyiqa is
 CSV, the Markdown summary, --compare, and the missing-file errors.
 
 Weights are random values in the public layouts (torchvision's AlexNet and VGG16 state dicts, the lpips heads,
-DISTS' alpha/beta). Measured on one thread: ~15 s for the module, most of it writing and reading the VGG16 file.
+DISTS' alpha/beta); most of the module's time is writing and reading the VGG16 file.
 """
 
 from __future__ import annotations

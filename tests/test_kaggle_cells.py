@@ -24,9 +24,8 @@ stage 1, in docs/seesr.md), and run as a notebook of their own after the group-l
 The output of every cell must be free of carriage returns (readable progress in a notebook's log). SeeSR's cells
 load RAM from its weight file, which does not record the architecture: a ``sitecustomize`` in the cells'
 ``PYTHONPATH`` swaps RAM's Swin-L for the tiny configuration of tests/ram_tiny.py, as the ``tiny_ram`` fixture of
-tests/test_train_seesr.py does in-process. The file starts 18 Python processes that import torch and diffusers
-(about 9 s of CPU each, most of its ~200 CPU-seconds) and 8 torchrun launchers: about 3 minutes on a shared 2-core
-CPU, so it is marked slow.
+tests/test_train_seesr.py does in-process. The file starts 18 Python processes that import torch and diffusers, and 8
+torchrun launchers: the suite's longest file (its times are in docs/benchmarks.md), marked slow.
 """
 
 from __future__ import annotations

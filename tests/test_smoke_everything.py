@@ -11,8 +11,7 @@
   and by tests/test_kaggle_cells.py, which runs the docs' cells (torchrun, two processes) for real.
 * **Presets.** Every ``configs/*.yaml`` is read by its trainer's ``--config`` and the model it names is built.
 
-The benchmarks take about 35 CPU-seconds in their one interpreter, the shell scripts and presets ~12 s (mostly the
-first import of the trainers).
+The shell scripts and presets cost mostly the first import of the trainers.
 """
 
 from __future__ import annotations

@@ -230,7 +230,7 @@ def test_spec_command_as_written(runs, workspace, capsys):
     args = spec_command(workspace, checkpoint, workspace["root"] / "results_spec/timestep_multiscale")
     assert (args.num_inference_steps, args.process_size) == (50, 512)  # the note's command, as written
     # What follows is checked on one image at 5 steps and a 64 px process size: 50 steps at 512 px repeat the same
-    # step and cost ~15 s of the suite's time; the note's log and the 4x output do not depend on them.
+    # step many times over; the note's log and the 4x output do not depend on them.
     args.image_path, args.num_inference_steps, args.process_size = str(single), 5, 64
     result = infer.main(args)
     lines = capsys.readouterr().out.splitlines()

@@ -84,6 +84,20 @@ def test_bench_script_runs_at_its_smallest_setting(bench_results, name):
     assert "|---" in output, output[-2000:]  # its Markdown table was printed
 
 
+def put_sum(a, b, queue):  # a spawned process's target: importable from this module
+    queue.put(a + b)
+
+
+def test_run_in_fresh_process_returns_the_queued_result_and_stops_on_a_failure():
+    """bench/common.run_in_fresh_process, the benches' process per measurement (their default, the CPU memory
+    column), which the --smoke settings above skip: the result comes back; a failing process is one error line."""
+    from bench.common import run_in_fresh_process
+
+    assert run_in_fresh_process(put_sum, (2, 3), "the sum") == 5
+    with pytest.raises(SystemExit, match=r"^error: the sum failed \(exit 1\); see its traceback above\.$"):
+        run_in_fresh_process(put_sum, (2, None), "the sum")
+
+
 def test_run_all_names_only_scripts_that_exist_with_flags_they_define(tmp_path):
     """bench/run_all.sh with a recording Python: every command is an existing bench script and each --flag it passes is
     one that script defines (a renamed flag would otherwise only fail on the GPU server)."""
@@ -275,6 +289,18 @@ def test_train_dape_launcher_takes_its_two_process_form(tmp_path, monkeypatch):
     assert "--multi_gpu" in launcher and launcher[launcher.index("--num_processes") + 1] == "2"
     (args,) = check_calls(calls, monkeypatch, ["train_dape.py"])
     assert args.config == "configs/dape.yaml" and args.train_batch_size == 8 and args.lr_milestones == [20000, 30000]
+
+
+@pytest.mark.parametrize("script, program", [("train_dape.sh", "train_dape.py"), ("train_phaseformer.sh", "train_phaseformer.py")])
+def test_gpu_launchers_without_a_gpu_are_one_line_naming_the_cpu_command(tmp_path, script, program):
+    """scripts/lib/launch_on_gpus.sh with no GPU (GPUS=0): exit 2, one line, the CPU command with the same flags."""
+    env = dict(os.environ, GPUS="0", PYTHON="python")
+    result = subprocess.run(["bash", str(ROOT / "scripts" / script), "--max_train_steps", "2"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: no CUDA GPU is visible; on a CPU run: python {program} --config configs/")
+    assert line.endswith("--max_train_steps 2 --device cpu")
 
 
 def test_every_shell_script_is_exercised():
